@@ -1,0 +1,231 @@
+"""``hpcdl submit | render | status | logs | cancel | clean``: jobs from the login node."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcdl.errors import ConfigError, HpcdlError
+
+_RESOURCE_OPTIONS = [
+    click.option("--site", "-s", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."),
+    click.option("--name", "-J", help="Job name."),
+    click.option("--partition", "-p"),
+    click.option("--nodes", "-N", type=int),
+    click.option("--tasks-per-node", "-n", "tasks_per_node", type=int),
+    click.option("--gpus-per-node", "-G", "gpus_per_node", type=int),
+    click.option("--cpus-per-task", "-c", "cpus_per_task", type=int),
+    click.option("--mem", help="Memory per node, e.g. 16G."),
+    click.option("--time", "-t", help="Time limit, e.g. 30m, 02:00:00, 1-00:00:00."),
+    click.option("--account", "-A"),
+    click.option("--qos", "-q"),
+    click.option("--array", type=int, help="Array size: tasks 0..N-1."),
+    click.option("--throttle", type=int, help="At most this many array tasks at once."),
+    click.option("--env", "-e", "env", multiple=True, help="KEY=VALUE (repeatable)."),
+    click.option("--setup", multiple=True, help="Shell line run before the tasks (repeatable)."),
+    click.option("--after", "dependencies", multiple=True, help="Start after this job succeeds."),
+    click.option("--container", help="Container image (site's runtime)."),
+    click.option("--requeue/--no-requeue", default=None, help="Let Slurm requeue the job."),
+    click.argument("args", nargs=-1, type=click.UNPROCESSED),
+]
+
+
+def _resource_options(fn: Any) -> Any:
+    for option in reversed(_RESOURCE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
+    """A Job from ``JOBFILE.yaml [key=value ...]`` or ``-- CMD ARGS``, then CLI options on top."""
+    from hpcdl.config import apply_overrides, read_yaml
+    from hpcdl.job import Job
+
+    if not args:
+        raise ConfigError("", "", "nothing to run: give a job file (configs/*.yaml) or -- CMD ARGS")
+    data: dict[str, Any]
+    if args[0].endswith((".yaml", ".yml")):
+        where = args[0]
+        data = read_yaml(Path(args[0]))
+        bad = [a for a in args[1:] if "=" not in a]
+        if bad:
+            raise ConfigError("", bad[0], "after a job file only key=value overrides are allowed")
+        data = apply_overrides(data, list(args[1:]), where)
+    else:
+        where, data = "command line", {"command": list(args)}
+    for key, value in options.items():
+        if value in (None, ()):
+            continue
+        if key == "env":
+            pairs = dict(_split_pair(v, "--env") for v in value)
+            data["env"] = {**(data.get("env") or {}), **pairs}
+        elif key in {"setup", "dependencies"}:
+            data[key] = [*(data.get(key) or []), *value]
+        else:
+            data[key] = value
+    return Job.from_dict(data, where), where
+
+
+def _split_pair(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError("", flag, f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@_resource_options
+@click.option("--test-only", is_flag=True, help="Also ask 'sbatch --test-only' before queueing.")
+@click.option("--parsable", is_flag=True, help="Print only the job id.")
+def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: Any) -> None:
+    """Queue a job and return at once.
+
+    \b
+    hpcdl submit configs/hello.yaml nodes=2 env.MSG=hi
+    hpcdl submit --site devcluster -N 2 -n 2 -- python train.py --lr 0.1
+    """
+    job, where = build_job(args, options)
+    site = job.resolve_site()
+    job.check(site, where)
+    handle = job.submit(site, test_only=test_only)
+    if parsable:
+        click.echo(handle.job_id)
+        return
+    kind = f"array of {handle.array}" if handle.array else "job"
+    click.echo(f"Submitted {kind} {handle.job_id} ({handle.name}) on {handle.site}")
+    click.echo(f"  folder: {handle.folder}")
+    click.echo(f"  follow: hpcdl status {handle.job_id}   logs: hpcdl logs {handle.job_id}")
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@_resource_options
+def render(args: tuple[str, ...], **options: Any) -> None:
+    """Print the exact sbatch script submitit would submit (nothing is queued)."""
+    job, where = build_job(args, options)
+    site = job.resolve_site()
+    job.check(site, where)
+    click.echo(job.render(site), nl=False)
+
+
+@click.command()
+@click.argument("job_id", required=False)
+@click.option("--last", default=20, show_default=True, help="How many recent jobs to list.")
+def status(job_id: str | None, last: int) -> None:
+    """States of recent jobs (one batched sacct call), or of every task of JOB_ID."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcdl.registry import find_handle, job_states, load_handles, summarize
+
+    console = Console()
+    if job_id:
+        handle = find_handle(job_id)
+        states = job_states([handle])[handle.job_id]
+        table = Table(title=f"{handle.job_id} {handle.name} ({handle.site})")
+        table.add_column("task")
+        table.add_column("state")
+        for tid, state in states.items():
+            table.add_row(tid, _styled(state))
+        console.print(table)
+        console.print(f"folder: {handle.folder}")
+        return
+    handles = load_handles()[-last:]
+    if not handles:
+        console.print("no jobs yet (submit one with 'hpcdl submit')")
+        return
+    all_states = job_states(handles)
+    table = Table()
+    for col in ("job", "name", "site", "state", "tasks", "submitted"):
+        table.add_column(col)
+    for h in handles:
+        states = all_states[h.job_id]
+        counts = _counts(states) if h.array else str(h.tasks)
+        stamp = datetime.fromtimestamp(h.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(h.job_id, h.name, h.site, _styled(summarize(states)), counts, stamp)
+    console.print(table)
+
+
+def _counts(states: dict[str, str]) -> str:
+    tally: dict[str, int] = {}
+    for s in states.values():
+        tally[s] = tally.get(s, 0) + 1
+    return " ".join(f"{n} {s.lower()}" for s, n in sorted(tally.items()))
+
+
+def _styled(state: str) -> str:
+    color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(state, "red")
+    return f"[{color}]{state}[/{color}]"
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--task", default=0, show_default=True, help="Task (rank) within the job.")
+@click.option("--err", "stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
+    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task)."""
+    from hpcdl.registry import FINISHED, find_handle
+
+    handle = find_handle(job_id)
+    array_task = int(job_id.split("_")[1]) if "_" in job_id else None
+    if handle.array is not None and array_task is not None and array_task >= handle.array:
+        raise ConfigError("", "JOB_ID", f"array {handle.job_id} has tasks 0..{handle.array - 1}")
+    if task >= handle.tasks:
+        raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{handle.tasks - 1}")
+    path = handle.log_paths(task, array_task)[1 if stderr else 0]
+    pos = 0
+    while True:
+        if path.is_file():
+            with open(path, errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            click.echo(chunk, nl=False)
+        elif not follow:
+            raise HpcdlError(f"no log yet at {path} (job {handle.job_id}: {handle.state()})")
+        if not follow or handle.state() in FINISHED:
+            if follow and path.is_file():  # print what arrived between the last read and the end
+                with open(path, errors="replace") as f:
+                    f.seek(pos)
+                    click.echo(f.read(), nl=False)
+            return
+        time.sleep(1.0)
+
+
+@click.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job (or ARRAYID_TASK for one array task)."""
+    from hpcdl.registry import cancel as cancel_job
+    from hpcdl.registry import find_handle
+
+    handle = find_handle(job_id)
+    array_task = int(job_id.split("_")[1]) if "_" in job_id else None
+    cancel_job(handle, array_task)
+    click.echo(f"cancelled {job_id}")
+
+
+@click.command()
+@click.option("--older-than", "days", default=7.0, show_default=True, help="Age in days.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def clean(days: float, dry_run: bool) -> None:
+    """Remove folders and records of finished jobs older than --older-than days."""
+    from hpcdl.registry import clean as clean_jobs
+
+    if days < 0:
+        raise ConfigError("", "--older-than", f"must be >= 0, got {days}")
+    removed = clean_jobs(days, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for h in removed:
+        click.echo(f"{verb} {h.job_id} {h.folder}")
+    click.echo(f"{verb} {len(removed)} finished job(s) older than {days:g} day(s)")
+
+
+def register(cli: click.Group) -> None:
+    """Add this module's commands to the top-level group."""
+    for command in (submit, render, status, logs, cancel, clean):
+        cli.add_command(command)

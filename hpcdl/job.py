@@ -1,0 +1,506 @@
+"""The job abstraction: a request, checked against a site profile, rendered and submitted by submitit."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpcdl.config import format_minutes, parse_mem, parse_time, validation_error
+from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.runner import Task
+from hpcdl.site import SiteProfile, load_site
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DEPENDENCY = re.compile(
+    r"^(?:(?P<kind>after|afterok|afterany|afternotok|aftercorr):)?(?P<id>\d+(?:_\d+)?)$"
+)
+SUBMIT_PYTHON = sys.executable
+
+
+class Job(BaseModel):
+    """A batch job: a command or a Python callable, its resources and its environment.
+
+    >>> Job(command=["python", "train.py", "--lr", "0.1"], nodes=2, tasks_per_node=4).submit()
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = "hpcdl-job"
+    command: list[str] | None = None
+    function: Callable[..., Any] | None = Field(default=None, exclude=True)
+    args: tuple[Any, ...] = Field(default=(), exclude=True)
+    kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    site: str | None = None
+    partition: str | None = None
+    nodes: int = Field(default=1, ge=1)
+    tasks_per_node: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    setup: list[str] = Field(default_factory=list)
+    container: str | None = None
+    dependencies: list[str] = Field(default_factory=list)
+    array: int | None = Field(default=None, ge=1, le=1_000_000)
+    throttle: int | None = Field(default=None, ge=1)
+    requeue: bool = False
+    cwd: str | None = None
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split_command(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return shlex.split(v)
+            except ValueError as exc:
+                raise ValueError(f"cannot split command: {exc}") from None
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _nonempty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0]):
+            raise ValueError("command must not be empty")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if parse_time(v) is None:
+            raise ValueError("a job needs a finite time limit")
+        return v
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_mem(v)
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key in v:
+                if not isinstance(key, str) or not _ENV_NAME.match(key):
+                    raise ValueError(f"invalid environment variable name {key!r}")
+            return {k: str(val) if not isinstance(val, str) else val for k, val in v.items()}
+        return v
+
+    @field_validator("dependencies")
+    @classmethod
+    def _deps(cls, v: list[str]) -> list[str]:
+        for dep in v:
+            if not _DEPENDENCY.match(dep):
+                raise ValueError(
+                    f"invalid dependency {dep!r} (use a job id, or afterok:ID, afterany:ID)"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _what_to_run(self) -> Job:
+        if (self.command is None) == (self.function is None):
+            raise ValueError("give exactly one of command or function")
+        if self.throttle is not None and self.array is None:
+            raise ValueError("throttle needs array")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Job:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc, where) from None
+
+    # -- checks against the site ---------------------------------------------------------------
+    def resolve_site(self) -> SiteProfile:
+        return load_site(self.site)
+
+    def check(self, site: SiteProfile, where: str = "job") -> None:
+        """Raise ConfigError if the site cannot run this request; nothing is queued before this."""
+        leaked = sorted(set(self.env) & set(site.secrets))
+        if leaked:
+            raise ConfigError(
+                where,
+                f"env.{leaked[0]}",
+                "is a secret on this site: export it in your shell instead",
+            )
+        if site.scheduler == "local":
+            self._check_local(site, where)
+        else:
+            self._check_partition(site, where)
+        if site.accounts and self.account and self.account not in site.accounts:
+            raise ConfigError(
+                where, "account", f"{self.account!r} is not one of {', '.join(site.accounts)}"
+            )
+        if site.qos and self.qos and self.qos not in site.qos:
+            raise ConfigError(where, "qos", f"{self.qos!r} is not one of {', '.join(site.qos)}")
+        if self.command is not None and site.container.runtime == "none" and not self.container:
+            _check_program(self.command, self.cwd, where)
+
+    def _check_local(self, site: SiteProfile, where: str) -> None:
+        if self.nodes != 1:
+            raise ConfigError(
+                where, "nodes", f"the local profile runs on one node, got {self.nodes}"
+            )
+        if self.tasks_per_node > site.max_local_tasks:
+            raise ConfigError(
+                where,
+                "tasks_per_node",
+                f"{self.tasks_per_node} exceeds the local limit of {site.max_local_tasks}",
+            )
+        if self.partition is not None:
+            raise ConfigError(where, "partition", "the local profile has no partitions")
+        if self.dependencies:
+            raise ConfigError(where, "dependencies", "the local profile does not support them")
+
+    def _check_partition(self, site: SiteProfile, where: str) -> None:
+        try:
+            part = site.partition(self.partition)
+        except KeyError:
+            names = ", ".join(p.name for p in site.partitions)
+            raise ConfigError(
+                where,
+                "partition",
+                f"unknown partition {self.partition!r} on site {site.name!r} (available: {names})",
+            ) from None
+        assert part is not None
+        minutes = parse_time(self.time)
+        if part.max_minutes is not None and minutes is not None and minutes > part.max_minutes:
+            raise ConfigError(
+                where,
+                "time",
+                f"{self.time} exceeds partition {part.name!r} limit "
+                f"{format_minutes(part.max_minutes)}",
+            )
+        if part.max_nodes is not None and self.nodes > part.max_nodes:
+            raise ConfigError(
+                where,
+                "nodes",
+                f"{self.nodes} exceeds partition {part.name!r} limit {part.max_nodes}",
+            )
+        if self.gpus_per_node and not part.gpus_per_node:
+            raise ConfigError(
+                where,
+                "gpus_per_node",
+                f"partition {part.name!r} has no GPUs "
+                f"(GPU partitions: {', '.join(p.name for p in site.partitions if p.gpus_per_node) or 'none'})",
+            )
+        if self.gpus_per_node > part.gpus_per_node:
+            raise ConfigError(
+                where,
+                "gpus_per_node",
+                f"{self.gpus_per_node} exceeds partition {part.name!r} limit {part.gpus_per_node}",
+            )
+        cpus = self.cpus_per_task * self.tasks_per_node
+        if cpus > part.cpus_per_node:
+            raise ConfigError(
+                where,
+                "tasks_per_node",
+                f"{self.tasks_per_node} tasks x {self.cpus_per_task} cpus "
+                f"= {cpus} exceeds partition {part.name!r} limit of {part.cpus_per_node} cpus per node",
+            )
+        if self.mem is not None and part.mem_mib is not None and parse_mem(self.mem) > part.mem_mib:
+            raise ConfigError(
+                where,
+                "mem",
+                f"{self.mem} exceeds partition {part.name!r} limit {part.mem_per_node}",
+            )
+
+    # -- rendering -----------------------------------------------------------------------------
+    def slurm_parameters(self, site: SiteProfile) -> dict[str, Any]:
+        """The submitit SlurmExecutor parameters for this job on ``site``."""
+        part = site.partition(self.partition)
+        assert part is not None
+        params: dict[str, Any] = {
+            "job_name": slurm_job_name(self.name),
+            "partition": part.name,
+            "time": parse_time(self.time),
+            "nodes": self.nodes,
+            "ntasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task,
+            "signal_delay_s": site.preemption.delay_s,
+            "wckey": None,
+            "setup": self.setup_lines(site),
+            "additional_parameters": {"export": "ALL"},
+        }
+        if self.gpus_per_node:
+            kind = f"{part.gpu_type}:" if part.gpu_type else ""
+            if part.gres == "gpu":
+                params["gpus_per_node"] = f"{kind}{self.gpus_per_node}"
+            else:
+                params["gres"] = f"{part.gres}:{kind}{self.gpus_per_node}"
+        if self.mem:
+            params["mem"] = f"{parse_mem(self.mem)}M"
+        account = self.account or site.default_account
+        if account:
+            params["account"] = account
+        qos = self.qos or site.default_qos
+        if qos:
+            params["qos"] = qos
+        if self.dependencies:
+            params["dependency"] = ",".join(
+                d if ":" in d else f"afterok:{d}" for d in self.dependencies
+            )
+        if self.throttle:
+            params["array_parallelism"] = self.throttle
+        if self.requeue:
+            params["additional_parameters"]["requeue"] = True
+        if site.preemption.signal != "USR2":
+            params["additional_parameters"]["signal"] = (
+                f"{site.preemption.signal}@{site.preemption.delay_s}"
+            )
+        if site.container.runtime == "pyxis" and self.function is not None:
+            image = self.container or site.container.image
+            params["srun_args"] = [f"--container-image={image}"] + (
+                [f"--container-mounts={','.join(site.container.binds)}"]
+                if site.container.binds
+                else []
+            )
+        return params
+
+    def setup_lines(self, site: SiteProfile) -> list[str]:
+        """Shell lines run before the tasks start: modules, site setup and env presets, job setup."""
+        lines = site.module_lines() + list(site.setup) + site.env_lines()
+        if site.preemption.signal != "USR2":
+            lines.append(f"export SUBMITIT_PREEMPT_SIGNAL={site.preemption.signal}")
+        return lines + list(self.setup)
+
+    def task(self, site: SiteProfile, array_task_id: int | None = None) -> Task:
+        """The pickled payload each task runs."""
+        env = {**self.env, "HPCDL_JOB_NAME": self.name, "HPCDL_SITE": site.name}
+        argv = self.command
+        image = self.container or site.container.image
+        if argv is not None and site.container.runtime == "apptainer" and image:
+            binds = [a for b in site.container.binds for a in ("--bind", b)]
+            argv = ["apptainer", "exec", *binds, image, *argv]
+        return Task(
+            argv=argv,
+            function=self.function,
+            args=self.args,
+            kwargs=self.kwargs,
+            env=env,
+            cwd=self.cwd or str(Path.cwd()),
+            array_task_id=array_task_id,
+        )
+
+    def render(self, site: SiteProfile | None = None, folder: Path | None = None) -> str:
+        """The exact sbatch script submitit writes for this job (Slurm sites only)."""
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        site = site or self.resolve_site()
+        self.check(site)
+        if site.scheduler != "slurm":
+            raise HpcdlError(
+                f"site {site.name!r} is a local profile: jobs run through submitit's local executor, "
+                "there is no sbatch script (pick a Slurm site with --site)"
+            )
+        params = self.slurm_parameters(site)
+        if self.array:
+            params["map_count"] = self.array
+        folder = folder or site.job_root_path / "<job-folder>"
+        command = _submitit_command(_python(self, site), folder)
+        return _make_sbatch_string(command=command, folder=folder, **params)
+
+    # -- submission ----------------------------------------------------------------------------
+    def submit(self, site: SiteProfile | None = None, test_only: bool = False) -> JobHandle:
+        """Check, then queue; returns at once with a handle (never waits for the job)."""
+        from hpcdl import registry
+
+        site = site or self.resolve_site()
+        self.check(site)
+        if site.scheduler == "slurm" and shutil.which("sbatch") is None:
+            raise HpcdlError(f"site {site.name!r} uses Slurm but 'sbatch' is not on PATH")
+        if test_only:
+            if site.scheduler != "slurm":
+                raise HpcdlError("--test-only needs a Slurm site")
+            sbatch_test_only(self.render(site))
+        folder = new_job_folder(site, self.name)
+        executor = self._executor(site, folder)
+        try:
+            if self.array:
+                with executor.batch():
+                    jobs = [executor.submit(self.task(site, i)) for i in range(self.array)]
+            else:
+                jobs = [executor.submit(self.task(site))]
+        except Exception as exc:  # submitit raises bare exceptions carrying sbatch's message
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HpcdlError(f"submission failed: {_first_line(exc)}") from None
+        job_id = jobs[0].job_id.split("_")[0]
+        if site.scheduler == "local":
+            job_id = jobs[0].job_id
+        script = next(iter(folder.glob("*_submission.sh")), None)
+        handle = JobHandle(
+            job_id=job_id,
+            name=self.name,
+            site=site.name,
+            scheduler=site.scheduler,
+            folder=str(folder),
+            script=str(script) if script else None,
+            array=self.array,
+            tasks=self.nodes * self.tasks_per_node,
+            submitted_at=time.time(),
+            local_ids=[j.job_id for j in jobs] if site.scheduler == "local" else [],
+        )
+        registry.record(site, handle)
+        return handle
+
+    def _executor(self, site: SiteProfile, folder: Path) -> Any:
+        import submitit
+
+        python = _python(self, site)
+        if site.scheduler == "local":
+            ex = submitit.LocalExecutor(folder=folder, python=python)
+            ex.update_parameters(
+                timeout_min=parse_time(self.time),
+                tasks_per_node=self.tasks_per_node,
+                gpus_per_node=self.gpus_per_node,
+                setup=self.setup_lines(site),
+                signal_delay_s=site.preemption.delay_s,
+            )
+            return ex
+        ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=0)
+        ex.update_parameters(**self.slurm_parameters(site))
+        return ex
+
+
+def _python(job: Job, site: SiteProfile) -> str:
+    """The interpreter line that unpickles and runs the task on the node."""
+    rt = site.container.runtime
+    if job.function is not None and rt == "apptainer":
+        image = job.container or site.container.image
+        binds = " ".join(f"--bind {shlex.quote(b)}" for b in site.container.binds)
+        return f"apptainer exec {binds} {shlex.quote(str(image))} python3".replace("  ", " ")
+    if job.function is not None and rt == "pyxis":
+        return "python3"
+    return shlex.quote(SUBMIT_PYTHON)
+
+
+def _submitit_command(python: str, folder: Path) -> str:
+    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def _check_program(argv: list[str], cwd: str | None, where: str) -> None:
+    """Fail before queueing when the program or the script it runs does not exist."""
+    prog = argv[0]
+    base = Path(cwd) if cwd else Path.cwd()
+    if os.sep in prog:
+        if not (base / prog).exists():
+            raise ConfigError(where, "command", f"program {prog!r} does not exist")
+    elif shutil.which(prog) is None:
+        raise ConfigError(where, "command", f"program {prog!r} is not on PATH")
+    is_script = Path(prog).name.startswith("python") and len(argv) > 1 and argv[1].endswith(".py")
+    if is_script and not (base / argv[1]).is_file():
+        raise ConfigError(where, "command", f"script {argv[1]!r} does not exist")
+
+
+def slurm_job_name(name: str) -> str:
+    """Slurm's job name: control characters (newlines) become spaces; the real name stays in env."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", name)[:200] or "hpcdl-job"
+
+
+def new_job_folder(site: SiteProfile, name: str) -> Path:
+    """A fresh, private (0700) folder under the site's job root."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:40] or "job"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = site.job_root_path
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = root / f"{stamp}-{slug}-{secrets.token_hex(3)}"
+    folder.mkdir(mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def sbatch_test_only(script: str) -> str:
+    """Ask Slurm whether it would accept the script (``sbatch --test-only``)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+        f.write(script)
+    try:
+        proc = subprocess.run(
+            ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=30
+        )
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        raise HpcdlError(f"sbatch --test-only rejected the job: {_first_line(proc.stderr)}")
+    return proc.stderr.strip()
+
+
+def _first_line(exc: object) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "error" in ln.lower()]
+    return (errs or lines or ["unknown error"])[0]
+
+
+class JobHandle(BaseModel):
+    """What a submission returns at once: enough to follow the job from any process."""
+
+    job_id: str
+    name: str
+    site: str
+    scheduler: str
+    folder: str
+    script: str | None = None
+    array: int | None = None
+    tasks: int = 1
+    submitted_at: float
+    local_ids: list[str] = []
+
+    def states(self) -> dict[str, str]:
+        """``{job or array-task id: normalised state}``."""
+        from hpcdl.registry import job_states
+
+        return job_states([self])[self.job_id]
+
+    def state(self) -> str:
+        """One state for the whole job (for arrays: the least finished task's)."""
+        from hpcdl.registry import summarize
+
+        return summarize(self.states())
+
+    def wait(self, timeout: float, poll: float = 1.0) -> str:
+        """Block until finished (only when asked); on timeout raise with the job's log tail."""
+        from hpcdl.registry import FINISHED, log_tail
+
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if state in FINISHED:
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {self.job_id} still {state} after {timeout:.0f}s\n{log_tail(self)}"
+                )
+            time.sleep(poll)
+
+    def cancel(self) -> None:
+        from hpcdl.registry import cancel
+
+        cancel(self)
+
+    def log_paths(self, task: int = 0, array_task: int | None = None) -> tuple[Path, Path]:
+        """(stdout, stderr) files of one task."""
+        folder = Path(self.folder)
+        if self.scheduler == "local":
+            jid = self.local_ids[array_task or 0]
+        elif self.array is not None:
+            jid = f"{self.job_id}_{array_task or 0}"
+        else:
+            jid = self.job_id
+        return folder / f"{jid}_{task}_log.out", folder / f"{jid}_{task}_log.err"

@@ -1,0 +1,229 @@
+"""Site profiles: what a cluster offers, written by its admins in ``site/*.yaml``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hpcdl.config import format_minutes, parse_mem, parse_time, read_yaml, validate
+from hpcdl.errors import ConfigError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+REPO_SITE_DIR = Path(__file__).resolve().parent.parent / "site"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Partition(_Strict):
+    """One Slurm partition and its limits."""
+
+    name: str
+    default: bool = False
+    max_time: str = "infinite"
+    max_nodes: int | None = Field(default=None, ge=1)
+    cpus_per_node: int = Field(ge=1)
+    mem_per_node: str | None = None
+    gpus_per_node: int = Field(default=0, ge=0)
+    gres: str = "gpu"
+    gpu_type: str | None = None
+
+    @field_validator("name", "gres")
+    @classmethod
+    def _slurm_name(cls, v: str) -> str:
+        if not _SLURM_NAME.match(v):
+            raise ValueError("must be letters, digits, '_', '.' or '-'")
+        return v
+
+    @field_validator("max_time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        parse_time(v)
+        return v
+
+    @field_validator("mem_per_node")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_mem(v)
+        return v
+
+    @property
+    def max_minutes(self) -> int | None:
+        return parse_time(self.max_time)
+
+    @property
+    def mem_mib(self) -> int | None:
+        return None if self.mem_per_node is None else parse_mem(self.mem_per_node)
+
+
+class Container(_Strict):
+    """How jobs run inside a container, if at all."""
+
+    runtime: Literal["none", "apptainer", "pyxis"] = "none"
+    image: str | None = None
+    binds: list[str] = []
+
+    @model_validator(mode="after")
+    def _image_needed(self) -> Container:
+        if self.runtime != "none" and not self.image:
+            raise ValueError(f"runtime '{self.runtime}' needs an image")
+        return self
+
+
+class Preemption(_Strict):
+    """Signal sent before the time limit, so jobs can checkpoint and requeue."""
+
+    signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
+    delay_s: int = Field(default=120, ge=10, le=3600)
+
+
+class SiteProfile(_Strict):
+    """Everything hpcdl needs to know about one cluster."""
+
+    name: str
+    scheduler: Literal["slurm", "local"]
+    description: str = ""
+    partitions: list[Partition] = []
+    accounts: list[str] = []
+    default_account: str | None = None
+    qos: list[str] = []
+    default_qos: str | None = None
+    module_init: str | None = None
+    modules: list[str] = []
+    setup: list[str] = []
+    env: dict[str, str] = {}
+    secrets: list[str] = []
+    container: Container = Container()
+    job_root: str = "~/.hpcdl/jobs"
+    scratch: str | None = None
+    preemption: Preemption = Preemption()
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    max_local_tasks: int = Field(default=8, ge=1)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return {k: str(val) for k, val in v.items()}
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteProfile:
+        names = [p.name for p in self.partitions]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"partition {sorted(dup)[0]!r} is listed twice")
+        if sum(p.default for p in self.partitions) > 1:
+            raise ValueError("more than one partition is marked default")
+        if self.scheduler == "slurm" and not self.partitions:
+            raise ValueError("a slurm site needs at least one partition")
+        if self.default_account and self.default_account not in self.accounts:
+            raise ValueError(f"default_account {self.default_account!r} is not in accounts")
+        if self.default_qos and self.default_qos not in self.qos:
+            raise ValueError(f"default_qos {self.default_qos!r} is not in qos")
+        leaked = sorted(set(self.secrets) & set(self.env))
+        if leaked:
+            raise ValueError(f"secret {leaked[0]!r} must not have a value in env")
+        return self
+
+    # -- lookups ---------------------------------------------------------------------------
+    def partition(self, name: str | None) -> Partition | None:
+        """The named partition, the default one, or ``None`` on a site without partitions."""
+        if not self.partitions:
+            return None
+        if name is None:
+            return next((p for p in self.partitions if p.default), self.partitions[0])
+        for p in self.partitions:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def job_root_path(self) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(self.job_root)))
+
+    def module_lines(self) -> list[str]:
+        """Shell lines that load the site's modules (empty if none)."""
+        if not self.modules:
+            return []
+        lines = []
+        if self.module_init:
+            lines.append(f"source {shlex.quote(self.module_init)}")
+        lines.append("module load " + " ".join(shlex.quote(m) for m in self.modules))
+        return lines
+
+    def env_lines(self) -> list[str]:
+        """``export`` lines for the site's environment presets, safely quoted."""
+        return [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+
+    def summary_rows(self) -> list[tuple[str, str, str, str, str, str]]:
+        """(name, default, max time, max nodes, cpus, mem, gpus) rows for display."""
+        return [
+            (
+                p.name + (" *" if p.default else ""),
+                format_minutes(p.max_minutes),
+                str(p.max_nodes or "-"),
+                str(p.cpus_per_node),
+                p.mem_per_node or "-",
+                f"{p.gres}:{p.gpu_type + ':' if p.gpu_type else ''}{p.gpus_per_node}"
+                if p.gpus_per_node
+                else "-",
+            )
+            for p in self.partitions
+        ]
+
+
+def site_dirs() -> list[Path]:
+    """Where profiles are searched: ``$HPCDL_SITE_PATH`` (colon-separated), ``./site``, the repo's."""
+    dirs = [Path(d) for d in os.environ.get("HPCDL_SITE_PATH", "").split(":") if d]
+    dirs += [Path.cwd() / "site", REPO_SITE_DIR]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def available_sites() -> list[str]:
+    return sorted({p.stem for d in site_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def default_site_name() -> str:
+    """``$HPCDL_SITE`` or the embedded ``local`` profile."""
+    return os.environ.get("HPCDL_SITE", "local")
+
+
+def load_site(name_or_path: str | Path | None = None) -> SiteProfile:
+    """Load a profile by name (searched in :func:`site_dirs`) or by path to a YAML file."""
+    ref = str(name_or_path) if name_or_path is not None else default_site_name()
+    path = Path(ref)
+    if not (ref.endswith((".yaml", ".yml")) or os.sep in ref):
+        found = [d / f"{ref}.yaml" for d in site_dirs() if (d / f"{ref}.yaml").is_file()]
+        if not found:
+            known = ", ".join(available_sites()) or "none"
+            raise ConfigError("", "site", f"unknown site profile {ref!r} (available: {known})")
+        path = found[0]
+    data = read_yaml(path)
+    profile = validate(SiteProfile, data, str(path))
+    if (
+        path.stem != profile.name
+        and path.suffix in {".yaml", ".yml"}
+        and path.parent in site_dirs()
+    ):
+        raise ConfigError(
+            str(path), "name", f"{profile.name!r} must match the file name {path.stem!r}"
+        )
+    return profile
