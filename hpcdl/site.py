@@ -97,6 +97,7 @@ class SiteProfile(_Strict):
     qos: list[str] = []
     default_qos: str | None = None
     module_init: str | None = None
+    module_paths: list[str] = []
     modules: list[str] = []
     setup: list[str] = []
     env: dict[str, str] = {}
@@ -157,15 +158,16 @@ class SiteProfile(_Strict):
 
     @property
     def job_root_path(self) -> Path:
-        return Path(os.path.expandvars(os.path.expanduser(self.job_root)))
+        """Where job folders and the registry live (``$HPCDL_JOB_ROOT`` overrides the profile)."""
+        root = os.environ.get("HPCDL_JOB_ROOT") or self.job_root
+        return Path(os.path.expandvars(os.path.expanduser(root)))
 
     def module_lines(self) -> list[str]:
         """Shell lines that load the site's modules (empty if none)."""
         if not self.modules:
             return []
-        lines = []
-        if self.module_init:
-            lines.append(f"source {shlex.quote(self.module_init)}")
+        lines = [f". {shlex.quote(self.module_init)}"] if self.module_init else []
+        lines += [f"module use {shlex.quote(p)}" for p in self.module_paths]
         lines.append("module load " + " ".join(shlex.quote(m) for m in self.modules))
         return lines
 
@@ -227,3 +229,160 @@ def load_site(name_or_path: str | Path | None = None) -> SiteProfile:
             str(path), "name", f"{profile.name!r} must match the file name {path.stem!r}"
         )
     return profile
+
+
+# -- the live cluster ------------------------------------------------------------------------
+class LivePartition(BaseModel):
+    """What Slurm itself says about a partition."""
+
+    name: str
+    default: bool
+    max_time: str
+    max_nodes: int
+    cpus_per_node: int
+    mem_mib: int
+    gpus_per_node: int
+    state: str
+
+
+def _slurm(cmd: list[str]) -> str:
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise ConfigError(
+            "", "", f"'{cmd[0]}' not found: run this on a login node of the cluster"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError("", "", f"'{' '.join(cmd)}' did not answer within 30s") from None
+    if proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or ["no output"])[0]
+        raise ConfigError("", "", f"'{' '.join(cmd)}' failed: {msg}")
+    return proc.stdout
+
+
+def live_partitions() -> dict[str, LivePartition]:
+    """Partitions from ``scontrol show partition`` and per-node resources from one ``sinfo``."""
+    nodes: dict[str, tuple[int, int, str]] = {}
+    for line in _slurm(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G"]).splitlines():
+        name, cpus, mem, gres = line.split("|")
+        nodes[name] = (int(cpus), int(mem.rstrip("+") or 0), gres)
+    out = {}
+    for line in _slurm(["scontrol", "show", "partition", "-o"]).splitlines():
+        kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        members = [n for n in _expand_hostlist(kv.get("Nodes", "")) if n in nodes]
+        cpus = min((nodes[n][0] for n in members), default=0)
+        mem = min((nodes[n][1] for n in members), default=0)
+        gpu_counts = [_gpu_count(nodes[n][2]) for n in members]
+        gpus = min(gpu_counts, default=0)
+        max_nodes = kv.get("MaxNodes", "UNLIMITED")
+        out[kv["PartitionName"]] = LivePartition(
+            name=kv["PartitionName"],
+            default=kv.get("Default") == "YES",
+            max_time=kv.get("MaxTime", "UNLIMITED").replace("UNLIMITED", "infinite"),
+            max_nodes=int(kv.get("TotalNodes", len(members)))
+            if max_nodes == "UNLIMITED"
+            else int(max_nodes),
+            cpus_per_node=cpus,
+            mem_mib=mem,
+            gpus_per_node=gpus,
+            state=kv.get("State", "UP"),
+        )
+    return out
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in a node's sinfo GRES string, e.g. ``gpu:2`` or ``gpu:a100:4(S:0-1)``."""
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+        parts = item.split(":")
+        if parts[0] == "gpu" and len(parts) > 1 and parts[-1].isdigit():
+            return int(parts[-1])
+    return 0
+
+
+def _expand_hostlist(text: str) -> list[str]:
+    """``node[1-3,5],gpu7`` → node names (the common Slurm hostlist forms)."""
+    names: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", text):
+        if plain:
+            names.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            width = len(lo)
+            names += [f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return names
+
+
+def check_site(profile: SiteProfile) -> list[str]:
+    """Every disagreement between a profile and the live cluster (empty when they agree)."""
+    if profile.scheduler != "slurm":
+        return []
+    live = live_partitions()
+    problems = []
+    for p in profile.partitions:
+        lp = live.get(p.name)
+        if lp is None:
+            problems.append(f"partition {p.name}: missing on the cluster (has: {', '.join(live)})")
+            continue
+        if lp.state != "UP":
+            problems.append(f"partition {p.name}: state is {lp.state}")
+        if p.default != lp.default:
+            problems.append(
+                f"partition {p.name}: default is {p.default} here, {lp.default} on the cluster"
+            )
+        if parse_time(p.max_time) != parse_time(lp.max_time):
+            problems.append(
+                f"partition {p.name}: max_time {p.max_time} here, {lp.max_time} on the cluster"
+            )
+        if p.max_nodes is not None and p.max_nodes != lp.max_nodes:
+            problems.append(
+                f"partition {p.name}: max_nodes {p.max_nodes} here, {lp.max_nodes} on the cluster"
+            )
+        if p.cpus_per_node != lp.cpus_per_node:
+            problems.append(
+                f"partition {p.name}: cpus_per_node {p.cpus_per_node} here, {lp.cpus_per_node} on the cluster"
+            )
+        if p.mem_mib is not None and p.mem_mib != lp.mem_mib:
+            problems.append(
+                f"partition {p.name}: mem_per_node {p.mem_per_node} here, {lp.mem_mib}M on the cluster"
+            )
+        if p.gpus_per_node != lp.gpus_per_node:
+            problems.append(
+                f"partition {p.name}: gpus_per_node {p.gpus_per_node} here, {lp.gpus_per_node} on the cluster"
+            )
+    for name in live:
+        if name not in {p.name for p in profile.partitions}:
+            problems.append(f"partition {name}: on the cluster but not in the profile")
+    return problems
+
+
+def import_site(name: str) -> dict:
+    """A draft profile (as a plain mapping) from the live cluster, validated before it is returned."""
+    partitions = []
+    for lp in live_partitions().values():
+        entry: dict = {
+            "name": lp.name,
+            "max_time": lp.max_time,
+            "max_nodes": lp.max_nodes,
+            "cpus_per_node": lp.cpus_per_node,
+            "mem_per_node": f"{lp.mem_mib}M",
+        }
+        if lp.default:
+            entry["default"] = True
+        if lp.gpus_per_node:
+            entry.update(gpus_per_node=lp.gpus_per_node, gres="gpu")
+        partitions.append(entry)
+    data = {
+        "name": name,
+        "scheduler": "slurm",
+        "description": "Imported from the live cluster by 'hpcdl site import'; review before use.",
+        "partitions": partitions,
+        "env": {},
+        "secrets": ["WANDB_API_KEY"],
+        "job_root": "~/.hpcdl/jobs",
+        "preemption": {"signal": "USR2", "delay_s": 120},
+    }
+    validate(SiteProfile, data, f"imported profile {name!r}")
+    return data

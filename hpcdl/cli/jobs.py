@@ -12,7 +12,9 @@ import click
 from hpcdl.errors import ConfigError, HpcdlError
 
 _RESOURCE_OPTIONS = [
-    click.option("--site", "-s", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."),
+    click.option(
+        "--site", "-s", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."
+    ),
     click.option("--name", "-J", help="Job name."),
     click.option("--partition", "-p"),
     click.option("--nodes", "-N", type=int),

@@ -1,9 +1,110 @@
-"""`hpcdl site` commands."""
+"""``hpcdl site list | show | check | import``: site profiles for admins."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
+
+from hpcdl.errors import ConfigError
+
+
+@click.group()
+def site() -> None:
+    """Site profiles (site/*.yaml): show them, check them against the live cluster, draft one."""
+
+
+@site.command("list")
+def list_sites() -> None:
+    """Profiles found on the search path ($HPCDL_SITE_PATH, ./site, the package's)."""
+    from hpcdl.site import available_sites, default_site_name, site_dirs
+
+    for name in available_sites():
+        mark = " (default)" if name == default_site_name() else ""
+        click.echo(f"{name}{mark}")
+    click.echo("searched: " + ", ".join(str(d) for d in site_dirs()), err=True)
+
+
+@site.command()
+@click.argument("name")
+def show(name: str) -> None:
+    """Print a profile: partitions and their limits, accounts, modules, environment."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcdl.site import load_site
+
+    profile = load_site(name)
+    console = Console()
+    console.print(f"[bold]{profile.name}[/bold] ({profile.scheduler}) {profile.description}")
+    if profile.partitions:
+        table = Table(title="partitions (* = default)")
+        for col in ("name", "max time", "max nodes", "cpus/node", "mem/node", "gpus/node"):
+            table.add_column(col)
+        for row in profile.summary_rows():
+            table.add_row(*row)
+        console.print(table)
+    facts = {
+        "accounts": ", ".join(profile.accounts) or "-",
+        "qos": ", ".join(profile.qos) or "-",
+        "modules": " ".join(profile.modules) or "-",
+        "env": " ".join(f"{k}={v}" for k, v in profile.env.items()) or "-",
+        "secrets (from your shell)": ", ".join(profile.secrets) or "-",
+        "container": profile.container.runtime
+        + (f" {profile.container.image}" if profile.container.image else ""),
+        "job root": str(profile.job_root_path),
+        "scratch": profile.scratch or "-",
+        "preemption": f"SIG{profile.preemption.signal} {profile.preemption.delay_s}s before the limit",
+        "wandb": profile.wandb_mode,
+    }
+    for key, value in facts.items():
+        console.print(f"  {key}: {value}")
+
+
+@site.command()
+@click.argument("name")
+def check(name: str) -> None:
+    """Compare a profile with the live cluster; exit 1 and list each disagreement."""
+    from hpcdl.site import check_site, load_site
+
+    profile = load_site(name)
+    if profile.scheduler != "slurm":
+        click.echo(f"{profile.name}: local profile, nothing to compare")
+        return
+    problems = check_site(profile)
+    for problem in problems:
+        click.echo(f"{profile.name}: {problem}")
+    if problems:
+        click.echo(f"{len(problems)} disagreement(s) with the live cluster", err=True)
+        sys.exit(1)
+    click.echo(f"{profile.name}: matches the live cluster ({len(profile.partitions)} partitions)")
+
+
+@site.command("import")
+@click.option("--name", default="imported", show_default=True, help="Profile name.")
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path), help="Write here (default: stdout)."
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def import_(name: str, output: Path | None, force: bool) -> None:
+    """Draft a profile from the live cluster (scontrol, sinfo)."""
+    import yaml
+
+    from hpcdl.site import import_site
+
+    if output is not None and output.exists() and not force:
+        raise ConfigError(str(output), "", "exists already (use --force to overwrite)")
+    text = yaml.safe_dump(import_site(name), sort_keys=False)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(output)
+    click.echo(f"wrote {output}; review it, then 'hpcdl site check {output}'")
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the top-level group."""
+    cli.add_command(site)

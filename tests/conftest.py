@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated job root per test, the dev cluster once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HPCDL = str(Path(sys.executable).parent / "hpcdl")
+
+
+@pytest.fixture(autouse=True)
+def job_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own job root and registry, and sees only the repo's site profiles."""
+    root = tmp_path / "jobs"
+    monkeypatch.setenv("HPCDL_JOB_ROOT", str(root))
+    monkeypatch.setenv("HPCDL_SITE_PATH", str(REPO / "site"))
+    monkeypatch.delenv("HPCDL_SITE", raising=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def devcluster() -> str:
+    """Start (idempotently) the project's Slurm cluster; fail with the script's output if it can't."""
+    if not os.environ.get("HPCDL_CLUSTER_STARTED"):
+        proc = subprocess.run(
+            [str(REPO / "slurm/devcluster/devcluster.sh"), "up"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"devcluster up failed:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+    return "devcluster"
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+):
+    """Run ``hpcdl ARGS`` in a fresh process."""
+    return subprocess.run(
+        [HPCDL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
