@@ -1,0 +1,237 @@
+"""Jobs on the real dev cluster (slurm/devcluster): placement, arrays, dependencies, safety, speed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+from hpcdl import Job
+from hpcdl.site import check_site, load_site
+
+pytestmark = pytest.mark.slurm
+REPORT = str(REPO / "tests/helpers/report.py")
+WEIRD = [
+    "two words",
+    'it\'s "quoted"',
+    "$(touch /tmp/pwned-hpcdl)",
+    "`id`",
+    "line1\nline2",
+    "*",
+    ";ls",
+]
+
+
+def sacct(job_id: str) -> list[dict[str, str]]:
+    """One row per allocation (array tasks included) with start/end times."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End,NodeList", "-j", job_id],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    keys = ["id", "state", "start", "end", "nodes"]
+    return [dict(zip(keys, line.split("|"), strict=True)) for line in out.splitlines()]
+
+
+def sacct_finished(job_id: str, count: int, timeout: float = 60) -> list[dict[str, str]]:
+    """sacct rows once all ``count`` allocations have an end time (accounting lags a little)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = sacct(job_id)
+        if len(rows) >= count and all(r["end"] not in {"Unknown", "None"} for r in rows):
+            return rows
+        assert time.monotonic() < deadline, f"sacct never showed {count} finished rows: {rows}"
+        time.sleep(1)
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def test_two_nodes_two_tasks_get_four_ranks(devcluster, tmp_path):
+    out = tmp_path / "rank"
+    job = Job(site=devcluster, name="ranks", nodes=2, tasks_per_node=2, time="5m",
+              command=[sys.executable, REPORT, str(out), "SLURM_NTASKS"])  # fmt: skip
+    handle = job.submit()
+    assert handle.wait(timeout=120) == "COMPLETED"
+    reports = [json.loads(p.read_text()) for p in tmp_path.glob("rank.*.json")]
+    assert sorted(r["procid"] for r in reports) == ["0", "1", "2", "3"]
+    assert {r["node"] for r in reports} == {"node1", "node2"}
+    assert {r["env"]["SLURM_NTASKS"] for r in reports} == {"4"}
+
+
+def test_array_throttle_is_respected(devcluster):
+    handle = Job(site=devcluster, name="throttled", command=["sleep", "2"], array=20, throttle=3,
+                 time="5m").submit()  # fmt: skip
+    assert handle.wait(timeout=400, poll=2) == "COMPLETED"
+    rows = sacct_finished(handle.job_id, 20)
+    assert len(rows) == 20 and {r["state"] for r in rows} == {"COMPLETED"}
+    events = sorted([(_ts(r["start"]), 1) for r in rows] + [(_ts(r["end"]), -1) for r in rows])
+    running = peak = 0
+    for _, delta in events:  # ends sort before starts at the same second
+        running += delta
+        peak = max(peak, running)
+    assert 1 <= peak <= 3
+
+
+def test_dependency_chain_runs_in_order(devcluster):
+    first = Job(site=devcluster, name="first", command=["sleep", "3"], time="5m").submit()
+    second = Job(site=devcluster, name="second", command=["true"], time="5m",
+                 dependencies=[first.job_id]).submit()  # fmt: skip
+    assert second.wait(timeout=180) == "COMPLETED"
+    (a,), (b,) = sacct_finished(first.job_id, 1), sacct_finished(second.job_id, 1)
+    assert a["state"] == "COMPLETED"
+    assert _ts(b["start"]) >= _ts(a["end"])
+
+
+def test_failed_parent_never_starts_child(devcluster):
+    parent = Job(site=devcluster, name="parent", command=["false"], time="5m").submit()
+    child = Job(site=devcluster, name="child", command=["true"], time="5m",
+                dependencies=[parent.job_id]).submit()  # fmt: skip
+    assert parent.wait(timeout=120) == "FAILED"
+    time.sleep(4)  # give the scheduler a few passes
+    reason = subprocess.run(["squeue", "-h", "-j", child.job_id, "-o", "%T|%r"],
+                            capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    assert reason == "PENDING|DependencyNeverSatisfied"
+    child.cancel()
+    assert child.wait(timeout=60) == "CANCELLED"
+    assert sacct(child.job_id)[0]["start"] in {"None", "Unknown"}
+
+
+def test_cancel_and_status_from_a_fresh_process(devcluster):
+    handle = Job(site=devcluster, name="sleeper", command=["sleep", "300"], time="10m").submit()
+    deadline = time.monotonic() + 60
+    while handle.state() != "RUNNING":
+        assert time.monotonic() < deadline, f"never started: {handle.states()}"
+        time.sleep(1)
+    proc = run_cli("status")
+    assert proc.returncode == 0 and handle.job_id in proc.stdout and "RUNNING" in proc.stdout
+    proc = run_cli("cancel", handle.job_id)
+    assert proc.returncode == 0, proc.stderr
+    assert handle.wait(timeout=60) == "CANCELLED"
+    assert "CANCELLED" in run_cli("status", handle.job_id).stdout
+
+
+def test_injection_and_secrets_on_the_cluster(devcluster, tmp_path, monkeypatch):
+    marker = Path("/tmp/pwned-hpcdl")
+    marker.unlink(missing_ok=True)
+    monkeypatch.setenv("WANDB_API_KEY", "cluster-s3cr3t-42")
+    env = {f"V{i}": v for i, v in enumerate(WEIRD)}
+    out = tmp_path / "inj"
+    job = Job(site=devcluster, name="weird $(name)\n`x` 'q'", env=env, time="5m",
+              command=[sys.executable, REPORT, str(out), ",".join([*env, "HPCDL_JOB_NAME"]), *WEIRD])  # fmt: skip
+    handle = job.submit()
+    assert handle.wait(timeout=120) == "COMPLETED", handle.log_paths()[1].read_text()
+    got = json.loads(Path(f"{out}.0.json").read_text())
+    assert got["argv"] == WEIRD
+    assert got["env"] == {**env, "HPCDL_JOB_NAME": job.name}
+    assert got["secret_sha256"] == hashlib.sha256(b"cluster-s3cr3t-42").hexdigest()
+    assert not marker.exists()
+    for path in Path(handle.folder).rglob("*"):
+        if path.is_file():
+            assert b"cluster-s3cr3t-42" not in path.read_bytes(), path
+
+
+def test_same_job_on_local_and_cluster(devcluster, tmp_path):
+    job = Job(
+        name="both", command=[sys.executable, REPORT, str(tmp_path / "x"), "HPCDL_SITE"], time="5m"
+    )
+    for site in ("local", devcluster):
+        handle = job.model_copy(update={"site": site}).submit()
+        assert handle.wait(timeout=120) == "COMPLETED"
+        assert json.loads((tmp_path / "x.0.json").read_text())["env"] == {"HPCDL_SITE": site}
+
+
+def test_gpu_partition_sets_visible_devices(devcluster, tmp_path):
+    out = tmp_path / "gpu"
+    job = Job(site=devcluster, partition="gpu", gpus_per_node=2, time="5m",
+              command=[sys.executable, REPORT, str(out), "CUDA_VISIBLE_DEVICES,SLURM_GPUS_ON_NODE"])  # fmt: skip
+    assert job.submit().wait(timeout=120) == "COMPLETED"
+    got = json.loads(Path(f"{out}.0.json").read_text())
+    assert got["env"] == {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_GPUS_ON_NODE": "2"}
+    assert got["node"] in {"node3", "node4"}
+
+
+def test_site_modules_load_with_lmod(devcluster, tmp_path, monkeypatch):
+    data = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    data.update(module_init="/usr/share/lmod/lmod/init/bash", module_paths=[str(REPO / "env/modules")],
+                modules=["hpcdl-demo/1.0"])  # fmt: skip
+    profile = tmp_path / "devcluster.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    out = tmp_path / "mod"
+    job = Job(site=str(profile), time="5m",
+              command=[sys.executable, REPORT, str(out), "HPCDL_DEMO_MODULE,LOADEDMODULES"])  # fmt: skip
+    assert "module load hpcdl-demo/1.0" in job.render()
+    assert job.submit().wait(timeout=120) == "COMPLETED"
+    got = json.loads(Path(f"{out}.0.json").read_text())
+    assert got["env"] == {"HPCDL_DEMO_MODULE": "1.0", "LOADEDMODULES": "hpcdl-demo/1.0"}
+
+
+def test_submit_is_fast_and_a_1000_task_array_is_one_sbatch(devcluster, tmp_path):
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    log = tmp_path / "sbatch-calls.log"
+    real = subprocess.run(["which", "sbatch"], capture_output=True, text=True).stdout.strip()
+    (shim / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real} "$@"\n')
+    (shim / "sbatch").chmod(0o755)
+    env = {"PATH": f"{shim}:{os.environ['PATH']}"}
+    start = time.monotonic()
+    proc = run_cli("submit", "--site", devcluster, "--parsable", "--", "true", env=env)
+    single = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    start = time.monotonic()
+    proc = run_cli("submit", "--site", devcluster, "--parsable", "--array", "1000", "--throttle", "4",
+                   "--", "sleep", "30", env=env)  # fmt: skip
+    array = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    try:
+        calls = log.read_text().splitlines()
+        assert len(calls) == 2, calls
+        script = Path(calls[1].split()[-1]).read_text()
+        assert "#SBATCH --array=0-999%4" in script
+        states = run_cli("status", job_id).stdout
+        assert states.count(f"{job_id}_") == 1000
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    print(f"submit: {single:.2f}s, 1000-task array: {array:.2f}s")
+    assert single < 2.0 and array < 2.0
+
+
+def test_sbatch_test_only_rejects_what_slurm_cannot_run(devcluster, tmp_path):
+    data = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    data["partitions"][0]["max_nodes"] = 8  # the profile claims more than the cluster has
+    profile = tmp_path / "devcluster.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    ok = run_cli("submit", "--site", str(profile), "--test-only", "--parsable", "--", "true")
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("submit", "--site", str(profile), "--test-only", "-N", "6", "--", "true")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: sbatch --test-only rejected the job")
+    assert "Traceback" not in bad.stderr
+
+
+def test_site_check_and_import_against_the_live_cluster(devcluster, tmp_path):
+    assert check_site(load_site(devcluster)) == []
+    data = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    data["partitions"][0]["cpus_per_node"] = 8
+    data["partitions"].append({"name": "bigmem", "cpus_per_node": 4})
+    profile = tmp_path / "devcluster.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    proc = run_cli("site", "check", str(profile))
+    assert proc.returncode == 1
+    assert "partition cpu: cpus_per_node 8 here, 4 on the cluster" in proc.stdout
+    assert "partition bigmem: missing on the cluster" in proc.stdout
+    drafted = tmp_path / "drafted.yaml"
+    proc = run_cli("site", "import", "--name", "drafted", "-o", str(drafted))
+    assert proc.returncode == 0, proc.stderr
+    assert check_site(load_site(str(drafted))) == []
+    assert run_cli("site", "import", "-o", str(drafted)).returncode == 2  # no silent overwrite
