@@ -46,7 +46,7 @@ class Job(BaseModel):
     site: str | None = None
     partition: str | None = None
     nodes: int = Field(default=1, ge=1)
-    tasks_per_node: int = Field(default=1, ge=1)
+    tasks_per_node: int | None = Field(default=None, ge=1)
     gpus_per_node: int = Field(default=0, ge=0)
     cpus_per_task: int = Field(default=1, ge=1)
     mem: str | None = None
@@ -121,6 +121,11 @@ class Job(BaseModel):
             raise ValueError("throttle needs array")
         return self
 
+    @property
+    def ntasks_per_node(self) -> int:
+        """Tasks per node: as given, else one per GPU (one task on CPU-only requests)."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Job:
         try:
@@ -159,11 +164,11 @@ class Job(BaseModel):
             raise ConfigError(
                 where, "nodes", f"the local profile runs on one node, got {self.nodes}"
             )
-        if self.tasks_per_node > site.max_local_tasks:
+        if self.ntasks_per_node > site.max_local_tasks:
             raise ConfigError(
                 where,
                 "tasks_per_node",
-                f"{self.tasks_per_node} exceeds the local limit of {site.max_local_tasks}",
+                f"{self.ntasks_per_node} exceeds the local limit of {site.max_local_tasks}",
             )
         if self.partition is not None:
             raise ConfigError(where, "partition", "the local profile has no partitions")
@@ -208,12 +213,12 @@ class Job(BaseModel):
                 "gpus_per_node",
                 f"{self.gpus_per_node} exceeds partition {part.name!r} limit {part.gpus_per_node}",
             )
-        cpus = self.cpus_per_task * self.tasks_per_node
+        cpus = self.cpus_per_task * self.ntasks_per_node
         if cpus > part.cpus_per_node:
             raise ConfigError(
                 where,
                 "tasks_per_node",
-                f"{self.tasks_per_node} tasks x {self.cpus_per_task} cpus "
+                f"{self.ntasks_per_node} tasks x {self.cpus_per_task} cpus "
                 f"= {cpus} exceeds partition {part.name!r} limit of {part.cpus_per_node} cpus per node",
             )
         if self.mem is not None and part.mem_mib is not None and parse_mem(self.mem) > part.mem_mib:
@@ -233,7 +238,7 @@ class Job(BaseModel):
             "partition": part.name,
             "time": parse_time(self.time),
             "nodes": self.nodes,
-            "ntasks_per_node": self.tasks_per_node,
+            "ntasks_per_node": self.ntasks_per_node,
             "cpus_per_task": self.cpus_per_task,
             "signal_delay_s": site.preemption.delay_s,
             "wckey": None,
@@ -354,7 +359,7 @@ class Job(BaseModel):
             folder=str(folder),
             script=str(script) if script else None,
             array=self.array,
-            tasks=self.nodes * self.tasks_per_node,
+            tasks=self.nodes * self.ntasks_per_node,
             submitted_at=time.time(),
             local_ids=[j.job_id for j in jobs] if site.scheduler == "local" else [],
         )
@@ -369,7 +374,7 @@ class Job(BaseModel):
             ex = submitit.LocalExecutor(folder=folder, python=python)
             ex.update_parameters(
                 timeout_min=parse_time(self.time),
-                tasks_per_node=self.tasks_per_node,
+                tasks_per_node=self.ntasks_per_node,
                 gpus_per_node=self.gpus_per_node,
                 setup=self.setup_lines(site),
                 signal_delay_s=site.preemption.delay_s,

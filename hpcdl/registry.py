@@ -182,7 +182,7 @@ def _local_state(h: JobHandle, pid: str) -> str:
     folder = Path(h.folder)
     if (folder / f"{pid}.cancelled").exists():
         return "CANCELLED"
-    if _pid_alive(int(pid)):
+    if _pid_alive(int(pid), h.submitted_at):
         return "RUNNING"
     state = _folder_state(folder, pid)
     return "FAILED" if state == "UNKNOWN" else state
@@ -205,13 +205,23 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, started_near: float | None = None) -> bool:
+    """Is ``pid`` running (not a zombie) and, if given, started within 2 min of ``started_near``
+    (so a recycled pid is not mistaken for the job)?"""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"submitit" in cmdline
+    if fields[0] == "Z":
+        return False
+    if started_near is None:
+        return True
+    boot = next(
+        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime")
+    )  # fmt: skip
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return abs(started - started_near) < 120
 
 
 def summarize(states: dict[str, str]) -> str:
@@ -242,7 +252,7 @@ def cancel(handle: JobHandle, array_task: int | None = None) -> None:
         ids = handle.local_ids if array_task is None else [handle.local_ids[array_task]]
         for pid in ids:
             (Path(handle.folder) / f"{pid}.cancelled").touch()
-            if _pid_alive(int(pid)):
+            if _pid_alive(int(pid), handle.submitted_at):
                 for proc_id in _descendants(int(pid)):
                     with suppress(ProcessLookupError):
                         os.kill(proc_id, signal.SIGINT)
