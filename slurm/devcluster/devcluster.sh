@@ -1,0 +1,535 @@
+#!/usr/bin/env bash
+# hpcdl devcluster: a real Slurm 22.05 cluster on one machine, for development and tests.
+#
+#   devcluster.sh up       install packages if missing, write configs, start every daemon,
+#                          wait until node1..node4 are idle (idempotent)
+#   devcluster.sh down     cancel jobs, stop only the daemons that `up` started
+#   devcluster.sh status   show daemons and sinfo; exit 0 when everything is up, 1 otherwise
+#
+# Needs root (it writes /etc/slurm, /etc/hosts and starts daemons). Works without systemd:
+# every daemon is started directly in the foreground under setsid, its PID recorded in
+# $DEVCLUSTER_STATE_DIR/pids/. See README.md beside this file.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CLUSTER=devcluster
+STATE_DIR=${DEVCLUSTER_STATE_DIR:-/var/lib/hpcdl-devcluster}
+LOG_DIR=${DEVCLUSTER_LOG_DIR:-/var/log/hpcdl-devcluster}
+TIMEOUT=${DEVCLUSTER_TIMEOUT:-60}
+# /etc/slurm is where every Slurm client looks by default; another directory (for the
+# script's own tests) is exported as SLURM_CONF to the daemons and clients started here.
+CONF_DIR=${DEVCLUSTER_CONF_DIR:-/etc/slurm}
+[[ $CONF_DIR == /etc/slurm ]] || export SLURM_CONF=$CONF_DIR/slurm.conf
+PID_DIR=$STATE_DIR/pids
+MARKER='# managed by hpcdl devcluster'
+HOSTS_MARKER='# hpcdl devcluster nodes'
+NODES=(node1 node2 node3 node4)
+DB_USER=slurm
+DB_PASS=${DEVCLUSTER_DB_PASS:-hpcdl-devcluster}
+PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod)
+
+CHANGED=0          # set to 1 by every action `up` takes
+STARTED_AT=$SECONDS
+
+say() { echo "devcluster: $*"; }
+warn() { echo "devcluster: $*" >&2; }
+die() { echo "devcluster: error: $*" >&2; exit 1; }
+
+need_root() {
+    [[ $(id -u) -eq 0 ]] || die "must run as root (it writes /etc/slurm, /etc/hosts and starts daemons)"
+}
+
+# ---------------------------------------------------------------- processes
+
+# pid_alive PID COMM: PID is a live (non-zombie) process whose command name is COMM.
+pid_alive() {
+    local pid=$1 comm=$2 c stat
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    { read -r c <"/proc/$pid/comm"; } 2>/dev/null || return 1
+    [[ $c == "$comm" ]] || return 1
+    { read -r stat <"/proc/$pid/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z && ${stat:0:1} != X ]]
+}
+
+# Daemon keys: munged mariadbd slurmdbd slurmctld slurmd-node1..4. The key's prefix
+# before '-' is the process command name.
+comm_of() { echo "${1%%-*}"; }
+log_of() { echo "$LOG_DIR/$1.log"; }
+
+# recorded_pid KEY: the PID `up` recorded for KEY if that process still runs, else nothing.
+recorded_pid() {
+    local key=$1 pid
+    [[ -r $PID_DIR/$key ]] || return 0
+    pid=$(cat "$PID_DIR/$key" 2>/dev/null || true)
+    if pid_alive "$pid" "$(comm_of "$key")"; then echo "$pid"; fi
+}
+
+# procs_named COMM: PIDs of live processes with command name COMM.
+procs_named() {
+    local d pid
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        if pid_alive "$pid" "$1"; then echo "$pid"; fi
+    done
+}
+
+# slurmd_node PID: the node name given to that slurmd with -N (empty if none).
+slurmd_node() {
+    local -a args
+    mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || return 0
+    local i
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        if [[ ${args[i]} == -N ]]; then echo "${args[i + 1]:-}"; return 0; fi
+        if [[ ${args[i]} == -N?* ]]; then echo "${args[i]#-N}"; return 0; fi
+    done
+}
+
+# start_daemon KEY CMD...: start a foreground daemon in its own session, output appended
+# to the KEY log, record its PID, and fail (with the log) if it dies within a second.
+# fd 9 (the lock held by `up`) is closed so that the daemon does not keep the lock.
+start_daemon() {
+    local key=$1; shift
+    local log pid i
+    log=$(log_of "$key")
+    echo "=== $(date '+%F %T') devcluster: starting $key: $*" >>"$log"
+    setsid "$@" >>"$log" 2>&1 </dev/null 9>&- &
+    pid=$!
+    echo "$pid" >"$PID_DIR/$key"
+    CHANGED=1
+    for ((i = 0; i < 10; i++)); do
+        sleep 0.1
+        pid_alive "$pid" "$(comm_of "$key")" || fail_daemon "$key" "exited right after start"
+    done
+    say "started $key (pid $pid)"
+}
+
+# start_slurm_daemon KEY PIDFILE CMD...: start a Slurm daemon that detaches itself (so it
+# logs with timestamps to its LogFile, and slurmstepd logs beside slurmd's), then record
+# the PID it writes to PIDFILE. Errors before it detaches land in the same log.
+start_slurm_daemon() {
+    local key=$1 pidfile=$2; shift 2
+    local log pid="" i
+    log=$(log_of "$key")
+    rm -f "$pidfile"
+    echo "=== $(date '+%F %T') devcluster: starting $key: $*" >>"$log"
+    CHANGED=1
+    "$@" >>"$log" 2>&1 </dev/null 9>&- || fail_daemon "$key" "failed to start (exit $?)"
+    for ((i = 0; i < 100; i++)); do
+        pid=$(cat "$pidfile" 2>/dev/null || true)
+        pid_alive "$pid" "$(comm_of "$key")" && break
+        pid=""
+        sleep 0.1
+    done
+    [[ -n $pid ]] || fail_daemon "$key" "did not write $pidfile within 10s"
+    echo "$pid" >"$PID_DIR/$key"
+    say "started $key (pid $pid)"
+}
+
+# fail_daemon KEY WHY: report which daemon failed with the end of its log, exit 1.
+fail_daemon() {
+    local key=$1 why=$2 log
+    log=$(log_of "$key")
+    warn "error: $key $why"
+    if [[ -r $log ]]; then
+        warn "last 30 lines of $log:"
+        tail -n 30 "$log" | sed 's/^/    /' >&2
+    fi
+    exit 1
+}
+
+# stop_pid KEY: SIGTERM the recorded process of KEY, SIGKILL after 20 s; forget it.
+stop_pid() {
+    local key=$1 pid i
+    pid=$(recorded_pid "$key")
+    if [[ -n $pid ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 200; i++)); do
+            pid_alive "$pid" "$(comm_of "$key")" || break
+            sleep 0.1
+        done
+        if pid_alive "$pid" "$(comm_of "$key")"; then
+            warn "$key (pid $pid) ignored SIGTERM for 20 s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.5
+        fi
+        say "stopped $key (pid $pid)"
+    fi
+    rm -f "$PID_DIR/$key"
+}
+
+# wait_for SECONDS KEY CMD...: retry CMD until it succeeds; fail KEY's start otherwise.
+# The daemon's liveness is checked on every round, so a crash is reported at once.
+wait_for() {
+    local secs=$1 key=$2; shift 2
+    local deadline=$((SECONDS + secs)) pid
+    pid=$(cat "$PID_DIR/$key" 2>/dev/null || true)
+    until "$@" >/dev/null 2>&1; do
+        if [[ -n $pid ]] && ! pid_alive "$pid" "$(comm_of "$key")"; then
+            fail_daemon "$key" "died during startup"
+        fi
+        ((SECONDS < deadline)) || fail_daemon "$key" "did not become ready within ${secs}s"
+        sleep 0.5
+    done
+}
+
+# ---------------------------------------------------------------- checks
+
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+mysql_ok() { mysqladmin --connect-timeout=2 ping >/dev/null 2>&1; }
+dbd_ok() { timeout 10 sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1; }
+ctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
+
+# node_states: "NODE STATE" lines, one per node (long state names, '*' = not responding).
+node_states() { timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null | sort -u; }
+
+# nodes_ready: every node of the cluster is responding and usable.
+nodes_ready() {
+    local states node st n=0
+    states=$(node_states) || return 1
+    while read -r node st; do
+        [[ -n $node ]] || continue
+        case $st in
+            idle | mixed | allocated | completing) n=$((n + 1)) ;;
+            *) return 1 ;;
+        esac
+    done <<<"$states"
+    ((n == ${#NODES[@]}))
+}
+
+# ---------------------------------------------------------------- up: steps
+
+install_packages() {
+    local -a missing=()
+    local p
+    command -v dpkg-query >/dev/null || die "dpkg-query not found: devcluster needs Debian/Ubuntu"
+    for p in "${PACKAGES[@]}"; do
+        [[ $(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true) == installed ]] || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    say "installing ${missing[*]} (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    # Update the package lists only when the install cannot work without it.
+    if ! apt-get install -y -q -o DPkg::Lock::Timeout=300 "${missing[@]}" >"$LOG_DIR/apt.log" 2>&1; then
+        apt-get update -q -o DPkg::Lock::Timeout=300 >>"$LOG_DIR/apt.log" 2>&1 || { tail -n 30 "$LOG_DIR/apt.log" >&2; die "apt-get update failed"; }
+        apt-get install -y -q -o DPkg::Lock::Timeout=300 "${missing[@]}" >>"$LOG_DIR/apt.log" 2>&1 || { tail -n 30 "$LOG_DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+    fi
+    CHANGED=1
+}
+
+make_dirs() {
+    mkdir -p "$STATE_DIR" "$PID_DIR" "$STATE_DIR/run" "$STATE_DIR/slurmctld" "$LOG_DIR" "$CONF_DIR"
+    local n
+    for n in "${NODES[@]}"; do mkdir -p "$STATE_DIR/slurmd/$n"; done
+}
+
+# Fake GPU devices: character devices like /dev/null (major 1, minor 3).
+make_gpu_devices() {
+    local i dev
+    for i in 0 1; do
+        dev=$STATE_DIR/gpu$i
+        if [[ ! -c $dev ]]; then
+            rm -f "$dev"
+            mknod "$dev" c 1 3
+            chmod 666 "$dev"
+            CHANGED=1
+        fi
+    done
+}
+
+# /etc/hosts: node names resolve to 127.0.0.1 (a job can use its first node as rendezvous).
+ensure_hosts() {
+    local line="127.0.0.1 ${NODES[*]} $HOSTS_MARKER"
+    grep -qxF "$line" /etc/hosts 2>/dev/null && return 0
+    local tmp
+    tmp=$(grep -vF "$HOSTS_MARKER" /etc/hosts 2>/dev/null || true)
+    # Rewrite in place (not by rename): /etc/hosts is often a bind mount in containers.
+    printf '%s\n%s\n' "$tmp" "$line" | sed '/./,$!d' >/etc/hosts
+    CHANGED=1
+    say "added node names to /etc/hosts"
+}
+
+render() {
+    sed -e "s|@STATE_DIR@|$STATE_DIR|g" -e "s|@LOG_DIR@|$LOG_DIR|g" \
+        -e "s|@DB_USER@|$DB_USER|g" -e "s|@DB_PASS@|$DB_PASS|g" "$HERE/$1.in"
+}
+
+# install_conf NAME MODE: write /etc/slurm/NAME from NAME.in if it differs.
+# Returns 0 when the file was (re)written, 1 when already up to date.
+install_conf() {
+    local name=$1 mode=$2 dest=$CONF_DIR/$1 new
+    new=$(render "$name")
+    if [[ -e $dest ]]; then
+        grep -qF "$MARKER" "$dest" ||
+            die "$dest exists and was not written by devcluster (no '$MARKER' line); move it away first"
+        if [[ $(cat "$dest") == "$new" && $(stat -c '%a %U' "$dest") == "$mode root" ]]; then
+            return 1
+        fi
+    fi
+    (umask 077 && printf '%s\n' "$new" >"$dest.devcluster.tmp")
+    chown root:root "$dest.devcluster.tmp"
+    chmod "$mode" "$dest.devcluster.tmp"
+    mv -f "$dest.devcluster.tmp" "$dest"
+    CHANGED=1
+    say "wrote $dest"
+    return 0
+}
+
+# Refuse to run next to Slurm daemons that this script did not start.
+check_foreign_daemons() {
+    local comm pid key
+    for comm in slurmctld slurmdbd; do
+        for pid in $(procs_named "$comm"); do
+            [[ $pid == "$(recorded_pid "$comm")" ]] ||
+                die "$comm is already running (pid $pid) but was not started by devcluster; stop it first"
+        done
+    done
+    for pid in $(procs_named slurmd); do
+        key=slurmd-$(slurmd_node "$pid")
+        [[ $pid == "$(recorded_pid "$key")" ]] ||
+            die "slurmd is already running (pid $pid) but was not started by devcluster; stop it first"
+    done
+}
+
+start_munge() {
+    if munge_ok; then return 0; fi
+    local pid
+    pid=$(recorded_pid munged)
+    [[ -z $pid ]] || fail_daemon munged "is running (pid $pid) but does not answer"
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        say "creating /etc/munge/munge.key"
+        mkdir -p /etc/munge
+        if command -v mungekey >/dev/null; then
+            mungekey --create --keyfile=/etc/munge/munge.key
+        else
+            dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+        fi
+        CHANGED=1
+    fi
+    chown -R munge:munge /etc/munge
+    chmod 700 /etc/munge
+    chmod 400 /etc/munge/munge.key
+    mkdir -p /run/munge /var/lib/munge /var/log/munge
+    chown munge:munge /run/munge /var/lib/munge /var/log/munge
+    chmod 755 /run/munge
+    # --force: a stale socket from an unclean stop must not block the start.
+    start_daemon munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged -F --force
+    wait_for 20 munged munge_ok
+}
+
+start_mariadb() {
+    if mysql_ok; then return 0; fi
+    local pid
+    pid=$(recorded_pid mariadbd)
+    [[ -z $pid ]] || fail_daemon mariadbd "is running (pid $pid) but does not answer"
+    mkdir -p /run/mysqld
+    chown mysql:mysql /run/mysqld
+    if [[ ! -d /var/lib/mysql/mysql ]]; then
+        say "initialising /var/lib/mysql"
+        mkdir -p /var/lib/mysql
+        chown mysql:mysql /var/lib/mysql
+        mariadb-install-db --user=mysql --datadir=/var/lib/mysql >>"$(log_of mariadbd)" 2>&1 ||
+            fail_daemon mariadbd "could not initialise /var/lib/mysql"
+    fi
+    # Started directly: in containers policy-rc.d usually denies invoke-rc.d/service.
+    start_daemon mariadbd /usr/sbin/mariadbd --user=mysql
+    wait_for 60 mariadbd mysql_ok
+}
+
+ensure_db_user() {
+    mysql --batch <<SQL || die "could not create the '$DB_USER' database user"
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON slurm_acct_db.* TO '$DB_USER'@'localhost';
+FLUSH PRIVILEGES;
+SQL
+}
+
+start_slurmdbd() {
+    if [[ -n $(recorded_pid slurmdbd) ]] && dbd_ok; then return 0; fi
+    [[ -z $(recorded_pid slurmdbd) ]] || stop_pid slurmdbd
+    ensure_db_user
+    start_slurm_daemon slurmdbd "$STATE_DIR/run/slurmdbd.pid" /usr/sbin/slurmdbd
+    wait_for 60 slurmdbd dbd_ok
+}
+
+ensure_accounting() {
+    local out
+    out=$(timeout 10 sacctmgr -n -P list cluster format=cluster) || die "sacctmgr list cluster failed"
+    if ! grep -qx "$CLUSTER" <<<"$out"; then
+        timeout 30 sacctmgr -i add cluster "$CLUSTER" >/dev/null || die "sacctmgr add cluster $CLUSTER failed"
+        CHANGED=1
+        say "added cluster $CLUSTER to the accounting database"
+    fi
+    # Adding a cluster gives root an association under account root; make sure of it.
+    out=$(timeout 10 sacctmgr -n -P list assoc cluster="$CLUSTER" user=root format=user) || die "sacctmgr list assoc failed"
+    if ! grep -qx root <<<"$out"; then
+        timeout 30 sacctmgr -i add user root account=root cluster="$CLUSTER" >/dev/null ||
+            die "sacctmgr add user root failed"
+        CHANGED=1
+        say "added an association for root"
+    fi
+}
+
+start_slurmctld() {
+    if [[ -n $(recorded_pid slurmctld) ]]; then
+        wait_for 30 slurmctld ctld_ok
+        return 0
+    fi
+    start_slurm_daemon slurmctld "$STATE_DIR/run/slurmctld.pid" /usr/sbin/slurmctld
+    wait_for 60 slurmctld ctld_ok
+}
+
+start_slurmds() {
+    local n
+    for n in "${NODES[@]}"; do
+        [[ -n $(recorded_pid "slurmd-$n") ]] && continue
+        start_slurm_daemon "slurmd-$n" "$STATE_DIR/run/slurmd-$n.pid" /usr/sbin/slurmd -N "$n"
+    done
+}
+
+# Wait until all nodes are idle (or busy); resume nodes left DOWN/DRAINED by an earlier run.
+wait_nodes() {
+    local deadline=$((SECONDS + TIMEOUT)) states node st key resumed=""
+    while ! nodes_ready; do
+        for key in slurmctld "${NODES[@]/#/slurmd-}"; do
+            [[ -n $(recorded_pid "$key") ]] || fail_daemon "$key" "died while waiting for the nodes"
+        done
+        states=$(node_states || true)
+        while read -r node st; do
+            [[ -n $node ]] || continue
+            case $st in
+                *'*') ;; # not responding yet
+                down* | drain* | fail* | inval*)
+                    if [[ " $resumed " != *" $node "* ]]; then
+                        say "resuming $node (was $st)"
+                        timeout 10 scontrol update nodename="$node" state=resume || true
+                        resumed+=" $node"
+                        CHANGED=1
+                    fi
+                    ;;
+            esac
+        done <<<"$states"
+        if ((SECONDS >= deadline)); then
+            warn "error: nodes not idle after ${TIMEOUT}s:"
+            printf '    %s\n' "${states//$'\n'/$'\n'    }" >&2
+            for node in "${NODES[@]}"; do
+                if ! grep -Eq "^$node (idle|mixed|allocated|completing)\$" <<<"$states"; then
+                    fail_daemon "slurmd-$node" "did not register as idle (state: $(awk -v n="$node" '$1==n {print $2}' <<<"$states"))"
+                fi
+            done
+            fail_daemon slurmctld "nodes did not become idle"
+        fi
+        sleep 0.5
+    done
+}
+
+cmd_up() {
+    need_root
+    make_dirs
+    exec 9>"$STATE_DIR/lock"
+    flock -w 300 9 || die "another devcluster.sh holds $STATE_DIR/lock"
+
+    install_packages
+    make_gpu_devices
+    ensure_hosts
+
+    local slurm_changed=0 dbd_changed=0
+    install_conf slurm.conf 644 && slurm_changed=1
+    install_conf gres.conf 644 && slurm_changed=1
+    install_conf slurmdbd.conf 600 && dbd_changed=1
+
+    check_foreign_daemons
+    # New configuration: restart what reads it.
+    if ((slurm_changed)); then
+        local n
+        for n in "${NODES[@]}"; do stop_pid "slurmd-$n"; done
+        stop_pid slurmctld
+    fi
+    ((dbd_changed)) && stop_pid slurmdbd
+
+    start_munge
+    start_mariadb
+    start_slurmdbd
+    ensure_accounting
+    start_slurmctld
+    start_slurmds
+    wait_nodes
+
+    if ((CHANGED)); then
+        say "cluster up in $((SECONDS - STARTED_AT))s: ${#NODES[@]} nodes idle (partitions cpu, gpu)"
+    else
+        say "cluster already up (nothing changed)"
+    fi
+}
+
+# ---------------------------------------------------------------- down
+
+cmd_down() {
+    need_root
+    mkdir -p "$STATE_DIR" "$PID_DIR"
+    exec 9>"$STATE_DIR/lock"
+    flock -w 300 9 || die "another devcluster.sh holds $STATE_DIR/lock"
+
+    # Cancel the cluster's jobs first so no job step outlives its slurmd.
+    if [[ -n $(recorded_pid slurmctld) ]] && ctld_ok; then
+        local jobs i
+        jobs=$(timeout 10 squeue -h -o '%A' 2>/dev/null | sort -u | tr '\n' ' ' || true)
+        if [[ -n ${jobs// /} ]]; then
+            say "cancelling jobs: $jobs"
+            # shellcheck disable=SC2086
+            timeout 10 scancel $jobs 2>/dev/null || true
+            for ((i = 0; i < 30; i++)); do
+                [[ -z $(timeout 10 squeue -h -o '%A' 2>/dev/null || true) ]] && break
+                sleep 0.5
+            done
+        fi
+    fi
+    local n
+    for n in "${NODES[@]}"; do stop_pid "slurmd-$n"; done
+    stop_pid slurmctld
+    stop_pid slurmdbd
+    stop_pid mariadbd   # only if `up` started it
+    stop_pid munged     # only if `up` started it
+    say "cluster down"
+}
+
+# ---------------------------------------------------------------- status
+
+cmd_status() {
+    local ok=0 key pid
+    report() { printf '  %-14s %s\n' "$1" "$2"; }
+    echo "devcluster daemons:"
+    pid=$(recorded_pid munged)
+    if [[ -n $pid ]] && munge_ok; then report munged "running (pid $pid)"
+    elif munge_ok; then report munged "running (not started by devcluster)"
+    else report munged "NOT RUNNING"; ok=1; fi
+    pid=$(recorded_pid mariadbd)
+    if [[ -n $pid ]] && mysql_ok; then report mariadb "running (pid $pid)"
+    elif mysql_ok; then report mariadb "running (not started by devcluster)"
+    else report mariadb "NOT RUNNING"; ok=1; fi
+    for key in slurmdbd slurmctld "${NODES[@]/#/slurmd-}"; do
+        pid=$(recorded_pid "$key")
+        if [[ -n $pid ]]; then report "$key" "running (pid $pid)"
+        else report "$key" "NOT RUNNING"; ok=1; fi
+    done
+    if [[ -n $(recorded_pid slurmctld) ]]; then
+        echo "sinfo:"
+        timeout 10 sinfo 2>&1 | sed 's/^/  /' || ok=1
+        nodes_ready || ok=1
+    fi
+    if ((ok == 0)); then echo "devcluster: up"; else echo "devcluster: not up"; fi
+    return "$ok"
+}
+
+usage() {
+    sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+}
+
+case ${1:-} in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    -h | --help | help) usage ;;
+    *) usage >&2; exit 2 ;;
+esac
