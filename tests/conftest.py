@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HPCDL = str(Path(sys.executable).parent / "hpcdl")
+sys.path.insert(0, str(REPO))  # `tests.helpers` importable here and (via PYTHONPATH) in jobs
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +21,9 @@ def job_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HPCDL_JOB_ROOT", str(root))
     monkeypatch.setenv("HPCDL_SITE_PATH", str(REPO / "site"))
     monkeypatch.delenv("HPCDL_SITE", raising=False)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
     return root
 
 

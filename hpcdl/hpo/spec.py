@@ -1,0 +1,154 @@
+"""The sweep spec (YAML in ``configs/``): base training config, search space, Optuna pieces."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hpcdl.config import read_yaml, validate
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Choice(_Strict):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+class Grid(_Strict):
+    type: Literal["grid"]
+    values: list[Any] = Field(min_length=1)
+
+
+class Uniform(_Strict):
+    type: Literal["uniform", "loguniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _range(self) -> Uniform:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(default=1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> IntRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+Param = Annotated[Choice | Grid | Uniform | IntRange, Field(discriminator="type")]
+
+
+class Sampler(_Strict):
+    name: Literal["grid", "random", "tpe", "cmaes"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(default=5, ge=0)
+
+
+class Pruner(_Strict):
+    name: Literal["none", "median", "asha", "hyperband"] = "none"
+    min_resource: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+    warmup_epochs: int = Field(default=1, ge=0)
+
+
+class Resources(_Strict):
+    """Per-trial job resources (a trial may span several nodes)."""
+
+    site: str | None = None
+    partition: str | None = None
+    nodes: int = Field(default=1, ge=1)
+    tasks_per_node: int | None = Field(default=None, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem: str | None = None
+    time: str = "00:30:00"
+    account: str | None = None
+    qos: str | None = None
+
+
+class SweepSpec(_Strict):
+    """A sweep: ``trials`` trainings of ``train`` with parameters drawn from ``space``."""
+
+    name: str
+    train: str | None = None  # base training config (YAML); required unless `objective` is set
+    overrides: dict[str, Any] = {}
+    space: dict[str, Param] = Field(min_length=1)
+    sampler: Sampler = Sampler()
+    pruner: Pruner = Pruner()
+    metric: str = "val_acc"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    trials: int = Field(ge=1, le=100_000)
+    parallelism: int = Field(default=4, ge=1)
+    resources: Resources = Resources()
+    max_retries: int = Field(default=2, ge=0, le=20)
+    final: bool = True
+    objective: str | None = None  # module:function(params, ctx) -> metric; default: hpcdl's trainer
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        if not _NAME.match(self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '.', '-' (max 64)")
+        for key in self.space:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+                raise ValueError(
+                    f"space key {key!r} must be a dotted config path like optimizer.lr"
+                )
+        if self.objective is None and self.train is None:
+            raise ValueError("give `train` (a training config) or `objective` (module:function)")
+        if self.objective is not None and not re.fullmatch(r"[\w.]+:\w+", self.objective):
+            raise ValueError(f"objective {self.objective!r} must look like package.module:function")
+        grids = [k for k, p in self.space.items() if isinstance(p, Grid)]
+        if self.sampler.name == "grid":
+            bad = [k for k, p in self.space.items() if not isinstance(p, Grid | Choice)]
+            if bad:
+                raise ValueError(f"grid sampler needs grid/choice values, {bad[0]!r} is a range")
+            if self.trials > self.grid_size:
+                raise ValueError(
+                    f"trials ({self.trials}) exceed the grid's {self.grid_size} points"
+                )
+        elif grids:
+            raise ValueError(
+                f"{grids[0]!r} is a grid parameter: use sampler 'grid' (or type 'choice')"
+            )
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(p.values) for p in self.space.values() if isinstance(p, Grid | Choice))
+
+
+def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read and validate a sweep spec; ``train`` is resolved relative to the spec's folder."""
+    from hpcdl.config import apply_overrides
+
+    data = apply_overrides(read_yaml(path), overrides or [], str(path))
+    spec = validate(SweepSpec, data, str(path))
+    if spec.train is None:
+        return spec
+    train = Path(spec.train)
+    if not train.is_absolute() and not train.exists():
+        train = path.parent / train
+    return spec.model_copy(update={"train": str(train.resolve())})

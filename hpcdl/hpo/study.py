@@ -1,0 +1,82 @@
+"""Optuna pieces for a sweep: journal-file storage on the shared filesystem, samplers, pruners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hpcdl.hpo.spec import Choice, Grid, IntRange, SweepSpec, Uniform
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def storage(sweep_dir: Path) -> optuna.storages.JournalStorage:
+    """Journal file storage: no database server, safe across nodes (SQLite on NFS/Lustre is not)."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(sweep_dir / "study.journal")
+    return optuna.storages.JournalStorage(
+        JournalFileBackend(path, lock_obj=JournalFileOpenLock(path))
+    )
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` on exhaustion, which only works inside
+    ``study.optimize``; hpcdl sizes the sweep (trials <= grid points) itself."""
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    s = spec.sampler
+    if s.name == "grid":
+        space = {k: list(p.values) for k, p in spec.space.items() if isinstance(p, Grid | Choice)}
+        return _GridSampler(space, seed=s.seed)
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+    if p.name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource="auto", reduction_factor=p.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
+    """Create or load the sweep's study (same name, same storage: every array task shares it)."""
+    return optuna.create_study(
+        study_name=spec.name,
+        storage=storage(sweep_dir),
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+
+
+def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
+    """Draw every parameter of the space for this trial."""
+    params: dict[str, Any] = {}
+    for key, p in spec.space.items():
+        if isinstance(p, Choice | Grid):
+            params[key] = trial.suggest_categorical(key, p.values)
+        elif isinstance(p, Uniform):
+            params[key] = trial.suggest_float(key, p.low, p.high, log=p.type == "loguniform")
+        elif isinstance(p, IntRange):
+            params[key] = trial.suggest_int(key, p.low, p.high, step=p.step, log=p.log)
+    return params

@@ -1,0 +1,266 @@
+"""One trial slot of a sweep: claim or resume a trial, run the objective, tell the study.
+
+Array task ``i`` owns slot ``i``. The slot file (``slots/i.json``) ties the slot to its Optuna
+trial, parameters, W&B run id and attempt count, so a requeued or resubmitted task resumes the
+same trial (same parameters, same checkpoint folder, same W&B run) instead of drawing a new one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import json
+import os
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import BaseModel
+
+from hpcdl.hpo.spec import SweepSpec
+from hpcdl.hpo.study import open_study, suggest
+
+SlotStateName = Literal["running", "retry", "complete", "pruned", "failed"]
+
+
+class Slot(BaseModel):
+    """What a sweep knows about one trial slot."""
+
+    slot: int
+    trial: int
+    trial_id: int
+    params: dict[str, Any]
+    run_id: str
+    state: SlotStateName = "running"
+    attempts: int = 1
+    value: float | None = None
+    epochs: int = 0
+    node: str | None = None
+    job: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class TrialContext:
+    """Handed to the objective: parameters, where to write, and how to report progress."""
+
+    spec: SweepSpec
+    slot: Slot
+    trial_dir: Path
+    report: Callable[[int, float], None]
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+class SweepPaths:
+    """The sweep folder's layout (on the shared filesystem)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.spec = root / "spec.json"
+        self.slots = root / "slots"
+        self.trials = root / "trials"
+        self.submissions = root / "submissions.jsonl"
+        self.final = root / "final"
+
+    def slot_file(self, slot: int) -> Path:
+        return self.slots / f"{slot}.json"
+
+    def trial_dir(self, slot: Slot) -> Path:
+        return self.trials / f"trial-{slot.trial:05d}"
+
+    def read_slot(self, slot: int) -> Slot | None:
+        path = self.slot_file(slot)
+        return Slot.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def write_slot(self, slot: Slot) -> None:
+        path = self.slot_file(slot.slot)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(slot.model_dump_json(indent=1))
+        os.replace(tmp, path)
+
+    def all_slots(self) -> list[Slot]:
+        return sorted(
+            (Slot.model_validate_json(p.read_text()) for p in self.slots.glob("*.json")),
+            key=lambda s: s.slot,
+        )
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        self.slots.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".slots.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def load_spec(self) -> SweepSpec:
+        return SweepSpec.model_validate_json(self.spec.read_text())
+
+
+def resolve_objective(spec: SweepSpec) -> Callable[[dict[str, Any], TrialContext], float]:
+    """``objective: module:function`` from the spec, else hpcdl's trainer."""
+    ref = spec.objective or "hpcdl.hpo.objective:train_objective"
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def claim(
+    paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot_no: int | None
+) -> Slot | None:
+    """Under the sweep lock: resume the slot's trial, or ask the study for a new one.
+
+    ``slot_no=None`` (local workers) takes the first slot that is free or marked for retry.
+    Returns ``None`` when there is nothing left to do.
+    """
+    with paths.lock():
+        if slot_no is None:
+            slot_no = next(
+                (
+                    i
+                    for i in range(spec.trials)
+                    if (s := paths.read_slot(i)) is None or s.state == "retry"
+                ),
+                None,
+            )
+            if slot_no is None:
+                return None
+        slot = paths.read_slot(slot_no)
+        if slot is not None and slot.state in {"complete", "pruned", "failed"}:
+            return None
+        if slot is not None and slot.attempts > spec.max_retries:
+            study.tell(slot.trial, state=optuna.trial.TrialState.FAIL)
+            paths.write_slot(
+                slot.model_copy(update={"state": "failed", "error": "retries exhausted"})
+            )
+            return None
+        if slot is None:
+            trial = study.ask()
+            slot = Slot(
+                slot=slot_no,
+                trial=trial.number,
+                trial_id=trial._trial_id,
+                params=suggest(trial, spec),
+                run_id=f"{spec.name}-t{trial.number:05d}",
+            )
+        else:
+            slot = slot.model_copy(update={"attempts": slot.attempts + 1, "state": "running"})
+        slot = slot.model_copy(
+            update={
+                "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+                "job": _job_id(),
+            }
+        )
+        paths.write_slot(slot)
+        return slot
+
+
+def _job_id() -> str | None:
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot) -> Slot:
+    """Run the objective for a claimed slot (retrying exceptions up to ``max_retries``); rank 0
+    tells the study. Multi-node trials: every rank runs this with the slot broadcast from rank 0."""
+    trial = optuna.trial.Trial(study, slot.trial_id)
+    objective = resolve_objective(spec)
+    trial_dir = paths.trial_dir(slot)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+
+    def report(epoch: int, value: float) -> None:
+        nonlocal slot
+        slot = slot.model_copy(update={"epochs": epoch})
+        if _rank() == 0:
+            trial.report(value, epoch)
+            paths.write_slot(slot)
+        if _agree(trial.should_prune() if _rank() == 0 else False):
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    while True:
+        ctx = TrialContext(spec, slot, trial_dir, report, group=spec.name)
+        try:
+            value = float(objective(dict(slot.params), ctx))
+        except optuna.TrialPruned:
+            slot = slot.model_copy(update={"state": "pruned"})
+            if _rank() == 0:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                paths.write_slot(slot)
+            return slot
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            (trial_dir / f"error-attempt{slot.attempts}.txt").write_text(traceback.format_exc())
+            if slot.attempts <= spec.max_retries:
+                slot = slot.model_copy(update={"attempts": slot.attempts + 1, "error": error})
+                if _rank() == 0:
+                    paths.write_slot(slot)
+                continue
+            slot = slot.model_copy(update={"state": "failed", "error": error})
+            if _rank() == 0:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                paths.write_slot(slot)
+            return slot
+        slot = slot.model_copy(update={"state": "complete", "value": value})
+        if _rank() == 0:
+            study.tell(trial, value)
+            paths.write_slot(slot)
+        return slot
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's decision, shared with every rank (no-op without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _broadcast_slot(slot: Slot | None) -> Slot | None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return slot
+    box = [slot.model_dump_json() if slot is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Slot.model_validate_json(box[0]) if box[0] is not None else None
+
+
+def array_task_main(sweep_dir: str, slots: list[int]) -> str:
+    """Entry point of one Slurm array task: slot ``slots[HPCDL_ARRAY_TASK_ID]``."""
+    paths = SweepPaths(Path(sweep_dir))
+    spec = paths.load_spec()
+    slot_no = slots[int(os.environ["HPCDL_ARRAY_TASK_ID"])]
+    _maybe_init_distributed()
+    study = open_study(spec, paths.root)
+    slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
+    if slot is None:
+        return f"slot {slot_no}: nothing to do"
+    slot = run_trial(paths, spec, study, slot)
+    return f"slot {slot_no}: trial {slot.trial} {slot.state} value={slot.value}"
+
+
+def _maybe_init_distributed() -> None:
+    """Multi-task trials need the process group before rank 0 can broadcast the slot."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from hpcdl.launch import init_distributed
+
+        init_distributed()
+
+
+def dump_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
