@@ -16,9 +16,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcdl.cli import bench, data, jobs, site
+    from hpcdl.cli import bench, data, jobs, site, sweep
 
-    for module in (jobs, site, data, bench):
+    for module in (jobs, site, data, sweep, bench):
         module.register(cli)
 
 

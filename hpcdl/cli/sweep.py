@@ -1,0 +1,248 @@
+"""``hpcdl sweep …`` and ``hpcdl sync``: sweeps as Slurm job arrays, from the login node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcdl.errors import HpcdlError
+
+
+@click.group()
+def sweep() -> None:
+    """Hyper-parameter sweeps: one sbatch --array, each task a trial (Optuna + W&B)."""
+
+
+@sweep.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option(
+    "--wait", is_flag=True, help="Stay until the sweep (and final job) finish, then report."
+)
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to --wait at most.")
+def run(spec: Path, overrides: tuple[str, ...], wait: bool, timeout: float) -> None:
+    """Validate SPEC (configs/*.yaml), submit the array and return at once."""
+    from hpcdl.hpo import Sweep
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise HpcdlError(f"override {bad[0]!r} must look like key=value")
+    s = Sweep(spec, list(overrides))
+    handles = s.run()
+    click.echo(
+        f"sweep {s.spec.name}: {s.spec.trials} trials, {s.spec.parallelism} at a time, on {s.site.name}"
+    )
+    for h in handles:
+        what = f"array of {h.array}" if h.array else "job"
+        click.echo(f"  {h.name}: {what} {h.job_id}")
+    click.echo(f"  folder: {s.paths.root}")
+    if not wait:
+        click.echo(f"  follow: hpcdl sweep status {s.spec.name}")
+        return
+    _wait_with_progress(s, timeout)
+    _print_best(s)
+    from hpcdl.hpo.report import write_report
+
+    png, page = write_report(s)
+    click.echo(f"report: {png} and {page}")
+
+
+def _wait_with_progress(s: Any, timeout: float) -> None:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn()) as progress:  # fmt: skip
+        task = progress.add_task("trials", total=s.spec.trials)
+        while True:
+            slots = s.slots()
+            finished = sum(x.state in {"complete", "pruned", "failed"} for x in slots)
+            pruned = sum(x.state == "pruned" for x in slots)
+            progress.update(task, completed=finished, description=f"trials ({pruned} pruned)")
+            final_done = (s.paths.final / "result.json").exists()
+            if finished == s.spec.trials and (final_done or not s.spec.final):
+                return
+            if time.monotonic() > deadline:
+                raise HpcdlError(
+                    f"sweep {s.spec.name} not finished after {timeout:.0f}s (it goes on)"
+                )
+            time.sleep(1.0)
+
+
+def _print_best(s: Any) -> None:
+    best = s.best()
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
+    click.echo(
+        f"best trial {best['trial']}: {s.spec.metric}={_fmt(best[s.spec.metric])}  ({params})"
+    )
+    for key, value in best.get("final", {}).items():
+        if key.startswith("test"):
+            click.echo(f"final model on the held-out test split: {key}={_fmt(value)}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@sweep.command()
+@click.argument("name")
+def status(name: str) -> None:
+    """One row per trial: state, parameters, metric, epochs, node, W&B run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcdl.hpo import Sweep
+
+    s = Sweep.load(name)
+    rows = s.status()
+    table = Table(title=f"sweep {name} ({s.site.name})")
+    for col in (
+        "slot",
+        "trial",
+        "state",
+        *s.spec.space,
+        s.spec.metric,
+        "epochs",
+        "tries",
+        "node",
+        "W&B run",
+    ):
+        table.add_column(col)
+    for r in rows:
+        color = {
+            "complete": "green",
+            "running": "cyan",
+            "pruned": "yellow",
+            "pending": "white",
+        }.get(r["state"], "red")
+        table.add_row(
+            str(r["slot"]), str(r["trial"] if r["trial"] is not None else "-"),
+            f"[{color}]{r['state']}[/{color}]",
+            *(_fmt(r["params"][k]) if k in r["params"] else "-" for k in s.spec.space),
+            _fmt(r[s.spec.metric]) if r[s.spec.metric] is not None else "-",
+            str(r["epochs"]), str(r["attempts"]), r["node"] or "-", r["wandb_run"] or "-",
+        )  # fmt: skip
+    Console().print(table)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    click.echo(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+@sweep.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def best(name: str, as_json: bool) -> None:
+    """The best trial's parameters and metric (and the final test result, when there)."""
+    from hpcdl.hpo import Sweep
+
+    s = Sweep.load(name)
+    if as_json:
+        click.echo(json.dumps(s.best(), indent=1, default=str))
+    else:
+        _print_best(s)
+
+
+@sweep.command()
+@click.argument("name")
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path), help="Folder (default: the sweep's)."
+)
+def report(name: str, output: Path | None) -> None:
+    """Write report.png and report.html: metric per trial, best so far, parameters."""
+    from hpcdl.hpo import Sweep
+    from hpcdl.hpo.report import write_report
+
+    png, page = write_report(Sweep.load(name), output)
+    click.echo(f"wrote {png} and {page}")
+
+
+@sweep.command()
+@click.argument("name")
+def resume(name: str) -> None:
+    """Submit only the trials still missing (never started, killed, cancelled)."""
+    from hpcdl.hpo import Sweep
+
+    s = Sweep.load(name)
+    missing = s.missing_slots()
+    handles = s.resume()
+    click.echo(
+        f"resubmitted {len(missing)} trial(s) of {name}: " + ", ".join(h.job_id for h in handles)
+    )
+
+
+@sweep.command()
+@click.argument("name")
+@click.argument("parallelism", type=int)
+def throttle(name: str, parallelism: int) -> None:
+    """Change how many trials run at once on the live array."""
+    from hpcdl.hpo import Sweep
+
+    job_id = Sweep.load(name).throttle(parallelism)
+    click.echo(f"array {job_id}: at most {parallelism} task(s) at once")
+
+
+@sweep.command()
+@click.argument("name")
+def cancel(name: str) -> None:
+    """Cancel every queued or running job of the sweep (resume later with 'sweep resume')."""
+    from hpcdl.hpo import Sweep
+
+    ids = Sweep.load(name).cancel()
+    click.echo(f"cancelled {', '.join(ids) if ids else 'nothing (no active jobs)'}")
+
+
+@sweep.command("list")
+def list_sweeps() -> None:
+    """Sweeps under every site's job root."""
+    from hpcdl.registry import registry_roots
+
+    for root in registry_roots():
+        for spec in sorted((root / "sweeps").glob("*/spec.json")):
+            click.echo(f"{spec.parent.name}  {spec.parent}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--dry-run", is_flag=True, help="List the offline runs without syncing.")
+def sync(name: str, dry_run: bool) -> None:
+    """Upload a sweep's offline W&B runs (run this on the login node, which has network)."""
+    from hpcdl.hpo import Sweep
+
+    s = Sweep.load(name)
+    runs = sorted(p for p in s.paths.root.rglob("offline-run-*") if p.is_dir())
+    if not runs:
+        raise HpcdlError(f"sweep {name!r} has no offline W&B runs under {s.paths.root}")
+    failed = 0
+    for run_dir in runs:
+        if dry_run:
+            click.echo(str(run_dir))
+            continue
+        proc = subprocess.run(
+            [_wandb(), "sync", str(run_dir)], capture_output=True, text=True, timeout=600
+        )
+        ok = proc.returncode == 0
+        failed += not ok
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] if not ok else []
+        click.echo(f"{'synced' if ok else 'FAILED'} {run_dir}" + (f": {tail[0]}" if tail else ""))
+    if failed:
+        raise HpcdlError(f"{failed} of {len(runs)} run(s) did not sync (network or WANDB_API_KEY?)")
+
+
+def _wandb() -> str:
+    import shutil
+    import sys
+
+    return shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+
+
+def register(cli: click.Group) -> None:
+    """Add this module's commands to the top-level group."""
+    cli.add_command(sweep)
+    cli.add_command(sync)
