@@ -235,3 +235,32 @@ def test_site_check_and_import_against_the_live_cluster(devcluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert check_site(load_site(str(drafted))) == []
     assert run_cli("site", "import", "-o", str(drafted)).returncode == 2  # no silent overwrite
+
+
+def test_status_falls_back_to_squeue_without_accounting(devcluster, tmp_path):
+    """With accounting off (a client config saying so: real sacct then refuses), status still works."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    for name in ("slurm.conf", "gres.conf"):
+        text = Path("/etc/slurm", name).read_text()
+        if name == "slurm.conf":
+            text = "\n".join(
+                "AccountingStorageType=accounting_storage/none"
+                if ln.startswith("AccountingStorageType=")
+                else ln
+                for ln in text.splitlines()
+            )
+        (conf / name).write_text(text)
+    env = {"SLURM_CONF": str(conf / "slurm.conf")}
+    done = Job(site=devcluster, command=["true"], time="5m").submit()
+    assert done.wait(timeout=120) == "COMPLETED"
+    running = Job(site=devcluster, command=["sleep", "120"], time="5m").submit()
+    try:
+        proc = run_cli("status", env={**env, "COLUMNS": "200"})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("accounting unavailable") == 1
+        lines = {ln.split()[1]: ln for ln in proc.stdout.splitlines() if ln.startswith("│")}
+        assert "COMPLETED" in lines[done.job_id]  # from the job folder, squeue forgot it
+        assert "RUNNING" in lines[running.job_id] or "PENDING" in lines[running.job_id]
+    finally:
+        running.cancel()
