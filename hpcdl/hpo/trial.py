@@ -131,7 +131,8 @@ def claim(
         slot = paths.read_slot(slot_no)
         if slot is not None and slot.state in {"complete", "pruned", "failed"}:
             return None
-        if slot is not None and slot.attempts > spec.max_retries:
+        requeued = slot is not None and slot.state == "running" and slot.job == _job_id()
+        if slot is not None and not requeued and slot.attempts > spec.max_retries:
             study.tell(slot.trial, state=optuna.trial.TrialState.FAIL)
             paths.write_slot(
                 slot.model_copy(update={"state": "failed", "error": "retries exhausted"})
@@ -146,7 +147,7 @@ def claim(
                 params=suggest(trial, spec),
                 run_id=f"{spec.name}-t{trial.number:05d}",
             )
-        else:
+        elif not requeued:  # a Slurm requeue (preemption) of the same task is not a new attempt
             slot = slot.model_copy(update={"attempts": slot.attempts + 1, "state": "running"})
         slot = slot.model_copy(
             update={

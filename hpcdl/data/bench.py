@@ -1,0 +1,232 @@
+"""``hpcdl bench io``: raw read vs. the naive per-sample Dataset vs. hpcdl's reader, same files."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcdl.data.manifest import Manifest, ShardInfo
+
+Measure = Callable[[], tuple[int, float]]  # -> (samples, seconds)
+
+
+def drop_caches() -> str | None:
+    """Drop the page cache; return why it could not be done, or None on success."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        return f"cannot drop the page cache ({exc.strerror}; needs root on a writable /proc)"
+    return None
+
+
+def raw_read(path: Path, m: Manifest, streams: int, limit: float) -> tuple[int, float]:
+    """Read whole shards sequentially in 16 MiB pieces, ``streams`` files at a time.
+
+    The ceiling: no parsing, no shuffling. -> (samples, seconds); stops after ``limit`` s.
+    """
+    t0 = time.perf_counter()
+
+    def one(info: ShardInfo) -> int:
+        if time.perf_counter() - t0 > limit:
+            return 0
+        buf = memoryview(bytearray(16 << 20))
+        with open(path / info.file, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+        return info.samples
+
+    with ThreadPoolExecutor(streams) as pool:
+        samples = sum(pool.map(one, m.shards))
+    return samples, time.perf_counter() - t0
+
+
+class NaiveDataset:
+    """The common user path: a map-style Dataset reading ``h5[field][i]`` per sample."""
+
+    def __init__(self, path: Path, m: Manifest):
+        self.path, self.m = path, m
+        self.ends = np.cumsum([s.samples for s in m.shards])
+        self.files: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.m.samples
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import h5py
+        import torch
+
+        shard = int(np.searchsorted(self.ends, i, side="right"))
+        if shard not in self.files:  # opened lazily, i.e. inside each worker
+            self.files[shard] = h5py.File(self.path / self.m.shards[shard].file, "r")
+        j = i - (int(self.ends[shard - 1]) if shard else 0)
+        return {f: torch.as_tensor(self.files[shard][f][j]) for f in self.m.fields}
+
+
+def timed(batches: Iterable[dict[str, Any]], limit: float) -> tuple[int, float]:
+    """Consume batches until exhausted or ``limit`` seconds; -> (samples, seconds)."""
+    n = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        n += len(next(iter(batch.values())))
+        if time.perf_counter() - t0 > limit:
+            break
+    return n, time.perf_counter() - t0
+
+
+@dataclass
+class Row:
+    """One measured path."""
+
+    path: str
+    cache: str
+    samples_per_s: float
+    mb_per_s: float
+    vs_raw: float = float("nan")
+    vs_naive: float = float("nan")
+
+
+@dataclass
+class IoBench:
+    """All rows plus what the numbers mean."""
+
+    dataset: Path
+    samples: int
+    sample_bytes: int
+    file_bytes: int
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_io_bench(
+    path: str | Path,
+    *,
+    batch_size: int = 1024,
+    workers: tuple[int, ...] = (0, 2),
+    threads: int = 2,
+    block_units: int = 16,
+    naive_workers: int = 2,
+    naive_seconds: float = 10.0,
+    limit_seconds: float = 60.0,
+    repeat: int = 3,
+    cold: bool = True,
+) -> IoBench:
+    """Measure every path cold (page cache dropped before each run) and warm; medians of repeats."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hpcdl.data.reader import ShardedDataset, ShardLoader
+
+    path = Path(path)
+    m = Manifest.load(path)
+    sb = m.sample_bytes
+    res = IoBench(path, m.samples, sb, sum(s.bytes for s in m.shards))
+    res.notes.append(
+        f"load average {os.getloadavg()[0]:.2f} at the start on {os.cpu_count()} cores "
+        "(other work on the machine slows every row)"
+    )
+
+    def raw(streams: int) -> Measure:
+        return lambda: raw_read(path, m, streams, limit_seconds)
+
+    def naive() -> tuple[int, float]:
+        loader = DataLoader(
+            NaiveDataset(path, m),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=naive_workers,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return timed(loader, naive_seconds)
+
+    def ours(w: int) -> Measure:
+        def run() -> tuple[int, float]:
+            ds = ShardedDataset(
+                path, batch_size, num_workers=w, threads=threads, block_units=block_units
+            )
+            return timed(ShardLoader(ds) if w else ds, limit_seconds)
+
+        return run
+
+    paths = [(f"raw read, {n} stream{'s' * (n > 1)}", raw(n)) for n in sorted({1, threads})]
+    raws = [name for name, _ in paths]
+    paths += [(f"hpcdl, {w} workers", ours(w)) for w in workers]
+    naive_name = f"naive, {naive_workers} workers"
+
+    def measure(cache: str, before: Callable[[], Any]) -> None:
+        runs: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in paths}
+        for _ in range(repeat):  # interleaved, so drifts of the disk hit every path alike
+            for name, fn in paths:
+                before()
+                runs[name].append(fn())
+        before()
+        runs[naive_name] = [naive()]
+        for name, rs in runs.items():
+            sps = statistics.median(n / s for n, s in rs)
+            res.rows.append(Row(name, cache, sps, sps * sb / 1e6))
+
+    if cold:
+        why = drop_caches()
+        if why is None:
+            measure("cold", drop_caches)
+        else:
+            res.notes.append(f"cold rows skipped: {why}")
+    else:
+        res.notes.append("cold rows skipped (--no-cold)")
+    raw(threads)()  # load the page cache
+    measure("warm", lambda: None)
+    for cache in ("cold", "warm"):
+        rows = {r.path: r for r in res.rows if r.cache == cache}
+        ceiling = max((rows[n].samples_per_s for n in raws if n in rows), default=float("nan"))
+        for r in rows.values():
+            r.vs_raw = r.samples_per_s / ceiling
+            r.vs_naive = r.samples_per_s / rows[naive_name].samples_per_s
+    res.notes.append(
+        "raw read: whole shard files read in order, 16 MiB at a time, by 1 or --threads streams; "
+        "x raw divides by the faster raw row"
+    )
+    res.notes.append(
+        "naive: map-style Dataset returning h5[field][i] per sample, DataLoader with a global "
+        "shuffle; hpcdl: ShardedDataset (whole chunks, block shuffle), 0 workers = main process"
+    )
+    res.notes.append(
+        f"MB/s counts sample payload ({sb} B/sample); raw reads whole files "
+        f"({res.file_bytes / 2**30:.2f} GiB); medians of {repeat} runs, naive path bounded to "
+        f"{naive_seconds:g} s; batch size {batch_size}"
+    )
+    if res.file_bytes > 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        res.notes.append("the dataset is large against RAM: 'warm' rows are partly cold")
+    return res
+
+
+def render(res: IoBench) -> Any:
+    """A rich table of the rows."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(
+        title=escape(
+            f"hpcdl bench io {res.dataset} ({res.samples:,} samples of {res.sample_bytes:,} B)"
+        )
+    )
+    for col in ("path", "cache", "samples/s", "MB/s", "x raw", "x naive"):
+        t.add_column(col, justify="left" if col in ("path", "cache") else "right")
+    for r in res.rows:
+        t.add_row(
+            r.path,
+            r.cache,
+            f"{r.samples_per_s:,.0f}",
+            f"{r.mb_per_s:,.0f}",
+            f"{r.vs_raw:.2f}",
+            f"{r.vs_naive:.1f}",
+        )
+    return t
