@@ -16,9 +16,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcdl.cli import bench, data, jobs, site, sweep
+    from hpcdl.cli import bench, data, jobs, site, sweep, train
 
-    for module in (jobs, site, data, sweep, bench):
+    for module in (jobs, site, train, data, sweep, bench):
         module.register(cli)
 
 

@@ -1,0 +1,135 @@
+"""Metrics of a run: one line on the terminal, one JSON row in ``RUN/metrics.jsonl``, and W&B.
+
+W&B is offline by default (the site profile decides, ``wandb_mode``), its run id is kept in the
+run folder so a requeued job continues the same run, and it can never fail training: if wandb is
+missing, misconfigured or unreachable, a warning is printed once and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _warn(message: str) -> None:
+    print(f"hpcdl: warning: {message}", file=sys.stderr, flush=True)
+
+
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Drop rows a resumed run will log again: ``step`` rows after ``step``, ``epoch`` rows from
+    ``step`` on (the epoch ending at the checkpoint is evaluated again). Events stay."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        kind, at = row.get("kind"), row.get("step", 0)
+        if (kind == "step" and at > step) or (kind == "epoch" and at >= step):
+            continue
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class Tracker:
+    """Rank 0's metrics sink; on other ranks every method does nothing."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        config: dict[str, Any],
+        name: str,
+        wandb: bool,
+        wandb_mode: str,
+        wandb_project: str,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._wandb: Any = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a")  # noqa: SIM115  (closed in close())
+        if wandb and wandb_mode != "disabled":
+            self._wandb = _start_wandb(Path(run_dir), config, name, wandb_mode, wandb_project)
+
+    def log(self, kind: str, row: dict[str, Any], echo: bool = True) -> None:
+        """Record one row (``kind``: step, epoch or event) everywhere."""
+        if not self.enabled:
+            return
+        full = {"kind": kind, **row, "time": round(time.time(), 3)}
+        assert self._file is not None
+        self._file.write(json.dumps(full) + "\n")
+        self._file.flush()
+        if echo:
+            print(_line(kind, row), flush=True)
+        if self._wandb is not None and kind != "event":
+            try:
+                self._wandb.log({f"{kind}/{k}": v for k, v in row.items()})
+            except Exception as exc:
+                _warn(f"W&B logging stopped: {exc}")
+                self._wandb = None
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            try:
+                self._wandb.summary.update(values)
+            except Exception as exc:
+                _warn(f"W&B summary not written: {exc}")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as exc:
+                _warn(f"W&B finish failed: {exc}")
+            self._wandb = None
+
+
+def _line(kind: str, row: dict[str, Any]) -> str:
+    parts = []
+    for key, value in row.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{key} {value}")
+    return f"[{kind}] " + "  ".join(parts)
+
+
+def _start_wandb(run_dir: Path, config: dict[str, Any], name: str, mode: str, project: str) -> Any:
+    """A W&B run whose id lives in ``RUN/wandb_id`` (so requeues resume it), or None."""
+    try:
+        import wandb
+    except ImportError:
+        _warn("wandb is not installed: metrics go to metrics.jsonl only")
+        return None
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(8))
+    try:
+        return wandb.init(
+            project=project,
+            name=name,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(silent=True, console="off", init_timeout=60),
+        )
+    except Exception as exc:
+        _warn(f"W&B unavailable ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl only")
+        return None

@@ -1,0 +1,239 @@
+"""Checkpoints that every rank writes and that are never trusted half-written.
+
+Layout of ``RUN/checkpoints``::
+
+    step00000120/                     one DeepSpeed checkpoint (tag), written by all ranks
+        mp_rank_00_model_states.pt     DeepSpeed's files (model, ZeRO optimizer shards, scheduler,
+        ...                            client_state: epoch, data loader position, epoch sums)
+        rng_rank00000.pt              this rank's RNG states (python, numpy, torch, cuda)
+        MANIFEST.json                 written last, by rank 0: every file's size and sha256
+    latest                            the newest complete tag (replaced atomically)
+
+A save: all ranks write (DeepSpeed ends with a barrier), all ranks hash a share of the files,
+rank 0 writes the manifest, then ``latest`` (temporary file + ``os.replace``), then prunes to the
+last ``keep``. A resume takes the newest checkpoint whose manifest verifies; a checkpoint with a
+missing manifest, a missing file or a wrong checksum is skipped with a warning naming it.
+
+DeepSpeed writes ``client_state`` into rank 0's model file only, which is right for the state all
+ranks share; RNG states differ per rank, so each rank saves its own file beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hpcdl.errors import HpcdlError
+
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _warn(message: str) -> None:
+    print(f"hpcdl: warning: {message}", file=sys.stderr, flush=True)
+
+
+class Checkpointer:
+    """Save and resume DeepSpeed checkpoints collectively (call every method on every rank)."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    # -- helpers shared by save and verify -------------------------------------------------
+    def _bcast(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _hash_shared(self, tag: str, files: list[str]) -> dict[str, tuple[int, str]]:
+        """``{file: (bytes, sha256)}``, every rank hashing a share; missing files are absent."""
+        mine = {}
+        for i, rel in enumerate(files):
+            path = self.root / tag / rel
+            if i % self.world == self.rank and path.is_file():
+                mine[rel] = (path.stat().st_size, _sha256(path))
+        parts: list[dict[str, tuple[int, str]]] = [{} for _ in range(self.world)]
+        dist.all_gather_object(parts, mine)
+        return {k: v for part in parts for k, v in part.items()}
+
+    def complete(self) -> list[tuple[int, str]]:
+        """(step, tag) of the checkpoints with a manifest, oldest first (rank 0's view)."""
+        found = []
+        for d in self.root.glob("step*"):
+            if (d / MANIFEST).is_file() and d.name[4:].isdigit():
+                found.append((int(d.name[4:]), d.name))
+        return sorted(found)
+
+    # -- save ------------------------------------------------------------------------------
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
+        """Write checkpoint ``step`` on all ranks, then commit it (manifest, ``latest``, prune)."""
+        tag = tag_for(step)
+        folder = self.root / tag
+        if self.rank == 0 and folder.exists():  # a leftover of an interrupted save
+            shutil.rmtree(folder)
+        dist.barrier()
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), folder / f"rng_rank{self.rank:05d}.pt")
+        engine.save_checkpoint(
+            str(self.root), tag=tag, client_state=client_state, save_latest=False
+        )  # ends with a barrier: every rank's files are written
+        files = self._bcast(
+            sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+            if self.rank == 0
+            else None
+        )
+        sums = self._hash_shared(tag, files)
+        if self.rank == 0:
+            manifest = {
+                "tag": tag,
+                "step": step,
+                "world_size": self.world,
+                "created": time.time(),
+                "files": {rel: {"bytes": n, "sha256": h} for rel, (n, h) in sorted(sums.items())},
+            }
+            _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+            _write_atomic(self.root / LATEST, tag)
+            self._prune(step)
+        dist.barrier()
+        return tag
+
+    def _prune(self, newest: int) -> None:
+        """Keep the last ``keep`` complete checkpoints; drop older incomplete leftovers."""
+        complete = self.complete()
+        for _, tag in complete[: -self.keep]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+        for d in self.root.glob("step*"):
+            if not (d / MANIFEST).exists() and d.name[4:].isdigit() and int(d.name[4:]) < newest:
+                shutil.rmtree(d, ignore_errors=True)
+
+    # -- resume ----------------------------------------------------------------------------
+    def _problem(self, tag: str) -> str | None:
+        """Why checkpoint ``tag`` cannot be trusted (checked by all ranks together), or None."""
+        manifest: dict[str, Any] | None = None
+        if self.rank == 0:
+            try:
+                manifest = json.loads((self.root / tag / MANIFEST).read_text())
+            except (OSError, ValueError) as exc:
+                manifest = {"unreadable": str(exc)}
+        manifest = self._bcast(manifest)
+        assert manifest is not None
+        if "unreadable" in manifest or not isinstance(manifest.get("files"), dict):
+            return f"unreadable {MANIFEST}: {manifest.get('unreadable', 'no file list')}"
+        if manifest.get("world_size") != self.world:
+            raise HpcdlError(
+                f"checkpoint {self.root / tag} was written by {manifest.get('world_size')} ranks, "
+                f"this run has {self.world}: ZeRO state is sharded per rank and the data "
+                "position depends on the rank count, so resume with the same number of ranks"
+            )
+        expected = manifest["files"]
+        sums = self._hash_shared(tag, sorted(expected))
+        for rel, want in sorted(expected.items()):
+            if rel not in sums:
+                return f"file {rel} is missing"
+            size, digest = sums[rel]
+            if size != want["bytes"]:
+                return f"file {rel} has {size} bytes, the manifest says {want['bytes']}"
+            if digest != want["sha256"]:
+                return f"file {rel} does not match its checksum"
+        return None
+
+    def latest_valid(self) -> str | None:
+        """The newest checkpoint that verifies (same answer on every rank), warning about every
+        newer one that does not; None if there is none at all, an error if none verifies."""
+        candidates: list[str] = []
+        if self.rank == 0:
+            complete = self.complete()
+            newest = complete[-1][0] if complete else -1
+            for d in sorted(self.root.glob("step*")):
+                if (
+                    not (d / MANIFEST).exists()
+                    and d.name[4:].isdigit()
+                    and int(d.name[4:]) > newest
+                ):
+                    _warn(
+                        f"checkpoint {d} is incomplete (no {MANIFEST}: its save was "
+                        "interrupted); skipped"
+                    )
+            candidates = [tag for _, tag in reversed(complete)]
+        candidates = self._bcast(candidates)
+        for tag in candidates:
+            problem = self._problem(tag)
+            if problem is None:
+                return tag
+            if self.rank == 0:
+                _warn(
+                    f"checkpoint {self.root / tag} is corrupted ({problem}); trying the previous one"
+                )
+        if candidates:
+            raise HpcdlError(
+                f"no valid checkpoint in {self.root} ({len(candidates)} corrupted): move the "
+                "folder away to start over"
+            )
+        return None
+
+    def load(self, engine: Any, tag: str) -> dict[str, Any]:
+        """Load ``tag`` into the engine and this rank's RNG states; returns the client state."""
+        path, client_state = engine.load_checkpoint(
+            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        set_rng_state(
+            torch.load(self.root / tag / f"rng_rank{self.rank:05d}.pt", weights_only=False)
+        )
+        return client_state
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

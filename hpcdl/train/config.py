@@ -1,0 +1,211 @@
+"""The training configuration (``configs/train_*.yaml``), validated before anything is queued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hpcdl.config import apply_overrides, parse_time, read_yaml, validate
+from hpcdl.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(BaseModel):
+    """A zoo model by name (mlp, cnn, resnet) or ``module:Class``; other keys are its options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "mlp"
+    input_shape: tuple[int, ...] | None = None  # default: the dataset's sample shape
+    num_classes: int | None = Field(default=None, ge=2)  # default: the dataset's classes
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Model-specific keyword arguments (hidden, channels, depth, width, activation, ...)."""
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Strict):
+    """hpcdl shard datasets (``hpcdl data shard``) and the fields the model reads."""
+
+    train: str
+    val: str
+    input: str = "x"
+    target: str = "y"
+    num_workers: int = Field(default=0, ge=0)
+    block_units: int = Field(default=16, ge=1)
+    shuffle: bool = True
+
+
+class BatchConfig(_Strict):
+    """Global batch ``size`` = ``micro`` x ranks x gradient accumulation steps."""
+
+    size: int = Field(default=64, ge=1)
+    micro: int = Field(default=16, ge=1)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(default=0.9, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    """Learning rate: linear warmup, then constant, cosine or linear decay to ``min_lr_ratio``."""
+
+    name: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+
+
+class LossConfig(_Strict):
+    name: Literal["cross_entropy", "multi_margin", "mse"] = "cross_entropy"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+
+
+class CheckpointConfig(_Strict):
+    """Save every ``every_steps`` optimizer steps (0: only at the end and on preemption)."""
+
+    every_steps: int = Field(default=200, ge=0)
+    keep: int = Field(default=3, ge=1)
+
+
+class LogConfig(_Strict):
+    every_steps: int = Field(default=10, ge=1)
+    wandb: bool = True
+    wandb_project: str = "hpcdl"
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None  # None: the site decides
+
+
+class JobConfig(_Strict):
+    """Where and how the job runs (see ``hpcdl.Job``); ``max_requeues`` bounds preemptions."""
+
+    site: str | None = None
+    partition: str | None = None
+    nodes: int = Field(default=1, ge=1)
+    tasks_per_node: int | None = Field(default=None, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+    env: dict[str, str] = {}
+    setup: list[str] = []
+    max_requeues: int = Field(default=3, ge=0)
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _minutes(cls, v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if parse_time(v) is None:
+            raise ValueError("a job needs a finite time limit")
+        return v
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the job: one per task (tasks default to one per GPU, else one per node)."""
+        return self.nodes * (self.tasks_per_node or self.gpus_per_node or 1)
+
+
+class TrainConfig(_Strict):
+    """One training run: model, data, optimisation, DeepSpeed settings, checkpoints, job."""
+
+    name: str = Field(default="train", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output: str = "runs"
+    run_dir: str | None = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    batch: BatchConfig = BatchConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    epochs: int = Field(default=10, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    deepspeed: dict[str, Any] = {}  # merged over the generated DeepSpeed config
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    job: JobConfig = JobConfig()
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> TrainConfig:
+        if self.batch.size % self.batch.micro:
+            raise ValueError(
+                f"batch.size {self.batch.size} is not a multiple of batch.micro {self.batch.micro}"
+            )
+        return self
+
+    def grad_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        return self.batch.size // (self.batch.micro * world_size)
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read the YAML, apply ``key=value`` overrides, validate (one ConfigError on the first problem)."""
+    where = str(path)
+    data = apply_overrides(read_yaml(Path(path)), list(overrides), where)
+    return validate(TrainConfig, data, where)
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved configuration stored in a run folder."""
+    return validate(TrainConfig, read_yaml(Path(run_dir) / "config.yaml"), str(run_dir))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def with_absolute_data(cfg: TrainConfig) -> TrainConfig:
+    """The config with absolute dataset paths, valid on any node and in any directory."""
+    paths = {k: str(Path(getattr(cfg.data, k)).expanduser().resolve()) for k in ("train", "val")}
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=paths)})
+
+
+# Settings a resumed run must share with the run that wrote its checkpoints.
+_IDENTITY = ("seed", "model", "data", "batch", "optimizer", "loss", "zero_stage", "precision")
+
+
+def prepare_run_dir(cfg: TrainConfig, where: str) -> tuple[Path, bool]:
+    """Create (or reuse, to resume) the run folder and store the resolved config in it.
+
+    Returns the folder and whether it is new. Paths are made absolute so the job finds them
+    from any node and working directory.
+    """
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run_dir or Path(cfg.output) / f"{cfg.name}-{stamp}").expanduser().resolve()
+    resolved = with_absolute_data(cfg).model_copy(update={"run_dir": str(run_dir)})
+    stored = run_dir / "config.yaml"
+    new = not stored.exists()
+    if not new:
+        old = read_run_config(run_dir).model_dump()
+        mine = resolved.model_dump()
+        for key in _IDENTITY:
+            if old[key] != mine[key]:
+                raise ConfigError(
+                    where,
+                    "run_dir",
+                    f"{run_dir} holds a run with a different '{key}' ({old[key]!r}); resume it "
+                    "with the same settings or choose another run_dir",
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stored.write_text(dump_config(resolved))
+    return run_dir, new
