@@ -53,6 +53,9 @@ class Tracker:
         wandb: bool,
         wandb_mode: str,
         wandb_project: str,
+        wandb_group: str | None = None,
+        wandb_id: str | None = None,
+        wandb_tags: list[str] | None = None,
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -62,7 +65,10 @@ class Tracker:
             return
         self._file = open(self.path, "a")  # noqa: SIM115  (closed in close())
         if wandb and wandb_mode != "disabled":
-            self._wandb = _start_wandb(Path(run_dir), config, name, wandb_mode, wandb_project)
+            self._wandb = _start_wandb(
+                Path(run_dir), config, name, wandb_mode, wandb_project,
+                group=wandb_group, run_id=wandb_id, tags=wandb_tags or [],
+            )  # fmt: skip
 
     def log(self, kind: str, row: dict[str, Any], echo: bool = True) -> None:
         """Record one row (``kind``: step, epoch or event) everywhere."""
@@ -88,6 +94,14 @@ class Tracker:
             except Exception as exc:
                 _warn(f"W&B summary not written: {exc}")
 
+    def tag(self, tag: str) -> None:
+        """Add a tag to the W&B run (e.g. ``pruned``)."""
+        if self._wandb is not None:
+            try:
+                self._wandb.tags = (*self._wandb.tags, tag)
+            except Exception as exc:
+                _warn(f"W&B tag not written: {exc}")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -109,7 +123,10 @@ def _line(kind: str, row: dict[str, Any]) -> str:
     return f"[{kind}] " + "  ".join(parts)
 
 
-def _start_wandb(run_dir: Path, config: dict[str, Any], name: str, mode: str, project: str) -> Any:
+def _start_wandb(
+    run_dir: Path, config: dict[str, Any], name: str, mode: str, project: str,
+    *, group: str | None, run_id: str | None, tags: list[str],
+) -> Any:  # fmt: skip
     """A W&B run whose id lives in ``RUN/wandb_id`` (so requeues resume it), or None."""
     try:
         import wandb
@@ -118,7 +135,7 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], name: str, mode: str, pr
         return None
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
-        id_file.write_text(secrets.token_hex(8))
+        id_file.write_text(run_id or secrets.token_hex(8))
     try:
         return wandb.init(
             project=project,
@@ -128,6 +145,8 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], name: str, mode: str, pr
             dir=str(run_dir),
             mode=mode,
             config=config,
+            group=group,
+            tags=tags or None,
             settings=wandb.Settings(silent=True, console="off", init_timeout=60),
         )
     except Exception as exc:

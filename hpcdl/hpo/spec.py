@@ -105,6 +105,7 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     max_retries: int = Field(default=2, ge=0, le=20)
     final: bool = True
+    test_data: str | None = None  # held-out split for the final job; default: <val>/../test
     objective: str | None = None  # module:function(params, ctx) -> metric; default: hpcdl's trainer
 
     @model_validator(mode="after")

@@ -30,11 +30,15 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. Random-drawing samplers get one seed per worker process (seed +
+    worker), or concurrent workers would draw identical parameters; the grid sampler keeps one
+    seed, since it maps trial numbers to grid points through its seeded order."""
     s = spec.sampler
     if s.name == "grid":
         space = {k: list(p.values) for k, p in spec.space.items() if isinstance(p, Grid | Choice)}
         return _GridSampler(space, seed=s.seed)
+    s = s.model_copy(update={"seed": None if s.seed is None else s.seed + worker})
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "cmaes":
@@ -57,12 +61,12 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
+def open_study(spec: SweepSpec, sweep_dir: Path, worker: int = 0) -> optuna.Study:
     """Create or load the sweep's study (same name, same storage: every array task shares it)."""
     return optuna.create_study(
         study_name=spec.name,
         storage=storage(sweep_dir),
-        sampler=make_sampler(spec),
+        sampler=make_sampler(spec, worker),
         pruner=make_pruner(spec),
         direction=spec.direction,
         load_if_exists=True,

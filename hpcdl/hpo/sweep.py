@@ -4,6 +4,7 @@ job that resubmits killed trials and a final job that retrains the best paramete
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -288,7 +289,7 @@ def local_worker_main(sweep_dir: str) -> str:
 
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
-    study = open_study(spec, paths.root)
+    study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = 0
     while (slot := claim(paths, spec, study, None)) is not None:
         run_trial(paths, spec, study, slot)

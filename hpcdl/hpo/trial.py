@@ -45,6 +45,10 @@ class Slot(BaseModel):
     error: str | None = None
 
 
+class TrialRequeued(Exception):
+    """The trial checkpointed on a preemption signal and its job was requeued: tell nobody."""
+
+
 @dataclass
 class TrialContext:
     """Handed to the objective: parameters, where to write, and how to report progress."""
@@ -180,12 +184,16 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
             trial.report(value, epoch)
             paths.write_slot(slot)
         if _agree(trial.should_prune() if _rank() == 0 else False):
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+            pruned = optuna.TrialPruned(f"pruned at epoch {epoch}")
+            pruned.wandb_tag = "pruned"  # type: ignore[attr-defined]
+            raise pruned
 
     while True:
         ctx = TrialContext(spec, slot, trial_dir, report, group=spec.name)
         try:
             value = float(objective(dict(slot.params), ctx))
+        except TrialRequeued:
+            return slot
         except optuna.TrialPruned:
             slot = slot.model_copy(update={"state": "pruned"})
             if _rank() == 0:
@@ -245,7 +253,7 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
     spec = paths.load_spec()
     slot_no = slots[int(os.environ["HPCDL_ARRAY_TASK_ID"])]
     _maybe_init_distributed()
-    study = open_study(spec, paths.root)
+    study = open_study(spec, paths.root, worker=slot_no)
     slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
     if slot is None:
         return f"slot {slot_no}: nothing to do"

@@ -83,6 +83,11 @@ class LogConfig(_Strict):
     wandb: bool = True
     wandb_project: str = "hpcdl"
     wandb_mode: Literal["offline", "online", "disabled"] | None = None  # None: the site decides
+    wandb_group: str | None = None  # sweeps: one group per sweep
+    wandb_id: str | None = (
+        None  # sweeps: the trial's run id (default: random, kept in the run folder)
+    )
+    wandb_tags: list[str] = []
 
 
 class JobConfig(_Strict):

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,16 @@ from hpcdl.train.preflight import preflight
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(run_dir: str | Path, flag: preempt.PreemptionFlag) -> dict[str, Any]:
-    """Run (or resume) the training of ``run_dir`` on every rank; returns the result on each."""
+def train(
+    run_dir: str | Path,
+    flag: preempt.PreemptionFlag,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the training of ``run_dir`` on every rank; returns the result on each.
+
+    ``on_epoch(epoch, metrics)`` runs on every rank after each validation (the metrics are
+    all-reduced, so identical everywhere); an exception from it ends the run early on all ranks,
+    with its ``wandb_tag`` attribute (e.g. ``pruned``) added to the W&B run."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     info = init_distributed()
@@ -175,18 +184,24 @@ def train(run_dir: str | Path, flag: preempt.PreemptionFlag) -> dict[str, Any]:
             engine, val_loader, cfg, compute_loss, dtype
         )
         seen = max(state["epoch_seen"], 1)
-        tracker.log(
-            "epoch",
-            {
-                "epoch": state["epoch"],
-                "step": state["step"],
-                "train_loss": state["epoch_loss"] / seen,
-                "train_acc": state["epoch_correct"] / seen,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "val_samples": val_seen,
-            },
-        )
+        epoch_row = {
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "train_loss": state["epoch_loss"] / seen,
+            "train_acc": state["epoch_correct"] / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "val_samples": val_seen,
+        }
+        tracker.log("epoch", epoch_row)
+        if on_epoch is not None:
+            try:
+                on_epoch(state["epoch"], epoch_row)
+            except Exception as exc:
+                tracker.tag(getattr(exc, "wandb_tag", "stopped"))
+                tracker.log("event", {"event": "stopped", "step": state["step"], "why": str(exc)})
+                tracker.close()
+                raise
         state.update(epoch=state["epoch"] + 1, epoch_loss=0.0, epoch_correct=0.0, epoch_seen=0.0)
         train_loader.set_epoch(state["epoch"])
         tick = time.perf_counter()
@@ -435,4 +450,7 @@ def make_tracker(cfg: TrainConfig, run_dir: Path, rank: int) -> Tracker:
         wandb=cfg.log.wandb,
         wandb_mode=mode or "disabled",
         wandb_project=cfg.log.wandb_project,
+        wandb_group=cfg.log.wandb_group,
+        wandb_id=cfg.log.wandb_id,
+        wandb_tags=cfg.log.wandb_tags,
     )
