@@ -33,8 +33,9 @@ test: install cluster lint  ## everything: install, start the cluster, all tests
 test-quick: install  ## the tests that need no cluster
 	$(BIN)/pytest -q -m "not slurm"
 
-demo: install  ## the main job on the local profile
-	PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
+demo: install  ## the main job: digits shards, a 16-trial TPE+ASHA sweep and the final test score (local profile)
+	test -f data/digits/test/manifest.json || $(BIN)/hpcdl data shard digits data/digits --chunk-size 4KiB
+	$(BIN)/hpcdl sweep run configs/sweep_digits.yaml name=digits-$$(date +%Y%m%d-%H%M%S) resources.site=local --wait --timeout 900
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

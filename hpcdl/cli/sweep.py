@@ -81,9 +81,13 @@ def _print_best(s: Any) -> None:
     click.echo(
         f"best trial {best['trial']}: {s.spec.metric}={_fmt(best[s.spec.metric])}  ({params})"
     )
-    for key, value in best.get("final", {}).items():
-        if key.startswith("test"):
-            click.echo(f"final model on the held-out test split: {key}={_fmt(value)}")
+    final = best.get("final")
+    if final:
+        scores = "  ".join(
+            f"{k}={_fmt(v)}" for k, v in final.items() if k in {"test_acc", "test_loss"}
+        )
+        click.echo(f"final model (retrained on train+val), held-out test split: {scores}"
+                   f"  ({final.get('test_samples', '?')} samples)")  # fmt: skip
 
 
 def _fmt(value: Any) -> str:
