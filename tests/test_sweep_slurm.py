@@ -103,3 +103,27 @@ def test_throttle_changes_the_running_array(devcluster, monkeypatch):
     assert "ArrayTaskThrottle=3" in out
     sweep.wait(timeout=600)
     assert _peak(_sacct(array.job_id)) >= 2
+
+
+def test_pruned_trial_stops_early_and_frees_its_array_slot(devcluster, monkeypatch):
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "1")
+    sweep = Sweep(spec(name="pruning", trials=9, parallelism=2, final=False,
+                       sampler={"name": "random", "seed": 3},
+                       pruner={"name": "asha", "min_resource": 1, "reduction_factor": 2},
+                       space={"x": {"type": "uniform", "low": 0.0, "high": 1.0},
+                              "epochs": {"type": "choice", "values": [6]}}))  # fmt: skip
+    array, _follow = sweep.run()
+    sweep.wait(timeout=600)
+    slots = {s.slot: s for s in sweep.slots()}
+    pruned = [s for s in slots.values() if s.state == "pruned"]
+    assert pruned and all(s.epochs < 6 for s in pruned)
+    rows = {r["id"].split("_")[1]: r for r in _sacct(array.job_id)}
+    ts = datetime.fromisoformat
+    # A task that starts after a pruned task ended took the slot the pruned trial freed early.
+    freed = min(ts(rows[str(s.slot)]["end"]) for s in pruned)
+    later = [r for r in rows.values() if ts(r["start"]) >= freed]
+    assert later, rows
+    full = max(ts(rows[str(s.slot)]["end"]) - ts(rows[str(s.slot)]["start"])
+               for s in slots.values() if s.state == "complete")  # fmt: skip
+    short = min(ts(rows[str(s.slot)]["end"]) - ts(rows[str(s.slot)]["start"]) for s in pruned)
+    assert short < full

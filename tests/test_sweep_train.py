@@ -1,0 +1,97 @@
+"""Sweeps that really train (hpcdl's trainer on digits): W&B runs per trial, the final test score."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers.train_setup import write_config, write_digits
+
+from hpcdl.hpo import Sweep, SweepSpec
+
+WANDB = str(Path(sys.executable).parent / "wandb")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+def sweep_spec(tmp_path: Path, digits: Path, **changes) -> SweepSpec:
+    train = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs")
+    data = {
+        "name": "digits",
+        "train": str(train),
+        "overrides": {"epochs": 6, "zero_stage": 0, "log.every_steps": 1000, "checkpoint.every_steps": 0},
+        "space": {"optimizer.lr": {"type": "loguniform", "low": 1e-3, "high": 3e-2},
+                  "model.activation": {"type": "choice", "values": ["relu", "tanh"]}},
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
+        "pruner": {"name": "asha", "min_resource": 1, "reduction_factor": 3},
+        "trials": 6,
+        "parallelism": 2,
+        "resources": {"site": "local", "time": "20m", "tasks_per_node": 1},
+    }  # fmt: skip
+    return SweepSpec.model_validate({**data, **changes})
+
+
+def wandb_run(run_dir: Path) -> dict:
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    proc = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(offline)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _dotted(config: dict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_wandb_runs(sweep: Sweep) -> None:
+    for slot in sweep.slots():
+        run = wandb_run(sweep.paths.trial_dir(slot))
+        assert run["run_id"] == slot.run_id
+        assert f"sweep:{sweep.spec.name}" in run["tags"]
+        assert ("pruned" in run["tags"]) == (slot.state == "pruned")
+        for key, value in slot.params.items():
+            assert _dotted(run["config"], key) == value
+        assert run["config"]["epochs"] == 6  # the sweep's override on top of the base config
+    final = wandb_run(sweep.paths.final)
+    assert "final" in final["tags"]
+
+
+def test_digits_sweep_on_the_local_profile(tmp_path, digits):
+    sweep = Sweep(sweep_spec(tmp_path, digits))
+    sweep.run()
+    sweep.wait(timeout=900)
+    assert {s.state for s in sweep.slots()} <= {"complete", "pruned"}
+    check_wandb_runs(sweep)
+    best = sweep.best()
+    assert best["final"]["test_acc"] >= 0.9 and best["final"]["test_samples"] == 180
+
+
+@pytest.mark.slurm
+def test_digits_sweep_on_the_cluster_then_final_job(devcluster, tmp_path, digits):
+    sweep = Sweep(sweep_spec(tmp_path, digits, name="digits-slurm", parallelism=3,
+                             resources={"site": devcluster, "time": "20m", "tasks_per_node": 1}))  # fmt: skip
+    array, final, _follow = sweep.run()
+    sweep.wait(timeout=1200)
+    check_wandb_runs(sweep)
+    result = json.loads((sweep.paths.final / "result.json").read_text())
+    assert result["test_acc"] >= 0.9
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j", f"{array.job_id},{final.job_id}"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    times = {r.split("|")[0]: r.split("|")[1:] for r in out.splitlines()}
+    array_end = max(
+        datetime.fromisoformat(v[1]) for k, v in times.items() if k.startswith(f"{array.job_id}_")
+    )
+    assert datetime.fromisoformat(times[final.job_id][0]) >= array_end
+    assert yaml.safe_load((sweep.paths.final / "config.yaml").read_text())["data"][
+        "train"
+    ].endswith("trainval")
