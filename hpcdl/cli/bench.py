@@ -253,3 +253,51 @@ def _human(n: int) -> str:
 def register(cli: click.Group) -> None:
     """Add this module's commands to the top-level group."""
     cli.add_command(bench)
+
+
+# --- hpcdl bench hpo (logic in hpcdl.hpo.bench) --------------------------------------------------
+@bench.command("hpo")
+@click.argument(
+    "spec", type=click.Path(dir_okay=False, path_type=Path), default="configs/sweep_digits.yaml"
+)
+@click.option("--trials", default=16, show_default=True, help="Trial budget of each search.")
+@click.option("--epochs", default=12, show_default=True, help="Epochs of an unpruned trial.")
+@click.option("--site", help="Slurm site for the submission timing (skipped without one).")
+@click.option("--array-size", default=1000, show_default=True, help="Trials of the timed array.")
+def hpo_cmd(spec: Path, trials: int, epochs: int, site: str | None, array_size: int) -> None:
+    """ASHA vs. random search (same sampler and budget) on SPEC's data, in trial-epochs; then the
+    submission and status time of a large sweep array on --site."""
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcdl.hpo.bench import pruning, submission
+
+    if trials < 2 or epochs < 2:
+        raise ConfigError("", "--trials/--epochs", "need at least 2 trials and 2 epochs")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    r = pruning(spec, trials, epochs, stamp)
+    table = Table(title=f"trial-epochs to reach random search's best val_acc {r['target']:.4f} "
+                        f"({trials} trials, up to {epochs} epochs)")  # fmt: skip
+    for col in ("search", "epochs to target", "epochs in all", "best", "pruned", "seconds"):
+        table.add_column(col)
+    for label in ("random", "asha"):
+        x = r[label]
+        reach = "not reached" if x["epochs_to_target"] is None else str(x["epochs_to_target"])
+        table.add_row(label, reach, str(x["epochs_total"]), f"{x['best']:.4f}",
+                      str(x.get("pruned", 0)), f"{x['seconds']:.0f}")  # fmt: skip
+    Console().print(table)
+    if r["asha"]["epochs_to_target"] is not None:
+        ratio = r["asha"]["epochs_to_target"] / r["random"]["epochs_to_target"]
+        click.echo(f"ASHA / random, epochs to target: {ratio:.2f} (goal <= 0.33)")
+    click.echo(
+        f"ASHA / random, epochs in all: {r['asha']['epochs_total'] / r['random']['epochs_total']:.2f}"
+    )
+    if site is None:
+        click.echo("submission timing skipped (give --site for a Slurm site)")
+        return
+    t = submission(site, array_size, stamp)
+    click.echo(f"{array_size}-trial sweep on {site}: submit {t['submit_s']:.2f} s, sweep status "
+               f"{t['sweep_status_s']:.2f} s, job states of {t['tasks']} tasks {t['job_states_s']:.2f} s "
+               "(goal < 2 s each)")  # fmt: skip
