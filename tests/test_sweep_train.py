@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -95,3 +96,22 @@ def test_digits_sweep_on_the_cluster_then_final_job(devcluster, tmp_path, digits
     assert yaml.safe_load((sweep.paths.final / "config.yaml").read_text())["data"][
         "train"
     ].endswith("trainval")
+
+
+def test_bench_hpo_compares_asha_with_random(tmp_path, digits):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(sweep_spec(tmp_path, digits).model_dump(mode="json")))
+    proc = subprocess.run([str(Path(sys.executable).parent / "hpcdl"), "bench", "hpo", str(spec),
+                           "--trials", "4", "--epochs", "3"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "ASHA / random, epochs in all:" in proc.stdout
+    assert "│ random │" in proc.stdout and "│ asha   │" in proc.stdout
+    assert "submission timing skipped" in proc.stdout
+
+
+def test_bench_hpo_bad_budget(capsys):
+    from hpcdl.cli import main
+
+    assert main(["bench", "hpo", "--trials", "1"]) == 2
+    assert "--trials/--epochs: need at least 2 trials" in capsys.readouterr().err
