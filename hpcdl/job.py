@@ -30,7 +30,48 @@ _DEPENDENCY = re.compile(
 SUBMIT_PYTHON = sys.executable
 
 
-class Job(BaseModel):
+class Resources(BaseModel):
+    """What a job asks of the scheduler; shared by ``Job``, training configs and sweep specs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str | None = None
+    partition: str | None = None
+    nodes: int = Field(default=1, ge=1)
+    tasks_per_node: int | None = Field(default=None, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _minutes(cls, v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if parse_time(v) is None:
+            raise ValueError("a job needs a finite time limit")
+        return v
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_mem(v)
+        return v
+
+    @property
+    def ntasks_per_node(self) -> int:
+        """Tasks per node: as given, else one per GPU (one task on CPU-only requests)."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+class Job(Resources):
     """A batch job: a command or a Python callable, its resources and its environment.
 
     >>> Job(command=["python", "train.py", "--lr", "0.1"], nodes=2, tasks_per_node=4).submit()
@@ -43,16 +84,6 @@ class Job(BaseModel):
     function: Callable[..., Any] | None = Field(default=None, exclude=True)
     args: tuple[Any, ...] = Field(default=(), exclude=True)
     kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True)
-    site: str | None = None
-    partition: str | None = None
-    nodes: int = Field(default=1, ge=1)
-    tasks_per_node: int | None = Field(default=None, ge=1)
-    gpus_per_node: int = Field(default=0, ge=0)
-    cpus_per_task: int = Field(default=1, ge=1)
-    mem: str | None = None
-    time: str = "01:00:00"
-    account: str | None = None
-    qos: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     setup: list[str] = Field(default_factory=list)
     container: str | None = None
@@ -77,20 +108,6 @@ class Job(BaseModel):
     def _nonempty(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or not v[0]):
             raise ValueError("command must not be empty")
-        return v
-
-    @field_validator("time")
-    @classmethod
-    def _time(cls, v: str) -> str:
-        if parse_time(v) is None:
-            raise ValueError("a job needs a finite time limit")
-        return v
-
-    @field_validator("mem")
-    @classmethod
-    def _mem(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_mem(v)
         return v
 
     @field_validator("env", mode="before")
@@ -120,11 +137,6 @@ class Job(BaseModel):
         if self.throttle is not None and self.array is None:
             raise ValueError("throttle needs array")
         return self
-
-    @property
-    def ntasks_per_node(self) -> int:
-        """Tasks per node: as given, else one per GPU (one task on CPU-only requests)."""
-        return self.tasks_per_node or self.gpus_per_node or 1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Job:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcdl.config import read_yaml, validate
+from hpcdl.job import Resources as JobResources
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -74,19 +75,10 @@ class Pruner(_Strict):
     warmup_epochs: int = Field(default=1, ge=0)
 
 
-class Resources(_Strict):
+class Resources(JobResources):
     """Per-trial job resources (a trial may span several nodes)."""
 
-    site: str | None = None
-    partition: str | None = None
-    nodes: int = Field(default=1, ge=1)
-    tasks_per_node: int | None = Field(default=None, ge=1)
-    gpus_per_node: int = Field(default=0, ge=0)
-    cpus_per_task: int = Field(default=1, ge=1)
-    mem: str | None = None
     time: str = "00:30:00"
-    account: str | None = None
-    qos: str | None = None
 
 
 class SweepSpec(_Strict):

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hpcdl.config import apply_overrides, parse_time, read_yaml, validate
+from hpcdl.config import apply_overrides, read_yaml, validate
 from hpcdl.errors import ConfigError
+from hpcdl.job import Resources
 
 
 class _Strict(BaseModel):
@@ -84,45 +85,22 @@ class LogConfig(_Strict):
     wandb_project: str = "hpcdl"
     wandb_mode: Literal["offline", "online", "disabled"] | None = None  # None: the site decides
     wandb_group: str | None = None  # sweeps: one group per sweep
-    wandb_id: str | None = (
-        None  # sweeps: the trial's run id (default: random, kept in the run folder)
-    )
+    # sweeps: the trial's run id (default: random, kept in the run folder)
+    wandb_id: str | None = None
     wandb_tags: list[str] = []
 
 
-class JobConfig(_Strict):
+class JobConfig(Resources):
     """Where and how the job runs (see ``hpcdl.Job``); ``max_requeues`` bounds preemptions."""
 
-    site: str | None = None
-    partition: str | None = None
-    nodes: int = Field(default=1, ge=1)
-    tasks_per_node: int | None = Field(default=None, ge=1)
-    gpus_per_node: int = Field(default=0, ge=0)
-    cpus_per_task: int = Field(default=1, ge=1)
-    mem: str | None = None
-    time: str = "01:00:00"
-    account: str | None = None
-    qos: str | None = None
-    env: dict[str, str] = {}
-    setup: list[str] = []
+    env: dict[str, str] = Field(default_factory=dict)
+    setup: list[str] = Field(default_factory=list)
     max_requeues: int = Field(default=3, ge=0)
-
-    @field_validator("time", mode="before")
-    @classmethod
-    def _minutes(cls, v: object) -> object:
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @field_validator("time")
-    @classmethod
-    def _time(cls, v: str) -> str:
-        if parse_time(v) is None:
-            raise ValueError("a job needs a finite time limit")
-        return v
 
     @property
     def world_size(self) -> int:
         """Ranks of the job: one per task (tasks default to one per GPU, else one per node)."""
-        return self.nodes * (self.tasks_per_node or self.gpus_per_node or 1)
+        return self.nodes * self.ntasks_per_node
 
 
 class TrainConfig(_Strict):
