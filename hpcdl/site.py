@@ -328,30 +328,35 @@ def check_site(profile: SiteProfile) -> list[str]:
             continue
         if lp.state != "UP":
             problems.append(f"partition {p.name}: state is {lp.state}")
-        if p.default != lp.default:
-            problems.append(
-                f"partition {p.name}: default is {p.default} here, {lp.default} on the cluster"
-            )
-        if parse_time(p.max_time) != parse_time(lp.max_time):
-            problems.append(
-                f"partition {p.name}: max_time {p.max_time} here, {lp.max_time} on the cluster"
-            )
-        if p.max_nodes is not None and p.max_nodes != lp.max_nodes:
-            problems.append(
-                f"partition {p.name}: max_nodes {p.max_nodes} here, {lp.max_nodes} on the cluster"
-            )
-        if p.cpus_per_node != lp.cpus_per_node:
-            problems.append(
-                f"partition {p.name}: cpus_per_node {p.cpus_per_node} here, {lp.cpus_per_node} on the cluster"
-            )
-        if p.mem_mib is not None and p.mem_mib != lp.mem_mib:
-            problems.append(
-                f"partition {p.name}: mem_per_node {p.mem_per_node} here, {lp.mem_mib}M on the cluster"
-            )
-        if p.gpus_per_node != lp.gpus_per_node:
-            problems.append(
-                f"partition {p.name}: gpus_per_node {p.gpus_per_node} here, {lp.gpus_per_node} on the cluster"
-            )
+        # (field, value here, value on the cluster, do they agree?)
+        comparisons = [
+            ("default", p.default, lp.default, p.default == lp.default),
+            (
+                "max_time",
+                p.max_time,
+                lp.max_time,
+                parse_time(p.max_time) == parse_time(lp.max_time),
+            ),
+            ("max_nodes", p.max_nodes, lp.max_nodes, p.max_nodes in (None, lp.max_nodes)),
+            (
+                "cpus_per_node",
+                p.cpus_per_node,
+                lp.cpus_per_node,
+                p.cpus_per_node == lp.cpus_per_node,
+            ),
+            ("mem_per_node", p.mem_per_node, f"{lp.mem_mib}M", p.mem_mib in (None, lp.mem_mib)),
+            (
+                "gpus_per_node",
+                p.gpus_per_node,
+                lp.gpus_per_node,
+                p.gpus_per_node == lp.gpus_per_node,
+            ),
+        ]
+        problems += [
+            f"partition {p.name}: {field} {here} here, {there} on the cluster"
+            for field, here, there, agree in comparisons
+            if not agree
+        ]
     for name in live:
         if name not in {p.name for p in profile.partitions}:
             problems.append(f"partition {name}: on the cluster but not in the profile")
