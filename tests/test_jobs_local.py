@@ -102,3 +102,23 @@ def test_clean_removes_finished_jobs(job_root):
     assert Path(running.folder).exists()
     assert find_handle(running.job_id).job_id == running.job_id
     running.cancel()
+
+
+def test_logs_of_a_task_and_follow_until_the_end():
+    cmd = [
+        sys.executable,
+        "-c",
+        "import time\nfor i in range(3):\n    print('tick', i, flush=True); time.sleep(1)",
+    ]
+    handle = Job(command=cmd, tasks_per_node=2, time="5m").submit()
+    proc = run_cli("logs", handle.job_id, "--task", "1", "--follow", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("tick")] == [
+        "tick 0",
+        "tick 1",
+        "tick 2",
+    ]
+    assert handle.state() == "COMPLETED"
+    assert run_cli("logs", handle.job_id, "--err").returncode == 0
+    bad = run_cli("logs", handle.job_id, "--task", "2")
+    assert bad.returncode == 2 and "has tasks 0..1" in bad.stderr
