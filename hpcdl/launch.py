@@ -8,7 +8,7 @@ import re
 import socket
 import subprocess
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 
 from hpcdl.errors import HpcdlError
@@ -211,7 +211,3 @@ def init_distributed(timeout_s: float = 600, dist_backend: str | None = None) ->
             timeout=timedelta(seconds=timeout_s),
         )
     return info
-
-
-def describe(info: DistEnv) -> str:
-    return " ".join(f"{k}={v}" for k, v in asdict(info).items())

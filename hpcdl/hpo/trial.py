@@ -15,7 +15,7 @@ import socket
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +57,6 @@ class TrialContext:
     slot: Slot
     trial_dir: Path
     report: Callable[[int, float], None]
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
 
 
 class SweepPaths:
@@ -189,7 +187,7 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
             raise pruned
 
     while True:
-        ctx = TrialContext(spec, slot, trial_dir, report, group=spec.name)
+        ctx = TrialContext(spec, slot, trial_dir, report)
         try:
             value = float(objective(dict(slot.params), ctx))
         except TrialRequeued:
