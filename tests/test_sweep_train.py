@@ -115,3 +115,28 @@ def test_bench_hpo_bad_budget(capsys):
 
     assert main(["bench", "hpo", "--trials", "1"]) == 2
     assert "--trials/--epochs: need at least 2 trials" in capsys.readouterr().err
+
+
+def test_failed_training_is_retried_then_recorded_failed(tmp_path, digits):
+    spec = sweep_spec(
+        tmp_path, digits, name="failing", trials=1, parallelism=1, final=False, max_retries=1
+    )
+    spec = spec.model_copy(
+        update={
+            "overrides": {**spec.overrides, "model.name": "tests.helpers.train_models:FailingMLP"}
+        }
+    )
+    sweep = Sweep(spec)
+    sweep.run()
+    sweep.wait(timeout=600)
+    (slot,) = sweep.slots()
+    assert slot.state == "failed" and slot.attempts == 2
+    assert "FailingMLP breaks on purpose" in slot.error
+    assert sweep.study().trials[0].state.name == "FAIL"
+    runs = sorted((sweep.paths.trial_dir(slot) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one per attempt, same run id
+    for run_dir in runs:
+        proc = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(run_dir)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        run = json.loads(proc.stdout)
+        assert run["run_id"] == slot.run_id and "failed" in run["tags"]

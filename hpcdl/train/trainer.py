@@ -121,113 +121,122 @@ def train(
         )
         return {"status": "requeued", "step": state["step"], "job": target}
 
-    # The loop. `sums` holds this rank's (loss x n, correct, n) since the last sync. Every
-    # `log.every_steps` steps (and before a checkpoint, at the end of an epoch, at the last step)
-    # `reducer` sums them over the ranks with every rank's preemption flag, one sync behind.
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    reducer = StepReducer()
-    synced, train_time = state["step"], 0.0
-    first_step = state["step"]
-    last_val: tuple[float, float, int] | None = None
-    tick = time.perf_counter()
-
-    def sync() -> list[StepStats]:
-        """Start reducing the steps since the last sync; returns the ones finished meanwhile."""
-        nonlocal synced, train_time, tick
-        elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-        train_time += elapsed
-        steps = state["step"] - synced
-        synced = state["step"]
-        lr = engine.get_lr()[0]
-        done = reducer.push(
-            state["step"], state["epoch"], sums, flag.requested, lr, elapsed / steps
-        )
-        sums.zero_()
-        return done
-
-    while state["epoch"] < cfg.epochs and state["step"] < total_steps:
-        for batch in train_loader:
-            x, y = to_device(batch, cfg, device, dtype)
-            logits = engine(x)
-            loss = compute_loss(logits, y)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            correct = (logits.argmax(-1) == y).sum()
-            sums += torch.stack(
-                [loss.detach().double() * len(y), correct.double(), sums.new_tensor(len(y))]
-            )
-            if not boundary:
-                continue
-
-            state["step"] += 1
-            every = cfg.checkpoint.every_steps
-            save_due = every and state["step"] % every == 0
-            last = state["step"] >= total_steps
-            if not (save_due or last or state["step"] % cfg.log.every_steps == 0):
-                continue
-            done = sync()
-            if save_due or last or any(st.stop for st in done):
-                done += reducer.drain()  # the state must be complete up to this step
-            if record(done):
-                return stop_here()
-            if save_due:
-                save()
-                tick = time.perf_counter()
-            if last:
-                break
-        if record((sync() if state["step"] > synced else []) + reducer.drain()):
-            return stop_here()  # checked at the end of every epoch too
-
-        # End of epoch: validate on every rank (all-reduced), log, move on.
-        last_val = val_loss, val_acc, val_seen = evaluate(
-            engine, val_loader, cfg, compute_loss, dtype
-        )
-        seen = max(state["epoch_seen"], 1)
-        epoch_row = {
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "train_loss": state["epoch_loss"] / seen,
-            "train_acc": state["epoch_correct"] / seen,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "val_samples": val_seen,
-        }
-        tracker.log("epoch", epoch_row)
-        if on_epoch is not None:
-            try:
-                on_epoch(state["epoch"], epoch_row)
-            except Exception as exc:
-                tracker.tag(getattr(exc, "wandb_tag", "stopped"))
-                tracker.log("event", {"event": "stopped", "step": state["step"], "why": str(exc)})
-                tracker.close()
-                raise
-        state.update(epoch=state["epoch"] + 1, epoch_loss=0.0, epoch_correct=0.0, epoch_seen=0.0)
-        train_loader.set_epoch(state["epoch"])
+    try:  # any failure tags the W&B run 'failed' (pruning tags it 'pruned' below)
+        # The loop. `sums` holds this rank's (loss x n, correct, n) since the last sync. Every
+        # `log.every_steps` steps (and before a checkpoint, at the end of an epoch, at the last step)
+        # `reducer` sums them over the ranks with every rank's preemption flag, one sync behind.
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        reducer = StepReducer()
+        synced, train_time = state["step"], 0.0
+        first_step = state["step"]
+        last_val: tuple[float, float, int] | None = None
         tick = time.perf_counter()
 
-    # Done: a last checkpoint, the consolidated weights and the result, on rank 0.
-    tag = save() if last_saved != state["step"] else tag_for(state["step"])
-    weights = consolidated_state_dict(engine, cfg.zero_stage)
-    final_val = last_val or evaluate(engine, val_loader, cfg, compute_loss, dtype)
-    result = {
-        "status": "completed",
-        "step": state["step"],
-        "epochs": state["epoch"],
-        "checkpoint": tag,
-        "val_loss": final_val[0],
-        "val_acc": final_val[1],
-        "world_size": world,
-        "restarts": preempt.restarts(),
-        "step_time_mean_s": train_time / max(state["step"] - first_step, 1),
-    }
-    if rank == 0:
-        torch.save(weights, run_dir / "model.pt")
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    tracker.summary(result)
-    tracker.log("event", {"event": "completed", **result})
-    tracker.close()
-    return result
+        def sync() -> list[StepStats]:
+            """Start reducing the steps since the last sync; returns the ones finished meanwhile."""
+            nonlocal synced, train_time, tick
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            train_time += elapsed
+            steps = state["step"] - synced
+            synced = state["step"]
+            lr = engine.get_lr()[0]
+            done = reducer.push(
+                state["step"], state["epoch"], sums, flag.requested, lr, elapsed / steps
+            )
+            sums.zero_()
+            return done
+
+        while state["epoch"] < cfg.epochs and state["step"] < total_steps:
+            for batch in train_loader:
+                x, y = to_device(batch, cfg, device, dtype)
+                logits = engine(x)
+                loss = compute_loss(logits, y)
+                engine.backward(loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
+                correct = (logits.argmax(-1) == y).sum()
+                sums += torch.stack(
+                    [loss.detach().double() * len(y), correct.double(), sums.new_tensor(len(y))]
+                )
+                if not boundary:
+                    continue
+
+                state["step"] += 1
+                every = cfg.checkpoint.every_steps
+                save_due = every and state["step"] % every == 0
+                last = state["step"] >= total_steps
+                if not (save_due or last or state["step"] % cfg.log.every_steps == 0):
+                    continue
+                done = sync()
+                if save_due or last or any(st.stop for st in done):
+                    done += reducer.drain()  # the state must be complete up to this step
+                if record(done):
+                    return stop_here()
+                if save_due:
+                    save()
+                    tick = time.perf_counter()
+                if last:
+                    break
+            if record((sync() if state["step"] > synced else []) + reducer.drain()):
+                return stop_here()  # checked at the end of every epoch too
+
+            # End of epoch: validate on every rank (all-reduced), log, move on.
+            last_val = val_loss, val_acc, val_seen = evaluate(
+                engine, val_loader, cfg, compute_loss, dtype
+            )
+            seen = max(state["epoch_seen"], 1)
+            epoch_row = {
+                "epoch": state["epoch"],
+                "step": state["step"],
+                "train_loss": state["epoch_loss"] / seen,
+                "train_acc": state["epoch_correct"] / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "val_samples": val_seen,
+            }
+            tracker.log("epoch", epoch_row)
+            if on_epoch is not None:
+                try:
+                    on_epoch(state["epoch"], epoch_row)
+                except Exception as exc:
+                    tracker.tag(getattr(exc, "wandb_tag", "stopped"))
+                    tracker.log(
+                        "event", {"event": "stopped", "step": state["step"], "why": str(exc)}
+                    )
+                    tracker.close()
+                    raise
+            state.update(
+                epoch=state["epoch"] + 1, epoch_loss=0.0, epoch_correct=0.0, epoch_seen=0.0
+            )
+            train_loader.set_epoch(state["epoch"])
+            tick = time.perf_counter()
+
+        # Done: a last checkpoint, the consolidated weights and the result, on rank 0.
+        tag = save() if last_saved != state["step"] else tag_for(state["step"])
+        weights = consolidated_state_dict(engine, cfg.zero_stage)
+        final_val = last_val or evaluate(engine, val_loader, cfg, compute_loss, dtype)
+        result = {
+            "status": "completed",
+            "step": state["step"],
+            "epochs": state["epoch"],
+            "checkpoint": tag,
+            "val_loss": final_val[0],
+            "val_acc": final_val[1],
+            "world_size": world,
+            "restarts": preempt.restarts(),
+            "step_time_mean_s": train_time / max(state["step"] - first_step, 1),
+        }
+        if rank == 0:
+            torch.save(weights, run_dir / "model.pt")
+            (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        tracker.summary(result)
+        tracker.log("event", {"event": "completed", **result})
+        tracker.close()
+        return result
+    except Exception:
+        tracker.tag("failed")
+        tracker.close()
+        raise
 
 
 # -- building blocks ----------------------------------------------------------------------------

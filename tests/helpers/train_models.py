@@ -30,3 +30,18 @@ class CifarNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x).flatten(1))
+
+
+class FailingMLP(MLP):
+    """Breaks after ``fail_after`` training forward passes: a trial that fails mid-run."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, fail_after: int = 30, **kw):
+        super().__init__(input_shape, num_classes, **kw)
+        self.fail_after, self.calls = fail_after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls > self.fail_after:
+                raise RuntimeError("FailingMLP breaks on purpose")
+        return super().forward(x)
