@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
 from hpcdl.errors import ConfigError
 
@@ -83,6 +83,34 @@ def parse_mem(value: str | int) -> int:
         raise ValueError(f"invalid memory {value!r} (use e.g. 500M, 16G, 1T)")
     n, u = int(m["n"]), (m["u"] or "M").upper()
     return max(1, {"K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[u])
+
+
+def _slurm_time(value: str) -> str:
+    parse_time(value)
+    return value
+
+
+def _finite_time(value: str) -> str:
+    if parse_time(value) is None:
+        raise ValueError("a job needs a finite time limit")
+    return value
+
+
+def _memory(value: str) -> str:
+    parse_mem(value)
+    return value
+
+
+def _minutes_as_text(value: object) -> object:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+SlurmTime = Annotated[str, BeforeValidator(_minutes_as_text), AfterValidator(_slurm_time)]
+"""A Slurm time limit (``infinite`` allowed), validated by :func:`parse_time`."""
+JobTime = Annotated[str, BeforeValidator(_minutes_as_text), AfterValidator(_finite_time)]
+"""A job's time limit: like :data:`SlurmTime` but finite."""
+Memory = Annotated[str, AfterValidator(_memory)]
+"""A Slurm memory size (``500M``, ``16G``), validated by :func:`parse_mem`."""
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hpcdl.config import format_minutes, parse_mem, parse_time, validation_error
+from hpcdl.config import JobTime, Memory, format_minutes, parse_mem, parse_time, validation_error
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.runner import Task
 from hpcdl.site import SiteProfile, load_site
@@ -41,29 +41,10 @@ class Resources(BaseModel):
     tasks_per_node: int | None = Field(default=None, ge=1)
     gpus_per_node: int = Field(default=0, ge=0)
     cpus_per_task: int = Field(default=1, ge=1)
-    mem: str | None = None
-    time: str = "01:00:00"
+    mem: Memory | None = None
+    time: JobTime = "01:00:00"
     account: str | None = None
     qos: str | None = None
-
-    @field_validator("time", mode="before")
-    @classmethod
-    def _minutes(cls, v: object) -> object:
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @field_validator("time")
-    @classmethod
-    def _time(cls, v: str) -> str:
-        if parse_time(v) is None:
-            raise ValueError("a job needs a finite time limit")
-        return v
-
-    @field_validator("mem")
-    @classmethod
-    def _mem(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_mem(v)
-        return v
 
     @property
     def ntasks_per_node(self) -> int:

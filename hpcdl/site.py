@@ -10,7 +10,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hpcdl.config import format_minutes, parse_mem, parse_time, read_yaml, validate
+from hpcdl.config import (
+    Memory,
+    SlurmTime,
+    format_minutes,
+    parse_mem,
+    parse_time,
+    read_yaml,
+    validate,
+)
 from hpcdl.errors import ConfigError
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -27,10 +35,10 @@ class Partition(_Strict):
 
     name: str
     default: bool = False
-    max_time: str = "infinite"
+    max_time: SlurmTime = "infinite"
     max_nodes: int | None = Field(default=None, ge=1)
     cpus_per_node: int = Field(ge=1)
-    mem_per_node: str | None = None
+    mem_per_node: Memory | None = None
     gpus_per_node: int = Field(default=0, ge=0)
     gres: str = "gpu"
     gpu_type: str | None = None
@@ -40,19 +48,6 @@ class Partition(_Strict):
     def _slurm_name(cls, v: str) -> str:
         if not _SLURM_NAME.match(v):
             raise ValueError("must be letters, digits, '_', '.' or '-'")
-        return v
-
-    @field_validator("max_time")
-    @classmethod
-    def _time(cls, v: str) -> str:
-        parse_time(v)
-        return v
-
-    @field_validator("mem_per_node")
-    @classmethod
-    def _mem(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_mem(v)
         return v
 
     @property

@@ -12,6 +12,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HPCDL = str(Path(sys.executable).parent / "hpcdl")
 sys.path.insert(0, str(REPO))  # `tests.helpers` importable here and (via PYTHONPATH) in jobs
+REPORT = str(REPO / "tests/helpers/report.py")
+# Values that would execute or split if they ever went through a shell.
+WEIRD = [
+    "two words",
+    'it\'s "quoted"',
+    "$(touch /tmp/pwned-hpcdl)",
+    "`id`",
+    "line1\nline2",
+    "*",
+    ";ls",
+]
 
 
 @pytest.fixture(autouse=True)

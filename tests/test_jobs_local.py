@@ -8,21 +8,10 @@ import stat
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_cli
+from conftest import REPORT, WEIRD, run_cli
 
 from hpcdl import Job
 from hpcdl.registry import find_handle
-
-REPORT = str(REPO / "tests/helpers/report.py")
-WEIRD = [
-    "two words",
-    'it\'s "quoted"',
-    "$(touch /tmp/pwned-hpcdl)",
-    "`id`",
-    "line1\nline2",
-    "*",
-    ";ls",
-]
 
 
 def test_command_job_completes_and_status_from_fresh_process(tmp_path):

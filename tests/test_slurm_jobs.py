@@ -13,22 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, REPORT, WEIRD, run_cli
 
 from hpcdl import Job
 from hpcdl.site import check_site, load_site
 
 pytestmark = pytest.mark.slurm
-REPORT = str(REPO / "tests/helpers/report.py")
-WEIRD = [
-    "two words",
-    'it\'s "quoted"',
-    "$(touch /tmp/pwned-hpcdl)",
-    "`id`",
-    "line1\nline2",
-    "*",
-    ";ls",
-]
 
 
 def sacct(job_id: str) -> list[dict[str, str]]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hpcdl.config import read_yaml, validate
+from hpcdl.config import JobTime, read_yaml, validate
 from hpcdl.job import Resources as JobResources
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -78,7 +78,7 @@ class Pruner(_Strict):
 class Resources(JobResources):
     """Per-trial job resources (a trial may span several nodes)."""
 
-    time: str = "00:30:00"
+    time: JobTime = "00:30:00"
 
 
 class SweepSpec(_Strict):
