@@ -13,14 +13,16 @@ from hpcdl.registry import job_states
 
 
 def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, float]:
-    """(trial-epochs spent, in trial order, until a trial reached ``target``; total; best)."""
+    """(trial-epochs spent, in trial order, until some epoch of some trial reached ``target``;
+    trial-epochs in all; best value reported). Trials run one at a time, so trial order is
+    execution order and an intermediate (per-epoch) value counts as soon as it is reported."""
     spent, reached, best = 0, None, float("-inf")
-    for slot in sorted(sweep.slots(), key=lambda s: s.trial):
-        spent += slot.epochs
-        if slot.value is not None:
-            best = max(best, slot.value)
-            if reached is None and slot.value >= target - 1e-12:
-                reached = spent
+    for trial in sorted(sweep.study().trials, key=lambda t: t.number):
+        for epoch, value in sorted(trial.intermediate_values.items()):
+            best = max(best, value)
+            if reached is None and value >= target - 1e-12:
+                reached = spent + epoch
+        spent += max(trial.intermediate_values, default=0)
     return reached, spent, best
 
 
