@@ -157,6 +157,11 @@ class SiteProfile(_Strict):
         root = os.environ.get("HPCDL_JOB_ROOT") or self.job_root
         return Path(os.path.expandvars(os.path.expanduser(root)))
 
+    @property
+    def scratch_path(self) -> str | None:
+        """Node-local scratch with variables expanded where it is used (e.g. ``$SLURM_JOB_ID``)."""
+        return os.path.expandvars(os.path.expanduser(self.scratch)) if self.scratch else None
+
     def module_lines(self) -> list[str]:
         """Shell lines that load the site's modules (empty if none)."""
         if not self.modules:

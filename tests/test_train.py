@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HPCDL, run_cli
+import yaml
+from conftest import HPCDL, REPO, run_cli
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from train_setup import (
@@ -319,3 +320,34 @@ def test_checkpoint_of_another_world_size_or_all_corrupted_is_an_error(tmp_path)
             ckpts.latest_valid()
     finally:
         dist.destroy_process_group()
+
+
+def test_data_staged_once_to_the_sites_scratch(tmp_path, digits):
+    site = yaml.safe_load((REPO / "site/local.yaml").read_text())
+    site.update(name="scratchy", scratch=str(tmp_path / "scratch"))
+    (tmp_path / "scratchy.yaml").write_text(yaml.safe_dump(site))
+    config = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs", epochs=2,
+                          data__stage=True, job__site=str(tmp_path / "scratchy.yaml"), job__tasks_per_node=2)  # fmt: skip
+    proc = run_cli("train", str(config), "--wait", env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    staged = sorted(
+        p.name.split("-")[0] for p in (tmp_path / "scratch").iterdir() if not p.name.startswith(".")
+    )
+    assert staged == ["train", "val"]  # one copy each, shared by both ranks
+    for split in ("train", "val"):
+        (copy,) = (tmp_path / "scratch").glob(f"{split}-*")
+        assert (copy / "manifest.json").read_bytes() == (
+            digits / split / "manifest.json"
+        ).read_bytes()
+
+
+def test_staging_needs_a_scratch_folder(tmp_path, digits, capsys):
+    site = yaml.safe_load((REPO / "site/local.yaml").read_text())
+    site.pop("scratch", None)
+    site["name"] = "noscratch"
+    (tmp_path / "noscratch.yaml").write_text(yaml.safe_dump(site))
+    config = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs", data__stage=True)
+    assert main(["train", str(config), "--site", str(tmp_path / "noscratch.yaml")]) == 2
+    assert (
+        "data.stage: site 'noscratch' names no node-local scratch folder" in capsys.readouterr().err
+    )

@@ -42,6 +42,7 @@ class DataConfig(_Strict):
     num_workers: int = Field(default=0, ge=0)
     block_units: int = Field(default=16, ge=1)
     shuffle: bool = True
+    stage: bool = False  # copy train/val once per node to the site profile's scratch, read there
 
 
 class BatchConfig(_Strict):

@@ -141,7 +141,31 @@ def preflight(cfg: TrainConfig, world_size: int, gpus: bool, where: str) -> Data
     if cfg.precision == "fp16" and not gpus:
         raise ConfigError(where, "precision", "fp16 needs GPUs; use bf16 or fp32 on CPU")
     check_world(cfg, world_size, where)
+    if cfg.data.stage:
+        scratch_dir(cfg, where)
     spec = inspect_data(cfg, where)
     check_model(cfg, spec, where)
     check_batches(cfg, world_size, where)
     return spec
+
+
+def scratch_dir(cfg: TrainConfig, where: str) -> str:
+    """The node-local folder ``data.stage`` copies to: the site profile's ``scratch``."""
+    from hpcdl.site import load_site
+
+    site = load_site(cfg.job.site)
+    if not site.scratch:
+        raise ConfigError(
+            where, "data.stage", f"site {site.name!r} names no node-local scratch folder"
+        )
+    return site.scratch_path
+
+
+def staged_data(cfg: TrainConfig, where: str) -> tuple[str, str]:
+    """(train, val) dataset paths to read: staged to node-local scratch when ``data.stage``."""
+    if not cfg.data.stage:
+        return cfg.data.train, cfg.data.val
+    from hpcdl.data.stage import stage
+
+    scratch = scratch_dir(cfg, where)
+    return str(stage(cfg.data.train, scratch)), str(stage(cfg.data.val, scratch))

@@ -32,7 +32,7 @@ from hpcdl.train import preempt
 from hpcdl.train.checkpoint import Checkpointer, tag_for
 from hpcdl.train.config import TrainConfig, read_run_config
 from hpcdl.train.models import build_model, loss_fn
-from hpcdl.train.preflight import preflight
+from hpcdl.train.preflight import preflight, staged_data
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,8 +57,9 @@ def train(
     # Model, data and engine. Seeding first gives every rank the same initial weights.
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, spec.input_shape, spec.num_classes, cfg.model.options)
-    train_loader = shard_loader(cfg, cfg.data.train, rank, world, train=True)
-    val_loader = shard_loader(cfg, cfg.data.val, rank, world, train=False)
+    train_path, val_path = staged_data(cfg, str(run_dir / "config.yaml"))
+    train_loader = shard_loader(cfg, train_path, rank, world, train=True)
+    val_loader = shard_loader(cfg, val_path, rank, world, train=False)
     accumulation = cfg.grad_accumulation(world)
     total_steps = cfg.epochs * len(train_loader) // accumulation
     total_steps = min(total_steps, cfg.max_steps or total_steps)
