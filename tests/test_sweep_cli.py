@@ -74,3 +74,8 @@ def test_bad_sweep_specs(tmp_path, capsys, job_root, label, change, expected):
 def test_unknown_sweep_name(capsys):
     assert main(["sweep", "status", "nope"]) == 2
     assert "no sweep named 'nope'" in capsys.readouterr().err
+
+
+def test_sync_unknown_sweep(capsys):
+    assert main(["sync", "nope"]) == 2
+    assert "no sweep named 'nope'" in capsys.readouterr().err

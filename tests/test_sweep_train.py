@@ -75,6 +75,16 @@ def test_digits_sweep_on_the_local_profile(tmp_path, digits):
     check_wandb_runs(sweep)
     best = sweep.best()
     assert best["final"]["test_acc"] >= 0.9 and best["final"]["test_samples"] == 180
+    # `hpcdl sync` finds every offline run; without an API key it says so, one line, exit 2.
+    hpcdl = str(Path(sys.executable).parent / "hpcdl")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    listed = subprocess.run([hpcdl, "sync", "digits", "--dry-run"], capture_output=True, text=True,
+                            timeout=60, env=env).stdout.split()  # fmt: skip
+    assert len(listed) == 7 and all("offline-run-" in p for p in listed)  # 6 trials + final
+    proc = subprocess.run([hpcdl, "sync", "digits"], capture_output=True, text=True, timeout=300,
+                          env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: 7 of 7 run(s) did not sync")
+    assert proc.stdout.count("FAILED") == 7
 
 
 @pytest.mark.slurm
