@@ -29,8 +29,9 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
     fig.suptitle(f"sweep {sweep.spec.name}: {len(slots)} trials, {metric} ({sweep.spec.direction})")
 
+    trials = sweep.study().trials  # one replay of the journal, not one per slot
     for state, color in _COLORS.items():
-        pts = [(s.trial, _last_value(sweep, s)) for s in slots if s.state == state]
+        pts = [(s.trial, _last_value(trials[s.trial], s)) for s in slots if s.state == state]
         pts = [(t, v) for t, v in pts if v is not None]
         if pts:
             ax1.scatter(*zip(*pts, strict=True), c=color, label=state, s=28)
@@ -59,10 +60,9 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
     return png, page
 
 
-def _last_value(sweep: Sweep, slot: Any) -> float | None:
+def _last_value(trial: Any, slot: Any) -> float | None:
     if slot.value is not None:
         return slot.value
-    trial = sweep.study().trials[slot.trial]
     values = trial.intermediate_values
     return values[max(values)] if values else None
 

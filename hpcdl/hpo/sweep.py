@@ -150,14 +150,23 @@ class Sweep:
             json.loads(line) for line in self.paths.submissions.read_text().splitlines() if line
         ]
 
-    def _active_jobs(self, kinds: tuple[str, ...] = ("array", "workers", "final")) -> list[str]:
+    def _handles(self, kinds: tuple[str, ...]) -> list[JobHandle]:
+        return [
+            JobHandle.model_validate({k: v for k, v in s.items() if k not in {"kind", "slots"}})
+            for s in self.submissions()
+            if s["kind"] in kinds
+        ]
+
+    def _active(self, kinds: tuple[str, ...]) -> list[JobHandle]:
+        """The sweep's jobs of these kinds still queued or running (one batched state query)."""
         from hpcdl.registry import FINISHED, job_states, summarize
 
-        subs = [s for s in self.submissions() if s["kind"] in kinds]
-        handles = [JobHandle.model_validate({k: v for k, v in s.items() if k not in {"kind", "slots"}})
-                   for s in subs]  # fmt: skip
+        handles = self._handles(kinds)
         states = job_states(handles) if handles else {}
-        return [h.job_id for h in handles if summarize(states[h.job_id]) not in FINISHED]
+        return [h for h in handles if summarize(states[h.job_id]) not in FINISHED]
+
+    def _active_jobs(self, kinds: tuple[str, ...] = ("array", "workers", "final")) -> list[str]:
+        return [h.job_id for h in self._active(kinds)]
 
     # -- control ----------------------------------------------------------------------------------
     def throttle(self, parallelism: int) -> str:
@@ -183,14 +192,16 @@ class Sweep:
     def _cancel(self, kinds: tuple[str, ...]) -> list[str]:
         from hpcdl.registry import cancel
 
-        ids = self._active_jobs(kinds)
-        for sub in self.submissions():
-            if sub["job_id"] in ids:
-                handle = JobHandle.model_validate(
-                    {k: v for k, v in sub.items() if k not in {"kind", "slots"}}
-                )
-                cancel(handle)
-        return ids
+        active = self._active(kinds)
+        slurm = [h.job_id for h in active if h.scheduler == "slurm"]
+        if slurm:  # one scancel for every Slurm job of the sweep
+            proc = subprocess.run(["scancel", *slurm], capture_output=True, text=True, timeout=30)
+            if proc.returncode != 0:
+                raise HpcdlError(f"could not cancel {', '.join(slurm)}: {proc.stderr.strip()}")
+        for h in active:
+            if h.scheduler != "slurm":
+                cancel(h)
+        return [h.job_id for h in active]
 
     # -- results --------------------------------------------------------------------------------
     def study(self) -> optuna.Study:
