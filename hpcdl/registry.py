@@ -287,7 +287,8 @@ def clean(older_than_days: float, dry_run: bool = False) -> list[JobHandle]:
         doomed = {h.job_id for h in old if summarize(states[h.job_id]) in FINISHED}
         if not doomed:
             continue
-        removed += [h for h in handles if h.job_id in doomed]
+        gone = [h for h in handles if h.job_id in doomed]
+        removed += gone
         if dry_run:
             continue
         with _locked(root) as path:
@@ -295,7 +296,7 @@ def clean(older_than_days: float, dry_run: bool = False) -> list[JobHandle]:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(h.model_dump_json() + "\n" for h in keep))
             os.replace(tmp, path)
-        for h in removed:
+        for h in gone:
             if Path(h.folder).parent == root:
                 shutil.rmtree(h.folder, ignore_errors=True)
     return removed
