@@ -13,33 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, REPORT, WEIRD, run_cli
+from conftest import REPO, REPORT, WEIRD, run_cli, sacct, sacct_finished
 
 from hpcdl import Job
 from hpcdl.site import check_site, load_site
 
 pytestmark = pytest.mark.slurm
-
-
-def sacct(job_id: str) -> list[dict[str, str]]:
-    """One row per allocation (array tasks included) with start/end times."""
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End,NodeList", "-j", job_id],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout  # fmt: skip
-    keys = ["id", "state", "start", "end", "nodes"]
-    return [dict(zip(keys, line.split("|"), strict=True)) for line in out.splitlines()]
-
-
-def sacct_finished(job_id: str, count: int, timeout: float = 60) -> list[dict[str, str]]:
-    """sacct rows once all ``count`` allocations have an end time (accounting lags a little)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = sacct(job_id)
-        if len(rows) >= count and all(r["end"] not in {"Unknown", "None"} for r in rows):
-            return rows
-        assert time.monotonic() < deadline, f"sacct never showed {count} finished rows: {rows}"
-        time.sleep(1)
 
 
 def _ts(text: str) -> float:

@@ -7,6 +7,7 @@ import time
 from datetime import datetime
 
 import pytest
+from conftest import sacct_finished
 
 from hpcdl.hpo import Sweep, SweepSpec
 
@@ -24,26 +25,6 @@ def spec(**changes) -> SweepSpec:
         "resources": {"site": "devcluster", "time": "10m"},
     }
     return SweepSpec.model_validate({**base, **changes})
-
-
-def _sacct(job_id: str) -> list[dict[str, str]]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", job_id],
-                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-    return [
-        dict(zip(["id", "state", "start", "end"], ln.split("|"), strict=True))
-        for ln in out.splitlines()
-    ]
-
-
-def _sacct_finished(job_id: str, count: int, timeout: float = 60) -> list[dict[str, str]]:
-    """sacct rows once ``count`` tasks have an end time (accounting lags the slot files a little)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = _sacct(job_id)
-        if len(rows) >= count and all(r["end"] not in {"None", "Unknown"} for r in rows):
-            return rows
-        assert time.monotonic() < deadline, f"sacct never showed {count} finished tasks: {rows}"
-        time.sleep(1)
 
 
 def _peak(rows: list[dict[str, str]]) -> int:
@@ -77,7 +58,7 @@ def test_throttled_sweep_survives_a_killed_task(devcluster, monkeypatch):
     assert [s.state for s in slots] == ["complete"] * 12
     assert slots[4].attempts == 2  # resumed the same trial, not a new one
     assert len(sweep.study().trials) == 12
-    assert _peak(_sacct_finished(array.job_id, 12)) <= 3
+    assert _peak(sacct_finished(array.job_id, 12)) <= 3
     kinds = [s["kind"] for s in sweep.submissions()]
     assert kinds.count("array") == 2
     second = [s for s in sweep.submissions() if s["kind"] == "array"][1]
@@ -113,7 +94,7 @@ def test_throttle_changes_the_running_array(devcluster, monkeypatch):
                          timeout=30).stdout  # fmt: skip
     assert "ArrayTaskThrottle=3" in out
     sweep.wait(timeout=600)
-    assert _peak(_sacct_finished(array.job_id, 8)) >= 2
+    assert _peak(sacct_finished(array.job_id, 8)) >= 2
 
 
 def test_pruned_trial_stops_early_and_frees_its_array_slot(devcluster, monkeypatch):
@@ -128,7 +109,7 @@ def test_pruned_trial_stops_early_and_frees_its_array_slot(devcluster, monkeypat
     slots = {s.slot: s for s in sweep.slots()}
     pruned = [s for s in slots.values() if s.state == "pruned"]
     assert pruned and all(s.epochs < 6 for s in pruned)
-    rows = {r["id"].split("_")[1]: r for r in _sacct_finished(array.job_id, 9)}
+    rows = {r["id"].split("_")[1]: r for r in sacct_finished(array.job_id, 9)}
     ts = datetime.fromisoformat
     # A task that starts after a pruned task ended took the slot the pruned trial freed early.
     freed = min(ts(rows[str(s.slot)]["end"]) for s in pruned)
