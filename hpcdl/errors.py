@@ -13,3 +13,7 @@ class ConfigError(HpcdlError):
         loc = f"{where}: " if where else ""
         fld = f"{field}: " if field else ""
         super().__init__(f"{loc}{fld}{problem}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # Exceptions pickle as cls(*args); ours takes three arguments, not the message.
+        return (type(self), (self.where, self.field, self.problem))
