@@ -26,6 +26,7 @@ cluster-down:
 lint: install
 	$(BIN)/ruff check hpcdl tests
 	$(BIN)/ruff format --check hpcdl tests
+	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 
 test: install cluster lint  ## everything: install, start the cluster, all tests
 	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q

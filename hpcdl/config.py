@@ -10,6 +10,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
 from hpcdl.errors import ConfigError
+from hpcdl.util import set_dotted
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -168,14 +169,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> d
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(where, key, f"'{part}' is not a mapping, cannot set '{key}'")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(out, key, value)
+        except ValueError as exc:
+            # set_dotted names the dotted prefix ("a.b is not a mapping"); name its last part
+            part = str(exc).removesuffix(" is not a mapping").rsplit(".", 1)[-1]
+            raise ConfigError(
+                where, key, f"'{part}' is not a mapping, cannot set '{key}'"
+            ) from None
     return out
 
 

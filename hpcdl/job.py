@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shlex
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpcdl.config import JobTime, Memory, format_minutes, parse_mem, parse_time, validation_error
-from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.errors import ConfigError
 from hpcdl.runner import Task
+from hpcdl.scheduler import JobHandle, get_scheduler
 from hpcdl.site import SiteProfile, load_site
+
+__all__ = ["Job", "JobHandle", "Resources", "slurm_job_name"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DEPENDENCY = re.compile(
     r"^(?:(?P<kind>after|afterok|afterany|afternotok|aftercorr):)?(?P<id>\d+(?:_\d+)?)$"
 )
-SUBMIT_PYTHON = sys.executable
+SUBMIT_PYTHON = sys.executable  # the interpreter that unpickles tasks (outside containers)
 
 
 class Resources(BaseModel):
@@ -139,10 +137,7 @@ class Job(Resources):
                 f"env.{leaked[0]}",
                 "is a secret on this site: export it in your shell instead",
             )
-        if site.scheduler == "local":
-            self._check_local(site, where)
-        else:
-            self._check_partition(site, where)
+        get_scheduler(site).check(self, where)  # the back end's own limits (partitions, local)
         if site.accounts and self.account and self.account not in site.accounts:
             raise ConfigError(
                 where, "account", f"{self.account!r} is not one of {', '.join(site.accounts)}"
@@ -152,23 +147,8 @@ class Job(Resources):
         if self.command is not None and site.container.runtime == "none" and not self.container:
             _check_program(self.command, self.cwd, where)
 
-    def _check_local(self, site: SiteProfile, where: str) -> None:
-        if self.nodes != 1:
-            raise ConfigError(
-                where, "nodes", f"the local profile runs on one node, got {self.nodes}"
-            )
-        if self.ntasks_per_node > site.max_local_tasks:
-            raise ConfigError(
-                where,
-                "tasks_per_node",
-                f"{self.ntasks_per_node} exceeds the local limit of {site.max_local_tasks}",
-            )
-        if self.partition is not None:
-            raise ConfigError(where, "partition", "the local profile has no partitions")
-        if self.dependencies:
-            raise ConfigError(where, "dependencies", "the local profile does not support them")
-
-    def _check_partition(self, site: SiteProfile, where: str) -> None:
+    def check_partition(self, site: SiteProfile, where: str) -> None:
+        """Raise ConfigError if the request exceeds its partition's limits (Slurm sites)."""
         try:
             part = site.partition(self.partition)
         except KeyError:
@@ -273,6 +253,16 @@ class Job(Resources):
             )
         return params
 
+    def local_parameters(self, site: SiteProfile) -> dict[str, Any]:
+        """The submitit LocalExecutor parameters for this job on ``site``."""
+        return {
+            "timeout_min": parse_time(self.time),
+            "tasks_per_node": self.ntasks_per_node,
+            "gpus_per_node": self.gpus_per_node,
+            "setup": self.setup_lines(site),
+            "signal_delay_s": site.preemption.delay_s,
+        }
+
     def setup_lines(self, site: SiteProfile) -> list[str]:
         """Shell lines run before the tasks start: modules, site setup and env presets, job setup."""
         lines = site.module_lines() + list(site.setup) + site.env_lines()
@@ -298,100 +288,29 @@ class Job(Resources):
             array_task_id=array_task_id,
         )
 
+    def interpreter(self, site: SiteProfile) -> str:
+        """The interpreter line that unpickles and runs the task on the node."""
+        rt = site.container.runtime
+        if self.function is not None and rt == "apptainer":
+            image = self.container or site.container.image
+            binds = " ".join(f"--bind {shlex.quote(b)}" for b in site.container.binds)
+            return f"apptainer exec {binds} {shlex.quote(str(image))} python3".replace("  ", " ")
+        if self.function is not None and rt == "pyxis":
+            return "python3"
+        return shlex.quote(SUBMIT_PYTHON)
+
     def render(self, site: SiteProfile | None = None, folder: Path | None = None) -> str:
         """The exact sbatch script submitit writes for this job (Slurm sites only)."""
-        from submitit.slurm.slurm import _make_sbatch_string
-
         site = site or self.resolve_site()
         self.check(site)
-        if site.scheduler != "slurm":
-            raise HpcdlError(
-                f"site {site.name!r} is a local profile: jobs run through submitit's local executor, "
-                "there is no sbatch script (pick a Slurm site with --site)"
-            )
-        params = self.slurm_parameters(site)
-        if self.array:
-            params["map_count"] = self.array
-        folder = folder or site.job_root_path / "<job-folder>"
-        command = _submitit_command(_python(self, site), folder)
-        return _make_sbatch_string(command=command, folder=folder, **params)
+        return get_scheduler(site).render(self, folder)
 
     # -- submission ----------------------------------------------------------------------------
     def submit(self, site: SiteProfile | None = None, test_only: bool = False) -> JobHandle:
         """Check, then queue; returns at once with a handle (never waits for the job)."""
-        from hpcdl import registry
-
         site = site or self.resolve_site()
         self.check(site)
-        if site.scheduler == "slurm" and shutil.which("sbatch") is None:
-            raise HpcdlError(f"site {site.name!r} uses Slurm but 'sbatch' is not on PATH")
-        if test_only:
-            if site.scheduler != "slurm":
-                raise HpcdlError("--test-only needs a Slurm site")
-            sbatch_test_only(self.render(site))
-        folder = new_job_folder(site, self.name)
-        executor = self._executor(site, folder)
-        try:
-            if self.array:
-                with executor.batch():
-                    jobs = [executor.submit(self.task(site, i)) for i in range(self.array)]
-            else:
-                jobs = [executor.submit(self.task(site))]
-        except Exception as exc:  # submitit raises bare exceptions carrying sbatch's message
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HpcdlError(f"submission failed: {_first_line(exc)}") from None
-        job_id = jobs[0].job_id.split("_")[0]
-        if site.scheduler == "local":
-            job_id = jobs[0].job_id
-        script = next(iter(folder.glob("*_submission.sh")), None)
-        handle = JobHandle(
-            job_id=job_id,
-            name=self.name,
-            site=site.name,
-            scheduler=site.scheduler,
-            folder=str(folder),
-            script=str(script) if script else None,
-            array=self.array,
-            tasks=self.nodes * self.ntasks_per_node,
-            submitted_at=time.time(),
-            local_ids=[j.job_id for j in jobs] if site.scheduler == "local" else [],
-        )
-        registry.record(site, handle)
-        return handle
-
-    def _executor(self, site: SiteProfile, folder: Path) -> Any:
-        import submitit
-
-        python = _python(self, site)
-        if site.scheduler == "local":
-            ex = submitit.LocalExecutor(folder=folder, python=python)
-            ex.update_parameters(
-                timeout_min=parse_time(self.time),
-                tasks_per_node=self.ntasks_per_node,
-                gpus_per_node=self.gpus_per_node,
-                setup=self.setup_lines(site),
-                signal_delay_s=site.preemption.delay_s,
-            )
-            return ex
-        ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=0)
-        ex.update_parameters(**self.slurm_parameters(site))
-        return ex
-
-
-def _python(job: Job, site: SiteProfile) -> str:
-    """The interpreter line that unpickles and runs the task on the node."""
-    rt = site.container.runtime
-    if job.function is not None and rt == "apptainer":
-        image = job.container or site.container.image
-        binds = " ".join(f"--bind {shlex.quote(b)}" for b in site.container.binds)
-        return f"apptainer exec {binds} {shlex.quote(str(image))} python3".replace("  ", " ")
-    if job.function is not None and rt == "pyxis":
-        return "python3"
-    return shlex.quote(SUBMIT_PYTHON)
-
-
-def _submitit_command(python: str, folder: Path) -> str:
-    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+        return get_scheduler(site).submit(self, test_only=test_only)
 
 
 def _check_program(argv: list[str], cwd: str | None, where: str) -> None:
@@ -411,94 +330,3 @@ def _check_program(argv: list[str], cwd: str | None, where: str) -> None:
 def slurm_job_name(name: str) -> str:
     """Slurm's job name: control characters (newlines) become spaces; the real name stays in env."""
     return re.sub(r"[\x00-\x1f\x7f]", " ", name)[:200] or "hpcdl-job"
-
-
-def new_job_folder(site: SiteProfile, name: str) -> Path:
-    """A fresh, private (0700) folder under the site's job root."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:40] or "job"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = site.job_root_path
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    folder = root / f"{stamp}-{slug}-{secrets.token_hex(3)}"
-    folder.mkdir(mode=0o700)
-    os.chmod(folder, 0o700)
-    return folder
-
-
-def sbatch_test_only(script: str) -> str:
-    """Ask Slurm whether it would accept the script (``sbatch --test-only``)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
-        f.write(script)
-    try:
-        proc = subprocess.run(
-            ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=30
-        )
-    finally:
-        os.unlink(f.name)
-    if proc.returncode != 0:
-        raise HpcdlError(f"sbatch --test-only rejected the job: {_first_line(proc.stderr)}")
-    return proc.stderr.strip()
-
-
-def _first_line(exc: object) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    errs = [ln for ln in lines if "error" in ln.lower()]
-    return (errs or lines or ["unknown error"])[0]
-
-
-class JobHandle(BaseModel):
-    """What a submission returns at once: enough to follow the job from any process."""
-
-    job_id: str
-    name: str
-    site: str
-    scheduler: str
-    folder: str
-    script: str | None = None
-    array: int | None = None
-    tasks: int = 1
-    submitted_at: float
-    local_ids: list[str] = []
-
-    def states(self) -> dict[str, str]:
-        """``{job or array-task id: normalised state}``."""
-        from hpcdl.registry import job_states
-
-        return job_states([self])[self.job_id]
-
-    def state(self) -> str:
-        """One state for the whole job (for arrays: the least finished task's)."""
-        from hpcdl.registry import summarize
-
-        return summarize(self.states())
-
-    def wait(self, timeout: float, poll: float = 1.0) -> str:
-        """Block until finished (only when asked); on timeout raise with the job's log tail."""
-        from hpcdl.registry import FINISHED, log_tail
-
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.state()
-            if state in FINISHED:
-                return state
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"job {self.job_id} still {state} after {timeout:.0f}s\n{log_tail(self)}"
-                )
-            time.sleep(poll)
-
-    def cancel(self) -> None:
-        from hpcdl.registry import cancel
-
-        cancel(self)
-
-    def log_paths(self, task: int = 0, array_task: int | None = None) -> tuple[Path, Path]:
-        """(stdout, stderr) files of one task."""
-        folder = Path(self.folder)
-        if self.scheduler == "local":
-            jid = self.local_ids[array_task or 0]
-        elif self.array is not None:
-            jid = f"{self.job_id}_{array_task or 0}"
-        else:
-            jid = self.job_id
-        return folder / f"{jid}_{task}_log.out", folder / f"{jid}_{task}_log.err"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,18 +63,12 @@ def tasks_per_node(spec: str) -> list[int]:
 def first_host(nodelist: str) -> str:
     """The first node of an allocation: ``scontrol show hostnames`` when present (not in every
     container), else hpcdl's own hostlist parser."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.split()  # fmt: skip
-        if out:
-            return out[0]
-    except (FileNotFoundError, subprocess.SubprocessError):
-        pass
-    from hpcdl.site import _expand_hostlist
+    from hpcdl.scheduler import hostnames
 
-    hosts = _expand_hostlist(nodelist)
+    try:
+        hosts = hostnames(nodelist)
+    except ValueError:
+        hosts = []
     if not hosts:
         raise HpcdlError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
     return hosts[0]

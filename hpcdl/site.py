@@ -245,81 +245,9 @@ class LivePartition(BaseModel):
     state: str
 
 
-def _slurm(cmd: list[str]) -> str:
-    import subprocess
-
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise ConfigError(
-            "", "", f"'{cmd[0]}' not found: run this on a login node of the cluster"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise ConfigError("", "", f"'{' '.join(cmd)}' did not answer within 30s") from None
-    if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or ["no output"])[0]
-        raise ConfigError("", "", f"'{' '.join(cmd)}' failed: {msg}")
-    return proc.stdout
-
-
-def live_partitions() -> dict[str, LivePartition]:
-    """Partitions from ``scontrol show partition`` and per-node resources from one ``sinfo``."""
-    nodes: dict[str, tuple[int, int, str]] = {}
-    for line in _slurm(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G"]).splitlines():
-        name, cpus, mem, gres = line.split("|")
-        nodes[name] = (int(cpus), int(mem.rstrip("+") or 0), gres)
-    out = {}
-    for line in _slurm(["scontrol", "show", "partition", "-o"]).splitlines():
-        kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-        members = [n for n in _expand_hostlist(kv.get("Nodes", "")) if n in nodes]
-        cpus = min((nodes[n][0] for n in members), default=0)
-        mem = min((nodes[n][1] for n in members), default=0)
-        gpu_counts = [_gpu_count(nodes[n][2]) for n in members]
-        gpus = min(gpu_counts, default=0)
-        max_nodes = kv.get("MaxNodes", "UNLIMITED")
-        out[kv["PartitionName"]] = LivePartition(
-            name=kv["PartitionName"],
-            default=kv.get("Default") == "YES",
-            max_time=kv.get("MaxTime", "UNLIMITED").replace("UNLIMITED", "infinite"),
-            max_nodes=int(kv.get("TotalNodes", len(members)))
-            if max_nodes == "UNLIMITED"
-            else int(max_nodes),
-            cpus_per_node=cpus,
-            mem_mib=mem,
-            gpus_per_node=gpus,
-            state=kv.get("State", "UP"),
-        )
-    return out
-
-
-def _gpu_count(gres: str) -> int:
-    """GPUs in a node's sinfo GRES string, e.g. ``gpu:2`` or ``gpu:a100:4(S:0-1)``."""
-    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
-        parts = item.split(":")
-        if parts[0] == "gpu" and len(parts) > 1 and parts[-1].isdigit():
-            return int(parts[-1])
-    return 0
-
-
-def _expand_hostlist(text: str) -> list[str]:
-    """``node[1-3,5],gpu7`` → node names (the common Slurm hostlist forms)."""
-    names: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", text):
-        if plain:
-            names.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            width = len(lo)
-            names += [f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    return names
-
-
-def check_site(profile: SiteProfile) -> list[str]:
-    """Every disagreement between a profile and the live cluster (empty when they agree)."""
-    if profile.scheduler != "slurm":
-        return []
-    live = live_partitions()
+def check_site(profile: SiteProfile, live: dict[str, LivePartition]) -> list[str]:
+    """Every disagreement between a profile and the live cluster's partitions (empty when they
+    agree). ``hpcdl.scheduler.check_site`` asks the profile's back end for ``live``."""
     problems = []
     for p in profile.partitions:
         lp = live.get(p.name)
@@ -363,10 +291,11 @@ def check_site(profile: SiteProfile) -> list[str]:
     return problems
 
 
-def import_site(name: str) -> dict:
-    """A draft profile (as a plain mapping) from the live cluster, validated before it is returned."""
+def import_site(name: str, live: dict[str, LivePartition]) -> dict:
+    """A draft profile (as a plain mapping) from the live cluster's partitions, validated before
+    it is returned. ``hpcdl.scheduler.import_site`` asks Slurm for ``live``."""
     partitions = []
-    for lp in live_partitions().values():
+    for lp in live.values():
         entry: dict = {
             "name": lp.name,
             "max_time": lp.max_time,

@@ -2,22 +2,22 @@
 
 W&B is offline by default (the site profile decides, ``wandb_mode``), its run id is kept in the
 run folder so a requeued job continues the same run, and it can never fail training: if wandb is
-missing, misconfigured or unreachable, a warning is printed once and the run goes on.
+missing, misconfigured or unreachable, a warning goes to stderr (the job log) once and the run
+goes on.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from hpcdl.util import atomic_write_text, configure_logging, get_logger
 
-def _warn(message: str) -> None:
-    print(f"hpcdl: warning: {message}", file=sys.stderr, flush=True)
+logger = get_logger(__name__)
 
 
 def rewind_jsonl(path: Path, step: int) -> None:
@@ -35,9 +35,7 @@ def rewind_jsonl(path: Path, step: int) -> None:
         if (kind == "step" and at > step) or (kind == "epoch" and at >= step):
             continue
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class Tracker:
@@ -63,6 +61,8 @@ class Tracker:
         self._wandb: Any = None
         if not enabled:
             return
+        # The metric lines below are the job's terminal output; its warnings belong there too.
+        configure_logging(logging.WARNING)
         self._file = open(self.path, "a")  # noqa: SIM115  (closed in close())
         if wandb and wandb_mode != "disabled":
             self._wandb = _start_wandb(
@@ -84,7 +84,7 @@ class Tracker:
             try:
                 self._wandb.log({f"{kind}/{k}": v for k, v in row.items()})
             except Exception as exc:
-                _warn(f"W&B logging stopped: {exc}")
+                logger.warning(f"W&B logging stopped: {exc}")
                 self._wandb = None
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -92,7 +92,7 @@ class Tracker:
             try:
                 self._wandb.summary.update(values)
             except Exception as exc:
-                _warn(f"W&B summary not written: {exc}")
+                logger.warning(f"W&B summary not written: {exc}")
 
     def tag(self, tag: str) -> None:
         """Add a tag to the W&B run (e.g. ``pruned``)."""
@@ -100,7 +100,7 @@ class Tracker:
             try:
                 self._wandb.tags = (*self._wandb.tags, tag)
             except Exception as exc:
-                _warn(f"W&B tag not written: {exc}")
+                logger.warning(f"W&B tag not written: {exc}")
 
     def close(self) -> None:
         if self._file is not None:
@@ -110,7 +110,7 @@ class Tracker:
             try:
                 self._wandb.finish()
             except Exception as exc:
-                _warn(f"W&B finish failed: {exc}")
+                logger.warning(f"W&B finish failed: {exc}")
             self._wandb = None
 
 
@@ -131,7 +131,7 @@ def _start_wandb(
     try:
         import wandb
     except ImportError:
-        _warn("wandb is not installed: metrics go to metrics.jsonl only")
+        logger.warning("wandb is not installed: metrics go to metrics.jsonl only")
         return None
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
@@ -150,5 +150,7 @@ def _start_wandb(
             settings=wandb.Settings(silent=True, console="off", init_timeout=60),
         )
     except Exception as exc:
-        _warn(f"W&B unavailable ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl only")
+        logger.warning(
+            f"W&B unavailable ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl only"
+        )
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import REPORT, WEIRD, run_cli
 
 from hpcdl import Job
-from hpcdl.registry import find_handle
+from hpcdl.scheduler import find_handle
 
 
 def test_command_job_completes_and_status_from_fresh_process(tmp_path):

@@ -16,7 +16,8 @@ import yaml
 from conftest import REPO, REPORT, WEIRD, run_cli, sacct, sacct_finished
 
 from hpcdl import Job
-from hpcdl.site import check_site, load_site
+from hpcdl.scheduler import check_site
+from hpcdl.site import load_site
 
 pytestmark = pytest.mark.slurm
 

@@ -36,8 +36,7 @@ from train_setup import (
     write_digits,
 )
 
-from hpcdl.job import JobHandle
-from hpcdl.registry import FINISHED, find_handle, log_tail
+from hpcdl.scheduler import FINISHED, JobHandle, find_handle, log_tail
 
 pytestmark = pytest.mark.slurm
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
 
 from hpcdl.errors import HpcdlError
+from hpcdl.util import LOGGER_NAME
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,9 +24,32 @@ def _register() -> None:
         module.register(cli)
 
 
+class _EchoHandler(logging.Handler):
+    """Library records shown the way the library used to print them: a ``note: ...`` (e.g.
+    'note: accounting unavailable ...' above the status table) as a plain line on stdout, beside
+    the command's own output; any other warning on stderr as ``hpcdl: warning: ...``. The stream
+    is looked up at each record, so a caller that swaps sys.stdout/stderr (tests) still sees them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        if record.levelno >= logging.WARNING and not text.startswith("note:"):
+            click.echo(f"hpcdl: warning: {text}", err=True)
+        else:
+            click.echo(text)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns every user error into one line on stderr, status 2."""
     _register()
+    _setup_logging()
     try:
         cli.main(args=argv, prog_name="hpcdl", standalone_mode=False)
     except HpcdlError as exc:

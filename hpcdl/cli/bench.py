@@ -77,7 +77,7 @@ def _allocation_run(
     """Run ``function(*args)`` on every rank: here (``--local``: one rank, or every rank under
     mpiexec/srun) or as a job, waiting for it; rank 0 leaves its figures in ``out``."""
     from hpcdl.job import Job
-    from hpcdl.registry import log_tail
+    from hpcdl.scheduler import log_tail
 
     if local:
         from hpcdl.launch import init_distributed

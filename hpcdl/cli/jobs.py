@@ -117,38 +117,68 @@ def render(args: tuple[str, ...], **options: Any) -> None:
 @click.argument("job_id", required=False)
 @click.option("--last", default=20, show_default=True, help="How many recent jobs to list.")
 def status(job_id: str | None, last: int) -> None:
-    """States of recent jobs (one batched sacct call), or of every task of JOB_ID."""
+    """States of recent jobs (one batched sacct call), or of every task of JOB_ID; a pending
+    job's reason (Priority, Resources, Dependency, ...) in its own column."""
     from rich.console import Console
-    from rich.table import Table
 
-    from hpcdl.registry import find_handle, job_states, load_handles, summarize
+    from hpcdl.scheduler import find_handle, job_statuses, load_handles
 
     console = Console()
     if job_id:
         handle = find_handle(job_id)
-        states = job_states([handle])[handle.job_id]
-        table = Table(title=f"{handle.job_id} {handle.name} ({handle.site})")
-        table.add_column("task")
-        table.add_column("state")
-        for tid, state in states.items():
-            table.add_row(tid, _styled(state))
-        console.print(table)
+        console.print(_task_table(handle, job_statuses([handle])[handle.job_id]))
         console.print(f"folder: {handle.folder}")
         return
     handles = load_handles()[-last:]
     if not handles:
         console.print("no jobs yet (submit one with 'hpcdl submit')")
         return
-    all_states = job_states(handles)
-    table = Table()
-    for col in ("job", "name", "site", "state", "tasks", "submitted"):
+    console.print(_job_table(handles, job_statuses(handles)))
+
+
+def _task_table(handle: Any, statuses: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{handle.job_id} {handle.name} ({handle.site})")
+    reasons = any(s.reason for s in statuses.values())
+    for col in ("task", "state", *(["reason"] if reasons else [])):
         table.add_column(col)
+    for tid, s in statuses.items():
+        table.add_row(tid, _styled(s.state), *([s.reason] if reasons else []))
+    return table
+
+
+def _job_table(handles: list[Any], all_statuses: dict[str, dict[str, Any]]) -> Any:
+    """One row per job; the reason column appears only when a listed job is pending."""
+    from rich.table import Table
+
+    from hpcdl.scheduler import summarize
+
+    rows, reasons = [], False
     for h in handles:
-        states = all_states[h.job_id]
+        statuses = all_statuses[h.job_id]
+        states = {tid: s.state for tid, s in statuses.items()}
+        state = summarize(states)
+        reason = next((s.reason for s in statuses.values() if s.reason), "")
+        reason = reason if state == "PENDING" else ""
+        reasons = reasons or bool(reason)
         counts = _counts(states) if h.array else str(h.tasks)
         stamp = datetime.fromtimestamp(h.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(h.job_id, h.name, h.site, _styled(summarize(states)), counts, stamp)
-    console.print(table)
+        rows.append((h.job_id, h.name, h.site, _styled(state), counts, stamp, reason))
+    table = Table()
+    for col in (
+        "job",
+        "name",
+        "site",
+        "state",
+        "tasks",
+        "submitted",
+        *(["reason"] if reasons else []),
+    ):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(row if reasons else row[:-1]))
+    return table
 
 
 def _counts(states: dict[str, str]) -> str:
@@ -170,7 +200,7 @@ def _styled(state: str) -> str:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
     """Print a job's log (JOB_ID or ARRAYID_TASK for one array task)."""
-    from hpcdl.registry import FINISHED, find_handle
+    from hpcdl.scheduler import FINISHED, find_handle
 
     handle = find_handle(job_id)
     array_task = int(job_id.split("_")[1]) if "_" in job_id else None
@@ -202,12 +232,11 @@ def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job (or ARRAYID_TASK for one array task)."""
-    from hpcdl.registry import cancel as cancel_job
-    from hpcdl.registry import find_handle
+    from hpcdl.scheduler import find_handle
 
     handle = find_handle(job_id)
     array_task = int(job_id.split("_")[1]) if "_" in job_id else None
-    cancel_job(handle, array_task)
+    handle.cancel(array_task)
     click.echo(f"cancelled {job_id}")
 
 
@@ -216,7 +245,7 @@ def cancel(job_id: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 def clean(days: float, dry_run: bool) -> None:
     """Remove folders and records of finished jobs older than --older-than days."""
-    from hpcdl.registry import clean as clean_jobs
+    from hpcdl.scheduler import clean as clean_jobs
 
     if days < 0:
         raise ConfigError("", "--older-than", f"must be >= 0, got {days}")

@@ -66,10 +66,11 @@ def show(name: str) -> None:
 @click.argument("name")
 def check(name: str) -> None:
     """Compare a profile with the live cluster; exit 1 and list each disagreement."""
-    from hpcdl.site import check_site, load_site
+    from hpcdl.scheduler import check_site, get_scheduler
+    from hpcdl.site import load_site
 
     profile = load_site(name)
-    if profile.scheduler != "slurm":
+    if not get_scheduler(profile).queued:  # no batch system behind the profile
         click.echo(f"{profile.name}: local profile, nothing to compare")
         return
     problems = check_site(profile)
@@ -91,7 +92,7 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     """Draft a profile from the live cluster (scontrol, sinfo)."""
     import yaml
 
-    from hpcdl.site import import_site
+    from hpcdl.scheduler import import_site
 
     if output is not None and output.exists() and not force:
         raise ConfigError(str(output), "", "exists already (use --force to overwrite)")

@@ -56,13 +56,15 @@ def _wait_with_progress(s: Any, timeout: float) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from hpcdl.hpo.trial import FINISHED_SLOT
+
     deadline = time.monotonic() + timeout
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as progress:  # fmt: skip
         task = progress.add_task("trials", total=s.spec.trials)
         while True:
             slots = s.slots()
-            finished = sum(x.state in {"complete", "pruned", "failed"} for x in slots)
+            finished = sum(x.state in FINISHED_SLOT for x in slots)
             pruned = sum(x.state == "pruned" for x in slots)
             progress.update(task, completed=finished, description=f"trials ({pruned} pruned)")
             final_done = (s.paths.final / "result.json").exists()
@@ -205,7 +207,7 @@ def cancel(name: str) -> None:
 @sweep.command("list")
 def list_sweeps() -> None:
     """Sweeps under every site's job root."""
-    from hpcdl.registry import registry_roots
+    from hpcdl.scheduler import registry_roots
 
     for root in registry_roots():
         for spec in sorted((root / "sweeps").glob("*/spec.json")):

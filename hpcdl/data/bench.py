@@ -184,12 +184,23 @@ def run_io_bench(
         res.notes.append("cold rows skipped (--no-cold)")
     raw(threads)()  # load the page cache
     measure("warm", lambda: None)
+    _relate(res, raws, naive_name)
+    _explain(res, repeat, naive_seconds, batch_size)
+    return res
+
+
+def _relate(res: IoBench, raws: list[str], naive_name: str) -> None:
+    """Fill each row's speed relative to the faster raw row and to the naive row (same cache)."""
     for cache in ("cold", "warm"):
         rows = {r.path: r for r in res.rows if r.cache == cache}
         ceiling = max((rows[n].samples_per_s for n in raws if n in rows), default=float("nan"))
         for r in rows.values():
             r.vs_raw = r.samples_per_s / ceiling
             r.vs_naive = r.samples_per_s / rows[naive_name].samples_per_s
+
+
+def _explain(res: IoBench, repeat: int, naive_seconds: float, batch_size: int) -> None:
+    """The notes printed under the table: what each path is and what the numbers count."""
     res.notes.append(
         "raw read: whole shard files read in order, 16 MiB at a time, by 1 or --threads streams; "
         "x raw divides by the faster raw row"
@@ -199,13 +210,12 @@ def run_io_bench(
         "shuffle; hpcdl: ShardedDataset (whole chunks, block shuffle), 0 workers = main process"
     )
     res.notes.append(
-        f"MB/s counts sample payload ({sb} B/sample); raw reads whole files "
+        f"MB/s counts sample payload ({res.sample_bytes} B/sample); raw reads whole files "
         f"({res.file_bytes / 2**30:.2f} GiB); medians of {repeat} runs, naive path bounded to "
         f"{naive_seconds:g} s; batch size {batch_size}"
     )
     if res.file_bytes > 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         res.notes.append("the dataset is large against RAM: 'warm' rows are partly cold")
-    return res
 
 
 def render(res: IoBench) -> Any:

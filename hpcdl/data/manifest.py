@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcdl.data.parse import DTYPES
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.util import atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "hpcdl-shards"
@@ -122,8 +122,4 @@ class Manifest(BaseModel):
 
     def save(self, directory: str | Path) -> Path:
         """Write atomically: a temporary file renamed over ``manifest.json``."""
-        path = Path(directory) / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(self.model_dump_json(indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(Path(directory) / MANIFEST, self.model_dump_json(indent=1) + "\n")

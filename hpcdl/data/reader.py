@@ -11,7 +11,8 @@ Design, per epoch (all of it arithmetic on the manifest, identical on every rank
   ``os.preadv`` at the chunk byte offsets from ``threads`` threads, bypassing h5py's global lock;
   compressed: h5py), shuffled at the sample level (seeded by seed, epoch, slot, block) and cut
   into consecutive batches; the next block is read while the current one is consumed, and the
-  one after it is announced to the kernel (``posix_fadvise(WILLNEED)``) for a deeper I/O queue.
+  one after it is announced to the kernel (``posix_fadvise(WILLNEED)``) for a deeper I/O queue
+  (that reading lives in :mod:`hpcdl.data.blocks`).
 
 Memory per reading process (the main one, or each DataLoader worker): two block buffers,
 ``2 * block_units * chunk_samples * sample_bytes`` (32 MiB with the defaults and 1 MiB chunks),
@@ -23,11 +24,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,56 +32,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hpcdl.data.blocks import BlockReader
 from hpcdl.data.manifest import Manifest
 from hpcdl.errors import ConfigError, HpcdlError
 
 # What a resume state must match: the batch order is a function of these.
 _FIXED = ("world_size", "num_workers", "batch_size", "seed", "shuffle", "block_units", "drop_last")
-
-
-@dataclass
-class _Block:
-    start: int  # position of the block's first sample in the slot's stream
-    arrays: dict[str, np.ndarray]  # rows [0, n) are valid
-    n: int
-    perm: np.ndarray | None
-
-    def take(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows ``lo:hi`` of the (shuffled) block, as fresh arrays."""
-        if self.perm is None:
-            return {f: a[lo:hi].copy() for f, a in self.arrays.items()}
-        idx = self.perm[lo:hi]
-        return {f: np.take(a, idx, axis=0) for f, a in self.arrays.items()}
-
-
-class _Files:
-    """Per-process file handles, opened after the fork and closed at the end of an iteration."""
-
-    def __init__(self, ds: ShardedDataset, shards: set[int], direct: bool):
-        self.fds: dict[int, int] = {}
-        self.h5: dict[int, Any] = {}
-        try:
-            for shard in sorted(shards):
-                path = ds.path / ds.manifest.shards[shard].file
-                if direct:
-                    self.fds[shard] = os.open(path, os.O_RDONLY)
-                else:
-                    import h5py
-
-                    if ds.manifest.compression == "lz4":
-                        import hdf5plugin  # noqa: F401  (registers the filter)
-                    self.h5[shard] = h5py.File(path, "r")
-        except OSError as exc:
-            self.close()
-            raise HpcdlError(
-                f"{exc.filename or ds.path}: cannot open: {exc.strerror or exc}"
-            ) from None
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        for f in self.h5.values():
-            f.close()
 
 
 class ShardedDataset(IterableDataset):
@@ -132,7 +85,6 @@ class ShardedDataset(IterableDataset):
                 f"unknown {unknown}; the dataset has {sorted(self.manifest.fields)}",
             )
         self.fields = list(fields or self.manifest.fields)
-        self._item = {f: self.manifest.fields[f].sample_bytes for f in self.fields}
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.block_units, self.drop_last, self.threads = block_units, drop_last, threads
@@ -144,12 +96,19 @@ class ShardedDataset(IterableDataset):
             for k in range(math.ceil(s.samples / c))
         ]
         self._unit_sizes = np.asarray(sizes, dtype=np.int64)
-        self._unit_shard = np.repeat(
-            np.arange(len(self.manifest.shards)),
-            [math.ceil(s.samples / c) for s in self.manifest.shards],
-        )
-        self._unit_chunk = np.concatenate(
-            [np.arange(math.ceil(s.samples / c)) for s in self.manifest.shards]
+        self._reader = BlockReader(  # the I/O: which process reads what is decided here
+            self.path,
+            self.manifest,
+            self.fields,
+            unit_shard=np.repeat(
+                np.arange(len(self.manifest.shards)),
+                [math.ceil(s.samples / c) for s in self.manifest.shards],
+            ),
+            unit_chunk=np.concatenate(
+                [np.arange(math.ceil(s.samples / c)) for s in self.manifest.shards]
+            ),
+            block_units=block_units,
+            threads=threads,
         )
         self.slots = world_size * max(1, num_workers)
         self.slot_samples = self.manifest.samples // self.slots
@@ -164,8 +123,6 @@ class ShardedDataset(IterableDataset):
             self.batches_per_slot = self.slot_samples // batch_size
         else:
             self.batches_per_slot = math.ceil(self.slot_samples / batch_size)
-        self._offsets: dict[str, np.ndarray] | None = None  # chunk byte offsets, per process
-        self._indexed: set[int] = set()  # shards whose chunk offsets are known
         # Epoch and resume position, shared with (persistent) DataLoader workers.
         self._shared = multiprocessing.RawArray("q", 2)
         self._resumed_epoch: int | None = None  # set_epoch(this) keeps a loaded position
@@ -260,122 +217,6 @@ class ShardedDataset(IterableDataset):
         starts = np.concatenate([[0], np.cumsum([int((b[:, 2] - b[:, 1]).sum()) for b in blocks])])
         return blocks, starts
 
-    def _chunk_offsets(self, shards: set[int]) -> dict[str, np.ndarray] | None:
-        """Byte offset of every unit's chunk per field (filled for ``shards`` on first need,
-        once per process), or None when data go through h5py."""
-        if self.manifest.compression is not None:
-            return None
-        import h5py
-
-        c = self.manifest.chunk_samples
-        if self._offsets is None:
-            self._offsets = {f: np.full(len(self._unit_sizes), -1, np.int64) for f in self.fields}
-        for shard in sorted(shards - self._indexed):
-            file = self.path / self.manifest.shards[shard].file
-            units = np.flatnonzero(self._unit_shard == shard)
-            try:
-                with h5py.File(file, "r") as h5:
-                    for f in self.fields:
-                        d, spec = h5[f], self.manifest.fields[f]
-                        if d.chunks != (c, *spec.shape) or d.dtype != np.dtype(spec.dtype):
-                            raise HpcdlError(
-                                f"{file}: field {f} does not match the manifest "
-                                "(run hpcdl data verify)"
-                            )
-                        found = np.full(len(units), -1, np.int64)
-
-                        def record(ci: Any, found: np.ndarray = found) -> None:
-                            found[ci.chunk_offset[0] // c] = ci.byte_offset
-
-                        d.id.chunk_iter(record)
-                        if (found < 0).any():
-                            raise HpcdlError(f"{file}: field {f} has unwritten chunks")
-                        self._offsets[f][units] = found
-            except (OSError, KeyError) as exc:
-                raise HpcdlError(f"{file}: unreadable ({exc}); run hpcdl data verify") from None
-            self._indexed.add(shard)
-        return self._offsets
-
-    # --- reading -------------------------------------------------------------------------
-    def _read_segment(
-        self,
-        files: _Files,
-        offsets: dict[str, np.ndarray] | None,
-        seg: np.ndarray,
-        bufs: dict[str, np.ndarray],
-        row: int,
-    ) -> None:
-        unit, first, stop = (int(v) for v in seg)
-        shard, n = int(self._unit_shard[unit]), stop - first
-        for f in self.fields:
-            dest = bufs[f][row : row + n]
-            if offsets is None:
-                lo = int(self._unit_chunk[unit]) * self.manifest.chunk_samples + first
-                files.h5[shard][f].read_direct(dest, np.s_[lo : lo + n])
-                continue
-            item = self._item[f]
-            view = memoryview(dest.reshape(-1).view(np.uint8))
-            got = os.preadv(files.fds[shard], [view], int(offsets[f][unit]) + first * item)
-            if got != n * item:
-                raise HpcdlError(
-                    f"{self.path / self.manifest.shards[shard].file}: short read (truncated? "
-                    "run hpcdl data verify)"
-                )
-
-    def _blocks(
-        self, plan: list[np.ndarray], starts: np.ndarray, first: int, epoch: int, slot: int
-    ) -> Iterator[_Block]:
-        """Read blocks in order with one block of read-ahead; two buffer sets are recycled."""
-        cap = self.block_units * self.manifest.chunk_samples
-        specs = self.manifest.fields
-        free = [
-            {f: np.empty((cap, *specs[f].shape), specs[f].dtype) for f in self.fields}
-            for _ in range(2)
-        ]
-        shards = {int(self._unit_shard[u]) for b in plan[first:] for u in b[:, 0]}
-        offsets = self._chunk_offsets(shards)
-        files = _Files(self, shards, direct=offsets is not None)
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hpcdl-read")
-        inflight: deque[tuple[int, dict[str, np.ndarray], list[Future[None]]]] = deque()
-        # fields whose chunks are big enough for read-ahead advice to beat its syscall cost
-        advised = [f for f in self.fields if self._item[f] * self.manifest.chunk_samples >= 1 << 16]
-
-        def submit(bi: int) -> None:
-            if offsets is not None and bi + 1 < len(plan):
-                # let the kernel fetch the block after this one meanwhile: a deeper I/O queue
-                for unit, a, b in plan[bi + 1]:
-                    fd = files.fds[int(self._unit_shard[unit])]
-                    for f in advised:
-                        item = self._item[f]
-                        pos, size = int(offsets[f][unit] + a * item), int((b - a) * item)
-                        os.posix_fadvise(fd, pos, size, os.POSIX_FADV_WILLNEED)
-            bufs = free.pop()
-            rows = np.concatenate([[0], np.cumsum(plan[bi][:, 2] - plan[bi][:, 1])])
-            futs = [
-                pool.submit(self._read_segment, files, offsets, seg, bufs, int(r))
-                for seg, r in zip(plan[bi], rows[:-1], strict=True)
-            ]
-            inflight.append((bi, bufs, futs))
-
-        try:
-            for bi in range(first, min(first + 2, len(plan))):
-                submit(bi)
-            while inflight:
-                bi, bufs, futs = inflight.popleft()
-                for fut in futs:
-                    fut.result()
-                n = int(starts[bi + 1] - starts[bi])
-                perm = None
-                if self.shuffle:
-                    perm = np.random.default_rng([self.seed, epoch, slot, bi]).permutation(n)
-                yield _Block(int(starts[bi]), bufs, n, perm)
-                free.append(bufs)
-                if bi + 2 < len(plan):
-                    submit(bi + 2)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            files.close()
-
     def _slot_and_skip(self) -> tuple[int, int, int]:
         """(epoch, slot, batches to skip in that slot) for this process."""
         epoch, skip = int(self._shared[0]), int(self._shared[1])
@@ -402,7 +243,8 @@ class ShardedDataset(IterableDataset):
         bs = self.batch_size
         used = int(starts[-1])
         first = int(np.searchsorted(starts, skip * bs, side="right")) - 1
-        blocks = self._blocks(plan, starts, first, epoch, slot)
+        seed = [self.seed, epoch, slot] if self.shuffle else None
+        blocks = self._reader.blocks(plan, starts, first, seed)
         try:
             blk = next(blocks)
             for k in range(skip, self.batches_per_slot):

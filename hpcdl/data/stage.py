@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
 from pathlib import Path
 
 from hpcdl.data.manifest import MANIFEST, Manifest
 from hpcdl.errors import HpcdlError
+from hpcdl.util import atomic_path
 
 
 def stage(path: str | Path, scratch: str | Path, *, checksums: bool = False) -> Path:
@@ -32,20 +32,15 @@ def stage(path: str | Path, scratch: str | Path, *, checksums: bool = False) -> 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (dest / MANIFEST).is_file():
             return dest  # the manifest is copied last: its presence means the copy is complete
-        tmp = root / f".{dest.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            for info in m.shards:
-                shutil.copyfile(src / info.file, tmp / info.file)
-            shutil.copyfile(src / MANIFEST, tmp / MANIFEST)
-            verify(tmp, checksums=checksums)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.rename(tmp, dest)
+            with atomic_path(dest) as tmp:  # a failed copy leaves nothing behind
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of this pid
+                tmp.mkdir()
+                for info in m.shards:
+                    shutil.copyfile(src / info.file, tmp / info.file)
+                shutil.copyfile(src / MANIFEST, tmp / MANIFEST)
+                verify(tmp, checksums=checksums)
+                shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy (no manifest)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise HpcdlError(f"{exc.filename or dest}: staging failed: {exc.strerror}") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dest

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from hpcdl.data.manifest import MANIFEST, Manifest
-from hpcdl.data.writer import sha256_file
 from hpcdl.errors import HpcdlError
+from hpcdl.util import sha256_file
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hpcdl.data.manifest import MANIFEST, FieldSpec, Manifest, ShardInfo
 from hpcdl.data.parse import parse_size
 from hpcdl.data.sources import Part, Source
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.util import (  # also importable from here, as it was before hpcdl.util
+    atomic_path,
+    sha256_file,
+)
 
 DEFAULT_SHARD_SIZE = 128 << 20
 DEFAULT_CHUNK_SIZE = 1 << 20
 PIECE_BYTES = 16 << 20  # samples handed to HDF5 per write call
 COMPRESSIONS = ("none", "gzip", "lz4")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,15 +87,6 @@ def mpi_comm() -> Any:
     return comm
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _compression_kwargs(compression: str | None, level: int | None) -> dict[str, Any]:
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4 if level is None else level}
@@ -114,40 +109,36 @@ def write_shard(
     """Write one shard under a temporary name, then rename it into place; return its record."""
     import h5py
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = job.stop - job.start
     sample_bytes = sum(f.sample_bytes for f in fields.values())
     piece = max(1, PIECE_BYTES // sample_bytes // chunk_samples) * chunk_samples
     try:
-        with h5py.File(tmp, "w") as f:
-            dsets = {
-                name: f.create_dataset(
-                    name,
-                    shape=(n, *spec.shape),
-                    dtype=spec.dtype,
-                    chunks=(chunk_samples, *spec.shape),
-                    track_times=False,
-                    **compression,
-                )
-                for name, spec in fields.items()
-            }
-            for a in range(0, n, piece):
-                b = min(n, a + piece)
-                data = part.read(job.start + a, job.start + b)
-                for name, dset in dsets.items():
-                    dset[a:b] = data[name]
-                if advance is not None:
-                    advance((b - a) * sample_bytes)
-        info = ShardInfo(
-            file=path.name, samples=n, bytes=tmp.stat().st_size, sha256=sha256_file(tmp)
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                dsets = {
+                    name: f.create_dataset(
+                        name,
+                        shape=(n, *spec.shape),
+                        dtype=spec.dtype,
+                        chunks=(chunk_samples, *spec.shape),
+                        track_times=False,
+                        **compression,
+                    )
+                    for name, spec in fields.items()
+                }
+                for a in range(0, n, piece):
+                    b = min(n, a + piece)
+                    data = part.read(job.start + a, job.start + b)
+                    for name, dset in dsets.items():
+                        dset[a:b] = data[name]
+                    if advance is not None:
+                        advance((b - a) * sample_bytes)
+            # hashed before the rename: the record describes exactly the file put in place
+            info = ShardInfo(
+                file=path.name, samples=n, bytes=tmp.stat().st_size, sha256=sha256_file(tmp)
+            )
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise HpcdlError(f"{path}: cannot write: {exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return info
 
 
@@ -199,6 +190,86 @@ def _progress(enabled: bool, total: int) -> Iterator[Any]:
         yield lambda n: bar.advance(task, n)
 
 
+class _Ranks:
+    """This process among the writer ranks (one, without MPI), and how they agree on failures."""
+
+    def __init__(self, comm: Any):
+        self.comm = comm
+        self.rank, self.size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+
+    def agree(self, error: str | None) -> None:
+        """Every rank learns whether any rank failed, and all raise the same error."""
+        errors = self.comm.allgather(error) if self.comm is not None else [error]
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            r, e = failed[0]
+            raise HpcdlError(e if self.size == 1 else f"rank {r}: {e}")
+
+    def attempt(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this rank; if it fails on any rank, every rank raises (none hangs)."""
+        if self.comm is None:
+            return fn()
+        try:
+            result = fn()
+        except HpcdlError as exc:
+            self.agree(str(exc) or type(exc).__name__)  # an empty message must still fail
+        except Exception as exc:
+            self.agree(f"{type(exc).__name__}: {exc}")
+        else:
+            self.agree(None)
+            return result
+        raise AssertionError("unreachable: agree() raised")  # pragma: no cover
+
+    def gather(self, items: list[T]) -> list[T]:
+        """Everyone's items on rank 0 (its own without MPI); other ranks get an empty list."""
+        if self.comm is None:
+            return items
+        return [x for rank_items in self.comm.gather(items, root=0) or [] for x in rank_items]
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.Barrier()
+
+
+def _check_compression(compression: str | None, level: int | None) -> str | None:
+    """``compression`` as stored in the manifest (None for none), or a ConfigError."""
+    if compression == "none":
+        compression = None
+    if compression not in (None, "gzip", "lz4"):
+        raise ConfigError(
+            "write_shards", "compression", f"{compression!r}: use one of {COMPRESSIONS}"
+        )
+    if level is not None and not (compression == "gzip" and 0 <= level <= 9):
+        raise ConfigError("write_shards", "compression_level", "only for gzip, 0-9")
+    return compression
+
+
+def _write_manifests(
+    out: Path,
+    source: Source,
+    plans: dict[str, SplitPlan],
+    done: list[tuple[str, int, ShardInfo]],
+    compression: str | None,
+    kwargs: dict[str, Any],
+    seed: int,
+) -> None:
+    """One manifest per split, written last: its presence means every shard is in place."""
+    for split, plan in plans.items():
+        infos = [info for s, _, info in sorted(done, key=lambda t: (t[0], t[1])) if s == split]
+        Manifest(
+            samples=plan.samples,
+            fields=source.fields,
+            chunk_samples=plan.chunk_samples,
+            compression=compression,
+            compression_level=kwargs.get("compression_opts") if compression == "gzip" else None,
+            shards=infos,
+            split=split,
+            seed=seed,
+            source=source.name,
+            classes=source.classes,
+        ).save(out / split)
+
+
 def write_shards(
     source: Source,
     out: str | Path,
@@ -221,16 +292,7 @@ def write_shards(
     """
     shard_bytes = parse_size(shard_size, "write_shards", "shard_size")
     chunk_bytes = parse_size(chunk_size, "write_shards", "chunk_size")
-    if compression == "none":
-        compression = None
-    if compression not in (None, "gzip", "lz4"):
-        raise ConfigError(
-            "write_shards", "compression", f"{compression!r}: use one of {COMPRESSIONS}"
-        )
-    if compression_level is not None and not (
-        compression == "gzip" and 0 <= compression_level <= 9
-    ):
-        raise ConfigError("write_shards", "compression_level", "only for gzip, 0-9")
+    compression = _check_compression(compression, compression_level)
     out = Path(out)
     parts = source.split(val, test, seed)
     sample_bytes = sum(f.sample_bytes for f in source.fields.values())
@@ -239,38 +301,16 @@ def write_shards(
         for s, p in parts.items()
     }
     jobs = [j for p in plans.values() for j in p.jobs]
-    comm = mpi_comm()
-    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    ranks = _Ranks(mpi_comm())
 
-    def agree(error: str | None) -> None:
-        """Every rank learns whether any rank failed, and all raise the same error."""
-        errors = comm.allgather(error) if comm is not None else [error]
-        failed = [(r, e) for r, e in enumerate(errors) if e]
-        if failed:
-            r, e = failed[0]
-            raise HpcdlError(e if size == 1 else f"rank {r}: {e}")
-
-    def attempt(fn: Any) -> Any:
-        if comm is None:
-            return fn()
-        try:
-            result = fn()
-        except HpcdlError as exc:
-            agree(str(exc))
-        except Exception as exc:
-            agree(f"{type(exc).__name__}: {exc}")
-        else:
-            agree(None)
-            return result
-
-    attempt(lambda: _prepare(out, list(plans), overwrite) if rank == 0 else None)
-    mine = jobs[rank::size]
+    ranks.attempt(lambda: _prepare(out, list(plans), overwrite) if ranks.rank == 0 else None)
+    mine = jobs[ranks.rank :: ranks.size]
     kwargs = _compression_kwargs(compression, compression_level)
     total = sum(j.stop - j.start for j in mine) * sample_bytes
 
     def write_mine() -> list[tuple[str, int, ShardInfo]]:
         done = []
-        with _progress(progress and rank == 0, total) as advance:
+        with _progress(progress and ranks.rank == 0, total) as advance:
             for j in mine:
                 info = write_shard(
                     out / j.split / j.file,
@@ -284,24 +324,8 @@ def write_shards(
                 done.append((j.split, j.index, info))
         return done
 
-    done = attempt(write_mine)
-    if comm is not None:
-        done = [x for rank_done in comm.gather(done, root=0) or [] for x in rank_done]
-    if rank == 0:
-        for split, plan in plans.items():
-            infos = [info for s, _, info in sorted(done, key=lambda t: (t[0], t[1])) if s == split]
-            Manifest(
-                samples=plan.samples,
-                fields=source.fields,
-                chunk_samples=plan.chunk_samples,
-                compression=compression,
-                compression_level=kwargs.get("compression_opts") if compression == "gzip" else None,
-                shards=infos,
-                split=split,
-                seed=seed,
-                source=source.name,
-                classes=source.classes,
-            ).save(out / split)
-    if comm is not None:
-        comm.Barrier()
+    done = ranks.gather(ranks.attempt(write_mine))
+    if ranks.rank == 0:
+        _write_manifests(out, source, plans, done, compression, kwargs, seed)
+    ranks.barrier()
     return {s: out / s for s in plans}

@@ -9,7 +9,7 @@ from typing import Any
 
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.sweep import Sweep
-from hpcdl.registry import job_states
+from hpcdl.scheduler import job_states
 
 
 def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, float]:

@@ -1,19 +1,22 @@
-"""The default sweep objective: one hpcdl training run per trial (and the final retraining)."""
+"""The default sweep objective: one hpcdl training run (:class:`hpcdl.train.run.Run`) per trial,
+and the final retraining of the best parameters."""
 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcdl.config import read_yaml, validate
 from hpcdl.errors import ConfigError
+from hpcdl.hpo.protocol import BaseObjective
+from hpcdl.util import set_dotted
 
 if TYPE_CHECKING:
     from hpcdl.hpo.spec import SweepSpec
     from hpcdl.hpo.trial import TrialContext
     from hpcdl.train.config import TrainConfig
+    from hpcdl.train.run import Run
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], run_dir: Path, **log: Any) -> TrainConfig:
@@ -23,105 +26,94 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], run_dir: Path, **log: 
     assert spec.train is not None
     data = copy.deepcopy(read_yaml(Path(spec.train)))
     for key, value in {**spec.overrides, **params}.items():
-        _set(data, key, value)
+        try:
+            set_dotted(data, key, value)
+        except ValueError as exc:
+            raise ConfigError("", key, f"{exc} in the training config") from None
     data["run_dir"] = str(run_dir)
     data.setdefault("log", {}).update(log)
     return validate(TrainConfig, data, f"{spec.train} (with the sweep's parameters)")
-
-
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError("", dotted, f"'{part}' is not a mapping in the training config")
-    node[leaf] = value
-
-
-def _world_size(spec: SweepSpec) -> int:
-    r = spec.resources
-    return r.nodes * (r.tasks_per_node or r.gpus_per_node or 1)
-
-
-def check(spec: SweepSpec) -> None:
-    """Before submission: the base config, every parameter path, datasets and model all fit."""
-    from hpcdl.train.preflight import preflight
-
-    if spec.train is None:
-        raise ConfigError("", "train", "the default objective needs a training config")
-    sample = {k: _sample(p) for k, p in spec.space.items()}
-    cfg = trial_config(spec, sample, Path("/nonexistent/trial"))  # unknown paths fail here
-    preflight(cfg, _world_size(spec), spec.resources.gpus_per_node > 0, spec.train)
-    metric = spec.metric.removeprefix("val_")
-    if metric not in {"acc", "loss"}:
-        raise ConfigError("", "metric", f"{spec.metric!r}: the trainer reports val_acc or val_loss")
 
 
 def _sample(param: Any) -> Any:
     return param.values[0] if hasattr(param, "values") else param.low
 
 
-def train_objective(params: dict[str, Any], ctx: TrialContext) -> float:
-    """Train with ``params`` in the trial folder (resuming its checkpoints), report every epoch."""
-    from hpcdl.train.preempt import PreemptionFlag
-    from hpcdl.train.trainer import train
+def _requeued(result: dict[str, Any], what: str) -> None:
+    """The run checkpointed on a preemption signal and its job was requeued: stop here."""
+    from hpcdl.hpo.trial import TrialRequeued
 
-    spec = ctx.spec
-    cfg = trial_config(
-        spec, params, ctx.trial_dir,
-        wandb_group=spec.name, wandb_id=ctx.slot.run_id, wandb_tags=[f"sweep:{spec.name}"],
-    )  # fmt: skip
-    _store_config(cfg, ctx.trial_dir)
-    flag = PreemptionFlag()
-    result = train(
-        ctx.trial_dir, flag, on_epoch=lambda epoch, m: ctx.report(epoch + 1, m[spec.metric])
-    )
     if result["status"] == "requeued":
-        from hpcdl.hpo.trial import TrialRequeued
-
-        raise TrialRequeued(f"trial {ctx.slot.trial} requeued at step {result['step']}")
-    return float(result[spec.metric])
+        raise TrialRequeued(f"{what} requeued at step {result['step']}")
 
 
-def _store_config(cfg: TrainConfig, run_dir: Path) -> None:
-    import torch.distributed as dist
+class TrainObjective(BaseObjective):
+    """hpcdl's trainer as a sweep objective: ``spec.train`` with the trial's parameters."""
 
-    from hpcdl.train.config import dump_config, with_absolute_data
+    name = "hpcdl.hpo.objective:train_objective"
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(with_absolute_data(cfg)))
+    def check(self, spec: SweepSpec) -> None:
+        """Before submission: the base config, every parameter path, datasets and model fit."""
+        from hpcdl.train.config import world_size
+        from hpcdl.train.preflight import preflight
+
+        if spec.train is None:
+            raise ConfigError("", "train", "the default objective needs a training config")
+        sample = {k: _sample(p) for k, p in spec.space.items()}
+        cfg = trial_config(spec, sample, Path("/nonexistent/trial"))  # unknown paths fail here
+        preflight(cfg, world_size(spec.resources), spec.resources.gpus_per_node > 0, spec.train)
+        metric = spec.metric.removeprefix("val_")
+        if metric not in {"acc", "loss"}:
+            raise ConfigError(
+                "", "metric", f"{spec.metric!r}: the trainer reports val_acc or val_loss"
+            )
+
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+        """Train with ``params`` in the trial folder (resuming its checkpoints); report every
+        epoch, so the pruner can stop the run (``ctx.report`` raises ``StopTraining``)."""
+        spec = ctx.spec
+        cfg = trial_config(
+            spec, params, ctx.trial_dir,
+            wandb_group=spec.name, wandb_id=ctx.slot.run_id, wandb_tags=[f"sweep:{spec.name}"],
+        )  # fmt: skip
+        # The process group outlives the trial: a sweep worker may run several in it.
+        result = _run(cfg, spec).execute(
+            lambda epoch, m: ctx.report(epoch + 1, m[spec.metric]), finish=False
+        )
+        _requeued(result, f"trial {ctx.slot.trial}")
+        return float(result[spec.metric])
+
+    def final(self, params: dict[str, Any], spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
+        """Retrain ``params`` on train+val, then evaluate once on the held-out test split."""
+        from hpcdl.data.merge import merge_datasets
+        from hpcdl.train.evaluate import evaluate_weights
+
+        base = trial_config(spec, params, out_dir)
+        test = Path(spec.test_data or Path(base.data.val).parent / "test")
+        if not (test / "manifest.json").is_file():
+            raise ConfigError("", "test_data", f"no hpcdl dataset at {test}")
+        trainval = merge_datasets(
+            [Path(base.data.train), Path(base.data.val)], out_dir / "trainval"
+        )
+        cfg = trial_config(
+            spec, {**params, "data.train": str(trainval)}, out_dir,
+            wandb_group=spec.name, wandb_id=f"{spec.name}-final", wandb_tags=[f"sweep:{spec.name}", "final"],
+        )  # fmt: skip
+        run = _run(cfg, spec)
+        _requeued(run.execute(finish=False), "final retraining")
+        test_loss, test_acc, n = evaluate_weights(run.config, out_dir / "model.pt", test)
+        return {
+            "test_acc": test_acc,
+            "test_loss": test_loss,
+            "test_samples": n,
+            "train_samples_from": ["train", "val"],
+        }
 
 
-def final(params: dict[str, Any], spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
-    """Retrain ``params`` on train+val, then evaluate once on the held-out test split."""
-    from hpcdl.data.merge import merge_datasets
-    from hpcdl.train.evaluate import evaluate_weights
-    from hpcdl.train.preempt import PreemptionFlag
-    from hpcdl.train.trainer import train
+def _run(cfg: TrainConfig, spec: SweepSpec) -> Run:
+    from hpcdl.train.run import Run
 
-    base = trial_config(spec, params, out_dir)
-    test = Path(spec.test_data or Path(base.data.val).parent / "test")
-    if not (test / "manifest.json").is_file():
-        raise ConfigError("", "test_data", f"no hpcdl dataset at {test}")
-    trainval = merge_datasets([Path(base.data.train), Path(base.data.val)], out_dir / "trainval")
-    cfg = trial_config(
-        spec, {**params, "data.train": str(trainval)}, out_dir,
-        wandb_group=spec.name, wandb_id=f"{spec.name}-final", wandb_tags=[f"sweep:{spec.name}", "final"],
-    )  # fmt: skip
-    _store_config(cfg, out_dir)
-    result = train(out_dir, PreemptionFlag())
-    if result["status"] == "requeued":
-        sys.exit(0)
-    test_loss, test_acc, n = evaluate_weights(cfg, out_dir / "model.pt", test)
-    return {
-        "test_acc": test_acc,
-        "test_loss": test_loss,
-        "test_samples": n,
-        "train_samples_from": ["train", "val"],
-    }
+    return Run(cfg, where=f"{spec.train} (with the sweep's parameters)")
 
 
-train_objective.check = check  # type: ignore[attr-defined]
-train_objective.final = final  # type: ignore[attr-defined]
+train_objective = TrainObjective()

@@ -10,6 +10,7 @@ from typing import Any
 
 from hpcdl.errors import HpcdlError
 from hpcdl.hpo.sweep import Sweep
+from hpcdl.util import atomic_write_text
 
 _COLORS = {"complete": "tab:blue", "pruned": "tab:orange", "failed": "tab:red"}
 
@@ -56,7 +57,7 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
     fig.savefig(png, dpi=110)
     plt.close(fig)
     page = out_dir / "report.html"
-    page.write_text(_html(sweep, png))
+    atomic_write_text(page, _html(sweep, png))
     return png, page
 
 

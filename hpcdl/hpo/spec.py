@@ -98,7 +98,9 @@ class SweepSpec(_Strict):
     max_retries: int = Field(default=2, ge=0, le=20)
     final: bool = True
     test_data: str | None = None  # held-out split for the final job; default: <val>/../test
-    objective: str | None = None  # module:function(params, ctx) -> metric; default: hpcdl's trainer
+    # module:name of an hpcdl.hpo.protocol.Objective (check, run, final) or of a plain
+    # function(params, ctx) -> metric; default: hpcdl's trainer
+    objective: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:

@@ -73,6 +73,30 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int = 0) -> optuna.Stud
     )
 
 
+class TrialReporter:
+    """One trial of the study, found by its number, through Optuna's public API: a requeued or
+    retried task reports to the trial an earlier process asked for, so there is no
+    ``optuna.trial.Trial`` object to keep (that constructor is internal).
+
+    ``journal`` is a storage on the sweep's journal (``storage(sweep_dir)``); it and the study's
+    own storage read the same file, each catching up with the other's writes when it reads."""
+
+    def __init__(self, study: optuna.Study, journal: optuna.storages.BaseStorage, number: int):
+        self.study, self.number, self._journal = study, number, journal
+        study_id = journal.get_study_id_from_name(study.study_name)
+        self._trial_id = journal.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def report(self, value: float, step: int) -> None:
+        """Record the value of ``step``; as with ``Trial.report`` the first value of a step
+        stays (a trial resumed from a checkpoint reports its last epoch again)."""
+        if step not in self._journal.get_trial(self._trial_id).intermediate_values:
+            self._journal.set_trial_intermediate_value(self._trial_id, step, float(value))
+
+    def should_prune(self) -> bool:
+        """The study's pruner on the trial's values so far (what ``Trial.should_prune`` does)."""
+        return self.study.pruner.prune(self.study, self._journal.get_trial(self._trial_id))
+
+
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
     """Draw every parameter of the space for this trial."""
     params: dict[str, Any] = {}

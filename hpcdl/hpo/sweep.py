@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ import optuna
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.study import open_study
-from hpcdl.hpo.trial import Slot, SweepPaths, dump_json
-from hpcdl.job import Job, JobHandle
+from hpcdl.hpo.trial import FINISHED_SLOT, Slot, SweepPaths, TrialRequeued
+from hpcdl.job import Job
+from hpcdl.scheduler import JobHandle, get_scheduler
 from hpcdl.site import load_site
-
-FINISHED_SLOT = {"complete", "pruned", "failed"}
+from hpcdl.util import atomic_write_json, atomic_write_text
 
 
 class Sweep:
@@ -40,7 +39,7 @@ class Sweep:
     @classmethod
     def load(cls, name: str) -> Sweep:
         """An existing sweep by name (searched under every site's job root)."""
-        from hpcdl.registry import registry_roots
+        from hpcdl.scheduler import registry_roots
 
         for root in registry_roots():
             spec_file = root / "sweeps" / name / "spec.json"
@@ -59,7 +58,7 @@ class Sweep:
         self._check_objective()
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
-        self.paths.spec.write_text(self.spec.model_dump_json(indent=1))
+        atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
         open_study(self.spec, self.paths.root)
         return self._submit(list(range(self.spec.trials)))
 
@@ -88,10 +87,7 @@ class Sweep:
     def _check_objective(self) -> None:
         from hpcdl.hpo.trial import resolve_objective
 
-        objective = resolve_objective(self.spec)
-        check = getattr(objective, "check", None)
-        if check is not None:
-            check(self.spec)
+        resolve_objective(self.spec).check(self.spec)
 
     def _job(self, **fields: Any) -> Job:
         r = self.spec.resources
@@ -102,7 +98,7 @@ class Sweep:
         from hpcdl.hpo.trial import array_task_main
 
         root = str(self.paths.root)
-        if self.site.scheduler == "local":
+        if not get_scheduler(self.site).queued:  # no queue: worker processes claim the slots
             workers = min(self.spec.parallelism, len(slots))
             handle = self._job(function=local_worker_main, args=(root,), array=workers).submit(
                 self.site
@@ -159,7 +155,7 @@ class Sweep:
 
     def _active(self, kinds: tuple[str, ...]) -> list[JobHandle]:
         """The sweep's jobs of these kinds still queued or running (one batched state query)."""
-        from hpcdl.registry import FINISHED, job_states, summarize
+        from hpcdl.scheduler import FINISHED, job_states, summarize
 
         handles = self._handles(kinds)
         states = job_states(handles) if handles else {}
@@ -173,34 +169,21 @@ class Sweep:
         """Change how many array tasks run at once, on the live array (``scontrol update``)."""
         if parallelism < 1:
             raise ConfigError("", "parallelism", f"must be >= 1, got {parallelism}")
-        arrays = [s for s in self.submissions() if s["kind"] == "array"]
+        arrays = self._handles(("array",))
         if not arrays:
             raise HpcdlError(f"sweep {self.spec.name!r} has no Slurm array to throttle")
-        job_id = arrays[-1]["job_id"]
-        proc = subprocess.run(
-            ["scontrol", "update", f"JobId={job_id}", f"ArrayTaskThrottle={parallelism}"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            raise HpcdlError(f"scontrol refused the new throttle: {proc.stderr.strip()}")
-        return job_id
+        arrays[-1].backend.throttle(arrays[-1], parallelism)
+        return arrays[-1].job_id
 
     def cancel(self) -> list[str]:
         """Cancel every queued or running job of the sweep (arrays, final, follow-up)."""
         return self._cancel(("array", "workers", "final", "follow"))
 
     def _cancel(self, kinds: tuple[str, ...]) -> list[str]:
-        from hpcdl.registry import cancel
+        from hpcdl.scheduler import cancel_jobs
 
         active = self._active(kinds)
-        slurm = [h.job_id for h in active if h.scheduler == "slurm"]
-        if slurm:  # one scancel for every Slurm job of the sweep
-            proc = subprocess.run(["scancel", *slurm], capture_output=True, text=True, timeout=30)
-            if proc.returncode != 0:
-                raise HpcdlError(f"could not cancel {', '.join(slurm)}: {proc.stderr.strip()}")
-        for h in active:
-            if h.scheduler != "slurm":
-                cancel(h)
+        cancel_jobs(active)  # one scancel for every Slurm job of the sweep
         return [h.job_id for h in active]
 
     # -- results --------------------------------------------------------------------------------
@@ -268,14 +251,13 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
     spec = paths.load_spec()
     study = open_study(spec, paths.root)
     best = study.best_trial
-    objective = resolve_objective(spec)
-    final = getattr(objective, "final", None)
-    if final is None:
-        raise HpcdlError(f"objective {spec.objective} has no final() for a test-set evaluation")
     paths.final.mkdir(exist_ok=True)
-    result = final(dict(best.params), spec, paths.final)
-    result = {"trial": best.number, spec.metric: best.value, "params": best.params, **result}
-    dump_json(paths.final / "result.json", result)
+    try:
+        scores = resolve_objective(spec).final(dict(best.params), spec, paths.final)
+    except TrialRequeued as exc:  # checkpointed on a preemption signal: the requeued job goes on
+        return {"requeued": str(exc)}
+    result = {"trial": best.number, spec.metric: best.value, "params": best.params, **scores}
+    atomic_write_json(paths.final / "result.json", result)
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import importlib
-import json
 import os
 import socket
 import traceback
@@ -22,18 +21,21 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel
 
+from hpcdl.hpo.protocol import Objective, as_objective
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.study import open_study, suggest
+from hpcdl.hpo.study import TrialReporter, open_study, storage, suggest
+from hpcdl.train.stop import StopTraining
+from hpcdl.util import atomic_write_text
 
 SlotStateName = Literal["running", "retry", "complete", "pruned", "failed"]
+FINISHED_SLOT = frozenset({"complete", "pruned", "failed"})  # nothing left to run for the slot
 
 
 class Slot(BaseModel):
     """What a sweep knows about one trial slot."""
 
     slot: int
-    trial: int
-    trial_id: int
+    trial: int  # the Optuna trial's number
     params: dict[str, Any]
     run_id: str
     state: SlotStateName = "running"
@@ -81,10 +83,7 @@ class SweepPaths:
         return Slot.model_validate_json(path.read_text()) if path.is_file() else None
 
     def write_slot(self, slot: Slot) -> None:
-        path = self.slot_file(slot.slot)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(slot.model_dump_json(indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(self.slot_file(slot.slot), slot.model_dump_json(indent=1))
 
     def all_slots(self) -> list[Slot]:
         return sorted(
@@ -103,11 +102,12 @@ class SweepPaths:
         return SweepSpec.model_validate_json(self.spec.read_text())
 
 
-def resolve_objective(spec: SweepSpec) -> Callable[[dict[str, Any], TrialContext], float]:
-    """``objective: module:function`` from the spec, else hpcdl's trainer."""
+def resolve_objective(spec: SweepSpec) -> Objective:
+    """``objective: module:name`` from the spec (an Objective, or a plain function wrapped in
+    one), else hpcdl's trainer."""
     ref = spec.objective or "hpcdl.hpo.objective:train_objective"
     module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return as_objective(getattr(importlib.import_module(module), name), ref)
 
 
 def claim(
@@ -131,7 +131,7 @@ def claim(
             if slot_no is None:
                 return None
         slot = paths.read_slot(slot_no)
-        if slot is not None and slot.state in {"complete", "pruned", "failed"}:
+        if slot is not None and slot.state in FINISHED_SLOT:
             return None
         requeued = slot is not None and slot.state == "running" and slot.job == _job_id()
         if slot is not None and not requeued and slot.attempts > spec.max_retries:
@@ -145,7 +145,6 @@ def claim(
             slot = Slot(
                 slot=slot_no,
                 trial=trial.number,
-                trial_id=trial._trial_id,
                 params=suggest(trial, spec),
                 run_id=f"{spec.name}-t{trial.number:05d}",
             )
@@ -170,52 +169,55 @@ def _job_id() -> str | None:
 def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot) -> Slot:
     """Run the objective for a claimed slot (retrying exceptions up to ``max_retries``); rank 0
     tells the study. Multi-node trials: every rank runs this with the slot broadcast from rank 0."""
-    trial = optuna.trial.Trial(study, slot.trial_id)
     objective = resolve_objective(spec)
     trial_dir = paths.trial_dir(slot)
     trial_dir.mkdir(parents=True, exist_ok=True)
+    lead = _rank() == 0
+    reporter = TrialReporter(study, storage(paths.root), slot.trial) if lead else None
+
+    def record(new: Slot, **tell: Any) -> Slot:
+        """Rank 0 writes the slot, and tells the study when the trial ends."""
+        if lead:
+            if tell:
+                study.tell(new.trial, **tell)
+            paths.write_slot(new)
+        return new
 
     def report(epoch: int, value: float) -> None:
         nonlocal slot
-        slot = slot.model_copy(update={"epochs": epoch})
-        if _rank() == 0:
-            trial.report(value, epoch)
-            paths.write_slot(slot)
-        if _agree(trial.should_prune() if _rank() == 0 else False):
-            pruned = optuna.TrialPruned(f"pruned at epoch {epoch}")
-            pruned.wandb_tag = "pruned"  # type: ignore[attr-defined]
-            raise pruned
+        if reporter is not None:
+            reporter.report(value, epoch)
+        slot = record(slot.model_copy(update={"epochs": epoch}))
+        if _agree(reporter.should_prune() if reporter is not None else False):
+            raise StopTraining(f"pruned at epoch {epoch}", tag="pruned")
 
     while True:
         ctx = TrialContext(spec, slot, trial_dir, report)
         try:
-            value = float(objective(dict(slot.params), ctx))
+            value = float(objective.run(dict(slot.params), ctx))
         except TrialRequeued:
             return slot
-        except optuna.TrialPruned:
-            slot = slot.model_copy(update={"state": "pruned"})
-            if _rank() == 0:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                paths.write_slot(slot)
-            return slot
         except Exception as exc:
+            if _pruned(exc):
+                pruned = slot.model_copy(update={"state": "pruned"})
+                return record(pruned, state=optuna.trial.TrialState.PRUNED)
             error = f"{type(exc).__name__}: {exc}"
             (trial_dir / f"error-attempt{slot.attempts}.txt").write_text(traceback.format_exc())
             if slot.attempts <= spec.max_retries:
-                slot = slot.model_copy(update={"attempts": slot.attempts + 1, "error": error})
-                if _rank() == 0:
-                    paths.write_slot(slot)
+                slot = record(
+                    slot.model_copy(update={"attempts": slot.attempts + 1, "error": error})
+                )
                 continue
-            slot = slot.model_copy(update={"state": "failed", "error": error})
-            if _rank() == 0:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                paths.write_slot(slot)
-            return slot
-        slot = slot.model_copy(update={"state": "complete", "value": value})
-        if _rank() == 0:
-            study.tell(trial, value)
-            paths.write_slot(slot)
-        return slot
+            failed = slot.model_copy(update={"state": "failed", "error": error})
+            return record(failed, state=optuna.trial.TrialState.FAIL)
+        return record(slot.model_copy(update={"state": "complete", "value": value}), values=value)
+
+
+def _pruned(exc: BaseException) -> bool:
+    """The pruner's stop (or an objective's own ``optuna.TrialPruned``)."""
+    return isinstance(exc, optuna.TrialPruned) or (
+        isinstance(exc, StopTraining) and exc.tag == "pruned"
+    )
 
 
 def _rank() -> int:
@@ -265,9 +267,3 @@ def _maybe_init_distributed() -> None:
         from hpcdl.launch import init_distributed
 
         init_distributed()
-
-
-def dump_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)

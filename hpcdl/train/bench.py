@@ -4,7 +4,6 @@ Rank 0 writes the figures to ``OUT/bench_{train,comm}.json``; the CLI prints the
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -13,15 +12,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpcdl.launch import init_distributed
-from hpcdl.train import finish_distributed
-from hpcdl.train.config import TrainConfig, dump_config
+from hpcdl.errors import HpcdlError
+from hpcdl.train.config import TrainConfig
+from hpcdl.train.run import Run, ranks
+from hpcdl.util import atomic_write_json, get_logger
+
+log = get_logger(__name__)
 
 
 def _write(out: Path, name: str, data: dict[str, Any]) -> None:
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(json.dumps(data, indent=1) + "\n")
+        atomic_write_json(out / name, data)
 
 
 # -- hpcdl bench train ---------------------------------------------------------------------------
@@ -32,9 +34,9 @@ def plain_loop(cfg: TrainConfig, steps: int) -> float:
     from torch.utils.data import DataLoader
 
     from hpcdl.data.reader import ShardedDataset
+    from hpcdl.train.engine import DTYPES, build_optimizer, deepspeed_config, seed_everything
     from hpcdl.train.models import build_model
     from hpcdl.train.preflight import inspect_data
-    from hpcdl.train.trainer import DTYPES, build_optimizer, deepspeed_config, seed_everything
 
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = inspect_data(cfg, "bench")
@@ -62,7 +64,7 @@ def plain_loop(cfg: TrainConfig, steps: int) -> float:
             if boundary:
                 done += 1
                 if rank == 0 and done % cfg.log.every_steps == 0:
-                    print(f"step {done} loss {loss.item():.4f}", flush=True)
+                    log.info("step %d loss %.4f", done, loss.item())
                 if done == steps:
                     break
         epoch += 1
@@ -72,51 +74,48 @@ def plain_loop(cfg: TrainConfig, steps: int) -> float:
 
 
 def hpcdl_loop(cfg: TrainConfig, steps: int, run_dir: Path) -> float:
-    """hpcdl's trainer on a fresh run folder, ``steps`` optimizer steps, no periodic checkpoints;
-    returns its mean step time (evaluation and the final checkpoint excluded)."""
-    from hpcdl.train.preempt import PreemptionFlag
-    from hpcdl.train.trainer import train
-
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True)
-        run = cfg.model_copy(
-            update={
-                "run_dir": str(run_dir),
-                "max_steps": steps,
-                "epochs": 10**6,
-                "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": 0}),
-            }
-        )
-        (run_dir / "config.yaml").write_text(dump_config(run))
-    dist.barrier()
-    return train(run_dir, PreemptionFlag())["step_time_mean_s"]
+    """hpcdl's trainer (a :class:`Run`) on a fresh run folder, ``steps`` optimizer steps, no
+    periodic checkpoints; returns its mean step time (evaluation and the final checkpoint
+    excluded)."""
+    changes = {
+        "run_dir": str(run_dir),
+        "max_steps": steps,
+        "epochs": 10**6,
+        "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": 0}),
+    }
+    run = Run(cfg.model_copy(update=changes), where="bench train")
+    return run.execute(finish=False)["step_time_mean_s"]  # the rounds share one process group
 
 
 def bench_train(cfg_data: dict[str, Any], steps: int, rounds: int, out: str) -> dict[str, Any]:
     """Alternate the two loops ``rounds`` times in this one allocation (so drift hits both)."""
     cfg = TrainConfig.model_validate(cfg_data)
-    init_distributed()
-    from hpcdl.train.trainer import import_deepspeed
+    runs = [Path(out) / f"run-{r}" for r in range(rounds)]
+    with ranks():
+        # Before the first collective, so no rank can have made a folder yet: a benchmark
+        # must not resume an earlier one's checkpoints.
+        if taken := [str(p) for p in runs if p.exists()]:
+            raise HpcdlError(f"{', '.join(taken)} exist already: choose another --out")
+        from hpcdl.train.engine import import_deepspeed
 
-    import_deepspeed()
-    plain, ours = [], []
-    for r in range(rounds):
-        plain.append(plain_loop(cfg, steps))
-        ours.append(hpcdl_loop(cfg, steps, Path(out) / f"run-{r}"))
-    result = {
-        "world_size": dist.get_world_size(),
-        "zero_stage": cfg.zero_stage,
-        "precision": cfg.precision,
-        "model": cfg.model.name,
-        "batch": cfg.batch.size,
-        "steps": steps,
-        "rounds": rounds,
-        "plain_step_s": plain,
-        "hpcdl_step_s": ours,
-        "ratio": statistics.median(plain) / statistics.median(ours),
-    }
-    _write(Path(out), "bench_train.json", result)
-    finish_distributed()
+        import_deepspeed()
+        plain, ours = [], []
+        for run_dir in runs:
+            plain.append(plain_loop(cfg, steps))
+            ours.append(hpcdl_loop(cfg, steps, run_dir))
+        result = {
+            "world_size": dist.get_world_size(),
+            "zero_stage": cfg.zero_stage,
+            "precision": cfg.precision,
+            "model": cfg.model.name,
+            "batch": cfg.batch.size,
+            "steps": steps,
+            "rounds": rounds,
+            "plain_step_s": plain,
+            "hpcdl_step_s": ours,
+            "ratio": statistics.median(plain) / statistics.median(ours),
+        }
+        _write(Path(out), "bench_train.json", result)
     return result
 
 
@@ -156,30 +155,28 @@ def bench_comm(sizes: list[int], budget_s: float, out: str) -> dict[str, Any]:
     """All-reduce of float32 messages of each size: DeepSpeed's comm layer (what training uses,
     over hpcdl's rendezvous) vs. raw ``torch.distributed``. Bus bandwidth as nccl-tests
     defines it: bytes / time x 2 (n - 1) / n."""
-    info = init_distributed()
-    from hpcdl.train.trainer import import_deepspeed
+    from hpcdl.train.engine import import_deepspeed
 
-    deepspeed = import_deepspeed()
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    )
-    n = info.world_size
-    rows = []
-    for size in sizes:
-        tensor = torch.ones(size // 4, dtype=torch.float32, device=device)
-        row: dict[str, Any] = {"bytes": size}
-        paths = {"hpcdl": deepspeed.comm.all_reduce, "torch": dist.all_reduce}
-        for name, seconds in _time_allreduces(paths, tensor, budget_s).items():
-            row[f"{name}_us"] = seconds * 1e6
-            row[f"{name}_busbw_gbs"] = size / seconds * 2 * (n - 1) / max(n, 1) / 1e9
-        rows.append(row)
-        del tensor
-    result = {
-        "world_size": n,
-        "backend": dist.get_backend(),
-        "nodes": n // info.local_world_size,
-        "rows": rows,
-    }
-    _write(Path(out), "bench_comm.json", result)
-    finish_distributed()
+    with ranks() as (_, info):
+        deepspeed = import_deepspeed()
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        n = info.world_size
+        rows = []
+        for size in sizes:
+            tensor = torch.ones(size // 4, dtype=torch.float32, device=device)
+            row: dict[str, Any] = {"bytes": size}
+            paths = {"hpcdl": deepspeed.comm.all_reduce, "torch": dist.all_reduce}
+            for name, seconds in _time_allreduces(paths, tensor, budget_s).items():
+                row[f"{name}_us"] = seconds * 1e6
+                row[f"{name}_busbw_gbs"] = size / seconds * 2 * (n - 1) / max(n, 1) / 1e9
+            rows.append(row)
+            del tensor
+        result = {
+            "world_size": n,
+            "backend": dist.get_backend(),
+            "nodes": n // info.local_world_size,
+            "rows": rows,
+        }
+        _write(Path(out), "bench_comm.json", result)
     return result

@@ -20,12 +20,9 @@ ranks share; RNG states differ per rank, so each rank saves its own file beside 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 from hpcdl.errors import HpcdlError
+from hpcdl.util import atomic_write_text, get_logger, sha256_file
+
+logger = get_logger(__name__)
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -63,18 +63,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _warn(message: str) -> None:
-    print(f"hpcdl: warning: {message}", file=sys.stderr, flush=True)
-
-
 class Checkpointer:
     """Save and resume DeepSpeed checkpoints collectively (call every method on every rank)."""
 
@@ -96,7 +84,7 @@ class Checkpointer:
         for i, rel in enumerate(files):
             path = self.root / tag / rel
             if i % self.world == self.rank and path.is_file():
-                mine[rel] = (path.stat().st_size, _sha256(path))
+                mine[rel] = (path.stat().st_size, sha256_file(path))
         parts: list[dict[str, tuple[int, str]]] = [{} for _ in range(self.world)]
         dist.all_gather_object(parts, mine)
         return {k: v for part in parts for k, v in part.items()}
@@ -136,8 +124,9 @@ class Checkpointer:
                 "created": time.time(),
                 "files": {rel: {"bytes": n, "sha256": h} for rel, (n, h) in sorted(sums.items())},
             }
-            _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
-            _write_atomic(self.root / LATEST, tag)
+            # fsync: the manifest and the pointer must be on disk before anyone trusts them.
+            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
+            atomic_write_text(self.root / LATEST, tag, fsync=True)
             self._prune(step)
         dist.barrier()
         return tag
@@ -195,7 +184,7 @@ class Checkpointer:
                     and d.name[4:].isdigit()
                     and int(d.name[4:]) > newest
                 ):
-                    _warn(
+                    logger.warning(
                         f"checkpoint {d} is incomplete (no {MANIFEST}: its save was "
                         "interrupted); skipped"
                     )
@@ -206,7 +195,7 @@ class Checkpointer:
             if problem is None:
                 return tag
             if self.rank == 0:
-                _warn(
+                logger.warning(
                     f"checkpoint {self.root / tag} is corrupted ({problem}); trying the previous one"
                 )
         if candidates:
@@ -227,13 +216,3 @@ class Checkpointer:
             torch.load(self.root / tag / f"rng_rank{self.rank:05d}.pt", weights_only=False)
         )
         return client_state
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,7 +10,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcdl.config import apply_overrides, read_yaml, validate
-from hpcdl.errors import ConfigError
 from hpcdl.job import Resources
 
 
@@ -91,6 +91,12 @@ class LogConfig(_Strict):
     wandb_tags: list[str] = []
 
 
+def world_size(resources: Resources) -> int:
+    """Ranks of a job (or of one sweep trial): one per task, tasks default to one per GPU, else
+    one per node."""
+    return resources.nodes * resources.ntasks_per_node
+
+
 class JobConfig(Resources):
     """Where and how the job runs (see ``hpcdl.Job``); ``max_requeues`` bounds preemptions."""
 
@@ -100,8 +106,7 @@ class JobConfig(Resources):
 
     @property
     def world_size(self) -> int:
-        """Ranks of the job: one per task (tasks default to one per GPU, else one per node)."""
-        return self.nodes * self.ntasks_per_node
+        return world_size(self)
 
 
 class TrainConfig(_Strict):
@@ -152,6 +157,14 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return validate(TrainConfig, read_yaml(Path(run_dir) / "config.yaml"), str(run_dir))
 
 
+def read_site_values(run_dir: str | Path) -> dict[str, Any]:
+    """The site-derived values ``hpcdl.Run`` stored in a run folder (``site.json``), or ``{}``
+    for a folder made before runs recorded them. Ranks read these rather than the live profile,
+    so editing the profile while a run is queued does not change the run."""
+    path = Path(run_dir) / "site.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
@@ -163,33 +176,4 @@ def with_absolute_data(cfg: TrainConfig) -> TrainConfig:
 
 
 # Settings a resumed run must share with the run that wrote its checkpoints.
-_IDENTITY = ("seed", "model", "data", "batch", "optimizer", "loss", "zero_stage", "precision")
-
-
-def prepare_run_dir(cfg: TrainConfig, where: str) -> tuple[Path, bool]:
-    """Create (or reuse, to resume) the run folder and store the resolved config in it.
-
-    Returns the folder and whether it is new. Paths are made absolute so the job finds them
-    from any node and working directory.
-    """
-    from datetime import datetime
-
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run_dir or Path(cfg.output) / f"{cfg.name}-{stamp}").expanduser().resolve()
-    resolved = with_absolute_data(cfg).model_copy(update={"run_dir": str(run_dir)})
-    stored = run_dir / "config.yaml"
-    new = not stored.exists()
-    if not new:
-        old = read_run_config(run_dir).model_dump()
-        mine = resolved.model_dump()
-        for key in _IDENTITY:
-            if old[key] != mine[key]:
-                raise ConfigError(
-                    where,
-                    "run_dir",
-                    f"{run_dir} holds a run with a different '{key}' ({old[key]!r}); resume it "
-                    "with the same settings or choose another run_dir",
-                )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stored.write_text(dump_config(resolved))
-    return run_dir, new
+IDENTITY = ("seed", "model", "data", "batch", "optimizer", "loss", "zero_stage", "precision")

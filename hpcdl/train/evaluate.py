@@ -8,6 +8,7 @@ import torch
 
 from hpcdl.data.reader import ShardedDataset
 from hpcdl.train.config import TrainConfig
+from hpcdl.train.engine import score
 from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import inspect_data
 
@@ -23,12 +24,5 @@ def evaluate_weights(cfg: TrainConfig, weights: Path, dataset: Path) -> tuple[fl
     data = ShardedDataset(
         dataset, 256, shuffle=False, drop_last=False, fields=[cfg.data.input, cfg.data.target]
     )
-    loss_sum, correct, seen = 0.0, 0, 0
-    for batch in data:
-        x, y = batch[cfg.data.input], batch[cfg.data.target].long()
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-        logits = model(x)
-        loss_sum += float(compute_loss(logits, y)) * len(y)
-        correct += int((logits.argmax(-1) == y).sum())
-        seen += len(y)
-    return loss_sum / seen, correct / seen, seen
+    loss_sum, correct, seen = score(model, data, cfg, compute_loss, "cpu", torch.float32).tolist()
+    return loss_sum / seen, correct / seen, int(seen)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from types import FrameType
 
@@ -85,14 +84,12 @@ def after_checkpoint(step: int, tag: str, run_dir: str, max_requeues: int, rank:
             f"exhausted: not requeued; {resume}"
         )
     if rank == 0:
+        from hpcdl.scheduler import SlurmScheduler  # the target is a Slurm job (SLURM_JOB_ID)
+
         try:
-            proc = subprocess.run(
-                ["scontrol", "requeue", target], capture_output=True, text=True, timeout=60
-            )
-        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-            raise HpcdlError(f"cannot requeue job {target} ({exc}); {resume}") from None
-        if proc.returncode != 0:
-            raise HpcdlError(f"scontrol requeue {target} failed: {proc.stderr.strip()}; {resume}")
+            SlurmScheduler().requeue(target)
+        except HpcdlError as exc:
+            raise HpcdlError(f"{exc}; {resume}") from None
         print(
             f"hpcdl: requeued job {target} after step {step} "
             f"(requeue {done + 1} of at most {max_requeues})",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -149,8 +150,11 @@ def preflight(cfg: TrainConfig, world_size: int, gpus: bool, where: str) -> Data
     return spec
 
 
-def scratch_dir(cfg: TrainConfig, where: str) -> str:
-    """The node-local folder ``data.stage`` copies to: the site profile's ``scratch``."""
+def scratch_dir(cfg: TrainConfig, where: str, snapshot: str | None = None) -> str:
+    """The node-local folder ``data.stage`` copies to: the run's recorded ``scratch``
+    (``snapshot``, variables expanded here, on the node) or else the site profile's."""
+    if snapshot:
+        return os.path.expandvars(os.path.expanduser(snapshot))
     from hpcdl.site import load_site
 
     site = load_site(cfg.job.site)
@@ -161,11 +165,11 @@ def scratch_dir(cfg: TrainConfig, where: str) -> str:
     return site.scratch_path
 
 
-def staged_data(cfg: TrainConfig, where: str) -> tuple[str, str]:
+def staged_data(cfg: TrainConfig, where: str, snapshot: str | None = None) -> tuple[str, str]:
     """(train, val) dataset paths to read: staged to node-local scratch when ``data.stage``."""
     if not cfg.data.stage:
         return cfg.data.train, cfg.data.val
     from hpcdl.data.stage import stage
 
-    scratch = scratch_dir(cfg, where)
+    scratch = scratch_dir(cfg, where, snapshot)
     return str(stage(cfg.data.train, scratch)), str(stage(cfg.data.val, scratch))

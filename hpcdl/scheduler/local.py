@@ -1,0 +1,136 @@
+"""The local back end: jobs are processes on this machine (submitit's local executor); states
+come from /proc and submitit's result files, cancelling signals the process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
+from hpcdl.scheduler.core import SubmititScheduler, folder_state, task_log_paths
+from hpcdl.site import LivePartition
+
+
+class LocalScheduler(SubmititScheduler):
+    """Processes on this machine, one node, up to the profile's ``max_local_tasks``."""
+
+    name = "local"
+    queued = False
+
+    def check(self, request: Request, where: str) -> None:
+        site = self.site
+        if request.nodes != 1:
+            raise ConfigError(
+                where, "nodes", f"the local profile runs on one node, got {request.nodes}"
+            )
+        if request.ntasks_per_node > site.max_local_tasks:
+            raise ConfigError(
+                where,
+                "tasks_per_node",
+                f"{request.ntasks_per_node} exceeds the local limit of {site.max_local_tasks}",
+            )
+        if request.partition is not None:
+            raise ConfigError(where, "partition", "the local profile has no partitions")
+        if request.dependencies:
+            raise ConfigError(where, "dependencies", "the local profile does not support them")
+
+    def render(self, request: Request, folder: Path | None = None) -> str:
+        raise HpcdlError(
+            f"site {self.site.name!r} is a local profile: jobs run through submitit's local "
+            "executor, there is no sbatch script (pick a Slurm site with --site)"
+        )
+
+    def _executor(self, request: Request, folder: Path) -> Any:
+        import submitit
+
+        ex = submitit.LocalExecutor(folder=folder, python=request.interpreter(self.site))
+        ex.update_parameters(**request.local_parameters(self.site))
+        return ex
+
+    def _job_id(self, jobs: list[Any]) -> str:
+        return str(jobs[0].job_id)  # the controller's pid: the handle's id on this machine
+
+    def _local_ids(self, jobs: list[Any]) -> list[str]:
+        return [str(j.job_id) for j in jobs]
+
+    # -- existing jobs ---------------------------------------------------------------------------
+    def statuses(self, handles: list[JobHandle]) -> dict[str, dict[str, TaskStatus]]:
+        return {
+            h.job_id: {
+                (lid if h.array is None else f"{h.job_id}_{i}"): TaskStatus(_local_state(h, lid))
+                for i, lid in enumerate(h.local_ids)
+            }
+            for h in handles
+        }
+
+    def cancel(self, handles: list[JobHandle], array_task: int | None = None) -> None:
+        for handle in handles:
+            ids = handle.local_ids if array_task is None else [handle.local_ids[array_task]]
+            for pid in ids:
+                # The marker makes the state CANCELLED even after the processes are gone.
+                (Path(handle.folder) / f"{pid}.cancelled").touch()
+                if _pid_alive(int(pid), handle.submitted_at):
+                    for proc_id in _descendants(int(pid)):
+                        with suppress(ProcessLookupError):
+                            os.kill(proc_id, signal.SIGINT)
+
+    def log_paths(
+        self, handle: JobHandle, task: int = 0, array_task: int | None = None
+    ) -> tuple[Path, Path]:
+        return task_log_paths(handle.folder, handle.local_ids[array_task or 0], task)
+
+    def live_partitions(self) -> dict[str, LivePartition]:
+        return {}
+
+    def check_site(self) -> list[str]:
+        return []  # no live cluster to disagree with
+
+
+def _local_state(h: JobHandle, pid: str) -> str:
+    folder = Path(h.folder)
+    if (folder / f"{pid}.cancelled").exists():
+        return "CANCELLED"
+    if _pid_alive(int(pid), h.submitted_at):
+        return "RUNNING"
+    state = folder_state(folder, pid)
+    return "FAILED" if state == "UNKNOWN" else state
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (the local controller runs under a shell)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _pid_alive(pid: int, started_near: float | None = None) -> bool:
+    """Is ``pid`` running (not a zombie) and, if given, started within 2 min of ``started_near``
+    (so a recycled pid is not mistaken for the job)?"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    if fields[0] == "Z":
+        return False
+    if started_near is None:
+        return True
+    boot = next(
+        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime")
+    )  # fmt: skip
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return abs(started - started_near) < 120

@@ -1,0 +1,160 @@
+"""The DeepSpeed side of training: our config turned into DeepSpeed's, the optimizer, the
+learning-rate schedule, the engine, and the few torch helpers every rank needs around it.
+
+Pure functions (:func:`deepspeed_config`, :func:`lr_factor`) are tested directly; the rest needs
+an initialised process group (world size 1 with gloo is enough).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hpcdl.train.config import TrainConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def import_deepspeed() -> Any:
+    """Import DeepSpeed without its shared-memory CPU all-reduce op: that op only serves
+    inference all-reduces, yet it is compiled (~60 s) on the first start of every fresh
+    environment. Training uses the process group's all-reduce either way."""
+    import deepspeed
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return deepspeed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config generated from ours, with ``cfg.deepspeed`` merged over it."""
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.batch.size,
+        "train_micro_batch_size_per_gpu": cfg.batch.micro,
+        "gradient_accumulation_steps": cfg.grad_accumulation(world),
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    if cfg.grad_clip:
+        ds["gradient_clipping"] = cfg.grad_clip
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``: nested dicts merge key by key, anything else replaces. Values
+    from ``extra`` are copied: DeepSpeed may modify its config, never the run's."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Step → learning-rate multiplier: linear warmup, then constant, cosine or linear decay."""
+    s = cfg.schedule
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, total_steps - s.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.name == "cosine" else 1 - progress
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
+
+    return factor
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    params = model.parameters()
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def build_engine(
+    deepspeed: Any, cfg: TrainConfig, model: torch.nn.Module, world: int, total_steps: int
+) -> Any:
+    """The DeepSpeed engine: our optimizer, our schedule (a LambdaLR), the generated config."""
+    factor = lr_factor(cfg, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(cfg, model),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        config=deepspeed_config(cfg, world),
+    )
+    return engine
+
+
+def to_device(
+    batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs in the compute dtype (uint8 images scaled to [0, 1]), labels as int64."""
+    x = batch[cfg.data.input].to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    return x.to(dtype), batch[cfg.data.target].to(device, non_blocking=True).long()
+
+
+@torch.no_grad()
+def score(
+    model: Any, batches: Any, cfg: TrainConfig, compute_loss: Any, device: Any, dtype: torch.dtype
+) -> torch.Tensor:
+    """(loss x n, correct, n) of ``model`` summed over ``batches``, in float64 on ``device``."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in batches:
+        x, y = to_device(batch, cfg, device, dtype)
+        logits = model(x)
+        n = len(y)
+        sums += torch.stack(
+            [
+                compute_loss(logits, y).double() * n,
+                (logits.argmax(-1) == y).sum().double(),
+                sums.new_tensor(n),
+            ]
+        )
+    return sums
+
+
+def validate(
+    engine: Any, loader: Any, cfg: TrainConfig, compute_loss: Any, dtype: torch.dtype
+) -> tuple[float, float, int]:
+    """(loss, accuracy, samples) on the validation set, summed over all ranks (a collective)."""
+    engine.eval()
+    loader.set_epoch(0)
+    sums = score(engine, loader, cfg, compute_loss, engine.device, dtype)
+    dist.all_reduce(sums)
+    engine.train()
+    loss_sum, correct, seen = sums.tolist()
+    return loss_sum / seen, correct / seen, int(seen)
+
+
+def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full model weights (gathered from all ranks under ZeRO-3); a collective."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
