@@ -11,12 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hpcdl.config import JobTime, Memory, format_minutes, parse_mem, parse_time, validation_error
 from hpcdl.errors import ConfigError
-from hpcdl.runner import Task
-from hpcdl.scheduler import JobHandle, get_scheduler
+from hpcdl.runner import LAUNCHERS, Task, torchrun_argv
+from hpcdl.scheduler import JobHandle, get_scheduler, hostnames
 from hpcdl.site import SiteProfile, load_site
 
 __all__ = ["Job", "JobHandle", "Resources", "slurm_job_name"]
@@ -59,6 +67,7 @@ class Job(Resources):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     name: str = "hpcdl-job"
+    launcher: str = "srun"  # before command: command's validator reads it
     command: list[str] | None = None
     function: Callable[..., Any] | None = Field(default=None, exclude=True)
     args: tuple[Any, ...] = Field(default=(), exclude=True)
@@ -72,6 +81,13 @@ class Job(Resources):
     requeue: bool = False
     cwd: str | None = None
 
+    @field_validator("launcher")
+    @classmethod
+    def _launcher(cls, v: str) -> str:
+        if v not in LAUNCHERS:
+            raise ValueError(f"unknown launcher (choose {' or '.join(LAUNCHERS)})")
+        return v
+
     @field_validator("command", mode="before")
     @classmethod
     def _split_command(cls, v: Any) -> Any:
@@ -84,9 +100,14 @@ class Job(Resources):
 
     @field_validator("command")
     @classmethod
-    def _nonempty(cls, v: list[str] | None) -> list[str] | None:
+    def _nonempty(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is not None and (not v or not v[0]):
             raise ValueError("command must not be empty")
+        if v is not None and info.data.get("launcher") == "torchrun" and not torchrun_argv(v, 1, 1):
+            raise ValueError(
+                f"launcher torchrun runs 'python SCRIPT ...' or 'python -m MODULE ...', "
+                f"got: {shlex.join(v)}"
+            )
         return v
 
     @field_validator("env", mode="before")
@@ -115,7 +136,16 @@ class Job(Resources):
             raise ValueError("give exactly one of command or function")
         if self.throttle is not None and self.array is None:
             raise ValueError("throttle needs array")
+        if self.launcher == "torchrun" and self.command is None:
+            raise ValueError(
+                "launcher torchrun runs a command ('python SCRIPT ...'), not a function"
+            )
         return self
+
+    @property
+    def launched_tasks_per_node(self) -> int:
+        """Tasks the scheduler starts per node: one torchrun per node, else one per rank."""
+        return 1 if self.launcher == "torchrun" else self.ntasks_per_node
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Job:
@@ -206,13 +236,14 @@ class Job(Resources):
         """The submitit SlurmExecutor parameters for this job on ``site``."""
         part = site.partition(self.partition)
         assert part is not None
+        per_node = self.launched_tasks_per_node  # torchrun: one task with every rank's CPUs
         params: dict[str, Any] = {
             "job_name": slurm_job_name(self.name),
             "partition": part.name,
             "time": parse_time(self.time),
             "nodes": self.nodes,
-            "ntasks_per_node": self.ntasks_per_node,
-            "cpus_per_task": self.cpus_per_task,
+            "ntasks_per_node": per_node,
+            "cpus_per_task": self.cpus_per_task * self.ntasks_per_node // per_node,
             "signal_delay_s": site.preemption.delay_s,
             "wckey": None,
             "setup": self.setup_lines(site),
@@ -244,6 +275,9 @@ class Job(Resources):
             params["additional_parameters"]["signal"] = (
                 f"{site.preemption.signal}@{site.preemption.delay_s}"
             )
+        mpi = site.launcher(self.launcher).mpi if self.command is not None else None
+        if mpi:
+            params["srun_args"] = [f"--mpi={mpi}"]
         if site.container.runtime == "pyxis" and self.function is not None:
             image = self.container or site.container.image
             params["srun_args"] = [f"--container-image={image}"] + (
@@ -257,7 +291,7 @@ class Job(Resources):
         """The submitit LocalExecutor parameters for this job on ``site``."""
         return {
             "timeout_min": parse_time(self.time),
-            "tasks_per_node": self.ntasks_per_node,
+            "tasks_per_node": self.launched_tasks_per_node,
             "gpus_per_node": self.gpus_per_node,
             "setup": self.setup_lines(site),
             "signal_delay_s": site.preemption.delay_s,
@@ -272,8 +306,11 @@ class Job(Resources):
 
     def task(self, site: SiteProfile, array_task_id: int | None = None) -> Task:
         """The pickled payload each task runs."""
-        env = {**self.env, "HPCDL_JOB_NAME": self.name, "HPCDL_SITE": site.name}
+        preset = site.launcher(self.launcher).env if self.command is not None else {}
+        env = {**preset, **self.env, "HPCDL_JOB_NAME": self.name, "HPCDL_SITE": site.name}
         argv = self.command
+        if argv is not None and self.launcher == "torchrun":
+            argv = torchrun_argv(argv, self.nodes, self.ntasks_per_node)
         image = self.container or site.container.image
         if argv is not None and site.container.runtime == "apptainer" and image:
             binds = [a for b in site.container.binds for a in ("--bind", b)]
@@ -286,6 +323,8 @@ class Job(Resources):
             env=env,
             cwd=self.cwd or str(Path.cwd()),
             array_task_id=array_task_id,
+            launcher=self.launcher if self.command is not None else None,
+            hostnames=hostnames if self.command is not None else None,
         )
 
     def interpreter(self, site: SiteProfile) -> str:

@@ -4,13 +4,22 @@ executor, torchrun's variables, or MPI (mpi4py). One call: :func:`init_distribut
 from __future__ import annotations
 
 import os
-import re
 import socket
-import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
-from hpcdl.errors import HpcdlError
+from hpcdl import runner
+from hpcdl.runner import (
+    Layout,
+    in_slurm_step,
+    local_layout,
+    master_port,
+    resolve,
+    slurm_layout,
+    tasks_per_node,
+)
+
+__all__ = ["DistEnv", "discover", "first_host", "init_distributed", "master_port", "tasks_per_node"]
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
@@ -41,77 +50,36 @@ class DistEnv:
         )
 
 
-def master_port(job_id: str, array_task_id: str | None = None) -> int:
-    """A port in 20000–59999 derived from the job (and array task), so that two jobs or two array
-    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it."""
-    if os.environ.get("HPCDL_MASTER_PORT"):
-        return int(os.environ["HPCDL_MASTER_PORT"])
-    return 20000 + zlib.crc32(f"{job_id}:{array_task_id or ''}".encode()) % 40000
-
-
-def tasks_per_node(spec: str) -> list[int]:
-    """Slurm's ``SLURM_STEP_TASKS_PER_NODE`` form ``2(x3),1`` → ``[2, 2, 2, 1]``."""
-    counts: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise HpcdlError(f"cannot parse Slurm tasks-per-node {spec!r}")
-        counts += [int(m[1])] * int(m[2] or 1)
-    return counts
-
-
 def first_host(nodelist: str) -> str:
     """The first node of an allocation: ``scontrol show hostnames`` when present (not in every
     container), else hpcdl's own hostlist parser."""
     from hpcdl.scheduler import hostnames
 
-    try:
-        hosts = hostnames(nodelist)
-    except ValueError:
-        hosts = []
-    if not hosts:
-        raise HpcdlError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
-    return hosts[0]
+    return runner.first_host(nodelist, hostnames)
 
 
-def _resolve(host: str) -> str:
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        raise HpcdlError(
-            f"cannot resolve node {host!r} to an address (check /etc/hosts or DNS)"
-        ) from None
+def _dist_env(layout: Layout) -> DistEnv:
+    return DistEnv(
+        rank=layout.rank,
+        world_size=layout.world_size,
+        local_rank=layout.local_rank,
+        local_world_size=layout.local_world_size,
+        node_rank=layout.node_rank,
+        master_addr=resolve(layout.master_host),
+        master_port=layout.master_port,
+        source=layout.source,
+    )
 
 
 def _from_slurm(env: os._Environ[str]) -> DistEnv:
-    node_rank = int(env.get("SLURM_NODEID", "0"))
-    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env["SLURM_TASKS_PER_NODE"])
-    nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-    job_id = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
-    return DistEnv(
-        rank=int(env["SLURM_PROCID"]),
-        world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
-        local_rank=int(env["SLURM_LOCALID"]),
-        local_world_size=per_node[min(node_rank, len(per_node) - 1)],
-        node_rank=node_rank,
-        master_addr=_resolve(first_host(nodelist)),
-        master_port=master_port(job_id, env.get("SLURM_ARRAY_TASK_ID")),
-        source="slurm",
-    )
+    """The rule command jobs get too (``hpcdl.runner.slurm_layout``)."""
+    from hpcdl.scheduler import hostnames
+
+    return _dist_env(slurm_layout(env, hostnames))
 
 
 def _from_submitit_local(env: os._Environ[str]) -> DistEnv:
-    n = int(env["SUBMITIT_LOCAL_NTASKS"])
-    return DistEnv(
-        rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
-        world_size=n,
-        local_rank=int(env["SUBMITIT_LOCAL_LOCALID"]),
-        local_world_size=n,
-        node_rank=0,
-        master_addr="127.0.0.1",
-        master_port=master_port(env["SUBMITIT_LOCAL_JOB_ID"]),
-        source="submitit-local",
-    )
+    return _dist_env(local_layout(env))
 
 
 def _from_env(env: os._Environ[str]) -> DistEnv:
@@ -140,7 +108,7 @@ def _from_mpi() -> DistEnv:
     node_rank = local.bcast(node_rank, root=0)
     addr_port = None
     if comm.Get_rank() == 0:
-        addr = os.environ.get("MASTER_ADDR") or _resolve(socket.gethostname())
+        addr = os.environ.get("MASTER_ADDR") or resolve(socket.gethostname())
         addr_port = (addr, _free_port())
     addr, port = comm.bcast(addr_port, root=0)
     return DistEnv(
@@ -164,7 +132,7 @@ def _free_port() -> int:
 def discover() -> DistEnv:
     """This process's place in the job, from whatever launched it."""
     env = os.environ
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_JOB_ID" in env:
+    if in_slurm_step(env):
         return _from_slurm(env)
     if "SUBMITIT_LOCAL_GLOBALID" in env:
         return _from_submitit_local(env)

@@ -1,17 +1,220 @@
-"""What runs inside each task of a job: the pickled payload submitit executes."""
+"""What runs inside each task of a job: the pickled payload submitit executes, and the rendezvous
+rule that turns the scheduler's variables into torch.distributed's (the same rule
+``hpcdl.launch.discover`` uses, so a command job and ``init_distributed`` agree)."""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from hpcdl.errors import HpcdlError
+
+LAUNCHERS = ("srun", "torchrun")
+# What every task of a multi-task command job sees (torchrun's names and meanings).
+TORCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 
 
 class CommandFailed(RuntimeError):
     """The job's command exited with a non-zero status."""
+
+
+def master_port(job_id: str, array_task_id: str | None = None) -> int:
+    """A port in 20000–59999 derived from the job (and array task), so that two jobs or two array
+    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it."""
+    if os.environ.get("HPCDL_MASTER_PORT"):
+        return int(os.environ["HPCDL_MASTER_PORT"])
+    return 20000 + zlib.crc32(f"{job_id}:{array_task_id or ''}".encode()) % 40000
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's ``SLURM_STEP_TASKS_PER_NODE`` form ``2(x3),1`` → ``[2, 2, 2, 1]``."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise HpcdlError(f"cannot parse Slurm tasks-per-node {spec!r}")
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
+
+
+def resolve(host: str) -> str:
+    """A node name as an IPv4 address (what torch.distributed and DeepSpeed connect to)."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        raise HpcdlError(
+            f"cannot resolve node {host!r} to an address (check /etc/hosts or DNS)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One task's place in its job step, read from the scheduler's variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_host: str  # a node name, not yet resolved
+    master_port: int
+    job_id: str
+    source: str  # slurm | submitit-local
+
+
+def first_host(nodelist: str, hostnames: Callable[[str], list[str]]) -> str:
+    """The first node of a Slurm node list, expanded by ``hostnames``."""
+    try:
+        hosts = hostnames(nodelist)
+    except ValueError:
+        hosts = []
+    if not hosts:
+        raise HpcdlError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
+    return hosts[0]
+
+
+def slurm_layout(env: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> Layout:
+    """From the variables srun gives each task (step variables first, job variables else);
+    the master is the first host of the step's node list, the port :func:`master_port`."""
+    node_rank = int(env.get("SLURM_NODEID", "0"))
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env["SLURM_TASKS_PER_NODE"])
+    nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    job_id = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
+    array_task = env.get("SLURM_ARRAY_TASK_ID")
+    return Layout(
+        rank=int(env["SLURM_PROCID"]),
+        world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
+        local_rank=int(env["SLURM_LOCALID"]),
+        local_world_size=per_node[min(node_rank, len(per_node) - 1)],
+        node_rank=node_rank,
+        num_nodes=len(per_node),
+        master_host=first_host(nodelist, hostnames),
+        master_port=master_port(job_id, array_task),
+        job_id=f"{job_id}_{array_task}" if array_task else job_id,
+        source="slurm",
+    )
+
+
+def local_layout(env: Mapping[str, str]) -> Layout:
+    """From submitit's local executor (all tasks on this machine)."""
+    n = int(env["SUBMITIT_LOCAL_NTASKS"])
+    job_id = env["SUBMITIT_LOCAL_JOB_ID"]
+    return Layout(
+        rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+        world_size=n,
+        local_rank=int(env["SUBMITIT_LOCAL_LOCALID"]),
+        local_world_size=n,
+        node_rank=0,
+        num_nodes=1,
+        master_host="127.0.0.1",
+        master_port=master_port(job_id),
+        job_id=job_id,
+        source="submitit-local",
+    )
+
+
+def in_slurm_step(env: Mapping[str, str]) -> bool:
+    return all(k in env for k in ("SLURM_PROCID", "SLURM_STEP_ID", "SLURM_JOB_ID"))
+
+
+def torch_env(layout: Layout) -> dict[str, str]:
+    """The variables torchrun gives each worker, for a task started directly by srun."""
+    return {
+        "RANK": str(layout.rank),
+        "WORLD_SIZE": str(layout.world_size),
+        "LOCAL_RANK": str(layout.local_rank),
+        "LOCAL_WORLD_SIZE": str(layout.local_world_size),
+        "NODE_RANK": str(layout.node_rank),
+        "GROUP_RANK": str(layout.node_rank),
+        "GROUP_WORLD_SIZE": str(layout.num_nodes),
+        "MASTER_ADDR": resolve(layout.master_host),
+        "MASTER_PORT": str(layout.master_port),
+    }
+
+
+def torchrun_rendezvous(layout: Layout) -> dict[str, str]:
+    """torchrun's own defaults for ``--rdzv-endpoint/--rdzv-id/--rdzv-conf`` (``PET_*``): the
+    c10d store on the first node at :func:`master_port`, hosted by node 0's torchrun."""
+    return {
+        "PET_RDZV_ENDPOINT": f"{resolve(layout.master_host)}:{layout.master_port}",
+        "PET_RDZV_ID": layout.job_id,
+        "PET_RDZV_CONF": f"is_host={'true' if layout.node_rank == 0 else 'false'}",
+    }
+
+
+def launcher_env(
+    launcher: str, env: Mapping[str, str], hostnames: Callable[[str], list[str]] | None
+) -> dict[str, str]:
+    """What a command task gets on top of its environment: torch.distributed's variables for
+    ``srun`` when the step has several tasks (nothing for one task), torchrun's rendezvous for
+    ``torchrun``; nothing outside a scheduler's task."""
+    if "SUBMITIT_LOCAL_GLOBALID" in env:
+        layout = local_layout(env)
+    elif in_slurm_step(env) and hostnames is not None:
+        layout = slurm_layout(env, hostnames)
+    else:
+        return {}
+    if launcher == "torchrun":
+        return torchrun_rendezvous(layout)
+    return torch_env(layout) if layout.world_size > 1 else {}
+
+
+def torchrun_argv(command: list[str], nnodes: int, nproc_per_node: int) -> list[str] | None:
+    """``python SCRIPT ARGS`` or ``python -m MODULE ARGS`` as one torchrun per node (the same
+    interpreter, ``python -m torch.distributed.run``); ``None`` for any other command."""
+    if len(command) < 2 or not _PYTHON.match(Path(command[0]).name):
+        return None
+    if command[1] == "-m":
+        if len(command) < 3 or not command[2] or command[2].startswith("-"):
+            return None
+        target = command[1:3]
+        rest = command[3:]
+    elif command[1].startswith("-"):
+        return None
+    else:
+        target, rest = command[1:2], command[2:]
+    return [
+        command[0],
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        *target,
+        *rest,
+    ]
+
+
+def _pmi_fds() -> tuple[int, ...]:
+    """srun --mpi=pmi2 hands each task its PMI socket as ``PMI_FD``; keep it open in the command."""
+    fd = os.environ.get("PMI_FD", "")
+    if not fd.isdigit():
+        return ()
+    try:
+        os.fstat(int(fd))
+    except OSError:
+        return ()
+    return (int(fd),)
 
 
 @dataclass
@@ -19,7 +222,8 @@ class Task:
     """Runs a command (argv, no shell) or a Python callable with extra environment variables.
 
     Values travel inside the pickle, never through a shell, so spaces, quotes, ``$(...)``,
-    backticks and newlines arrive intact and execute nothing.
+    backticks and newlines arrive intact and execute nothing. A command with a ``launcher``
+    also gets :func:`launcher_env`, except variables set in ``env``, which win.
     """
 
     argv: list[str] | None = None
@@ -29,6 +233,8 @@ class Task:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     array_task_id: int | None = None
+    launcher: str | None = None
+    hostnames: Callable[[str], list[str]] | None = None
 
     def __call__(self) -> Any:
         os.environ.update(self.env)
@@ -40,9 +246,14 @@ class Task:
         if self.function is not None:
             return self.function(*self.args, **self.kwargs)
         assert self.argv is not None
+        if self.launcher is not None:
+            extra = launcher_env(self.launcher, os.environ, self.hostnames)
+            os.environ.update({k: v for k, v in extra.items() if k not in self.env})
         sys.stdout.flush()
         try:
-            rc = subprocess.run(self.argv, cwd=self.cwd, check=False).returncode
+            rc = subprocess.run(
+                self.argv, cwd=self.cwd, check=False, pass_fds=_pmi_fds()
+            ).returncode
         except FileNotFoundError:
             raise CommandFailed(f"program not found: {self.argv[0]!r}") from None
         if rc != 0:

@@ -1,4 +1,4 @@
-"""Site profiles: what a cluster offers, written by its admins in ``site/*.yaml``."""
+"""Site profiles: what a cluster offers, written by its admins (``hpcdl/sites/*.yaml`` are shipped)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hpcdl.config import (
     Memory,
@@ -22,8 +22,20 @@ from hpcdl.config import (
 from hpcdl.errors import ConfigError
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_names(v: dict[str, str]) -> dict[str, str]:
+    for key in v:
+        if not _ENV_NAME.match(key):
+            raise ValueError(f"invalid environment variable name {key!r}")
+    return v
+
+
+# Environment variables a profile sets: names a shell accepts, values as strings.
+EnvVars = Annotated[dict[str, str], AfterValidator(_env_names)]
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-REPO_SITE_DIR = Path(__file__).resolve().parent.parent / "site"
+PACKAGE_SITE_DIR = Path(__file__).resolve().parent / "sites"  # shipped in the wheel
+SYSTEM_SITE_DIR = Path("/etc/hpcdl/sites")
 
 
 class _Strict(BaseModel):
@@ -73,11 +85,34 @@ class Container(_Strict):
         return self
 
 
-class Preemption(_Strict):
-    """Signal sent before the time limit, so jobs can checkpoint and requeue."""
+SignalName = Literal["USR1", "USR2", "TERM", "INT", "HUP"]
 
-    signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
+
+class Preemption(_Strict):
+    """How jobs are stopped early, so they can checkpoint and requeue. ``signal`` is sent
+    ``delay_s`` before the time limit (``--signal``, hpcdl asks for it). ``preempt_signals`` are
+    what the site sends when a higher-priority job preempts this one: with ``PreemptMode=REQUEUE``
+    Slurm sends SIGTERM to every step, waits ``GraceTime`` (``grace_time_s``), then SIGKILL. The
+    trainer checkpoints on all of them at the next step boundary."""
+
+    signal: SignalName = "USR2"
     delay_s: int = Field(default=120, ge=10, le=3600)
+    preempt_signals: list[SignalName] = ["TERM"]
+    grace_time_s: int = Field(default=60, ge=0, le=3600)
+
+
+class LauncherPreset(_Strict):
+    """What a site adds to command jobs started by one launcher (``launchers.srun``, ...)."""
+
+    env: EnvVars = {}
+    mpi: str | None = None  # srun only: ``srun --mpi=VALUE`` (pmi2, pmix, ...) for MPI programs
+
+    @field_validator("mpi")
+    @classmethod
+    def _mpi(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_NAME.match(v):
+            raise ValueError("must be an srun --mpi type such as pmi2 or pmix")
+        return v
 
 
 class SiteProfile(_Strict):
@@ -95,7 +130,7 @@ class SiteProfile(_Strict):
     module_paths: list[str] = []
     modules: list[str] = []
     setup: list[str] = []
-    env: dict[str, str] = {}
+    env: EnvVars = {}
     secrets: list[str] = []
     container: Container = Container()
     job_root: str = "~/.hpcdl/jobs"
@@ -103,14 +138,7 @@ class SiteProfile(_Strict):
     preemption: Preemption = Preemption()
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     max_local_tasks: int = Field(default=8, ge=1)
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"invalid environment variable name {key!r}")
-        return {k: str(val) for k, val in v.items()}
+    launchers: dict[Literal["srun", "torchrun"], LauncherPreset] = {}
 
     @field_validator("secrets")
     @classmethod
@@ -137,6 +165,12 @@ class SiteProfile(_Strict):
         leaked = sorted(set(self.secrets) & set(self.env))
         if leaked:
             raise ValueError(f"secret {leaked[0]!r} must not have a value in env")
+        for name, preset in self.launchers.items():
+            leaked = sorted(set(self.secrets) & set(preset.env))
+            if leaked:
+                raise ValueError(f"secret {leaked[0]!r} must not have a value in launchers.{name}")
+            if preset.mpi and name != "srun":
+                raise ValueError(f"launchers.{name}.mpi: only srun takes an MPI type")
         return self
 
     # -- lookups ---------------------------------------------------------------------------
@@ -150,6 +184,10 @@ class SiteProfile(_Strict):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def launcher(self, name: str) -> LauncherPreset:
+        """The site's preset for a launcher (empty when the profile has none)."""
+        return self.launchers.get(name, LauncherPreset())  # type: ignore[call-overload]
 
     @property
     def job_root_path(self) -> Path:
@@ -192,15 +230,42 @@ class SiteProfile(_Strict):
         ]
 
 
+def site_search_path() -> list[tuple[Path, str]]:
+    """Profile folders, first match wins, each with its origin: ``$HPCDL_SITE_PATH`` (colon-separated),
+    the user's (``~/.config/hpcdl/sites``), the system's (``/etc/hpcdl/sites``, ``/etc/xdg/hpcdl/sites``),
+    ``./site``, then the package's (``local`` and the examples)."""
+    import platformdirs
+
+    env = [(Path(d), "HPCDL_SITE_PATH") for d in os.environ.get("HPCDL_SITE_PATH", "").split(":")]
+    system = platformdirs.site_config_dir("hpcdl", multipath=True).split(os.pathsep)
+    dirs = [*env, (Path(platformdirs.user_config_dir("hpcdl")) / "sites", "user")]
+    dirs += [(SYSTEM_SITE_DIR, "system")] + [(Path(d) / "sites", "system") for d in system]
+    dirs += [
+        (Path.cwd() / "site", "./site"),
+        (PACKAGE_SITE_DIR, "package"),
+    ]
+    seen: dict[Path, str] = {}
+    for d, label in dirs:
+        if str(d) not in {"", "."}:
+            seen.setdefault(d.resolve(), label)
+    return list(seen.items())
+
+
 def site_dirs() -> list[Path]:
-    """Where profiles are searched: ``$HPCDL_SITE_PATH`` (colon-separated), ``./site``, the repo's."""
-    dirs = [Path(d) for d in os.environ.get("HPCDL_SITE_PATH", "").split(":") if d]
-    dirs += [Path.cwd() / "site", REPO_SITE_DIR]
-    return list(dict.fromkeys(d.resolve() for d in dirs))
+    return [d for d, _ in site_search_path()]
+
+
+def site_origins() -> dict[str, tuple[Path, str]]:
+    """Each profile name → (its file, its folder's origin): the file ``load_site`` picks."""
+    found: dict[str, tuple[Path, str]] = {}
+    for d, label in site_search_path():
+        for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            found.setdefault(p.stem, (p, label))
+    return found
 
 
 def available_sites() -> list[str]:
-    return sorted({p.stem for d in site_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    return sorted(site_origins())
 
 
 def default_site_name() -> str:
@@ -213,11 +278,11 @@ def load_site(name_or_path: str | Path | None = None) -> SiteProfile:
     ref = str(name_or_path) if name_or_path is not None else default_site_name()
     path = Path(ref)
     if not (ref.endswith((".yaml", ".yml")) or os.sep in ref):
-        found = [d / f"{ref}.yaml" for d in site_dirs() if (d / f"{ref}.yaml").is_file()]
-        if not found:
-            known = ", ".join(available_sites()) or "none"
+        origins = site_origins()
+        if ref not in origins:
+            known = ", ".join(sorted(origins)) or "none"
             raise ConfigError("", "site", f"unknown site profile {ref!r} (available: {known})")
-        path = found[0]
+        path = origins[ref][0]
     data = read_yaml(path)
     profile = validate(SiteProfile, data, str(path))
     if (

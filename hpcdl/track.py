@@ -20,9 +20,11 @@ from hpcdl.util import atomic_write_text, configure_logging, get_logger
 logger = get_logger(__name__)
 
 
-def rewind_jsonl(path: Path, step: int) -> None:
-    """Drop rows a resumed run will log again: ``step`` rows after ``step``, ``epoch`` rows from
-    ``step`` on (the epoch ending at the checkpoint is evaluated again). Events stay."""
+def rewind_jsonl(path: Path, step: int, epoch: int | None = None) -> None:
+    """Drop rows a resumed run will log again: ``step`` rows after ``step``; ``epoch`` rows of
+    epoch ``epoch`` (the checkpoint's current epoch, whose row the resumed run logs) and later.
+    Without ``epoch``: ``epoch`` rows from ``step`` on. A checkpoint taken after its epoch's row
+    (at the run's end) has the next epoch as current, so that row stays. Events stay."""
     if not path.is_file():
         return
     kept = []
@@ -32,7 +34,9 @@ def rewind_jsonl(path: Path, step: int) -> None:
         except ValueError:  # a line cut by a kill
             continue
         kind, at = row.get("kind"), row.get("step", 0)
-        if (kind == "step" and at > step) or (kind == "epoch" and at >= step):
+        if kind == "step" and at > step:
+            continue
+        if kind == "epoch" and (at >= step if epoch is None else row.get("epoch", 0) >= epoch):
             continue
         kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def job_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own job root and registry, and sees only the repo's site profiles."""
     root = tmp_path / "jobs"
     monkeypatch.setenv("HPCDL_JOB_ROOT", str(root))
-    monkeypatch.setenv("HPCDL_SITE_PATH", str(REPO / "site"))
+    monkeypatch.setenv("HPCDL_SITE_PATH", str(REPO / "hpcdl/sites"))
     monkeypatch.delenv("HPCDL_SITE", raising=False)
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -87,3 +88,58 @@ def sacct_finished(job_id: str, count: int, timeout: float = 60) -> list[dict[st
             return rows
         assert time.monotonic() < deadline, f"sacct never showed {count} finished rows: {rows}"
         time.sleep(1)
+
+
+# -- single-process trainings (world size 1, gloo), shared by the trainer, export and
+# preemption test modules -------------------------------------------------------------------
+def release_deepspeed_groups() -> None:
+    """Forget the process groups DeepSpeed cached (its clone of the world group...): after
+    ``dist.destroy_process_group`` they are dead, and the next module's engine would use them
+    ("Group ... is not registered"). ``deepspeed.comm.destroy_process_group`` does this too."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._release_process_group_references()
+
+
+@pytest.fixture(scope="module")
+def world1() -> Iterator[None]:
+    """One rank in this process (gloo), as the trainer unit tests have it; DeepSpeed's cached
+    groups are released before (another module may have left them) and after."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    release_deepspeed_groups()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith(("SLURM_", "SUBMITIT_", "PMI", "OMPI_", "PMIX_", "MPI_")):
+                mp.delenv(key)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+               "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0",
+               "OMP_NUM_THREADS": "1"}  # fmt: skip
+        for key, value in env.items():
+            mp.setenv(key, value)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            release_deepspeed_groups()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 learnable 8x8 uint8 samples of 4 classes: 480 train (15 steps of 32), 120 val."""
+    from hpcdl.data.sources import SynthSource
+    from hpcdl.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("synth")
+    write_shards(SynthSource(600, (1, 8, 8), "uint8", 4), out, val=0.2, chunk_size="1KiB")
+    return out

@@ -80,7 +80,7 @@ def test_nodes_have_four_cpus_and_4000m_and_gpu_nodes_two_gpus():
 
 
 def test_partition_limits_match_site_profile():
-    site = yaml.safe_load((REPO / "site" / "devcluster.yaml").read_text())
+    site = yaml.safe_load((REPO / "hpcdl/sites" / "devcluster.yaml").read_text())
     parts = partitions()
     assert {p["name"] for p in site["partitions"]} == set(parts)
     for p in site["partitions"]:

@@ -30,7 +30,7 @@ def test_name_with_newline_stays_one_header_line():
 
 
 def test_array_dependency_account_qos_and_signal(tmp_path):
-    data = yaml.safe_load((REPO / "site/example-gpu-site.yaml").read_text())
+    data = yaml.safe_load((REPO / "hpcdl/sites/example-gpu-site.yaml").read_text())
     data["preemption"] = {"signal": "USR1", "delay_s": 90}
     site = tmp_path / "example-gpu-site.yaml"
     site.write_text(yaml.safe_dump(data))

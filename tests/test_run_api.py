@@ -43,7 +43,7 @@ def _train_and_wait(run: hpcdl.Run) -> dict:
 
 
 def _site_profile(tmp_path: Path, base: str, **changes) -> Path:
-    profile = yaml.safe_load((REPO / f"site/{base}.yaml").read_text())
+    profile = yaml.safe_load((REPO / f"hpcdl/sites/{base}.yaml").read_text())
     profile.update(changes)
     path = tmp_path / f"{profile['name']}.yaml"
     path.write_text(yaml.safe_dump(profile))
@@ -96,7 +96,12 @@ def test_run_folder_holds_the_resolved_config_and_the_sites_values(tmp_path, dig
         "scheduler": "local",
         "wandb_mode": "disabled",  # the config leaves it to the site
         "scratch": "/scratch/$USER",
-        "preemption": {"signal": "TERM", "delay_s": 45},
+        "preemption": {
+            "signal": "TERM",
+            "delay_s": 45,
+            "preempt_signals": ["TERM"],
+            "grace_time_s": 60,
+        },
     }
     loaded = hpcdl.Run.load(folder)
     assert loaded.run_dir == folder and loaded.config == run.config
@@ -158,7 +163,7 @@ def test_failed_submission_removes_the_new_run_folder(tmp_path, digits, monkeypa
 def test_submission_refused_by_slurm_removes_the_run_folder(devcluster, tmp_path, digits, job_root):
     """A partition the profile declares but the cluster does not have: hpcdl's checks pass,
     sbatch refuses, and the run folder made for the job is gone again."""
-    profile = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    profile = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
     ghost = {**profile["partitions"][0], "name": "ghost", "default": False}
     site = _site_profile(tmp_path, "devcluster", name="ghosts",
                          partitions=[*profile["partitions"], ghost])  # fmt: skip

@@ -132,7 +132,7 @@ def test_gpu_partition_sets_visible_devices(devcluster, tmp_path):
 
 
 def test_site_modules_load_with_lmod(devcluster, tmp_path, monkeypatch):
-    data = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
     data.update(module_init="/usr/share/lmod/lmod/init/bash", module_paths=[str(REPO / "env/modules")],
                 modules=["hpcdl-demo/1.0"])  # fmt: skip
     profile = tmp_path / "devcluster.yaml"
@@ -178,7 +178,7 @@ def test_submit_is_fast_and_a_1000_task_array_is_one_sbatch(devcluster, tmp_path
 
 
 def test_sbatch_test_only_rejects_what_slurm_cannot_run(devcluster, tmp_path):
-    data = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
     data["partitions"][0]["max_nodes"] = 8  # the profile claims more than the cluster has
     profile = tmp_path / "devcluster.yaml"
     profile.write_text(yaml.safe_dump(data))
@@ -192,7 +192,7 @@ def test_sbatch_test_only_rejects_what_slurm_cannot_run(devcluster, tmp_path):
 
 def test_site_check_and_import_against_the_live_cluster(devcluster, tmp_path):
     assert check_site(load_site(devcluster)) == []
-    data = yaml.safe_load((REPO / "site/devcluster.yaml").read_text())
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
     data["partitions"][0]["cpus_per_node"] = 8
     data["partitions"].append({"name": "bigmem", "cpus_per_node": 4})
     profile = tmp_path / "devcluster.yaml"

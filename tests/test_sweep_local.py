@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hpcdl.hpo import Sweep, SweepSpec
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def spec(**changes) -> SweepSpec:
@@ -78,3 +82,23 @@ def test_second_run_with_the_same_name_is_refused(job_root):
     Sweep(spec(name="once", trials=1, final=False)).run()
     with pytest.raises(Exception, match="exists already"):
         Sweep(spec(name="once", trials=1, final=False)).run()
+
+
+def test_a_sweep_reads_its_own_copy_of_the_base_config(job_root, tmp_path, monkeypatch):
+    """Editing the base training config after `sweep run` changes no trial: they read the
+    sweep's snapshot (with the dataset paths made absolute)."""
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "1")  # trials start after the edit below
+    monkeypatch.chdir(REPO)
+    base = tmp_path / "train.yaml"
+    base.write_text((REPO / "configs/train_digits.yaml").read_text())
+    sweep = Sweep(spec(name="snapshot", objective="tests.helpers.objectives:base_lr",
+                       train=str(base), final=False, trials=3, parallelism=1,
+                       space={"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.5}}))  # fmt: skip
+    sweep.run()
+    base.write_text(base.read_text().replace("lr: 0.003", "lr: 0.5"))
+    assert "lr: 0.5" in base.read_text()
+    sweep.wait(timeout=120)
+    assert [s.value for s in sweep.slots()] == [0.003] * 3
+    assert Sweep.load("snapshot").spec.train == str(sweep.paths.train)
+    data = (sweep.paths.trial_dir(sweep.slots()[0]) / "data.txt").read_text().split()
+    assert data == [str(REPO / "data/digits/train"), str(REPO / "data/digits/val")]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
-from conftest import sacct_finished
+from conftest import run_cli, sacct_finished
 
 from hpcdl.hpo import Sweep, SweepSpec
+from hpcdl.hpo.lifecycle import final_main
 
 pytestmark = pytest.mark.slurm
 
@@ -45,6 +47,28 @@ def _wait_for(predicate, timeout: float, what: str, sweep: Sweep) -> None:
         time.sleep(1)
 
 
+def _queued(sweep: Sweep) -> list[str]:
+    """``ID STATE REASON`` of every job of the sweep still in squeue (by the sweep's job names)."""
+    names = ",".join(f"sweep-{sweep.spec.name}{s}" for s in ("", "-final", "-follow"))
+    out = subprocess.run(["squeue", "-h", "-r", "-n", names, "-o", "%i %T %r"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    return out.splitlines()
+
+
+def _settled(sweep: Sweep, timeout: float = 180) -> None:
+    """Wait until no job of the sweep is queued or running (the final and follow-up jobs end a
+    little after the result appears); fail with what is left and the sweep's decisions."""
+    _wait_for(lambda: not _queued(sweep), timeout, "all jobs of the sweep ending", sweep)
+
+
+def _recorded_once(sweep: Sweep, trials: int) -> None:
+    slots = sweep.slots()
+    assert [s.state for s in slots] == ["complete"] * trials
+    study = sweep.study().trials
+    assert len(study) == trials and sorted(s.trial for s in slots) == list(range(trials))
+    assert all(t.state.name == "COMPLETE" for t in study)
+
+
 def test_throttled_sweep_survives_a_killed_task(devcluster, monkeypatch):
     monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "1.5")
     sweep = Sweep(spec(name="killed"))
@@ -64,6 +88,70 @@ def test_throttled_sweep_survives_a_killed_task(devcluster, monkeypatch):
     second = [s for s in sweep.submissions() if s["kind"] == "array"][1]
     assert second["slots"] == [4]
     assert sweep.best()["final"]["test_acc"] > 0.9
+    _settled(sweep)
+    _recorded_once(sweep, 12)
+
+
+def test_task_cancelled_after_its_trial_finished_does_not_wedge_the_final(devcluster, monkeypatch):
+    """The issue's wedge: a task is cancelled after its trial was recorded, so no trial is
+    missing but the array did not succeed. The final job (afterany) checks the slots itself and
+    runs; nothing is resubmitted and nothing is left pending."""
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.5")
+    monkeypatch.setenv("HPCDL_TEST_LINGER_SLOT", "1")
+    monkeypatch.setenv("HPCDL_TEST_LINGER_S", "120")
+    sweep = Sweep(spec(name="lingered", trials=6))
+    array, _final, _follow = sweep.run()
+    _wait_for(lambda: (s := sweep.paths.read_slot(1)) is not None and s.state == "complete",
+              300, "slot 1 complete", sweep)  # fmt: skip
+    assert f"{array.job_id}_1 RUNNING" in " ".join(_queued(sweep)), _queued(sweep)
+    subprocess.run(["scancel", f"{array.job_id}_1"], check=True, timeout=30)
+    sweep.wait(timeout=600)
+    _settled(sweep)
+    assert sweep.best()["final"]["test_acc"] > 0.9
+    _recorded_once(sweep, 6)
+    assert all(s.attempts == 1 for s in sweep.slots())
+    assert [s["kind"] for s in sweep.submissions()] == ["array", "final", "follow"]
+    states = {j.kind: j for j in sweep.jobs()}
+    assert states["array"].tasks[f"{array.job_id}_1"].state == "CANCELLED"
+    assert states["final"].state == "COMPLETED"
+
+
+def test_cancelled_array_stops_and_one_resume_finishes_it(devcluster, monkeypatch):
+    """`scancel` of the whole array stops the sweep (the follow-up job does not undo a user's
+    cancel, but it cancels a final job that can never start: an `afterok` one, as older sweeps
+    had); status says what is stuck; one `hpcdl sweep resume` brings the sweep to its final
+    result and leaves nothing in the queue."""
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "1.5")
+    sweep = Sweep(spec(name="stopped", trials=8, parallelism=2))
+    array, _final, _follow = sweep.run()
+    life = sweep.lifecycle
+    legacy = life._job(name="sweep-stopped-final", function=final_main,
+                       args=(str(sweep.paths.root),),
+                       dependencies=[f"afterok:{array.job_id}"]).submit(sweep.site)  # fmt: skip
+    life._record("final", legacy, [])
+    _wait_for(
+        lambda: sum(s.state == "complete" for s in sweep.slots()) >= 2, 300, "2 trials", sweep
+    )
+    subprocess.run(["scancel", array.job_id], check=True, timeout=30)
+    _wait_for(lambda: any(e["who"] == "follow-up" for e in life.events()), 180,
+              "the follow-up decision", sweep)  # fmt: skip
+    _wait_for(lambda: [ln for ln in _queued(sweep) if not ln.startswith(legacy.job_id)] == [],
+              120, "the round ending", sweep)  # fmt: skip
+    decision = life.events()[-1]["text"]
+    assert "were cancelled before they started" in decision, decision
+    assert f"cancelled {legacy.job_id}: it could never start" in decision, decision
+    assert [s["kind"] for s in sweep.submissions()].count("array") == 1
+    status = run_cli("sweep", "status", "stopped", env={"COLUMNS": "80"}).stdout
+    flat = status.replace("\n  ", " ")
+    assert "no job of the sweep will run them: 'hpcdl sweep resume stopped'" in flat, status
+    assert f"final   {legacy.job_id:<9} CANCELLED" in status, status
+    proc = run_cli("sweep", "resume", "stopped", timeout=120)
+    assert proc.returncode == 0 and "resubmitted" in proc.stdout, proc.stderr
+    sweep.wait(timeout=600)
+    _settled(sweep)
+    _recorded_once(sweep, 8)
+    assert sweep.best()["final"]["test_acc"] > 0.9
+    assert {j.handle.job_id: j.state for j in sweep.jobs()}[legacy.job_id] == "CANCELLED"
 
 
 def test_cancelled_sweep_resumes_only_missing_trials(devcluster, monkeypatch):
@@ -83,6 +171,41 @@ def test_cancelled_sweep_resumes_only_missing_trials(devcluster, monkeypatch):
     sweep.wait(timeout=600)
     assert [s.state for s in sweep.slots()] == ["complete"] * 8
     assert len(sweep.study().trials) == 8
+
+
+def test_two_node_trials_whose_rank_1_raises_or_hangs_are_retried_and_recorded_once(devcluster):
+    """Slot 0: rank 1 raises in set-up while rank 0 waits in an all-reduce; rank 1 decides for
+    both (retry) and rank 0's watchdog ends it at once. Slot 1: rank 1 hangs; rank 0's all-reduce
+    times out (collective_timeout_s), rank 0 decides, rank 1's watchdog ends it. The follow-up job
+    reruns both trials, the study holds each once, and no rank outlives its attempt."""
+    sweep = Sweep(spec(name="twonode", trials=2, parallelism=1, final=False,
+                       objective="tests.helpers.objectives:rank_one_fails", collective_timeout_s=20,
+                       resources={"site": "devcluster", "time": "10m", "nodes": 2,
+                                  "tasks_per_node": 1}))  # fmt: skip
+    array, _follow = sweep.run()
+    sweep.wait(timeout=600)
+    _settled(sweep)
+    _recorded_once(sweep, 2)
+    rows = {r["id"]: r for r in sacct_finished(array.job_id, 2)}
+    ts = datetime.fromisoformat
+    for slot_no, culprit, survivor, expected, seconds in (
+        (0, 1, 0, "rank 1: RuntimeError: rank 1 breaks", (0, 15)),
+        (1, 0, 1, "rank 0: ", (20, 60)),  # rank 0 decided: its all-reduce timed out
+    ):
+        slot = sweep.paths.read_slot(slot_no)
+        assert slot.attempts == 2 and expected in slot.error, slot
+        trial_dir = sweep.paths.trial_dir(slot)
+        assert f'"rank": {culprit}' in (trial_dir / "abort-attempt1.json").read_text()
+        task = rows[f"{array.job_id}_{slot_no}"]
+        elapsed = (ts(task["end"]) - ts(task["start"])).seconds
+        assert task["state"] == "FAILED" and seconds[0] <= elapsed < seconds[1], task
+        _out, err = array.log_paths(task=survivor, array_task=slot_no)
+        assert f"attempt 1 ended by rank {culprit}" in err.read_text()
+        for rank in (0, 1):  # no rank outlives the attempt
+            pid = (trial_dir / f"rank{rank}-attempt1.pid").read_text()
+            assert not Path(f"/proc/{pid}").exists(), f"rank {rank} (pid {pid}) still alive"
+    kinds = [s["kind"] for s in sweep.submissions()]
+    assert kinds == ["array", "follow", "array", "follow"]
 
 
 def test_throttle_changes_the_running_array(devcluster, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -210,34 +211,57 @@ def _rank_pid(run_dir: Path, rank: int) -> int:
     raise AssertionError(f"no rank {rank} process for {run_dir}")
 
 
+def _mpiexec_train(config: Path, run_dir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([MPIEXEC, "-n", "2", HPCDL, "train", str(config), "--local",
+                             f"run_dir={run_dir}"], env=_clean_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _slow_config(path: Path, digits: Path, runs: Path) -> Path:
+    return write_config(path, digits, runs, model__name="train_models:SlowMLP",
+                        model__delay_s=0.02, epochs=3, log__every_steps=4,
+                        checkpoint__every_steps=20)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mpiexec_reference(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Path:
+    """An uninterrupted mpiexec -n 2 run that the interrupted ones are compared with."""
+    root = tmp_path_factory.mktemp("mpiexec-ref")
+    config = _slow_config(root / "train.yaml", digits, root / "runs")
+    out, err = _mpiexec_train(config, root / "runs/ref").communicate(timeout=240)
+    assert "completed: 66 steps, 3 epochs" in out, err[-3000:]
+    return root / "runs/ref"
+
+
 @pytest.mark.slow
-def test_mpiexec_run_signalled_on_one_rank_resumes_exactly(tmp_path, digits):
-    """mpiexec -n 2 trains without Slurm; USR2 to rank 1 alone stops both ranks at the same
-    step with a checkpoint; the resumed run equals an uninterrupted one bit for bit."""
-    config = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs",
-                          model__name="train_models:SlowMLP", model__delay_s=0.02, epochs=3,
-                          log__every_steps=4, checkpoint__every_steps=25)  # fmt: skip
-    ref, cut = tmp_path / "runs/ref", tmp_path / "runs/cut"
-
-    def launch(run_dir: Path) -> subprocess.Popen[str]:
-        return subprocess.Popen([MPIEXEC, "-n", "2", HPCDL, "train", str(config), "--local",
-                                 f"run_dir={run_dir}"], env=_clean_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-
-    reference, interrupted = launch(ref), launch(cut)
+@pytest.mark.parametrize(
+    ("sig", "seed"),
+    [(signal.SIGUSR2, 0), (signal.SIGTERM, 99)],  # the time-limit signal, the preemption signal
+    ids=["USR2", "TERM"],
+)
+def test_mpiexec_run_signalled_on_one_rank_resumes_exactly(
+    tmp_path, digits, mpiexec_reference, sig, seed
+):
+    """mpiexec -n 2 trains without Slurm; a signal to rank 1 alone, at a seeded random step
+    after the first periodic checkpoint, stops both ranks at the same later step with a
+    checkpoint; the resumed run equals an uninterrupted one bit for bit."""
+    config = _slow_config(tmp_path / "train.yaml", digits, tmp_path / "runs")
+    ref, cut = mpiexec_reference, tmp_path / "runs/cut"
+    at = random.Random(seed).randint(22, 38)
+    interrupted = _mpiexec_train(config, cut)
     deadline = time.monotonic() + 120
-    while last_step(cut) < 10:
+    while last_step(cut) < at:
         assert interrupted.poll() is None and time.monotonic() < deadline, interrupted.stderr
         time.sleep(0.05)
-    os.kill(_rank_pid(cut, 1), signal.SIGUSR2)
-    out, err = interrupted.communicate(timeout=120)
+    os.kill(_rank_pid(cut, 1), sig)
+    _out, err = interrupted.communicate(timeout=120)
     assert interrupted.returncode != 0
-    assert "error: stopped by SIGUSR2 at step" in err and f"run_dir={cut}" in err, err[-2000:]
-    stopped = [r for r in rows(cut, "event") if r["event"] == "preempted"]
-    assert len(stopped) == 1 and 10 <= stopped[0]["step"] < 66
-    out, err = reference.communicate(timeout=180)
-    assert reference.returncode == 0, err[-3000:]
-    assert "completed: 66 steps, 3 epochs" in out
+    assert f"hpcdl: received {sig.name}: checkpointing at the next step" in err, err[-2000:]
+    assert f"error: stopped by {sig.name} at step" in err and f"run_dir={cut}" in err, err[-2000:]
+    stop = [r for r in rows(cut, "event") if r["event"] == "preempted"]
+    assert len(stop) == 1 and at < stop[0]["step"] < 66
+    periodic = [r["step"] for r in rows(cut, "event") if r["event"] == "checkpoint"][:-1]
+    assert periodic[0] == 20 and stop[0]["step"] > max(periodic), (periodic, stop)
 
     resumed = subprocess.run([MPIEXEC, "-n", "2", HPCDL, "train", str(config), "--local",
                               f"run_dir={cut}"], env=_clean_env(), text=True, capture_output=True,
@@ -323,7 +347,7 @@ def test_checkpoint_of_another_world_size_or_all_corrupted_is_an_error(tmp_path)
 
 
 def test_data_staged_once_to_the_sites_scratch(tmp_path, digits):
-    site = yaml.safe_load((REPO / "site/local.yaml").read_text())
+    site = yaml.safe_load((REPO / "hpcdl/sites/local.yaml").read_text())
     site.update(name="scratchy", scratch=str(tmp_path / "scratch"))
     (tmp_path / "scratchy.yaml").write_text(yaml.safe_dump(site))
     config = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs", epochs=2,
@@ -342,7 +366,7 @@ def test_data_staged_once_to_the_sites_scratch(tmp_path, digits):
 
 
 def test_staging_needs_a_scratch_folder(tmp_path, digits, capsys):
-    site = yaml.safe_load((REPO / "site/local.yaml").read_text())
+    site = yaml.safe_load((REPO / "hpcdl/sites/local.yaml").read_text())
     site.pop("scratch", None)
     site["name"] = "noscratch"
     (tmp_path / "noscratch.yaml").write_text(yaml.safe_dump(site))

@@ -12,9 +12,7 @@ import itertools
 import json
 import logging
 import math
-import os
 import pickle
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from train_setup import history, rows, same_weights, write_config
@@ -229,42 +226,6 @@ def fresh_logging() -> Iterator[logging.Logger]:
     yield logger
     logger.handlers[:] = handlers
     logger.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def world1() -> Iterator[None]:
-    """torch.distributed as a single-rank job would see it (torchrun's variables, gloo)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith(("SLURM_", "SUBMITIT_", "PMI", "OMPI_", "PMIX_", "MPI_")):
-                mp.delenv(key)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-               "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0",
-               "OMP_NUM_THREADS": "1"}  # fmt: skip
-        for key, value in env.items():
-            mp.setenv(key, value)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """600 learnable 8x8 uint8 samples of 4 classes: 480 train (15 steps of 32), 120 val."""
-    from hpcdl.data.sources import SynthSource
-    from hpcdl.data.writer import write_shards
-
-    out = tmp_path_factory.mktemp("synth")
-    write_shards(SynthSource(600, (1, 8, 8), "uint8", 4), out, val=0.2, chunk_size="1KiB")
-    return out
 
 
 class Flag:

@@ -18,9 +18,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcdl.cli import bench, data, jobs, site, sweep, train
+    from hpcdl.cli import bench, data, export, init, jobs, site, sweep, train
 
-    for module in (jobs, site, train, data, sweep, bench):
+    for module in (init, jobs, site, train, export, data, sweep, bench):
         module.register(cli)
 
 

@@ -32,6 +32,11 @@ _RESOURCE_OPTIONS = [
     click.option("--after", "dependencies", multiple=True, help="Start after this job succeeds."),
     click.option("--container", help="Container image (site's runtime)."),
     click.option("--requeue/--no-requeue", default=None, help="Let Slurm requeue the job."),
+    click.option(
+        "--launcher",
+        help="How a command's ranks start: srun (default; one task per rank, torch.distributed "
+        "variables set) or torchrun (one torchrun per node).",
+    ),
     click.argument("args", nargs=-1, type=click.UNPROCESSED),
 ]
 
@@ -89,6 +94,7 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
     \b
     hpcdl submit configs/hello.yaml nodes=2 env.MSG=hi
     hpcdl submit --site devcluster -N 2 -n 2 -- python train.py --lr 0.1
+    hpcdl submit --site devcluster -N 2 -n 2 --launcher torchrun -- python ddp.py
     """
     job, where = build_job(args, options)
     site = job.resolve_site()

@@ -12,22 +12,35 @@ from hpcdl.errors import ConfigError
 
 @click.group()
 def site() -> None:
-    """Site profiles (site/*.yaml): show them, check them against the live cluster, draft one."""
+    """Site profiles: list where they come from, show them, check them against the live cluster, draft one."""
 
 
 @site.command("list")
 def list_sites() -> None:
-    """Profiles found on the search path ($HPCDL_SITE_PATH, ./site, the package's)."""
-    from hpcdl.site import available_sites, default_site_name, site_dirs
+    """Profiles on the search path and where each comes from.
 
-    for name in available_sites():
+    Searched in order, first match wins: $HPCDL_SITE_PATH, the user's folder
+    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), ./site,
+    then the package's (the built-in 'local' profile and examples)."""
+    from hpcdl.site import default_site_name, site_origins, site_search_path
+
+    origins = site_origins()
+    width = max((len(name) for name in origins), default=0) + len(" (default)")
+    for name, (path, origin) in sorted(origins.items()):
         mark = " (default)" if name == default_site_name() else ""
-        click.echo(f"{name}{mark}")
-    click.echo("searched: " + ", ".join(str(d) for d in site_dirs()), err=True)
+        click.echo(f"{name + mark:<{width}}  {origin:<15}  {path}")
+    click.echo("searched: " + ", ".join(str(d) for d, _ in site_search_path()), err=True)
+
+
+def _complete_site(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion: the profile names on the search path."""
+    from hpcdl.site import available_sites
+
+    return [name for name in available_sites() if name.startswith(incomplete)]
 
 
 @site.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_site)
 def show(name: str) -> None:
     """Print a profile: partitions and their limits, accounts, modules, environment."""
     from rich.console import Console
@@ -63,7 +76,7 @@ def show(name: str) -> None:
 
 
 @site.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_site)
 def check(name: str) -> None:
     """Compare a profile with the live cluster; exit 1 and list each disagreement."""
     from hpcdl.scheduler import check_site, get_scheduler

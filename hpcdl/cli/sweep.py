@@ -98,47 +98,20 @@ def _fmt(value: Any) -> str:
 
 @sweep.command()
 @click.argument("name")
-def status(name: str) -> None:
-    """One row per trial: state, parameters, metric, epochs, node, W&B run."""
-    from rich.console import Console
-    from rich.table import Table
+@click.option("--wide", is_flag=True, help="Full parameter names, node, W&B run, last error.")
+def status(name: str, wide: bool) -> None:
+    """Every trial (state, metric, epochs, tries, parameters), the sweep's jobs with their
+    states and pending reasons, and what is stuck, if anything."""
+    import shutil
 
     from hpcdl.hpo import Sweep
+    from hpcdl.hpo.table import status_text
 
-    s = Sweep.load(name)
-    rows = s.status()
-    table = Table(title=f"sweep {name} ({s.site.name})")
-    for col in (
-        "slot",
-        "trial",
-        "state",
-        *s.spec.space,
-        s.spec.metric,
-        "epochs",
-        "tries",
-        "node",
-        "W&B run",
-    ):
-        table.add_column(col)
-    for r in rows:
-        color = {
-            "complete": "green",
-            "running": "cyan",
-            "pruned": "yellow",
-            "pending": "white",
-        }.get(r["state"], "red")
-        table.add_row(
-            str(r["slot"]), str(r["trial"] if r["trial"] is not None else "-"),
-            f"[{color}]{r['state']}[/{color}]",
-            *(_fmt(r["params"][k]) if k in r["params"] else "-" for k in s.spec.space),
-            _fmt(r[s.spec.metric]) if r[s.spec.metric] is not None else "-",
-            str(r["epochs"]), str(r["attempts"]), r["node"] or "-", r["wandb_run"] or "-",
-        )  # fmt: skip
-    Console().print(table)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    click.echo(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    colors = {"complete": "green", "running": "cyan", "pruned": "yellow", "pending": "white"}
+    width = shutil.get_terminal_size((100, 24)).columns
+    for line in status_text(Sweep.load(name), width, wide,
+                            lambda st: click.style(st, fg=colors.get(st, "red"))):  # fmt: skip
+        click.echo(line)
 
 
 @sweep.command()
@@ -172,15 +145,12 @@ def report(name: str, output: Path | None) -> None:
 @sweep.command()
 @click.argument("name")
 def resume(name: str) -> None:
-    """Submit only the trials still missing (never started, killed, cancelled)."""
+    """Submit the trials still missing (never started, killed, cancelled) with a new final
+    job; with none missing, a final job if none will run (replacing one that never can)."""
     from hpcdl.hpo import Sweep
 
-    s = Sweep.load(name)
-    missing = s.missing_slots()
-    handles = s.resume()
-    click.echo(
-        f"resubmitted {len(missing)} trial(s) of {name}: " + ", ".join(h.job_id for h in handles)
-    )
+    text, handles = Sweep.load(name).lifecycle.resume()
+    click.echo(f"{name}: {text}: " + ", ".join(f"{h.name} {h.job_id}" for h in handles))
 
 
 @sweep.command()

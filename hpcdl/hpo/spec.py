@@ -96,6 +96,8 @@ class SweepSpec(_Strict):
     parallelism: int = Field(default=4, ge=1)
     resources: Resources = Resources()
     max_retries: int = Field(default=2, ge=0, le=20)
+    # multi-rank trials: a collective waiting longer than this (a dead peer) fails the attempt
+    collective_timeout_s: int = Field(default=600, ge=10, le=86_400)
     final: bool = True
     test_data: str | None = None  # held-out split for the final job; default: <val>/../test
     # module:name of an hpcdl.hpo.protocol.Objective (check, run, final) or of a plain

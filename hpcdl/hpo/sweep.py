@@ -1,24 +1,25 @@
 """``hpcdl.Sweep``: a sweep is one ``sbatch --array`` (each task a trial), plus a small follow-up
-job that resubmits killed trials and a final job that retrains the best parameters."""
+job that resubmits killed trials and a final job that retrains the best parameters (their rules:
+:mod:`hpcdl.hpo.lifecycle`)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from hpcdl.config import read_yaml
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.study import open_study
-from hpcdl.hpo.trial import FINISHED_SLOT, Slot, SweepPaths, TrialRequeued
-from hpcdl.job import Job
-from hpcdl.scheduler import JobHandle, get_scheduler
+from hpcdl.hpo.trial import Slot, SweepPaths
+from hpcdl.scheduler import FINISHED, JobHandle, cancel_jobs
 from hpcdl.site import load_site
-from hpcdl.util import atomic_write_json, atomic_write_text
+from hpcdl.util import atomic_write_text
 
 
 class Sweep:
@@ -48,8 +49,12 @@ class Sweep:
         raise HpcdlError(f"no sweep named {name!r} (see 'hpcdl sweep list')")
 
     # -- submission -----------------------------------------------------------------------------
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self.spec, self.paths, self.site)
+
     def run(self) -> list[JobHandle]:
-        """Validate, create the study, submit; returns the submitted handles at once."""
+        """Validate, snapshot the base config, create the study, submit; returns at once."""
         if self.paths.spec.exists():
             raise ConfigError(
                 "", "name", f"sweep {self.spec.name!r} exists already at {self.paths.root} "
@@ -58,118 +63,49 @@ class Sweep:
         self._check_objective()
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
+        if self.spec.train is not None:
+            self.spec = snapshot_train_config(self.spec, self.paths)
         atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
         open_study(self.spec, self.paths.root)
-        return self._submit(list(range(self.spec.trials)))
+        return self.lifecycle.submit(list(range(self.spec.trials)))
 
     def resume(self) -> list[JobHandle]:
-        """Submit only the trials still missing (never started, killed, cancelled)."""
-        active = self._active_jobs(("array", "workers"))
-        if active:
-            raise HpcdlError(
-                f"sweep {self.spec.name!r} still has jobs queued or running ({', '.join(active)}); "
-                f"wait, or 'hpcdl sweep cancel {self.spec.name}' first"
-            )
-        missing = self.missing_slots()
-        if not missing:
-            raise HpcdlError(f"sweep {self.spec.name!r} has no missing trials")
-        with self.paths.lock():
-            for slot in self.paths.all_slots():
-                if slot.slot in missing and slot.state == "running":
-                    self.paths.write_slot(slot.model_copy(update={"state": "retry"}))
-        self._cancel(("final",))  # its afterok on the old array can never be met
-        return self._submit(missing)
+        """Submit the trials still missing (never started, killed, cancelled) with a new final
+        job; with none missing, a final job if none will run (replacing one that never can)."""
+        return self.lifecycle.resume()[1]
 
     def missing_slots(self) -> list[int]:
-        done = {s.slot for s in self.paths.all_slots() if s.state in FINISHED_SLOT}
-        return [i for i in range(self.spec.trials) if i not in done]
+        return self.lifecycle.missing_slots()
 
     def _check_objective(self) -> None:
         from hpcdl.hpo.trial import resolve_objective
 
         resolve_objective(self.spec).check(self.spec)
 
-    def _job(self, **fields: Any) -> Job:
-        r = self.spec.resources
-        base = {k: v for k, v in r.model_dump().items() if v is not None}
-        return Job(**{**base, "name": f"sweep-{self.spec.name}", **fields})
-
-    def _submit(self, slots: list[int]) -> list[JobHandle]:
-        from hpcdl.hpo.trial import array_task_main
-
-        root = str(self.paths.root)
-        if not get_scheduler(self.site).queued:  # no queue: worker processes claim the slots
-            workers = min(self.spec.parallelism, len(slots))
-            handle = self._job(function=local_worker_main, args=(root,), array=workers).submit(
-                self.site
-            )
-            self._record("workers", handle, slots)
-            return [handle]
-        array = self._job(
-            function=array_task_main,
-            args=(root, slots),
-            array=len(slots),
-            throttle=min(self.spec.parallelism, len(slots)),
-            requeue=True,
-        ).submit(self.site)
-        self._record("array", array, slots)
-        handles = [array]
-        if self.spec.final:
-            final = self._job(
-                name=f"sweep-{self.spec.name}-final",
-                function=final_main,
-                args=(root,),
-                dependencies=[f"afterok:{array.job_id}"],
-            ).submit(self.site)
-            self._record("final", final, [])
-            handles.append(final)
-        follow = Job(
-            site=self.site.name if self.spec.resources.site is None else self.spec.resources.site,
-            name=f"sweep-{self.spec.name}-follow",
-            function=follow_up_main,
-            args=(root,),
-            partition=self.spec.resources.partition,
-            time="00:10:00",
-            dependencies=[f"afterany:{array.job_id}"],
-        ).submit(self.site)
-        self._record("follow", follow, [])
-        return [*handles, follow]
-
-    def _record(self, kind: str, handle: JobHandle, slots: list[int]) -> None:
-        with open(self.paths.submissions, "a") as f:
-            f.write(json.dumps({"kind": kind, "slots": slots, **handle.model_dump()}) + "\n")
-
     def submissions(self) -> list[dict[str, Any]]:
-        if not self.paths.submissions.is_file():
-            return []
-        return [
-            json.loads(line) for line in self.paths.submissions.read_text().splitlines() if line
-        ]
+        return self.lifecycle.submissions()
 
-    def _handles(self, kinds: tuple[str, ...]) -> list[JobHandle]:
-        return [
-            JobHandle.model_validate({k: v for k, v in s.items() if k not in {"kind", "slots"}})
-            for s in self.submissions()
-            if s["kind"] in kinds
-        ]
+    def jobs(self) -> list[SweepJob]:
+        """The sweep's jobs (arrays, workers, final, follow-up) with their tasks' states."""
+        return self.lifecycle.jobs()
 
     def _active(self, kinds: tuple[str, ...]) -> list[JobHandle]:
         """The sweep's jobs of these kinds still queued or running (one batched state query)."""
-        from hpcdl.scheduler import FINISHED, job_states, summarize
-
-        handles = self._handles(kinds)
-        states = job_states(handles) if handles else {}
-        return [h for h in handles if summarize(states[h.job_id]) not in FINISHED]
+        return [j.handle for j in self.lifecycle.jobs(kinds) if j.state not in FINISHED]
 
     def _active_jobs(self, kinds: tuple[str, ...] = ("array", "workers", "final")) -> list[str]:
         return [h.job_id for h in self._active(kinds)]
+
+    def diagnose(self) -> list[str]:
+        """What keeps the sweep from finishing and what to do (empty when nothing does)."""
+        return self.lifecycle.diagnose(self.jobs())
 
     # -- control ----------------------------------------------------------------------------------
     def throttle(self, parallelism: int) -> str:
         """Change how many array tasks run at once, on the live array (``scontrol update``)."""
         if parallelism < 1:
             raise ConfigError("", "parallelism", f"must be >= 1, got {parallelism}")
-        arrays = self._handles(("array",))
+        arrays = [j.handle for j in self.lifecycle.jobs(("array",))]
         if not arrays:
             raise HpcdlError(f"sweep {self.spec.name!r} has no Slurm array to throttle")
         arrays[-1].backend.throttle(arrays[-1], parallelism)
@@ -180,8 +116,6 @@ class Sweep:
         return self._cancel(("array", "workers", "final", "follow"))
 
     def _cancel(self, kinds: tuple[str, ...]) -> list[str]:
-        from hpcdl.scheduler import cancel_jobs
-
         active = self._active(kinds)
         cancel_jobs(active)  # one scancel for every Slurm job of the sweep
         return [h.job_id for h in active]
@@ -210,6 +144,7 @@ class Sweep:
                     "attempts": s.attempts if s else 0,
                     "node": s.node if s else None,
                     "wandb_run": s.run_id if s else None,
+                    "error": s.error if s else None,
                 }
             )
         return rows
@@ -239,62 +174,27 @@ class Sweep:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"sweep {self.spec.name} not finished after {timeout:.0f}s: {self.status()}"
+                    f"\nstuck: {self.diagnose()}\nevents: {self.lifecycle.events(20)}"
                 )
             time.sleep(poll)
 
 
-def final_main(sweep_dir: str) -> dict[str, Any]:
-    """Retrain the best parameters on train+val and evaluate once on the held-out test split."""
-    from hpcdl.hpo.trial import resolve_objective
+def snapshot_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:
+    """Copy the base training config into the sweep folder (dataset paths made absolute) and
+    point the spec at the copy: editing the original while the array is queued changes no
+    trial."""
+    import yaml
 
-    paths = SweepPaths(Path(sweep_dir))
-    spec = paths.load_spec()
-    study = open_study(spec, paths.root)
-    best = study.best_trial
-    paths.final.mkdir(exist_ok=True)
-    try:
-        scores = resolve_objective(spec).final(dict(best.params), spec, paths.final)
-    except TrialRequeued as exc:  # checkpointed on a preemption signal: the requeued job goes on
-        return {"requeued": str(exc)}
-    result = {"trial": best.number, spec.metric: best.value, "params": best.params, **scores}
-    atomic_write_json(paths.final / "result.json", result)
-    return result
-
-
-def follow_up_main(sweep_dir: str) -> str:
-    """After the array: resubmit trials whose task was killed (retries permitting)."""
-    paths = SweepPaths(Path(sweep_dir))
-    sweep = Sweep(paths.load_spec())
-    missing = sweep.missing_slots()
-    rounds = sum(1 for s in sweep.submissions() if s["kind"] == "array")
-    if not missing:
-        return "all trials finished"
-    if rounds > sweep.spec.max_retries:
-        return f"{len(missing)} trial(s) missing after {rounds} rounds; giving up"
-    sweep.resume()
-    return f"resubmitted {len(missing)} trial(s)"
-
-
-def local_worker_main(sweep_dir: str) -> str:
-    """One local worker process: claim free slots until none are left; the last worker to
-    finish runs the final retraining."""
-    from hpcdl.hpo.trial import claim, run_trial
-
-    paths = SweepPaths(Path(sweep_dir))
-    spec = paths.load_spec()
-    study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
-    done = 0
-    while (slot := claim(paths, spec, study, None)) is not None:
-        run_trial(paths, spec, study, slot)
-        done += 1
-    with paths.lock():
-        finished = all(
-            (s := paths.read_slot(i)) and s.state in FINISHED_SLOT for i in range(spec.trials)
-        )
-        marker = paths.root / ".final-started"
-        run_final = spec.final and finished and not marker.exists()
-        if run_final:
-            marker.touch()
-    if run_final:
-        final_main(sweep_dir)
-    return f"ran {done} trial(s)" + (" and the final retraining" if run_final else "")
+    assert spec.train is not None
+    source = Path(spec.train)
+    data = read_yaml(source)
+    for key in ("train", "val"):
+        value = (data.get("data") or {}).get(key)
+        if isinstance(value, str) and value:
+            data["data"][key] = str(Path(value).expanduser().resolve())
+    copy = paths.train
+    header = (
+        f"# snapshot of {source} taken by 'hpcdl sweep run'; the sweep's trials read this copy\n"
+    )
+    atomic_write_text(copy, header + yaml.safe_dump(data, sort_keys=False))
+    return spec.model_copy(update={"train": str(copy)})

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import json
 import os
 import socket
+import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import optuna
 from pydantic import BaseModel
@@ -71,6 +75,8 @@ class SweepPaths:
         self.trials = root / "trials"
         self.submissions = root / "submissions.jsonl"
         self.final = root / "final"
+        self.events = root / "events.jsonl"  # what the final and follow-up jobs decided
+        self.train = root / "train.yaml"  # the base training config, as of `sweep run`
 
     def slot_file(self, slot: int) -> Path:
         return self.slots / f"{slot}.json"
@@ -191,6 +197,7 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
         if _agree(reporter.should_prune() if reporter is not None else False):
             raise StopTraining(f"pruned at epoch {epoch}", tag="pruned")
 
+    watchdog = _watch_for_abort(trial_dir, slot.attempts) if _world() > 1 else None
     while True:
         ctx = TrialContext(spec, slot, trial_dir, report)
         try:
@@ -201,6 +208,8 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
             if _pruned(exc):
                 pruned = slot.model_copy(update={"state": "pruned"})
                 return record(pruned, state=optuna.trial.TrialState.PRUNED)
+            if watchdog is not None:  # the other ranks may be anywhere: one decision, all exit
+                abort_attempt(paths, spec, study, slot, exc)
             error = f"{type(exc).__name__}: {exc}"
             (trial_dir / f"error-attempt{slot.attempts}.txt").write_text(traceback.format_exc())
             if slot.attempts <= spec.max_retries:
@@ -210,7 +219,69 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
                 continue
             failed = slot.model_copy(update={"state": "failed", "error": error})
             return record(failed, state=optuna.trial.TrialState.FAIL)
+        if watchdog is not None:
+            watchdog.set()
         return record(slot.model_copy(update={"state": "complete", "value": value}), values=value)
+
+
+# -- multi-rank trials: an exception on any rank ends the attempt on every rank ----------------------
+def _abort_file(trial_dir: Path, attempt: int) -> Path:
+    return trial_dir / f"abort-attempt{attempt}.json"
+
+
+def abort_attempt(
+    paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot, exc: BaseException
+) -> NoReturn:
+    """A rank of a multi-rank trial raised: its peers may be waiting in a collective that will
+    never complete, so the attempt cannot go on in this process group. The first rank to get
+    here decides for all (under the sweep lock, through the shared filesystem, not a
+    collective): the slot is marked for retry (the follow-up job or ``sweep resume`` runs it
+    again, same trial and parameters) or, retries used up, failed. Every rank then exits: the
+    others' watchdogs see the decision within a second."""
+    rank = _rank()
+    trial_dir = paths.trial_dir(slot)
+    error = f"rank {rank}: {type(exc).__name__}: {exc}"
+    (trial_dir / f"error-attempt{slot.attempts}-rank{rank}.txt").write_text(traceback.format_exc())
+    marker = _abort_file(trial_dir, slot.attempts)
+    with paths.lock():
+        first = not marker.exists()
+        current = paths.read_slot(slot.slot) or slot
+        if first and current.state not in FINISHED_SLOT:
+            atomic_write_text(marker, json.dumps({"rank": rank, "error": error}))
+            if slot.attempts <= spec.max_retries:
+                paths.write_slot(current.model_copy(update={"state": "retry", "error": error}))
+            else:
+                study.tell(slot.trial, state=optuna.trial.TrialState.FAIL)
+                paths.write_slot(current.model_copy(update={"state": "failed", "error": error}))
+    decided = "retry" if slot.attempts <= spec.max_retries else "failed"
+    print(f"trial {slot.trial} attempt {slot.attempts}: {error}; "
+          f"{'every rank ends the attempt (' + decided + ')' if first else 'decided already'}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    sys.stdout.flush()
+    if first:  # the peers' watchdogs end them on the decision, before our exit breaks their
+        time.sleep(2.0)  # connections and they raise transport errors of their own
+    os._exit(1)  # not sys.exit: atexit and process-group teardown could wait for dead peers
+
+
+def _watch_for_abort(trial_dir: Path, attempt: int) -> threading.Event:
+    """A daemon thread that ends this process when another rank aborted this attempt (it may be
+    blocked in a collective the failed rank will never join). Set the event to stop it."""
+    stop = threading.Event()
+    marker = _abort_file(trial_dir, attempt)
+    rank = _rank()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if not marker.is_file():
+                continue
+            info = json.loads(marker.read_text())
+            if info.get("rank") != rank:
+                print(f"rank {rank}: attempt {attempt} ended by rank {info.get('rank')} "
+                      f"({info.get('error')})", file=sys.stderr, flush=True)  # fmt: skip
+                os._exit(1)
+
+    threading.Thread(target=watch, name="hpcdl-trial-watchdog", daemon=True).start()
+    return stop
 
 
 def _pruned(exc: BaseException) -> bool:
@@ -224,6 +295,12 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _agree(flag: bool) -> bool:
@@ -252,7 +329,7 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
     slot_no = slots[int(os.environ["HPCDL_ARRAY_TASK_ID"])]
-    _maybe_init_distributed()
+    _maybe_init_distributed(spec.collective_timeout_s)
     study = open_study(spec, paths.root, worker=slot_no)
     slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
     if slot is None:
@@ -261,9 +338,10 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
     return f"slot {slot_no}: trial {slot.trial} {slot.state} value={slot.value}"
 
 
-def _maybe_init_distributed() -> None:
-    """Multi-task trials need the process group before rank 0 can broadcast the slot."""
+def _maybe_init_distributed(timeout_s: float) -> None:
+    """Multi-task trials need the process group before rank 0 can broadcast the slot; a
+    collective that waits longer than ``timeout_s`` (a dead peer) raises, failing the attempt."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from hpcdl.launch import init_distributed
 
-        init_distributed()
+        init_distributed(timeout_s=timeout_s)

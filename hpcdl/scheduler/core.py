@@ -48,7 +48,7 @@ class SubmititScheduler(Scheduler):
             folder=str(folder),
             script=str(script) if script else None,
             array=request.array,
-            tasks=request.nodes * request.ntasks_per_node,
+            tasks=request.nodes * request.launched_tasks_per_node,
             submitted_at=time.time(),
             local_ids=self._local_ids(jobs),
         )

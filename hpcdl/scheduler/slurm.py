@@ -178,8 +178,13 @@ def query(job_ids: list[str]) -> dict[str, TaskStatus]:
         _warn_squeue(proc)
     missing = [j for j in job_ids if not any(k.split("_")[0] == j for k in found)]
     pending_arrays = [k for k in found if k.endswith("_*")]
-    if missing or pending_arrays:
-        ids = ",".join(missing or job_ids)
+    # sacct keeps the reason of its last update (``Dependency``); squeue has the live one
+    # (``DependencyNeverSatisfied``), so pending jobs are asked there too.
+    pending = sorted({k.split("_")[0] for k, s in found.items() if s.state == "PENDING"})
+    if missing or pending_arrays or pending:
+        ids = ",".join(
+            dict.fromkeys([*(missing or job_ids if pending_arrays else missing), *pending])
+        )
         proc = run_command(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ids])
         if proc is not None and proc.returncode == 0:
             _parse_rows(proc.stdout, found, overwrite=False)
@@ -194,7 +199,7 @@ def _parse_rows(text: str, found: dict[str, TaskStatus], overwrite: bool) -> Non
         state = normalize_state(state)
         status = TaskStatus(state, _reason(reason) if state == "PENDING" else "")
         for tid in expand_array_id(jid):
-            if overwrite or tid not in found:
+            if overwrite or tid not in found or found[tid].state == "PENDING":
                 found[tid] = status
 
 

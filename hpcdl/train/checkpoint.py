@@ -63,6 +63,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def complete_tags(root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of the checkpoints under ``root`` that have a manifest, oldest first."""
+    found = []
+    for d in Path(root).glob("step*"):
+        if (d / MANIFEST).is_file() and d.name[4:].isdigit():
+            found.append((int(d.name[4:]), d.name))
+    return sorted(found)
+
+
+def compare_to_manifest(
+    expected: dict[str, dict[str, Any]], sums: dict[str, tuple[int, str]]
+) -> str | None:
+    """The first file whose (bytes, sha256) in ``sums`` differs from the manifest, or None."""
+    for rel, want in sorted(expected.items()):
+        if rel not in sums:
+            return f"file {rel} is missing"
+        size, digest = sums[rel]
+        if size != want["bytes"]:
+            return f"file {rel} has {size} bytes, the manifest says {want['bytes']}"
+        if digest != want["sha256"]:
+            return f"file {rel} does not match its checksum"
+    return None
+
+
+def verify_folder(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, problem) of one checkpoint folder, checked by this process alone (no process
+    group: for tools such as ``hpcdl export``); problem is None when every file verifies."""
+    if not folder.is_dir():
+        return None, "no such checkpoint"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, f"no {MANIFEST} (its save never completed)"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable {MANIFEST}: {exc}"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None, f"unreadable {MANIFEST}: no file list"
+    sums = {}
+    for rel in manifest["files"]:
+        path = folder / rel
+        if path.is_file():
+            sums[rel] = (path.stat().st_size, sha256_file(path))
+    return manifest, compare_to_manifest(manifest["files"], sums)
+
+
 class Checkpointer:
     """Save and resume DeepSpeed checkpoints collectively (call every method on every rank)."""
 
@@ -71,6 +116,7 @@ class Checkpointer:
         self.keep = keep
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        self.last_save_s: float | None = None  # how long this process's last save took
 
     # -- helpers shared by save and verify -------------------------------------------------
     def _bcast(self, obj: Any) -> Any:
@@ -91,17 +137,13 @@ class Checkpointer:
 
     def complete(self) -> list[tuple[int, str]]:
         """(step, tag) of the checkpoints with a manifest, oldest first (rank 0's view)."""
-        found = []
-        for d in self.root.glob("step*"):
-            if (d / MANIFEST).is_file() and d.name[4:].isdigit():
-                found.append((int(d.name[4:]), d.name))
-        return sorted(found)
+        return complete_tags(self.root)
 
     # -- save ------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         """Write checkpoint ``step`` on all ranks, then commit it (manifest, ``latest``, prune)."""
         tag = tag_for(step)
-        folder = self.root / tag
+        folder, started = self.root / tag, time.monotonic()
         if self.rank == 0 and folder.exists():  # a leftover of an interrupted save
             shutil.rmtree(folder)
         dist.barrier()
@@ -129,6 +171,7 @@ class Checkpointer:
             atomic_write_text(self.root / LATEST, tag, fsync=True)
             self._prune(step)
         dist.barrier()
+        self.last_save_s = time.monotonic() - started
         return tag
 
     def _prune(self, newest: int) -> None:
@@ -160,16 +203,7 @@ class Checkpointer:
                 "position depends on the rank count, so resume with the same number of ranks"
             )
         expected = manifest["files"]
-        sums = self._hash_shared(tag, sorted(expected))
-        for rel, want in sorted(expected.items()):
-            if rel not in sums:
-                return f"file {rel} is missing"
-            size, digest = sums[rel]
-            if size != want["bytes"]:
-                return f"file {rel} has {size} bytes, the manifest says {want['bytes']}"
-            if digest != want["sha256"]:
-                return f"file {rel} does not match its checksum"
-        return None
+        return compare_to_manifest(expected, self._hash_shared(tag, sorted(expected)))
 
     def latest_valid(self) -> str | None:
         """The newest checkpoint that verifies (same answer on every rank), warning about every

@@ -1,7 +1,12 @@
 """Preemption: a signal handler on every rank, a collective stop decision, then requeue.
 
-Slurm sends the preemption signal (``--signal=USR2@delay``; never USR1, which NCCL swallows) to
-every task of the job some seconds before the time limit. hpcdl handles it in three steps:
+Two kinds of signal stop a run early. Slurm sends the time-limit signal (``--signal=USR2@delay``;
+never USR1, which NCCL swallows) to every task some seconds before the time limit. And when a
+higher-priority job preempts this one (``PreemptMode=REQUEUE``), Slurm sends SIGTERM to every
+step, waits the partition's ``GraceTime``, then SIGKILLs and requeues: the site profile lists
+those signals (``preemption.preempt_signals``, TERM by default) and the grace time. submitit's own
+handler merely logs SIGTERM ("Bypassing signal SIGTERM"), so without ours a preempted run would
+fall back to its last periodic checkpoint. hpcdl handles every one of them in three steps:
 
 1. every rank installs :class:`PreemptionFlag`, which only sets a flag (no work inside a signal
    handler: the main thread may be in the middle of a collective);
@@ -23,7 +28,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from hpcdl.errors import HpcdlError
 
@@ -38,13 +46,34 @@ def preemption_signal() -> signal.Signals:
         raise HpcdlError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} is not a signal name") from None
 
 
+def signal_of(name: str) -> signal.Signals:
+    try:
+        return signal.Signals[f"SIG{str(name).upper().removeprefix('SIG')}"]
+    except KeyError:
+        raise HpcdlError(f"preemption signal {name!r} is not a signal name") from None
+
+
 class PreemptionFlag:
-    """Set when this rank receives the preemption signal; read at step boundaries."""
+    """Set when this rank receives a preemption signal; read at step boundaries. It listens to
+    the time-limit signal and SIGTERM from the start (a signal may come before the config is
+    read); :func:`configure` then applies the site's list."""
 
     def __init__(self) -> None:
         self.signum = preemption_signal()
         self.requested = False
-        signal.signal(self.signum, self._handle)
+        self.received: signal.Signals | None = None  # the first signal, and when (monotonic)
+        self.received_at: float | None = None
+        self.previous: dict[signal.Signals, object] = {}  # the handlers ours replaced
+        self.listen([self.signum, signal.SIGTERM])
+
+    def listen(self, signums: list[signal.Signals]) -> None:
+        """Handle exactly ``signums`` (plus the time-limit signal); others get their old handler."""
+        for signum in [*self.previous]:
+            if signum not in signums and signum != self.signum:
+                signal.signal(signum, self.previous.pop(signum))  # type: ignore[arg-type]
+        for signum in signums:
+            if signum not in self.previous:
+                self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.requested:
@@ -53,7 +82,74 @@ class PreemptionFlag:
                 file=sys.stderr,
                 flush=True,
             )
+            self.received, self.received_at = signal.Signals(signum), time.monotonic()
         self.requested = True
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The site's preemption settings as the ranks use them."""
+
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)
+    grace_time_s: float = 60.0  # between a preemption signal and SIGKILL
+    delay_s: float = 120.0  # between the time-limit signal and the limit
+
+    def budget(self, received: signal.Signals | None) -> float | None:
+        """Seconds a checkpoint has after ``received`` (None: no signal on this rank)."""
+        if received is None:
+            return None
+        return self.grace_time_s if received in self.signals else self.delay_s
+
+
+def configure(flag: object, site_values: dict[str, Any], site: str | None) -> Policy:
+    """The site's preemption policy (the run folder's ``site.json`` first, else the live
+    profile, else the defaults); a :class:`PreemptionFlag` starts listening to its signals."""
+    from hpcdl.site import Preemption, load_site
+
+    recorded = site_values.get("preemption") or {}
+    try:
+        live = load_site(site_values.get("site") or site).preemption.model_dump()
+    except HpcdlError:
+        live = Preemption().model_dump()
+    values = {**live, **recorded}
+    policy = Policy(
+        tuple(signal_of(n) for n in values["preempt_signals"]),
+        float(values["grace_time_s"]),
+        float(values["delay_s"]),
+    )
+    if isinstance(flag, PreemptionFlag):
+        flag.listen(list(policy.signals))
+    return policy
+
+
+def grace_report(flag: object, policy: Policy, last_save_s: float | None) -> dict[str, Any] | None:
+    """The ``grace_too_short`` event when the time left after this rank's signal looks too
+    short for a checkpoint as long as the last one (the save is tried anyway: if SIGKILL cuts
+    it, its manifest is missing and the resume falls back to the last periodic checkpoint)."""
+    received, at = getattr(flag, "received", None), getattr(flag, "received_at", None)
+    budget = policy.budget(received)
+    if received is None or at is None or budget is None:
+        return None
+    since = time.monotonic() - at
+    needed = since + (last_save_s or 0.0)
+    if needed <= budget:
+        return None
+    return {
+        "event": "grace_too_short",
+        "signal": received.name,
+        "since_signal_s": round(since, 3),
+        "last_save_s": None if last_save_s is None else round(last_save_s, 3),
+        "budget_s": budget,
+        "why": f"{received.name} came {since:.1f}s ago and the last checkpoint took "
+        f"{last_save_s or 0:.1f}s: more than the {budget:g}s before SIGKILL; saving anyway, "
+        "a cut save falls back to the last periodic checkpoint",
+    }
+
+
+def received_signal(flag: object) -> str:
+    """The signal that stopped this rank (the time-limit signal if it was another rank's)."""
+    received = getattr(flag, "received", None)
+    return (received or preemption_signal()).name
 
 
 def requeue_target() -> str | None:
@@ -69,10 +165,23 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
-def after_checkpoint(step: int, tag: str, run_dir: str, max_requeues: int, rank: int) -> str:
+def cancelled(target: str) -> bool:
+    """Whether Slurm's accounting says job ``target`` was cancelled (scancel sends SIGTERM too:
+    such a job must not come back). False when the state cannot be read."""
+    from hpcdl.scheduler.slurm import query
+
+    try:
+        return any(s.state == "CANCELLED" for s in query([target]).values())
+    except (HpcdlError, OSError):
+        return False
+
+
+def after_checkpoint(
+    step: int, tag: str, run_dir: str, max_requeues: int, rank: int, sig: str | None = None
+) -> str:
     """Called on every rank once the preemption checkpoint is complete. Rank 0 requeues the job;
     every rank raises (so the job ends FAILED) if it cannot or must not be requeued."""
-    sig = preemption_signal().name
+    sig = sig or preemption_signal().name
     resume = f"resubmit with run_dir={run_dir} to continue from checkpoint {tag}"
     target = requeue_target()
     if target is None:
@@ -86,6 +195,8 @@ def after_checkpoint(step: int, tag: str, run_dir: str, max_requeues: int, rank:
     if rank == 0:
         from hpcdl.scheduler import SlurmScheduler  # the target is a Slurm job (SLURM_JOB_ID)
 
+        if sig != preemption_signal().name and cancelled(target):  # only rank 0 asks Slurm
+            raise HpcdlError(f"job {target} was cancelled ({sig} at step {step}): not requeued")
         try:
             SlurmScheduler().requeue(target)
         except HpcdlError as exc:

@@ -97,7 +97,7 @@ def site_values(site: SiteProfile, cfg: TrainConfig) -> dict[str, Any]:
         "scheduler": site.scheduler,
         "wandb_mode": cfg.log.wandb_mode or site.wandb_mode,
         "scratch": site.scratch,  # unexpanded: variables such as $SLURMD_NODENAME differ per node
-        "preemption": {"signal": site.preemption.signal, "delay_s": site.preemption.delay_s},
+        "preemption": site.preemption.model_dump(),  # signals, delay, grace time
     }
 
 

@@ -76,11 +76,14 @@ class StepMeter:
     """This rank's (loss x n, correct, n) since the last sync, the training clock, and the
     :class:`StepReducer` that sums each interval over the ranks, one sync behind."""
 
-    def __init__(self, device: Any, step: int):
+    def __init__(self, device: Any, step: int, timing: dict[str, float] | None = None):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.reducer = StepReducer()
         self.synced = self.first_step = step  # the last sync; where this process started
         self.train_time = 0.0
+        # The training time and steps of the processes before this one (from the checkpoint).
+        self.prior_time = float((timing or {}).get("train_time_s", 0.0))
+        self.prior_steps = int((timing or {}).get("steps", 0))
         self.tick = time.perf_counter()
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
@@ -103,5 +106,12 @@ class StepMeter:
     def restart_clock(self) -> None:
         self.tick = time.perf_counter()
 
+    def timing(self, step: int) -> dict[str, float]:
+        """The training time and timed steps of the whole run up to ``step`` (the last sync),
+        across requeues: stored in checkpoints, so a resumed process carries them on."""
+        steps = self.prior_steps + step - self.first_step
+        return {"train_time_s": self.prior_time + self.train_time, "steps": steps}
+
     def mean_step_time(self, step: int) -> float:
-        return self.train_time / max(step - self.first_step, 1)
+        timing = self.timing(step)
+        return timing["train_time_s"] / max(timing["steps"], 1)

@@ -108,14 +108,14 @@ class Trainer:
     meter: StepMeter
 
     def __init__(self, run_dir: str | Path, flag: StopFlag, on_epoch: OnEpoch | None = None):
-        self.run_dir = Path(run_dir)
-        self.flag = flag
-        self.on_epoch = on_epoch
+        self.run_dir, self.flag, self.on_epoch = Path(run_dir), flag, on_epoch
         self.cfg = read_run_config(self.run_dir)
         self.site_values = read_site_values(self.run_dir)  # what the site decided at submission
+        self.policy = preempt.configure(flag, self.site_values, self.cfg.job.site)  # its signals
         self.state = TrainState()
         self.last_saved: int | None = None  # the step of this run's newest checkpoint
         self.last_val: tuple[float, float, int] | None = None  # the newest validation
+        self.timing: dict[str, float] = {}  # training time of the processes before this one
 
     def run(self) -> dict[str, Any]:
         """Set up, resume, train epoch by epoch; returns the result (or the requeue)."""
@@ -123,8 +123,8 @@ class Trainer:
         self.setup()
         self.start_tracking(self.resume())
         try:  # any failure tags the W&B run 'failed' (a stop from on_epoch tags it first)
-            self.meter = StepMeter(self.device, self.state.step)
-            while self.state.epoch < self.cfg.epochs and self.state.step < self.total_steps:
+            self.meter = StepMeter(self.device, self.state.step, self.timing)
+            while self.epoch_open():
                 if self.run_epoch():
                     return self.stop_for_preemption()
                 self.end_epoch()
@@ -167,8 +167,9 @@ class Trainer:
         self.state = TrainState.from_dict(client["train"])
         self.train_loader.load_state_dict(client["loader"])
         self.last_saved = self.state.step
+        self.timing = client.get("timing") or {}
         if self.rank == 0:
-            rewind_jsonl(self.run_dir / "metrics.jsonl", self.state.step)
+            rewind_jsonl(self.run_dir / "metrics.jsonl", self.state.step, self.state.epoch)
         return resumed
 
     def start_tracking(self, resumed: str | None) -> None:
@@ -186,9 +187,15 @@ class Trainer:
         self.tracker.log("event", event)
 
     # -- one epoch -----------------------------------------------------------------------------
+    def epoch_open(self) -> bool:
+        """An epoch is left: steps to train, or steps trained without the epoch's row yet (a run
+        resumed from a checkpoint of its last step taken before that epoch's validation)."""
+        s = self.state
+        return s.epoch < self.cfg.epochs and (s.step < self.total_steps or s.epoch_seen > 0)
+
     def run_epoch(self) -> bool:
         """Micro-batches until the epoch (or the run) ends; True if some rank asked to stop."""
-        for batch in self.train_loader:
+        for batch in self.train_loader if self.state.step < self.total_steps else ():
             if not self.micro_step(batch):
                 continue  # gradients accumulate until the optimizer steps
             self.state.step += 1
@@ -284,7 +291,9 @@ class Trainer:
     # -- checkpoints and the end -------------------------------------------------------------
     def save(self) -> str:
         """A checkpoint of this step on all ranks, with the train state and loader position."""
-        client_state = {"train": self.state.to_dict(), "loader": self.train_loader.state_dict()}
+        timing = self.meter.timing(self.meter.synced) if hasattr(self, "meter") else self.timing
+        client_state = {"train": self.state.to_dict(), "loader": self.train_loader.state_dict(),
+                        "timing": timing}  # fmt: skip
         tag = self.checkpoints.save(self.engine, self.state.step, client_state)
         self.last_saved = self.state.step
         self.tracker.log("event", {"event": "checkpoint", "step": self.state.step, "tag": tag})
@@ -296,12 +305,15 @@ class Trainer:
 
     def stop_for_preemption(self) -> dict[str, Any]:
         """Some rank was signalled: all ranks checkpoint, then requeue (or fail clearly)."""
-        step = self.state.step
+        step, sig = self.state.step, preempt.received_signal(self.flag)
+        late = preempt.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
+        if late:  # this rank's own view: logged by rank 0 when it was signalled
+            self.tracker.log("event", {**late, "step": step})
         tag = self.save_once()
-        self.tracker.log("event", {"event": "preempted", "step": step, "tag": tag})
+        self.tracker.log("event", {"event": "preempted", "step": step, "tag": tag, "signal": sig})
         self.tracker.close()
         target = preempt.after_checkpoint(
-            step, tag, str(self.run_dir), self.cfg.job.max_requeues, self.rank
+            step, tag, str(self.run_dir), self.cfg.job.max_requeues, self.rank, sig
         )
         return {"status": "requeued", "step": step, "job": target}
 

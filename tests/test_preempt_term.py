@@ -1,0 +1,256 @@
+"""Preemption the way shared clusters do it, in one process (world size 1, gloo): a job requeued
+right after its final checkpoint, and SIGTERM (the site's preemption signal) at a random step.
+
+A requeue is played by running the :class:`Trainer` again on the same run folder, as the
+requeued job's task does; the reference is an uninterrupted run of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from test_trainer_units import make_run, train_run
+from train_setup import history, rows, same_weights
+
+from hpcdl.errors import HpcdlError
+from hpcdl.train import preempt
+from hpcdl.train.trainer import Trainer
+
+TIMING = ("step_time_mean_s",)
+
+
+def events(run_dir: Path) -> list[tuple[str, int]]:
+    return [(r["event"], r["step"]) for r in rows(run_dir, "event")]
+
+
+def result(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+# -- a requeue right after the final checkpoint -------------------------------------------------
+@pytest.mark.parametrize(
+    ("every", "final_saved"),
+    [
+        (10, "in the loop, before the last epoch's validation"),  # step 30 is a periodic save
+        (8, "by finish(), after the last epoch's validation"),  # 30 is not a multiple of 8
+    ],
+)
+def test_requeue_after_the_final_checkpoint_keeps_every_epoch_row(
+    world1,
+    synth,
+    tmp_path,
+    every,
+    final_saved,
+):
+    ref = make_run(tmp_path, synth, "ref", checkpoint__every_steps=every)
+    assert train_run(ref)["status"] == "completed"
+    cut = make_run(tmp_path, synth, "cut", checkpoint__every_steps=every)
+    train_run(cut)
+    # Requeued after the final checkpoint: the job had not reported its end.
+    (cut / "result.json").unlink()
+    (cut / "model.pt").unlink()
+    again = train_run(cut)
+
+    assert again["status"] == "completed" and again["step"] == 30 and again["epochs"] == 2
+    resume = [r for r in rows(cut, "event") if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["checkpoint"] == "step00000030", final_saved
+    assert [(r["epoch"], r["step"]) for r in rows(cut, "epoch")] == [(0, 15), (1, 30)]
+    assert history(cut) == history(ref)  # every step and epoch row, timings aside
+    assert events(cut) == [*events(ref), ("resume", 30), ("completed", 30)]
+    assert same_weights(cut, ref)
+    want = {k: v for k, v in result(ref).items() if k not in TIMING}
+    assert {k: v for k, v in again.items() if k not in TIMING} == want
+    # The timings of the run before the requeue, carried in the checkpoint.
+    assert again["step_time_mean_s"] > 0
+    assert result(cut)["step_time_mean_s"] == again["step_time_mean_s"]
+
+
+def test_requeue_after_the_final_checkpoint_of_a_max_steps_run(world1, synth, tmp_path):
+    """max_steps ends the run mid-epoch: the partial epoch's row is logged once, not lost."""
+    ref = make_run(tmp_path, synth, "ref", max_steps=20, epochs=3)
+    assert train_run(ref)["step"] == 20
+    cut = make_run(tmp_path, synth, "cut", max_steps=20, epochs=3)
+    train_run(cut)
+    (cut / "result.json").unlink()
+    again = train_run(cut)
+    assert again["step"] == 20 and again["epochs"] == result(ref)["epochs"]
+    assert history(cut) == history(ref) and len(history(ref)["epoch"]) == 2
+
+
+# -- SIGTERM: the signal a site preempts with ----------------------------------------------------
+@pytest.fixture
+def own_signals(monkeypatch) -> Iterator[None]:
+    """The real PreemptionFlag installs handlers in this process: put pytest's back after."""
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def signalled_run(run_dir: Path, at: int, signum: signal.Signals = signal.SIGTERM) -> None:
+    """Train ``run_dir`` with the real flag; this process signals itself once at step ``at``
+    (in the middle of a gradient-accumulation window, as a preemption comes)."""
+    flag = preempt.PreemptionFlag()
+    trainer = Trainer(run_dir, flag)
+    micro_step, sent = trainer.micro_step, []
+
+    def signalling(batch: dict[str, torch.Tensor]) -> bool:
+        if trainer.state.step >= at and not sent:
+            sent.append(trainer.state.step)
+            os.kill(os.getpid(), signum)
+        return micro_step(batch)
+
+    trainer.micro_step = signalling  # type: ignore[method-assign]
+    trainer.run()
+
+
+def test_sigterm_at_a_random_step_checkpoints_there_and_resumes_exactly(
+    world1,
+    synth,
+    tmp_path,
+    own_signals,
+):
+    at = random.Random(2026).randint(11, 27)  # after the first periodic checkpoint (10)
+    ref = make_run(tmp_path, synth, "ref")
+    assert train_run(ref)["status"] == "completed"
+    cut = make_run(tmp_path, synth, "cut")
+    with pytest.raises(HpcdlError, match=r"stopped by SIGTERM at step \d+ \(not a Slurm job"):
+        signalled_run(cut, at)
+    stop = [r for r in rows(cut, "event") if r["event"] == "preempted"]
+    assert len(stop) == 1 and stop[0]["signal"] == "SIGTERM"
+    step = stop[0]["step"]
+    assert at <= step <= at + 2 * 4, (at, step)  # seen at the sync after the next (every 4)
+    periodic = [s for e, s in events(cut) if e == "checkpoint" and s != step]
+    assert periodic and step > max(periodic), (periodic, step)
+    want = [("start", 0)] + [("checkpoint", s) for s in periodic]
+    assert events(cut) == [*want, ("checkpoint", step), ("preempted", step)]
+    assert (cut / "checkpoints/latest").read_text() == f"step{step:08d}"
+
+    again = train_run(cut)  # the requeued job: resumes from the preemption checkpoint
+    resume = [r for r in rows(cut, "event") if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == step
+    assert history(cut) == history(ref) and same_weights(cut, ref)
+    want_result = {k: v for k, v in result(ref).items() if k not in TIMING}
+    assert {k: v for k, v in again.items() if k not in TIMING} == want_result
+
+
+def test_grace_time_too_short_is_in_the_event_log(world1, synth, tmp_path, own_signals):
+    """The site's grace time (recorded in site.json) is 0 s: the event log says so before the
+    save, which is tried anyway and here completes."""
+    cut = make_run(tmp_path, synth, "cut")
+    site = {"site": "local", "preemption": {"preempt_signals": ["TERM"], "grace_time_s": 0}}
+    (cut / "site.json").write_text(json.dumps(site))
+    with pytest.raises(HpcdlError, match="stopped by SIGTERM"):
+        signalled_run(cut, 13)
+    late = [r for r in rows(cut, "event") if r["event"] == "grace_too_short"]
+    assert len(late) == 1 and late[0]["signal"] == "SIGTERM" and late[0]["budget_s"] == 0
+    assert late[0]["last_save_s"] > 0  # the periodic save at step 10 was measured
+    assert "more than the 0s before SIGKILL; saving anyway" in late[0]["why"]
+    assert events(cut)[-3:] == [("grace_too_short", 15), ("checkpoint", 15), ("preempted", 15)]
+
+
+def test_the_sites_signal_list_decides_what_the_flag_handles(own_signals, tmp_path):
+    flag = preempt.PreemptionFlag()  # before the config: the time-limit signal and TERM
+    ours = flag._handle
+    assert signal.getsignal(signal.SIGTERM) == ours and signal.getsignal(signal.SIGUSR2) == ours
+    policy = preempt.configure(flag, {"preemption": {"preempt_signals": ["HUP"]}}, "local")
+    assert policy.signals == (signal.SIGHUP,) and policy.grace_time_s == 30  # local.yaml's
+    assert signal.getsignal(signal.SIGHUP) == ours and signal.getsignal(signal.SIGUSR2) == ours
+    assert signal.getsignal(signal.SIGTERM) != ours  # given back
+    assert policy.budget(signal.SIGHUP) == 30 and policy.budget(signal.SIGUSR2) == 30  # delay_s
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert flag.requested and flag.received == signal.SIGHUP
+
+
+def test_a_cancelled_job_is_not_requeued_after_its_sigterm_checkpoint(monkeypatch):
+    """scancel sends SIGTERM too: the checkpoint is written, but the job must stay cancelled."""
+    from hpcdl.scheduler import SlurmScheduler
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    requeued: list[str] = []
+    monkeypatch.setattr(SlurmScheduler, "requeue", lambda self, target: requeued.append(target))
+    monkeypatch.setattr(preempt, "cancelled", lambda target: True)
+    with pytest.raises(HpcdlError, match=r"job 77 was cancelled \(SIGTERM at step 5\)"):
+        preempt.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM")
+    assert requeued == []
+    assert preempt.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGUSR2") == "77"
+    monkeypatch.setattr(preempt, "cancelled", lambda target: False)
+    assert preempt.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM") == "77"
+    assert requeued == ["77", "77"]
+
+
+# -- on the dev cluster: SIGTERM to every step of a running job ----------------------------------
+@pytest.mark.slurm
+def test_sigterm_to_the_job_steps_on_slurm_requeues_and_resumes_bit_exactly(devcluster, tmp_path):
+    """What Slurm's PreemptMode=REQUEUE does first: SIGTERM to every step (not the batch shell),
+    here by ``scancel --signal=TERM`` at a seeded random step. Every rank flags it, all
+    checkpoint past the last periodic checkpoint, rank 0 requeues (the job is RUNNING, not
+    cancelled), and the requeued job ends with the history and weights of an uninterrupted run."""
+    import subprocess
+    import time
+
+    import yaml
+    from conftest import REPO
+    from test_train_slurm import SLOW, Fleet
+    from train_setup import last_step, write_config, write_digits
+
+    from hpcdl.scheduler import log_tail
+
+    digits = write_digits(tmp_path / "digits")
+    at = random.Random(7).randint(110, 190)  # after the periodic checkpoint of step 100
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HPCDL_JOB_ROOT", str(tmp_path / "jobs"))
+        mp.setenv("HPCDL_SITE_PATH", str(REPO / "hpcdl/sites"))
+        assert yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())["preemption"][
+            "preempt_signals"
+        ] == ["TERM"]
+        fleet = Fleet()
+
+        def config(name: str) -> Path:
+            return write_config(tmp_path / f"{name}.yaml", digits, tmp_path / "runs", name=name,
+                                **SLOW)  # fmt: skip
+
+        fleet.submit({name: (config(name), "devcluster", None) for name in ("ref", "term")})
+        term = fleet.runs["term"]
+        try:
+            deadline = time.monotonic() + 300
+            while last_step(term.run_dir) < at:
+                fleet._drive()
+                assert time.monotonic() < deadline, log_tail(term.handle)
+                time.sleep(0.5)
+            subprocess.run(["scancel", "--signal=TERM", term.handle.job_id], check=True)
+            fleet.wait("term", timeout=420)
+            fleet.wait("ref", timeout=420)
+        finally:
+            for run in fleet.runs.values():
+                if run.handle.state() not in ("COMPLETED", "FAILED", "CANCELLED"):
+                    run.handle.cancel()
+    assert term.handle.state() == "COMPLETED", log_tail(term.handle)
+    ref = fleet.runs["ref"]
+    got = [(r["event"], r["step"], r.get("signal")) for r in rows(term.run_dir, "event")]
+    stops = [(s, sig) for e, s, sig in got if e == "preempted"]
+    assert len(stops) == 1 and stops[0][1] == "SIGTERM", got
+    step = stops[0][0]
+    before = [
+        s for e, s, _ in got[: got.index(("preempted", step, "SIGTERM"))] if e == "checkpoint"
+    ]
+    assert before[-1] == step > at and 100 <= max(before[:-1]) < step, got  # past the periodic
+    resumed = [r for r in rows(term.run_dir, "event") if r["event"] == "resume"]
+    assert [r["step"] for r in resumed] == [step] and resumed[0]["restarts"] == 1
+    assert history(term.run_dir) == history(ref.run_dir)
+    assert same_weights(term.run_dir, ref.run_dir)
+    assert result(term.run_dir)["restarts"] >= 1 and result(ref.run_dir)["restarts"] == 0
