@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock lock-check wheel-check docs cluster cluster-down test test-quick lint demo clean
+.PHONY: install lock lock-check wheel-check docs image cluster cluster-down test test-quick lint demo clean
 
 # The lock: env/requirements-cpu.txt, made by uv from pyproject.toml (every extra) and
 # env/constraints-cpu.txt (torch's CPU build). `make lock` keeps the pins it can; to move them,
@@ -43,6 +43,9 @@ wheel-check: install  ## build sdist + wheel, install the wheel in a fresh venv 
 docs: install  ## the docs site (HTML in build/docs); --strict: any warning (a broken link, ...) fails
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/docs
 
+image:  ## the charliecloud image of the container tests (debootstrap; cached in /var/tmp/hpcdl-images)
+	HPCDL_VENV=$(abspath $(VENV)) env/container/build-image.sh
+
 cluster:  ## apt packages + the dev Slurm cluster (idempotent)
 	slurm/devcluster/devcluster.sh up
 
@@ -54,10 +57,10 @@ lint: install
 	$(BIN)/ruff format --check hpcdl tests docs/hooks
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 
-test: install cluster lint lock-check docs wheel-check  ## everything: install, start the cluster, all tests
+test: install cluster image lint lock-check docs wheel-check  ## everything: install, start the cluster, all tests
 	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25
 
-test-quick: install  ## the tests that need no cluster
+test-quick: install  ## the tests that need no cluster (nor the container image)
 	$(BIN)/pytest -q -m "not slurm"
 
 demo: install  ## the main job: digits shards, a 16-trial TPE+ASHA sweep and the final test score (local profile)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -21,11 +20,15 @@ from pydantic import (
     model_validator,
 )
 
+from hpcdl import containers
 from hpcdl.config import JobTime, Memory, format_minutes, parse_mem, parse_time, validation_error
 from hpcdl.errors import ConfigError
 from hpcdl.runner import LAUNCHERS, Task, torchrun_argv
 from hpcdl.scheduler import JobHandle, get_scheduler, hostnames
 from hpcdl.site import SiteProfile, load_site
+from hpcdl.slurm_options import SbatchOptions, check_job_options
+from hpcdl.snapshot import Snapshot, stage
+from hpcdl.snapshot import check as check_snapshot
 
 __all__ = ["Job", "JobHandle", "Resources", "slurm_job_name"]
 
@@ -36,8 +39,9 @@ _DEPENDENCY = re.compile(
 SUBMIT_PYTHON = sys.executable  # the interpreter that unpickles tasks (outside containers)
 
 
-class Resources(BaseModel):
-    """What a job asks of the scheduler; shared by ``Job``, training configs and sweep specs."""
+class Resources(SbatchOptions):
+    """What a job asks of the scheduler; shared by ``Job``, training configs and sweep specs
+    (the extra sbatch options, ``constraint`` ... ``sbatch``, come from ``SbatchOptions``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +55,7 @@ class Resources(BaseModel):
     time: JobTime = "01:00:00"
     account: str | None = None
     qos: str | None = None
+    snapshot: Snapshot | None = None  # the code tasks run (git, rsync, none); None: the site's
 
     @property
     def ntasks_per_node(self) -> int:
@@ -174,6 +179,8 @@ class Job(Resources):
             )
         if site.qos and self.qos and self.qos not in site.qos:
             raise ConfigError(where, "qos", f"{self.qos!r} is not one of {', '.join(site.qos)}")
+        containers.check_job_image(site.container.runtime, self.container, where)
+        check_snapshot(self.snapshot or site.snapshot, self.cwd, where)
         if self.command is not None and site.container.runtime == "none" and not self.container:
             _check_program(self.command, self.cwd, where)
 
@@ -230,6 +237,7 @@ class Job(Resources):
                 "mem",
                 f"{self.mem} exceeds partition {part.name!r} limit {part.mem_per_node}",
             )
+        check_job_options(self, part, where)  # gpus_per_task, the partition's policy, features
 
     # -- rendering -----------------------------------------------------------------------------
     def slurm_parameters(self, site: SiteProfile) -> dict[str, Any]:
@@ -247,7 +255,8 @@ class Job(Resources):
             "signal_delay_s": site.preemption.delay_s,
             "wckey": None,
             "setup": self.setup_lines(site),
-            "additional_parameters": {"export": "ALL"},
+            # the job's extra sbatch options after the partition's policy (defaults added)
+            "additional_parameters": {"export": "ALL", **check_job_options(self, part, "job")},
         }
         if self.gpus_per_node:
             kind = f"{part.gpu_type}:" if part.gpu_type else ""
@@ -276,15 +285,11 @@ class Job(Resources):
                 f"{site.preemption.signal}@{site.preemption.delay_s}"
             )
         mpi = site.launcher(self.launcher).mpi if self.command is not None else None
-        if mpi:
-            params["srun_args"] = [f"--mpi={mpi}"]
-        if site.container.runtime == "pyxis" and self.function is not None:
-            image = self.container or site.container.image
-            params["srun_args"] = [f"--container-image={image}"] + (
-                [f"--container-mounts={','.join(site.container.binds)}"]
-                if site.container.binds
-                else []
-            )
+        srun = [f"--mpi={mpi}"] if mpi else []
+        # pyxis: srun enters the image for commands and callables alike
+        srun += containers.srun_args(site.container, self.image(site))
+        if srun:
+            params["srun_args"] = srun
         return params
 
     def local_parameters(self, site: SiteProfile) -> dict[str, Any]:
@@ -293,13 +298,14 @@ class Job(Resources):
             "timeout_min": parse_time(self.time),
             "tasks_per_node": self.launched_tasks_per_node,
             "gpus_per_node": self.gpus_per_node,
-            "setup": self.setup_lines(site),
+            "setup": [ln for ln in self.setup_lines(site) if not ln.startswith("#")],  # && chain
             "signal_delay_s": site.preemption.delay_s,
         }
 
     def setup_lines(self, site: SiteProfile) -> list[str]:
         """Shell lines run before the tasks start: modules, site setup and env presets, job setup."""
         lines = site.module_lines() + list(site.setup) + site.env_lines()
+        lines += containers.setup_lines(site.container)
         if site.preemption.signal != "USR2":
             lines.append(f"export SUBMITIT_PREEMPT_SIGNAL={site.preemption.signal}")
         return lines + list(self.setup)
@@ -311,17 +317,16 @@ class Job(Resources):
         argv = self.command
         if argv is not None and self.launcher == "torchrun":
             argv = torchrun_argv(argv, self.nodes, self.ntasks_per_node)
-        image = self.container or site.container.image
-        if argv is not None and site.container.runtime == "apptainer" and image:
-            binds = [a for b in site.container.binds for a in ("--bind", b)]
-            argv = ["apptainer", "exec", *binds, image, *argv]
+        cwd = self.cwd or str(Path.cwd())
+        if argv is not None:  # apptainer, charliecloud: the command runs inside the image
+            argv = containers.wrap_command(site.container, self.image(site), argv, cwd)
         return Task(
             argv=argv,
             function=self.function,
             args=self.args,
             kwargs=self.kwargs,
             env=env,
-            cwd=self.cwd or str(Path.cwd()),
+            cwd=cwd,
             array_task_id=array_task_id,
             launcher=self.launcher if self.command is not None else None,
             hostnames=hostnames if self.command is not None else None,
@@ -329,20 +334,32 @@ class Job(Resources):
 
     def interpreter(self, site: SiteProfile) -> str:
         """The interpreter line that unpickles and runs the task on the node."""
-        rt = site.container.runtime
-        if self.function is not None and rt == "apptainer":
-            image = self.container or site.container.image
-            binds = " ".join(f"--bind {shlex.quote(b)}" for b in site.container.binds)
-            return f"apptainer exec {binds} {shlex.quote(str(image))} python3".replace("  ", " ")
-        if self.function is not None and rt == "pyxis":
-            return "python3"
-        return shlex.quote(SUBMIT_PYTHON)
+        inside = self.function is not None or site.container.runtime == "pyxis"
+        cwd = self.cwd or str(Path.cwd())
+        line = containers.interpreter(site.container, self.image(site), cwd) if inside else None
+        return line or shlex.quote(SUBMIT_PYTHON)
+
+    def image(self, site: SiteProfile) -> str | None:
+        """The container image the tasks run in: the job's own, else the site's."""
+        return self.container or site.container.image
 
     def render(self, site: SiteProfile | None = None, folder: Path | None = None) -> str:
         """The exact sbatch script submitit writes for this job (Slurm sites only)."""
         site = site or self.resolve_site()
         self.check(site)
-        return get_scheduler(site).render(self, folder)
+        job = self.staged(site, folder or site.job_root_path / "<job-folder>", copy=False)
+        script = get_scheduler(site).render(job, folder)
+        line = shlex.join(job.task(site).argv or []) if job.command else job.interpreter(site)
+        return containers.annotate(script, site.container, job.image(site), line)
+
+    def staged(self, site: SiteProfile, folder: Path, copy: bool = True) -> Job:
+        """This job run from its code snapshot in ``folder`` (taken now unless ``copy`` is false,
+        as for ``render``); the job itself when its snapshot is ``none`` (``hpcdl.snapshot``)."""
+        spec = self.snapshot or site.snapshot
+        if spec.mode == "none":
+            return self
+        cwd, lines = stage(spec, self.cwd, folder, self.command, copy)
+        return self.model_copy(update={"cwd": str(cwd), "setup": [*self.setup, *lines]})
 
     # -- submission ----------------------------------------------------------------------------
     def submit(self, site: SiteProfile | None = None, test_only: bool = False) -> JobHandle:

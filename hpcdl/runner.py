@@ -11,7 +11,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,18 @@ class CommandFailed(RuntimeError):
     """The job's command exited with a non-zero status."""
 
 
-def master_port(job_id: str, array_task_id: str | None = None) -> int:
+def master_port(job_id: str, array_task_id: str | None = None, restart: str | None = None) -> int:
     """A port in 20000–59999 derived from the job (and array task), so that two jobs or two array
-    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it."""
+    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it. A requeued job
+    (``restart``: ``SLURM_RESTART_COUNT``) gets another port: Slurm may restart it on the same
+    nodes seconds after a node failure, while a process of the previous run still holds the old
+    port, and the new ranks would rendezvous with it."""
     if os.environ.get("HPCDL_MASTER_PORT"):
         return int(os.environ["HPCDL_MASTER_PORT"])
-    return 20000 + zlib.crc32(f"{job_id}:{array_task_id or ''}".encode()) % 40000
+    key = f"{job_id}:{array_task_id or ''}" + (
+        f":{restart}" if restart not in (None, "", "0") else ""
+    )
+    return 20000 + zlib.crc32(key.encode()) % 40000
 
 
 def tasks_per_node(spec: str) -> list[int]:
@@ -109,7 +115,7 @@ def slurm_layout(env: Mapping[str, str], hostnames: Callable[[str], list[str]]) 
         node_rank=node_rank,
         num_nodes=len(per_node),
         master_host=first_host(nodelist, hostnames),
-        master_port=master_port(job_id, array_task),
+        master_port=master_port(job_id, array_task, env.get("SLURM_RESTART_COUNT")),
         job_id=f"{job_id}_{array_task}" if array_task else job_id,
         source="slurm",
     )
@@ -235,6 +241,28 @@ class Task:
     array_task_id: int | None = None
     launcher: str | None = None
     hostnames: Callable[[str], list[str]] | None = None
+
+    @property
+    def checkpoint(self) -> Callable[..., Any]:
+        """submitit's ``checkpoint()`` protocol, present only when the wrapped callable has it:
+        submitit's preemption handler checks ``hasattr(function, "checkpoint")``, and a wrapper
+        that always had one would turn every other callable's requeue into a failure."""
+        if self.function is None or not hasattr(self.function, "checkpoint"):
+            raise AttributeError("checkpoint")
+        return self._checkpoint
+
+    def _checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Delegate (to ``__submitit_checkpoint__`` first, as submitit does) and wrap the returned
+        ``DelayedSubmission`` again, so the requeued task keeps this task's environment."""
+        fn = self.function
+        hook = getattr(fn, "__submitit_checkpoint__", None) or fn.checkpoint
+        delayed = hook(*self.args, **self.kwargs)  # submitit passes this task's (empty) args
+        if delayed is None:
+            return None
+        task = replace(
+            self, function=delayed.function, args=tuple(delayed.args), kwargs=dict(delayed.kwargs)
+        )
+        return type(delayed)(task)  # submitit's DelayedSubmission, without importing it here
 
     def __call__(self) -> Any:
         os.environ.update(self.env)

@@ -19,7 +19,10 @@ from hpcdl.config import (
     read_yaml,
     validate,
 )
+from hpcdl.containers import Container  # the `container` section (runtimes, binds)
 from hpcdl.errors import ConfigError
+from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
+from hpcdl.snapshot import Snapshot  # jobs' default code snapshot (git, rsync, none)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -54,6 +57,12 @@ class Partition(_Strict):
     gpus_per_node: int = Field(default=0, ge=0)
     gres: str = "gpu"
     gpu_type: str | None = None
+    # Slurm's per-partition preemption: REQUEUE partitions are preempted by higher tiers, and
+    # their jobs get grace_time_s between SIGTERM and SIGKILL (the site-wide value otherwise).
+    preempt_mode: Literal["OFF", "REQUEUE", "CANCEL", "SUSPEND"] = "OFF"
+    grace_time_s: int | None = Field(default=None, ge=0, le=3600)
+    features: list[str] | None = None  # node features (sinfo %f); None: not checked
+    policy: PartitionPolicy = PartitionPolicy()  # sbatch option defaults, required, denied
 
     @field_validator("name", "gres")
     @classmethod
@@ -69,20 +78,6 @@ class Partition(_Strict):
     @property
     def mem_mib(self) -> int | None:
         return None if self.mem_per_node is None else parse_mem(self.mem_per_node)
-
-
-class Container(_Strict):
-    """How jobs run inside a container, if at all."""
-
-    runtime: Literal["none", "apptainer", "pyxis"] = "none"
-    image: str | None = None
-    binds: list[str] = []
-
-    @model_validator(mode="after")
-    def _image_needed(self) -> Container:
-        if self.runtime != "none" and not self.image:
-            raise ValueError(f"runtime '{self.runtime}' needs an image")
-        return self
 
 
 SignalName = Literal["USR1", "USR2", "TERM", "INT", "HUP"]
@@ -139,6 +134,7 @@ class SiteProfile(_Strict):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     max_local_tasks: int = Field(default=8, ge=1)
     launchers: dict[Literal["srun", "torchrun"], LauncherPreset] = {}
+    snapshot: Snapshot = Snapshot()  # jobs' code snapshot unless a job sets its own
 
     @field_validator("secrets")
     @classmethod
@@ -294,94 +290,3 @@ def load_site(name_or_path: str | Path | None = None) -> SiteProfile:
             str(path), "name", f"{profile.name!r} must match the file name {path.stem!r}"
         )
     return profile
-
-
-# -- the live cluster ------------------------------------------------------------------------
-class LivePartition(BaseModel):
-    """What Slurm itself says about a partition."""
-
-    name: str
-    default: bool
-    max_time: str
-    max_nodes: int
-    cpus_per_node: int
-    mem_mib: int
-    gpus_per_node: int
-    state: str
-
-
-def check_site(profile: SiteProfile, live: dict[str, LivePartition]) -> list[str]:
-    """Every disagreement between a profile and the live cluster's partitions (empty when they
-    agree). ``hpcdl.scheduler.check_site`` asks the profile's back end for ``live``."""
-    problems = []
-    for p in profile.partitions:
-        lp = live.get(p.name)
-        if lp is None:
-            problems.append(f"partition {p.name}: missing on the cluster (has: {', '.join(live)})")
-            continue
-        if lp.state != "UP":
-            problems.append(f"partition {p.name}: state is {lp.state}")
-        # (field, value here, value on the cluster, do they agree?)
-        comparisons = [
-            ("default", p.default, lp.default, p.default == lp.default),
-            (
-                "max_time",
-                p.max_time,
-                lp.max_time,
-                parse_time(p.max_time) == parse_time(lp.max_time),
-            ),
-            ("max_nodes", p.max_nodes, lp.max_nodes, p.max_nodes in (None, lp.max_nodes)),
-            (
-                "cpus_per_node",
-                p.cpus_per_node,
-                lp.cpus_per_node,
-                p.cpus_per_node == lp.cpus_per_node,
-            ),
-            ("mem_per_node", p.mem_per_node, f"{lp.mem_mib}M", p.mem_mib in (None, lp.mem_mib)),
-            (
-                "gpus_per_node",
-                p.gpus_per_node,
-                lp.gpus_per_node,
-                p.gpus_per_node == lp.gpus_per_node,
-            ),
-        ]
-        problems += [
-            f"partition {p.name}: {field} {here} here, {there} on the cluster"
-            for field, here, there, agree in comparisons
-            if not agree
-        ]
-    for name in live:
-        if name not in {p.name for p in profile.partitions}:
-            problems.append(f"partition {name}: on the cluster but not in the profile")
-    return problems
-
-
-def import_site(name: str, live: dict[str, LivePartition]) -> dict:
-    """A draft profile (as a plain mapping) from the live cluster's partitions, validated before
-    it is returned. ``hpcdl.scheduler.import_site`` asks Slurm for ``live``."""
-    partitions = []
-    for lp in live.values():
-        entry: dict = {
-            "name": lp.name,
-            "max_time": lp.max_time,
-            "max_nodes": lp.max_nodes,
-            "cpus_per_node": lp.cpus_per_node,
-            "mem_per_node": f"{lp.mem_mib}M",
-        }
-        if lp.default:
-            entry["default"] = True
-        if lp.gpus_per_node:
-            entry.update(gpus_per_node=lp.gpus_per_node, gres="gpu")
-        partitions.append(entry)
-    data = {
-        "name": name,
-        "scheduler": "slurm",
-        "description": "Imported from the live cluster by 'hpcdl site import'; review before use.",
-        "partitions": partitions,
-        "env": {},
-        "secrets": ["WANDB_API_KEY"],
-        "job_root": "~/.hpcdl/jobs",
-        "preemption": {"signal": "USR2", "delay_s": 120},
-    }
-    validate(SiteProfile, data, f"imported profile {name!r}")
-    return data

@@ -69,6 +69,18 @@ def run_cli(
     )
 
 
+def one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
+    """The CLI's answer to bad input: exit status 2 and one ``error: ...`` line on stderr, no
+    traceback anywhere; returns that line."""
+    out = capsys.readouterr()
+    assert rc == 2, out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1, out.err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in out.err + out.out
+    return lines[0]
+
+
 def sacct(job_id: str) -> list[dict[str, str]]:
     """One row per allocation (array tasks included) with start/end times."""
     out = subprocess.run(

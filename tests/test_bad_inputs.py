@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line_error
 
 from hpcdl.cli import main
 
@@ -42,6 +43,8 @@ BAD_SITES = [
     ("bad memory", _site(p0_mem_per_node="lots"), "partitions.0.mem_per_node: invalid memory"),
     ("negative gpus", _site(p0_gpus_per_node=-1), "partitions.0.gpus_per_node"),
     ("partition name", _site(p0_name="my part"), "partitions.0.name"),
+    ("preempt mode", _site(p0_preempt_mode="SOMETIMES"), "partitions.0.preempt_mode: Input should be 'OFF', 'REQUEUE'"),
+    ("grace time", _site(p0_grace_time_s=-5), "partitions.0.grace_time_s: Input should be greater than or equal to 0"),
     ("two defaults", _site(partitions=[GOOD_SITE["partitions"][0],
                                        {**GOOD_SITE["partitions"][1], "default": True}]),
      "more than one partition is marked default"),
@@ -56,32 +59,22 @@ BAD_SITES = [
 ]  # fmt: skip
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
-    out = capsys.readouterr()
-    assert rc == 2, out
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1, out.err
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in out.err + out.out
-    return lines[0]
-
-
 @pytest.mark.parametrize("label,content,expected", BAD_SITES, ids=[b[0] for b in BAD_SITES])
 def test_bad_site_profile(tmp_path, capsys, label, content, expected):
     path = tmp_path / "t.yaml"
     path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
-    line = _one_line_error(capsys, main(["site", "show", str(path)]))
+    line = one_line_error(capsys, main(["site", "show", str(path)]))
     assert str(path) in line
     assert expected in line
 
 
 def test_missing_site_file(tmp_path, capsys):
-    line = _one_line_error(capsys, main(["site", "show", str(tmp_path / "nope.yaml")]))
+    line = one_line_error(capsys, main(["site", "show", str(tmp_path / "nope.yaml")]))
     assert "file not found" in line
 
 
 def test_unknown_site_name_lists_known(capsys):
-    line = _one_line_error(capsys, main(["site", "show", "nosuchsite"]))
+    line = one_line_error(capsys, main(["site", "show", "nosuchsite"]))
     assert "unknown site profile 'nosuchsite'" in line and "local" in line
 
 
@@ -126,7 +119,7 @@ BAD_JOBS = [
 @pytest.mark.parametrize("verb", ["submit", "render"])
 def test_bad_job_file(tmp_path, capsys, site_file, job_root, label, fields, extra, expected, verb):
     rc = main([verb, "--site", str(site_file), _job_file(tmp_path, **fields), *extra])
-    line = _one_line_error(capsys, rc)
+    line = one_line_error(capsys, rc)
     assert expected in line
     assert not job_root.exists(), "nothing may be written for a rejected job"
 
@@ -152,6 +145,6 @@ BAD_ARGS = [
 def test_bad_cli_arguments(tmp_path, capsys, job_root, args, expected):
     site = tmp_path / "s.yaml"
     site.write_text(yaml.safe_dump({**GOOD_SITE, "secrets": ["SECRET_TOKEN"]}))
-    line = _one_line_error(capsys, main([str(site) if a == "SITE" else a for a in args]))
+    line = one_line_error(capsys, main([str(site) if a == "SITE" else a for a in args]))
     assert expected in line
     assert not (job_root / "registry.jsonl").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, one_line_error, run_cli
 
 from hpcdl import Job
 from hpcdl.cli import main
@@ -195,15 +195,6 @@ def test_srun_jobs_use_the_sites_mpi_setting_and_presets(tmp_path):
     assert job.task(gpu).env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
-    out = capsys.readouterr()
-    assert rc == 2, out
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1, out.err
-    assert lines[0].startswith("error: ") and "Traceback" not in out.err + out.out
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "args,expected",
     [
@@ -215,7 +206,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
 )  # fmt: skip
 def test_bad_launcher_input_is_one_line(capsys, job_root, args, expected):
     for verb in ("submit", "render"):
-        line = _one_line_error(capsys, main([verb, "--site", "devcluster", *args]))
+        line = one_line_error(capsys, main([verb, "--site", "devcluster", *args]))
         assert expected in line
     assert not job_root.exists() or not any(job_root.iterdir())
 
@@ -235,7 +226,7 @@ def test_bad_launcher_presets_are_one_line(tmp_path, capsys, launchers, expected
     data.update(name="t", launchers=launchers)
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert expected in _one_line_error(capsys, main(["site", "show", str(path)]))
+    assert expected in one_line_error(capsys, main(["site", "show", str(path)]))
 
 
 def test_launcher_torchrun_needs_a_command():
@@ -310,12 +301,44 @@ def _nodes(reports: list[dict], key: str = "SLURMD_NODENAME") -> list[str]:
     return sorted(r["env"][key] if "env" in r else r["node"] for r in reports)
 
 
+#: name: (extra submit options, script, script arguments, seconds to wait)
+SCRIPTS = {
+    "ddp": ([], DDP, [], 300),
+    "torchrun": (["--launcher", "torchrun"], DDP, [], 300),
+    "deepspeed": ([], DEEPSPEED, [], 480),
+    "mpi": ([], MPI, [], 300),
+    "lightning": ([], LIGHTNING, ["2", "2"], 480),
+}
+
+
+@pytest.fixture(scope="module")
+def on_two_nodes(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every script submitted at once (they run side by side): ``{name: (job id, prefix)}``,
+    registered under ``{"": job root}``."""
+    root = tmp_path_factory.mktemp("scripts")
+    jobs: dict = {"": str(root / "jobs")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HPCDL_JOB_ROOT", jobs[""])
+        for name, (options, script, args, _) in SCRIPTS.items():
+            prefix = root / name
+            job_id = _submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "10m", *options,
+                             "--", sys.executable, script, str(prefix), *args)  # fmt: skip
+            jobs[name] = (job_id, prefix)
+    yield jobs
+    subprocess.run(["scancel", *(jobs[name][0] for name in SCRIPTS)], timeout=30)
+
+
+def _reports_of(jobs: dict, name: str, n: int = 4) -> tuple[str, list[dict]]:
+    job_id, prefix = jobs[name]
+    with pytest.MonkeyPatch.context() as mp:  # the module's job root, not this test's
+        mp.setenv("HPCDL_JOB_ROOT", jobs[""])
+        _finish(job_id, timeout=SCRIPTS[name][3])
+    return job_id, _reports(prefix, n)
+
+
 @pytest.mark.slurm
-def test_ddp_script_on_two_nodes(devcluster, tmp_path):
-    prefix = tmp_path / "ddp"
-    _finish(_submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "5m", "--",
-                    sys.executable, DDP, str(prefix)), timeout=300)  # fmt: skip
-    reports = _reports(prefix, 4)
+def test_ddp_script_on_two_nodes(on_two_nodes):
+    _, reports = _reports_of(on_two_nodes, "ddp")
     _check_ddp(reports, 4)
     nodes = _nodes(reports)
     assert len(set(nodes)) == 2 and nodes[0] == nodes[1] and nodes[2] == nodes[3]
@@ -328,12 +351,8 @@ def test_ddp_script_on_two_nodes(devcluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_ddp_script_under_torchrun_on_two_nodes(devcluster, tmp_path):
-    prefix = tmp_path / "tr"
-    job_id = _submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "5m", "--launcher",
-                     "torchrun", "--", sys.executable, DDP, str(prefix))  # fmt: skip
-    _finish(job_id, timeout=300)
-    reports = _reports(prefix, 4)
+def test_ddp_script_under_torchrun_on_two_nodes(on_two_nodes):
+    job_id, reports = _reports_of(on_two_nodes, "torchrun")
     _check_ddp(reports, 4)
     assert {r["env"]["TORCHELASTIC_RUN_ID"] for r in reports} == {job_id}
     assert {r["env"]["SLURM_NTASKS"] for r in reports} == {"2"}  # one torchrun per node
@@ -342,34 +361,25 @@ def test_ddp_script_under_torchrun_on_two_nodes(devcluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_deepspeed_script_trains_zero2_on_two_nodes(devcluster, tmp_path):
-    prefix = tmp_path / "ds"
-    _finish(_submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "10m", "--",
-                    sys.executable, DEEPSPEED, str(prefix)), timeout=480)  # fmt: skip
-    reports = _reports(prefix, 4)
+def test_deepspeed_script_trains_zero2_on_two_nodes(on_two_nodes):
+    _, reports = _reports_of(on_two_nodes, "deepspeed")
     assert sorted(r["rank"] for r in reports) == [0, 1, 2, 3]
     assert {(r["world"], r["engine_world"]) for r in reports} == {(4, 4)}  # not 4 worlds of 1
     assert {(r["zero_stage"], r["steps"], r["sum"]) for r in reports} == {(2, 2, 6.0)}
 
 
 @pytest.mark.slurm
-def test_mpi4py_script_under_the_sites_mpi_setting(devcluster, tmp_path):
-    prefix = tmp_path / "mpi"
-    _finish(_submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "5m", "--",
-                    sys.executable, MPI, str(prefix)), timeout=300)  # fmt: skip
-    reports = _reports(prefix, 4)
+def test_mpi4py_script_under_the_sites_mpi_setting(on_two_nodes):
+    _, reports = _reports_of(on_two_nodes, "mpi")
     assert sorted(r["rank"] for r in reports) == [0, 1, 2, 3]
     assert {(r["size"], r["sum"]) for r in reports} == {(4, 6)}
     assert len(set(_nodes(reports))) == 2
 
 
 @pytest.mark.slurm
-def test_lightning_script_finds_slurm_on_two_nodes(devcluster, tmp_path):
+def test_lightning_script_finds_slurm_on_two_nodes(on_two_nodes):
     pytest.importorskip("lightning")
-    prefix = tmp_path / "lt"
-    _finish(_submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "10m", "--",
-                    sys.executable, LIGHTNING, str(prefix), "2", "2"), timeout=480)  # fmt: skip
-    reports = _reports(prefix, 4)
+    _, reports = _reports_of(on_two_nodes, "lightning")
     assert {r["cluster"] for r in reports} == {"SLURMEnvironment"}
     assert sorted((r["node_rank"], r["local_rank"]) for r in reports) == [
         (0, 0),

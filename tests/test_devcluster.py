@@ -51,13 +51,14 @@ def partitions() -> dict[str, dict[str, str]]:
     return parts
 
 
-def test_sinfo_shows_four_idle_nodes_in_cpu_and_gpu_partitions():
+def test_sinfo_shows_four_idle_nodes_in_their_partitions():
     out = run("sinfo", "-h", "-N", "-o", "%N %P %T").stdout
     rows = [line.split() for line in out.splitlines() if line.strip()]
     by_part: dict[str, set[str]] = {}
     for node, part, _state in rows:
         by_part.setdefault(part.rstrip("*"), set()).add(node)
-    assert by_part == {"cpu": set(NODES), "gpu": {"node3", "node4"}}
+    gpu_nodes = {"node3", "node4"}
+    assert by_part == {"cpu": set(NODES), "gpu": gpu_nodes, "low": set(NODES), "high": set(NODES)}
     # The cpu partition is the default one (sinfo marks it with '*').
     assert any(part == "cpu*" for _node, part, _state in rows)
     states = {node: state for node, _part, state in rows}

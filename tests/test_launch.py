@@ -30,6 +30,9 @@ def test_master_port_is_deterministic_and_separates_array_tasks(monkeypatch):
     assert master_port("123", "4") == master_port("123", "4")
     ports = {master_port("123", str(t)) for t in range(50)}
     assert len(ports) == 50 and all(20000 <= p < 60000 for p in ports)
+    # a requeued job rendezvouses on another port (its previous run may still hold the old one)
+    assert master_port("123", "4", "0") == master_port("123", "4")
+    assert len({master_port("123", "4", str(r)) for r in range(4)}) == 4
     monkeypatch.setenv("HPCDL_MASTER_PORT", "29501")
     assert master_port("123", "4") == 29501
 

@@ -616,3 +616,58 @@ def test_deepspeed_config_leaves_the_config_alone():
 def test_deepspeed_inputs_rejected(fields):
     with pytest.raises(ValidationError):
         _train_config(**fields)
+
+
+# -- partitions (``scontrol show partition -o`` + ``sinfo``) ----------------------------------------
+SINFO = "node1|4|4000|(null)\nnode2|4|4000|(null)\nnode3|4|4000|gpu:2(S:0)\n"
+SCONTROL = (
+    "PartitionName=cpu Default=YES GraceTime=0 MaxNodes=UNLIMITED MaxTime=1-00:00:00 "
+    "Nodes=node[1-3] PreemptMode=OFF State=UP TotalNodes=3\n"
+    "PartitionName=low Default=NO GraceTime=20 MaxNodes=UNLIMITED MaxTime=04:00:00 "
+    "Nodes=node[1-2] PreemptMode=REQUEUE State=UP TotalNodes=2\n"
+    "PartitionName=gang Default=NO GraceTime=5 MaxNodes=2 MaxTime=UNLIMITED "
+    "Nodes=node3 PreemptMode=GANG,SUSPEND State=DOWN TotalNodes=1\n"
+)
+
+
+def test_partitions_carry_their_preemption_mode_and_grace_time():
+    from hpcdl.scheduler.live import import_site, parse_partitions
+
+    live = parse_partitions(SINFO, SCONTROL)
+    assert [(p.name, p.preempt_mode, p.grace_time_s) for p in live.values()] == [
+        ("cpu", "OFF", 0),
+        ("low", "REQUEUE", 20),
+        ("gang", "GANG", 5),
+    ]
+    assert (live["gang"].max_time, live["gang"].max_nodes, live["gang"].gpus_per_node) == (
+        "infinite",
+        2,
+        2,
+    )
+    live.pop("gang")  # not a mode a profile takes
+    draft = import_site("drafted", live)
+    assert draft["partitions"][1]["grace_time_s"] == 20
+    assert draft["preemption"]["grace_time_s"] == 20
+
+
+def test_a_runs_grace_time_is_its_partitions():
+    from hpcdl.config import validate
+    from hpcdl.site import SiteProfile
+    from hpcdl.train.run import preemption_values
+
+    site = validate(
+        SiteProfile,
+        {
+            "name": "t",
+            "scheduler": "slurm",
+            "partitions": [
+                {"name": "cpu", "default": True, "cpus_per_node": 4},
+                {"name": "low", "cpus_per_node": 4, "preempt_mode": "REQUEUE", "grace_time_s": 7},
+            ],
+            "preemption": {"grace_time_s": 45},
+        },
+        "t.yaml",
+    )
+    assert preemption_values(site, "low")["grace_time_s"] == 7
+    assert preemption_values(site, None)["grace_time_s"] == 45  # cpu: the site's value
+    assert preemption_values(site, "nope")["grace_time_s"] == 45

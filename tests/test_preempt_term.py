@@ -193,64 +193,24 @@ def test_a_cancelled_job_is_not_requeued_after_its_sigterm_checkpoint(monkeypatc
     assert requeued == ["77", "77"]
 
 
-# -- on the dev cluster: SIGTERM to every step of a running job ----------------------------------
-@pytest.mark.slurm
-def test_sigterm_to_the_job_steps_on_slurm_requeues_and_resumes_bit_exactly(devcluster, tmp_path):
-    """What Slurm's PreemptMode=REQUEUE does first: SIGTERM to every step (not the batch shell),
-    here by ``scancel --signal=TERM`` at a seeded random step. Every rank flags it, all
-    checkpoint past the last periodic checkpoint, rank 0 requeues (the job is RUNNING, not
-    cancelled), and the requeued job ends with the history and weights of an uninterrupted run."""
-    import subprocess
-    import time
+def test_a_job_slurm_already_requeued_is_not_an_error(monkeypatch):
+    """A failed node: Slurm requeues the job itself and SIGTERMs the ranks left; their
+    checkpoint's own `scontrol requeue` is then refused ("Job is pending execution")."""
+    from hpcdl.scheduler import SlurmScheduler
 
-    import yaml
-    from conftest import REPO
-    from test_train_slurm import SLOW, Fleet
-    from train_setup import last_step, write_config, write_digits
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setattr(preempt, "cancelled", lambda target: False)
+    answer = {"why": "Job is pending execution"}
 
-    from hpcdl.scheduler import log_tail
+    def refuse(self, target):
+        raise HpcdlError(f"scontrol requeue {target} failed: {answer['why']} for job {target}")
 
-    digits = write_digits(tmp_path / "digits")
-    at = random.Random(7).randint(110, 190)  # after the periodic checkpoint of step 100
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HPCDL_JOB_ROOT", str(tmp_path / "jobs"))
-        mp.setenv("HPCDL_SITE_PATH", str(REPO / "hpcdl/sites"))
-        assert yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())["preemption"][
-            "preempt_signals"
-        ] == ["TERM"]
-        fleet = Fleet()
-
-        def config(name: str) -> Path:
-            return write_config(tmp_path / f"{name}.yaml", digits, tmp_path / "runs", name=name,
-                                **SLOW)  # fmt: skip
-
-        fleet.submit({name: (config(name), "devcluster", None) for name in ("ref", "term")})
-        term = fleet.runs["term"]
-        try:
-            deadline = time.monotonic() + 300
-            while last_step(term.run_dir) < at:
-                fleet._drive()
-                assert time.monotonic() < deadline, log_tail(term.handle)
-                time.sleep(0.5)
-            subprocess.run(["scancel", "--signal=TERM", term.handle.job_id], check=True)
-            fleet.wait("term", timeout=420)
-            fleet.wait("ref", timeout=420)
-        finally:
-            for run in fleet.runs.values():
-                if run.handle.state() not in ("COMPLETED", "FAILED", "CANCELLED"):
-                    run.handle.cancel()
-    assert term.handle.state() == "COMPLETED", log_tail(term.handle)
-    ref = fleet.runs["ref"]
-    got = [(r["event"], r["step"], r.get("signal")) for r in rows(term.run_dir, "event")]
-    stops = [(s, sig) for e, s, sig in got if e == "preempted"]
-    assert len(stops) == 1 and stops[0][1] == "SIGTERM", got
-    step = stops[0][0]
-    before = [
-        s for e, s, _ in got[: got.index(("preempted", step, "SIGTERM"))] if e == "checkpoint"
-    ]
-    assert before[-1] == step > at and 100 <= max(before[:-1]) < step, got  # past the periodic
-    resumed = [r for r in rows(term.run_dir, "event") if r["event"] == "resume"]
-    assert [r["step"] for r in resumed] == [step] and resumed[0]["restarts"] == 1
-    assert history(term.run_dir) == history(ref.run_dir)
-    assert same_weights(term.run_dir, ref.run_dir)
-    assert result(term.run_dir)["restarts"] >= 1 and result(ref.run_dir)["restarts"] == 0
+    monkeypatch.setattr(SlurmScheduler, "requeue", refuse)
+    monkeypatch.setattr(preempt, "requeued_by_slurm", lambda target: False)
+    assert preempt.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM") == "78"
+    answer["why"] = "Requested operation is presently disabled"
+    with pytest.raises(HpcdlError, match="presently disabled for job 78; resubmit with run_dir="):
+        preempt.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM")
+    monkeypatch.setattr(preempt, "requeued_by_slurm", lambda target: True)  # sacct says so
+    assert preempt.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM") == "78"

@@ -195,16 +195,25 @@ def test_site_check_and_import_against_the_live_cluster(devcluster, tmp_path):
     data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
     data["partitions"][0]["cpus_per_node"] = 8
     data["partitions"].append({"name": "bigmem", "cpus_per_node": 4})
+    low = next(p for p in data["partitions"] if p["name"] == "low")
+    low["grace_time_s"] = 120
     profile = tmp_path / "devcluster.yaml"
     profile.write_text(yaml.safe_dump(data))
     proc = run_cli("site", "check", str(profile))
     assert proc.returncode == 1
     assert "partition cpu: cpus_per_node 8 here, 4 on the cluster" in proc.stdout
     assert "partition bigmem: missing on the cluster" in proc.stdout
+    assert "partition low: grace_time_s 120 here, 20 on the cluster" in proc.stdout
     drafted = tmp_path / "drafted.yaml"
     proc = run_cli("site", "import", "--name", "drafted", "-o", str(drafted))
     assert proc.returncode == 0, proc.stderr
     assert check_site(load_site(str(drafted))) == []
+    draft = yaml.safe_load(drafted.read_text())
+    low = next(p for p in draft["partitions"] if p["name"] == "low")
+    assert (low["preempt_mode"], low["grace_time_s"]) == ("REQUEUE", 20)  # from scontrol
+    assert all("preempt_mode" not in p for p in draft["partitions"] if p["name"] != "low")
+    assert draft["preemption"]["preempt_signals"] == ["TERM"]
+    assert draft["preemption"]["grace_time_s"] == 20
     assert run_cli("site", "import", "-o", str(drafted)).returncode == 2  # no silent overwrite
 
 

@@ -1,9 +1,10 @@
-"""Training jobs on the dev cluster: accuracy on 2 nodes x 2 tasks, preemption by signal and by
-the time limit resuming bit-exactly, exhausted requeues, and the two benchmarks.
+"""Training jobs on the dev cluster: accuracy on 2 nodes x 2 tasks, real preemption by a
+higher-tier partition's job (SIGTERM) and the time-limit signal, each resuming bit-exactly,
+exhausted requeues, and the two benchmarks.
 
 The training jobs are submitted together when the module starts and run side by side; waiting
-on any of them drives all of them (:class:`Fleet`): it sends the preemption signal once a run
-has logged enough steps, and releases requeued jobs at once instead of after Slurm's ~2 minute
+on any of them drives all of them (:class:`Fleet`): once a run has logged enough steps it sends
+it USR2 or submits the job that preempts it, and releases requeued jobs at once instead of after Slurm's ~2 minute
 hold (its credential lifetime). The preemption runs use ``train_models:SlowMLP``, whose forward
 sleeps, so they last long enough for the time-limit signal on any machine and leave the CPUs
 free for the others.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -37,6 +39,7 @@ from train_setup import (
 )
 
 from hpcdl.scheduler import FINISHED, JobHandle, find_handle, log_tail
+from hpcdl.scheduler.hostlist import expand_hostlist
 
 pytestmark = pytest.mark.slurm
 
@@ -55,6 +58,8 @@ SLOW = {  # ~660 steps of >= 60 ms: >= 45 s of training, whatever the machine
 # and delay_s=20 it comes 40-100 s after the start. A slower forward (the same numbers as SLOW:
 # the delay is a sleep) keeps the run going past 100 s alone, and the 20 s left after the signal
 # are enough for a step and a checkpoint even when the start-up is slow on a loaded machine.
+# The step after which the `high` job is submitted: seeded, past the periodic checkpoint of 100.
+PREEMPT_AT = random.Random(7).randint(110, 190)
 LIMIT = {**SLOW, "model": {**SLOW["model"], "delay_s": 0.15}, "job__time": 2}
 
 
@@ -64,6 +69,7 @@ class Run:
     run_dir: Path
     signal_at: int | None = None  # send USR2 to every task once this step is logged
     signalled: bool = False
+    preempt_at: int | None = None  # submit a `high` job over its nodes once this step is logged
 
 
 class Fleet:
@@ -71,9 +77,11 @@ class Fleet:
 
     def __init__(self) -> None:
         self.runs: dict[str, Run] = {}
+        self.preemptors: list[str] = []  # the `high` jobs
 
     def submit(self, jobs: dict[str, tuple[Path, str, int | None]]) -> None:
-        """``{name: (config, site, signal_at)}``, submitted by parallel ``hpcdl train`` calls."""
+        """``{name: (config, site, signal_at)}``, submitted by parallel ``hpcdl train`` calls;
+        a run in the `low` partition is preempted at ``signal_at`` instead of signalled."""
         env = {**os.environ, **env_with_helpers()}
         procs = {
             name: subprocess.Popen([HPCDL, "train", str(config), "--site", site], env=env,
@@ -85,7 +93,11 @@ class Fleet:
             assert proc.returncode == 0, out + err
             run_dir = Path(re.search(r"run folder: (\S+)", out)[1])
             job_id = re.search(r"submitted job (\d+)", out)[1]
-            self.runs[name] = Run(find_handle(job_id), run_dir, jobs[name][2])
+            at, low = jobs[name][2], "partition: low" in jobs[name][0].read_text()
+            handle = find_handle(job_id)
+            self.runs[name] = Run(
+                handle, run_dir, None if low else at, preempt_at=at if low else None
+            )
 
     def _drive(self) -> None:
         for run in self.runs.values():
@@ -93,6 +105,10 @@ class Fleet:
             if due and not run.signalled:
                 # to every task of the job's steps (not the batch shell, which would die)
                 subprocess.run(["scancel", "--signal=USR2", run.handle.job_id], check=True)
+                run.signalled = True
+            due = run.preempt_at is not None and last_step(run.run_dir) >= run.preempt_at
+            if due and not run.signalled:
+                self._preempt(run)
                 run.signalled = True
         ids = ",".join(r.handle.job_id for r in self.runs.values())
         out = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ids], capture_output=True,
@@ -102,6 +118,17 @@ class Fleet:
             if reason.strip() == "BeginTime":  # requeued: start now, with room to finish
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now",
                                 "TimeLimit=10"], check=True, timeout=30)  # fmt: skip
+
+    def _preempt(self, run: Run) -> None:
+        """A `high` job that needs memory the `low` run holds on its nodes: Slurm preempts the
+        run (SIGTERM to its steps, GraceTime, SIGKILL, requeue) to start it."""
+        nodes = subprocess.run(["squeue", "-h", "-o", "%N", "-j", run.handle.job_id],
+                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+        proc = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N", "2", "-w", nodes,
+                               "--mem=2000M", "-t", "1", "-o", "/dev/null", "--wrap", "sleep 3"],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert proc.returncode == 0 and nodes, proc.stderr
+        self.preemptors.append(proc.stdout.strip())
 
     def wait(self, name: str, timeout: float = 420) -> Run:
         run = self.runs[name]
@@ -132,6 +159,8 @@ def fleet(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         def config(name: str, **changes: object) -> Path:
             return write_config(root / f"{name}.yaml", digits, root / "runs", name=name, **changes)
 
+        f.config = config  # type: ignore[attr-defined]  # for the tests that run after the fleet
+
         f.submit(
             {
                 "accuracy": (
@@ -140,7 +169,11 @@ def fleet(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                     None,
                 ),
                 "reference": (config("reference", **SLOW), "devcluster", None),
-                "signal": (config("signal", **SLOW), "devcluster", 40),
+                "preempt": (  # holds 3 of a node's 4 GB: a `high` job can start only by preemption
+                    config("preempt", **SLOW, job__partition="low", job__mem="3000M"),
+                    "devcluster",
+                    PREEMPT_AT,
+                ),
                 "limit": (config("limit", **LIMIT), "devcluster-preempt", None),
                 "exhausted": (config("exhausted", **SLOW, job__max_requeues=0), "devcluster", 10),
             }
@@ -183,10 +216,26 @@ def _assert_resumed_exactly(run: Run, reference: Run) -> list[dict]:
     return preempted
 
 
-def test_signal_preemption_requeues_and_resumes_bit_exactly(fleet):
-    run, reference = fleet.wait("signal"), fleet.wait("reference")
+def test_preemption_by_a_higher_tier_job_checkpoints_on_sigterm_and_resumes_bit_exactly(fleet):
+    """Real preemption: a `high` partition job takes the `low` run's nodes; Slurm sends SIGTERM
+    to the steps and gives them GraceTime (20 s); every rank checkpoints at the next step, after
+    the last periodic checkpoint, the run requeues itself and finishes as if never stopped."""
+    run, reference = fleet.wait("preempt"), fleet.wait("reference")
     preempted = _assert_resumed_exactly(run, reference)
-    assert len(preempted) == 1 and preempted[0]["step"] >= 40
+    assert len(preempted) == 1 and preempted[0]["signal"] == "SIGTERM", preempted
+    assert preempted[0]["step"] >= PREEMPT_AT
+    periodic = [r["step"] for r in _events(run, "checkpoint") if r["step"] < preempted[0]["step"]]
+    assert periodic and preempted[0]["step"] > max(periodic), (periodic, preempted)
+    assert not _events(run, "grace_too_short")
+    site = json.loads((run.run_dir / "site.json").read_text())
+    assert site["preemption"]["grace_time_s"] == 20  # the partition's GraceTime, not the site's
+    assert fleet.preemptors and all(_state(j) == "COMPLETED" for j in fleet.preemptors)
+
+
+def _state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                         capture_output=True, text=True, timeout=30).stdout.split()  # fmt: skip
+    return out[0] if out else "?"
 
 
 def test_time_limit_preemption_requeues_and_resumes_bit_exactly(fleet):
@@ -238,3 +287,55 @@ def test_bench_train_job_side_by_side(devcluster, tmp_path):
     assert r["world_size"] == 2 and r["zero_stage"] == 2 and r["steps"] == 20
     assert r["ratio"] > 0 and len(r["plain_step_s"]) == len(r["hpcdl_step_s"]) == 1
     assert "throughput ratio hpcdl / hand-written" in proc.stdout
+
+
+def _nodes_of(job_id: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%N", "-j", job_id], capture_output=True,
+                         text=True, timeout=30).stdout.strip()  # fmt: skip
+    return expand_hostlist(out) if out else []
+
+
+def test_node_down_mid_run_requeues_and_resumes_to_the_same_weights(fleet):
+    """One node of a 2-node run set DOWN, as a failing node is: Slurm ends the job (NODE_FAIL)
+    and requeues it; the run resumes from its newest periodic checkpoint and ends with the
+    uninterrupted run's weights and history. Last in the module, alone: a DOWN node would fail
+    every other job on it."""
+    reference = fleet.wait("reference")
+    for name in list(fleet.runs):
+        fleet.wait(name)
+    fleet.submit({"nodedown": (fleet.config("nodedown", **SLOW), "devcluster", None)})
+    run = fleet.runs["nodedown"]
+    deadline = time.monotonic() + 240
+    while last_step(run.run_dir) < 130:  # past the periodic checkpoint of step 100
+        alive = run.handle.state() not in FINISHED
+        assert time.monotonic() < deadline and alive, log_tail(run.handle)
+        time.sleep(0.5)
+    node = _nodes_of(run.handle.job_id)[-1]
+    scontrol = ["scontrol", "update", f"NodeName={node}"]
+    subprocess.run([*scontrol, "State=DOWN", "Reason=hpcdl-test-node-loss"], check=True, timeout=30)
+    try:
+        # The dev cluster returns a DOWN node to service as soon as its slurmd answers
+        # (ReturnToService=2); drained, it stays out as a failed node would, and the job
+        # (held in BeginTime until the fleet releases it) comes back on other nodes.
+        subprocess.run([*scontrol, "State=DRAIN", "Reason=hpcdl-test-node-loss"], check=True,
+                       timeout=30)  # fmt: skip
+        while not (run.run_dir / "result.json").is_file():  # requeued, released, resumed, done
+            fleet._drive()
+            assert time.monotonic() < deadline + 240, log_tail(run.handle)
+            time.sleep(1)
+    finally:
+        subprocess.run([*scontrol, "State=RESUME"], timeout=30)
+    state = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                           text=True, timeout=30).stdout  # fmt: skip
+    assert "drain" not in state and "down" not in state, state  # the cluster is whole again
+    result = _result(fleet.wait("nodedown"))
+    assert result["restarts"] >= 1
+    last = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", run.handle.job_id],
+                          capture_output=True, text=True, timeout=30).stdout.split()[-1]  # fmt: skip
+    assert node not in expand_hostlist(last), last  # it came back on other nodes
+    resumed = _events(run, "resume")
+    # the newest valid checkpoint: step 100, or a later one if the ranks on the live node
+    # checkpointed on Slurm's SIGTERM (a save cut by SIGKILL has no manifest and is skipped)
+    assert resumed and resumed[0]["step"] >= 100, resumed
+    assert history(run.run_dir) == history(reference.run_dir)
+    assert same_weights(run.run_dir, reference.run_dir)

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from hpcdl.cli.progress import bar, spinner
 from hpcdl.config import parse_time
 from hpcdl.errors import ConfigError, HpcdlError
 
@@ -54,16 +55,18 @@ def io_cmd(
             raise ConfigError(name, name.strip("-"), f"{value} must be >= 1")
     if naive_seconds <= 0:
         raise ConfigError("--naive-seconds", "naive_seconds", f"{naive_seconds} must be > 0")
-    res = run_io_bench(
-        directory,
-        batch_size=batch_size,
-        workers=counts,
-        threads=threads,
-        block_units=block_units,
-        naive_seconds=naive_seconds,
-        repeat=repeat,
-        cold=cold,
-    )
+    with bar("bench io: timed runs") as on_progress:
+        res = run_io_bench(
+            directory,
+            batch_size=batch_size,
+            workers=counts,
+            threads=threads,
+            block_units=block_units,
+            naive_seconds=naive_seconds,
+            repeat=repeat,
+            cold=cold,
+            on_progress=on_progress,
+        )
     console = Console()
     console.print(render(res))
     for note in res.notes:
@@ -82,16 +85,18 @@ def _allocation_run(
     if local:
         from hpcdl.launch import init_distributed
 
-        rank = init_distributed().rank
-        function(*args)
-        if rank != 0:
+        if init_distributed().rank != 0:
+            function(*args)
             raise click.exceptions.Exit(0)
+        with bar(job_fields["name"]) as on_progress:  # loops (train) or message sizes (comm)
+            function(*args, on_progress=on_progress)
         return
     job = Job.from_dict({**job_fields, "function": function, "args": args}, "bench job")
     handle = job.submit()
     click.echo(f"job {handle.job_id} on {handle.site} ({handle.tasks} ranks); waiting", err=True)
     minutes = parse_time(job.time) or 60
-    state = handle.wait(timeout=minutes * 60 + 120, poll=2)
+    with spinner(f"job {handle.job_id}: waiting for it to end"):
+        state = handle.wait(timeout=minutes * 60 + 120, poll=2)
     if state != "COMPLETED":
         raise HpcdlError(f"benchmark job {handle.job_id} ended {state}\n{log_tail(handle)}")
 
@@ -277,7 +282,8 @@ def hpo_cmd(spec: Path, trials: int, epochs: int, site: str | None, array_size: 
     if trials < 2 or epochs < 2:
         raise ConfigError("", "--trials/--epochs", "need at least 2 trials and 2 epochs")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    r = pruning(spec, trials, epochs, stamp)
+    with spinner(f"random search and ASHA, {trials} trials each"):
+        r = pruning(spec, trials, epochs, stamp)
     table = Table(title=f"trial-epochs to reach random search's best val_acc {r['target']:.4f} "
                         f"({trials} trials, up to {epochs} epochs)")  # fmt: skip
     for col in ("search", "epochs to target", "epochs in all", "best", "pruned", "seconds"):
@@ -297,7 +303,8 @@ def hpo_cmd(spec: Path, trials: int, epochs: int, site: str | None, array_size: 
     if site is None:
         click.echo("submission timing skipped (give --site for a Slurm site)")
         return
-    t = submission(site, array_size, stamp)
+    with spinner(f"timing a {array_size}-trial sweep on {site}"):
+        t = submission(site, array_size, stamp)
     click.echo(f"{array_size}-trial sweep on {site}: submit {t['submit_s']:.2f} s, sweep status "
                f"{t['sweep_status_s']:.2f} s, job states of {t['tasks']} tasks {t['job_states_s']:.2f} s "
                "(goal < 2 s each)")  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from hpcdl.cli.progress import bar, spinner
 from hpcdl.errors import ConfigError
 
 
@@ -46,10 +47,12 @@ def _write(source: Any, out: str, **kw: Any) -> None:
     from hpcdl.data.manifest import Manifest
     from hpcdl.data.writer import mpi_comm, write_shards
 
-    dirs = write_shards(source, out, progress=True, **kw)
     comm = mpi_comm()
     if comm is not None and comm.Get_rank() != 0:
+        write_shards(source, out, **kw)  # rank 0 alone reports progress and prints
         return
+    with bar("writing shards", unit="bytes") as on_progress:
+        dirs = write_shards(source, out, on_progress=on_progress, **kw)
     for split, path in dirs.items():
         m = Manifest.load(path)
         size = sum(s.bytes for s in m.shards) / 2**20
@@ -71,7 +74,9 @@ def shard(source: str, out: str, labels: str | None, **kw: Any) -> None:
     """
     from hpcdl.data.sources import load_source
 
-    _write(load_source(source, labels), out, **kw)
+    with spinner(f"reading {source}"):
+        src = load_source(source, labels)
+    _write(src, out, **kw)
 
 
 @data.command("synth")
@@ -115,7 +120,8 @@ def verify_cmd(directory: str, no_checksums: bool) -> None:
     from hpcdl.data.verify import dataset_dirs, verify
 
     for d in dataset_dirs(directory):
-        r = verify(d, checksums=not no_checksums)
+        with bar(f"verifying {d.name}", unit="bytes") as on_progress:
+            r = verify(d, checksums=not no_checksums, on_progress=on_progress)
         click.echo(f"ok: {r.path} ({r.samples} samples, {r.shards} shards, {r.bytes} bytes)")
 
 
@@ -127,7 +133,9 @@ def stage_cmd(directory: str, scratch: str, checksums: bool) -> None:
     """Copy dataset DIRECTORY once per node under SCRATCH; prints the local path to read."""
     from hpcdl.data.stage import stage
 
-    click.echo(str(stage(Path(directory), Path(scratch), checksums=checksums)))
+    with bar(f"staging {Path(directory).name}", unit="bytes") as on_progress:
+        local = stage(Path(directory), Path(scratch), checksums=checksums, on_progress=on_progress)
+    click.echo(str(local))
 
 
 def register(cli: click.Group) -> None:

@@ -11,6 +11,30 @@ import click
 
 from hpcdl.errors import ConfigError, HpcdlError
 
+# Extra sbatch options (hpcdl.slurm_options): checked against the partition's site policy.
+SBATCH_OPTIONS = [
+    click.option("--constraint", "-C", help="Node features, e.g. a100 or 'intel&ib'."),
+    click.option(
+        "--exclusive", is_flag=True, default=None, help="Whole nodes (exclusive=user: job file)."
+    ),
+    click.option("--reservation", help="Run in this reservation."),
+    click.option("--gpus-per-task", "gpus_per_task", help="GPUs per task: COUNT or TYPE:COUNT."),
+    click.option("--gpu-bind", "gpu_bind", help="e.g. closest, single:1, map_gpu:0,1."),
+    click.option("--mem-per-gpu", "mem_per_gpu", help="Memory per GPU, e.g. 32G (not with --mem)."),
+    click.option("--exclude", "-x", help="Nodes to avoid, e.g. node[1-2]."),
+    click.option("--nodelist", "-w", help="Nodes to run on, e.g. node[3-4]."),
+    click.option("--mail-type", "mail_type", help="e.g. END,FAIL."),
+    click.option("--mail-user", "mail_user", help="Who gets the mail (default: you)."),
+    click.option("--begin", help="Start no earlier than, e.g. now+1hour, 2026-12-24T08:00."),
+    click.option("--comment", help="The job's comment in squeue/sacct."),
+    click.option(
+        "--sbatch",
+        "sbatch",
+        multiple=True,
+        help="Any other sbatch option: KEY=VALUE, or KEY for a flag (repeatable).",
+    ),
+]
+
 _RESOURCE_OPTIONS = [
     click.option(
         "--site", "-s", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."
@@ -33,10 +57,16 @@ _RESOURCE_OPTIONS = [
     click.option("--container", help="Container image (site's runtime)."),
     click.option("--requeue/--no-requeue", default=None, help="Let Slurm requeue the job."),
     click.option(
+        "--snapshot",
+        metavar="git|rsync|none",
+        help="Run a copy of the code taken at submission (default: the site's, else none).",
+    ),
+    click.option(
         "--launcher",
         help="How a command's ranks start: srun (default; one task per rank, torch.distributed "
         "variables set) or torchrun (one torchrun per node).",
     ),
+    *SBATCH_OPTIONS,
     click.argument("args", nargs=-1, type=click.UNPROCESSED),
 ]
 
@@ -70,11 +100,33 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
         if key == "env":
             pairs = dict(_split_pair(v, "--env") for v in value)
             data["env"] = {**(data.get("env") or {}), **pairs}
+        elif key == "sbatch":
+            pairs = dict(_sbatch_pair(v) for v in value)
+            data["sbatch"] = {**(data.get("sbatch") or {}), **pairs}
         elif key in {"setup", "dependencies"}:
             data[key] = [*(data.get(key) or []), *value]
         else:
             data[key] = value
     return Job.from_dict(data, where), where
+
+
+def _sbatch_pair(text: str) -> tuple[str, str | bool]:
+    """``--sbatch KEY=VALUE`` (a valued option) or ``--sbatch KEY`` (a flag)."""
+    if "=" not in text:
+        return text, True
+    return _split_pair(text, "--sbatch")
+
+
+class JobCommand(click.Command):
+    """A command taking ``[OPTIONS] -- CMD ARGS``: an unknown option is click's error with a
+    hint, never the program (``--constraint`` is not on PATH)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            hint = "hpcdl's options go before '--', the command and its own options after it"
+            raise click.UsageError(f"{exc.format_message()} ({hint})", ctx) from None
 
 
 def _split_pair(text: str, flag: str) -> tuple[str, str]:
@@ -84,7 +136,7 @@ def _split_pair(text: str, flag: str) -> tuple[str, str]:
     return key, value
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+@click.command(cls=JobCommand)
 @_resource_options
 @click.option("--test-only", is_flag=True, help="Also ask 'sbatch --test-only' before queueing.")
 @click.option("--parsable", is_flag=True, help="Print only the job id.")
@@ -109,7 +161,7 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
     click.echo(f"  follow: hpcdl status {handle.job_id}   logs: hpcdl logs {handle.job_id}")
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+@click.command(cls=JobCommand)
 @_resource_options
 def render(args: tuple[str, ...], **options: Any) -> None:
     """Print the exact sbatch script submitit would submit (nothing is queued)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,6 +59,8 @@ def show(name: str) -> None:
         for row in profile.summary_rows():
             table.add_row(*row)
         console.print(table)
+        for line in _partition_rules(profile):
+            console.print(f"  {line}", highlight=False)
     facts = {
         "accounts": ", ".join(profile.accounts) or "-",
         "qos": ", ".join(profile.qos) or "-",
@@ -73,6 +76,22 @@ def show(name: str) -> None:
     }
     for key, value in facts.items():
         console.print(f"  {key}: {value}")
+
+
+def _partition_rules(profile: Any) -> list[str]:
+    """One line per partition with node features or an sbatch policy (defaults, required, denied)."""
+    lines = []
+    for p in profile.partitions:
+        pol = p.policy
+        parts = [f"features {','.join(p.features)}"] if p.features is not None else []
+        parts += [
+            f"default --{k}" + ("" if v is True else f"={v}") for k, v in pol.defaults.items()
+        ]
+        for verb, keys in (("requires", pol.required), ("denies", pol.denied)):
+            parts += [f"{verb} " + ", ".join(f"--{k}" for k in keys)] if keys else []
+        if parts:
+            lines.append(f"{p.name}: " + "; ".join(parts))
+    return lines
 
 
 @site.command()

@@ -195,18 +195,27 @@ def sync(name: str, dry_run: bool) -> None:
     runs = sorted(p for p in s.paths.root.rglob("offline-run-*") if p.is_dir())
     if not runs:
         raise HpcdlError(f"sweep {name!r} has no offline W&B runs under {s.paths.root}")
-    failed = 0
-    for run_dir in runs:
-        if dry_run:
+    if dry_run:
+        for run_dir in runs:
             click.echo(str(run_dir))
-            continue
-        proc = subprocess.run(
-            [_wandb(), "sync", str(run_dir)], capture_output=True, text=True, timeout=600
-        )
-        ok = proc.returncode == 0
-        failed += not ok
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] if not ok else []
-        click.echo(f"{'synced' if ok else 'FAILED'} {run_dir}" + (f": {tail[0]}" if tail else ""))
+        return
+    from hpcdl.cli.progress import bar
+
+    failed = 0
+    with bar("syncing W&B runs") as on_progress:
+        for i, run_dir in enumerate(runs):
+            if on_progress is not None:
+                on_progress(i, len(runs))
+            proc = subprocess.run(
+                [_wandb(), "sync", str(run_dir)], capture_output=True, text=True, timeout=600
+            )
+            ok = proc.returncode == 0
+            failed += not ok
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] if not ok else []
+            line = f"{'synced' if ok else 'FAILED'} {run_dir}" + (f": {tail[0]}" if tail else "")
+            click.echo(line)
+            if on_progress is not None:
+                on_progress(i + 1, len(runs))
     if failed:
         raise HpcdlError(f"{failed} of {len(runs)} run(s) did not sync (network or WANDB_API_KEY?)")
 

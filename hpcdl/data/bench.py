@@ -119,8 +119,11 @@ def run_io_bench(
     limit_seconds: float = 60.0,
     repeat: int = 3,
     cold: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IoBench:
-    """Measure every path cold (page cache dropped before each run) and warm; medians of repeats."""
+    """Measure every path cold (page cache dropped before each run) and warm; medians of repeats.
+
+    ``on_progress(done, total)`` counts the timed runs after each one."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -162,31 +165,54 @@ def run_io_bench(
     paths += [(f"hpcdl, {w} workers", ours(w)) for w in workers]
     naive_name = f"naive, {naive_workers} workers"
 
+    cold = _cold_rows(cold, res)
+    step = _Steps(on_progress, (len(paths) * repeat + 1) * (2 if cold else 1))
+
     def measure(cache: str, before: Callable[[], Any]) -> None:
         runs: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in paths}
         for _ in range(repeat):  # interleaved, so drifts of the disk hit every path alike
             for name, fn in paths:
                 before()
-                runs[name].append(fn())
+                runs[name].append(step(fn()))
         before()
-        runs[naive_name] = [naive()]
+        runs[naive_name] = [step(naive())]
         for name, rs in runs.items():
             sps = statistics.median(n / s for n, s in rs)
             res.rows.append(Row(name, cache, sps, sps * sb / 1e6))
 
     if cold:
-        why = drop_caches()
-        if why is None:
-            measure("cold", drop_caches)
-        else:
-            res.notes.append(f"cold rows skipped: {why}")
-    else:
-        res.notes.append("cold rows skipped (--no-cold)")
+        measure("cold", drop_caches)
     raw(threads)()  # load the page cache
     measure("warm", lambda: None)
     _relate(res, raws, naive_name)
     _explain(res, repeat, naive_seconds, batch_size)
     return res
+
+
+def _cold_rows(cold: bool, res: IoBench) -> bool:
+    """Whether cold rows can be measured (the page cache can be dropped); notes why not."""
+    if not cold:
+        res.notes.append("cold rows skipped (--no-cold)")
+        return False
+    why = drop_caches()
+    if why is not None:
+        res.notes.append(f"cold rows skipped: {why}")
+    return why is None
+
+
+class _Steps:
+    """Counts timed runs for ``on_progress``; returns each run's result unchanged."""
+
+    def __init__(self, on_progress: Callable[[int, int], None] | None, total: int):
+        self.on_progress, self.total, self.done = on_progress, total, 0
+        if on_progress is not None:
+            on_progress(0, total)
+
+    def __call__(self, result: tuple[int, float]) -> tuple[int, float]:
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+        return result
 
 
 def _relate(res: IoBench, raws: list[str], naive_name: str) -> None:

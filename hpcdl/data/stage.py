@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from hpcdl.data.manifest import MANIFEST, Manifest
@@ -11,12 +12,19 @@ from hpcdl.errors import HpcdlError
 from hpcdl.util import atomic_path
 
 
-def stage(path: str | Path, scratch: str | Path, *, checksums: bool = False) -> Path:
+def stage(
+    path: str | Path,
+    scratch: str | Path,
+    *,
+    checksums: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Return a complete local copy of the dataset at ``scratch/<name>-<digest>``.
 
     Safe to call from every rank of a node at once: a file lock lets the first caller copy
     (shards into a temporary folder, manifest last, then one rename) while the others wait
     and reuse the copy; later jobs on the node reuse it too. ``checksums`` re-hashes the copy.
+    ``on_progress(done, total)`` gets the shard bytes copied so far (total at once on reuse).
     """
     from hpcdl.data.verify import verify
 
@@ -31,16 +39,31 @@ def stage(path: str | Path, scratch: str | Path, *, checksums: bool = False) -> 
     with open(root / f".{dest.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (dest / MANIFEST).is_file():
+            if on_progress is not None:
+                total = sum(s.bytes for s in m.shards)
+                on_progress(total, total)
             return dest  # the manifest is copied last: its presence means the copy is complete
         try:
             with atomic_path(dest) as tmp:  # a failed copy leaves nothing behind
                 shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of this pid
                 tmp.mkdir()
-                for info in m.shards:
-                    shutil.copyfile(src / info.file, tmp / info.file)
+                _copy_shards(src, tmp, m, on_progress)
                 shutil.copyfile(src / MANIFEST, tmp / MANIFEST)
                 verify(tmp, checksums=checksums)
                 shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy (no manifest)
         except OSError as exc:
             raise HpcdlError(f"{exc.filename or dest}: staging failed: {exc.strerror}") from None
     return dest
+
+
+def _copy_shards(
+    src: Path, tmp: Path, m: Manifest, on_progress: Callable[[int, int], None] | None
+) -> None:
+    total, done = sum(s.bytes for s in m.shards), 0
+    if on_progress is not None:
+        on_progress(0, total)
+    for info in m.shards:
+        shutil.copyfile(src / info.file, tmp / info.file)
+        done += info.bytes
+        if on_progress is not None:
+            on_progress(done, total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,15 @@ def dataset_dirs(path: str | Path) -> list[Path]:
     return subs or [path]
 
 
-def verify(path: str | Path, checksums: bool = True) -> Report:
-    """Raise :class:`HpcdlError` naming the file at the first problem; else return a report."""
+def verify(
+    path: str | Path,
+    checksums: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Raise :class:`HpcdlError` naming the file at the first problem; else return a report.
+
+    ``on_progress(done, total)`` gets the shard bytes checked so far after each shard.
+    """
     import h5py
 
     path = Path(path)
@@ -47,6 +55,9 @@ def verify(path: str | Path, checksums: bool = True) -> Report:
     extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in listed)
     if extra:
         raise HpcdlError(f"{path / extra[0]}: extra file not in the manifest ({len(extra)} extra)")
+    total, done = sum(s.bytes for s in m.shards), 0
+    if on_progress is not None:
+        on_progress(0, total)
     for info in m.shards:
         file = path / info.file
         if not file.is_file():
@@ -83,4 +94,7 @@ def verify(path: str | Path, checksums: bool = True) -> Report:
                     raise HpcdlError(f"{file}: fields {extra_fields} are not in the manifest")
         except OSError as exc:
             raise HpcdlError(f"{file}: not a readable HDF5 file ({exc})") from None
-    return Report(path, len(m.shards), m.samples, sum(s.bytes for s in m.shards))
+        done += info.bytes
+        if on_progress is not None:
+            on_progress(done, total)
+    return Report(path, len(m.shards), m.samples, total)

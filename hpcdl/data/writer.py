@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -161,33 +160,21 @@ def _prepare(out: Path, splits: list[str], overwrite: bool) -> None:
             ) from None
 
 
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+def _advancer(
+    on_progress: Callable[[int, int], None] | None, total: int
+) -> Callable[[int], None] | None:
+    """Turn ``write_shard``'s increments into cumulative ``on_progress(done, total)`` calls."""
+    if on_progress is None:
+        return None
+    done = 0
+    on_progress(0, total)
 
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("writing shards"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task("write", total=total)
-        yield lambda n: bar.advance(task, n)
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        on_progress(done, total)
+
+    return advance
 
 
 class _Ranks:
@@ -282,13 +269,15 @@ def write_shards(
     compression: str | None = None,
     compression_level: int | None = None,
     overwrite: bool = False,
-    progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Path]:
     """Write ``OUT/<split>/`` datasets (train, and val/test when their fraction is > 0).
 
     Samples are shuffled globally once (seeded); chunks hold ~chunk_size bytes along the sample
     axis and are written in order. Under MPI each rank writes every size-th shard and rank 0
     writes the manifests last, once every shard is in place. Returns {split: dataset folder}.
+    ``on_progress(done, total)`` gets the bytes of samples written so far by rank 0 (out of its
+    share) after each piece.
     """
     shard_bytes = parse_size(shard_size, "write_shards", "shard_size")
     chunk_bytes = parse_size(chunk_size, "write_shards", "chunk_size")
@@ -310,18 +299,18 @@ def write_shards(
 
     def write_mine() -> list[tuple[str, int, ShardInfo]]:
         done = []
-        with _progress(progress and ranks.rank == 0, total) as advance:
-            for j in mine:
-                info = write_shard(
-                    out / j.split / j.file,
-                    parts[j.split],
-                    j,
-                    source.fields,
-                    plans[j.split].chunk_samples,
-                    kwargs,
-                    advance,
-                )
-                done.append((j.split, j.index, info))
+        advance = _advancer(on_progress if ranks.rank == 0 else None, total)
+        for j in mine:
+            info = write_shard(
+                out / j.split / j.file,
+                parts[j.split],
+                j,
+                source.fields,
+                plans[j.split].chunk_samples,
+                kwargs,
+                advance,
+            )
+            done.append((j.split, j.index, info))
         return done
 
     done = ranks.gather(ranks.attempt(write_mine))

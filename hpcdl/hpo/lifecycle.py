@@ -55,6 +55,11 @@ def log_event(paths: SweepPaths, who: str, text: str) -> None:
     log.info("%s: %s", who, text)
 
 
+#: What the follow-up job takes from the sweep's resources.
+FOLLOW_UP_FIELDS = {"partition", "account", "qos", "constraint", "reservation", "exclude",
+                    "nodelist", "snapshot"}  # fmt: skip
+
+
 class SweepJob:
     """One submission of the sweep with its tasks' current states."""
 
@@ -155,9 +160,11 @@ class Lifecycle:
             name=f"sweep-{self.spec.name}-follow",
             function=follow_up_main,
             args=(root,),
-            partition=self.spec.resources.partition,
             time="00:10:00",
             dependencies=[f"afterany:{array.job_id}"],
+            # where the sweep's jobs may run (a partition may require a constraint), and the code
+            # later rounds run (the sweep's snapshot)
+            **self.spec.resources.model_dump(include=FOLLOW_UP_FIELDS, exclude_none=True),
         ).submit(self.site)
         self._record("follow", follow, [])
         return [*handles, follow]

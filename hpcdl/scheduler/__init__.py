@@ -24,12 +24,12 @@ from hpcdl.scheduler.base import (
     job_statuses,
     log_tail,
 )
+from hpcdl.scheduler.live import import_site as _draft_profile
 from hpcdl.scheduler.local import LocalScheduler
 from hpcdl.scheduler.registry import clean, find_handle, load_handles, record, registry_roots
 from hpcdl.scheduler.slurm import SlurmScheduler, hostnames
 from hpcdl.scheduler.states import FINISHED, STATES, summarize
 from hpcdl.site import SiteProfile
-from hpcdl.site import import_site as _draft_profile
 
 __all__ = [
     "FINISHED",

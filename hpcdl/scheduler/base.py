@@ -18,9 +18,10 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 
 from hpcdl.errors import HpcdlError
+from hpcdl.scheduler.live import LivePartition
+from hpcdl.scheduler.live import check_site as compare_with_live
 from hpcdl.scheduler.states import FINISHED, summarize
-from hpcdl.site import LivePartition, SiteProfile
-from hpcdl.site import check_site as compare_with_live
+from hpcdl.site import SiteProfile
 
 _BACKENDS: dict[str, type[Scheduler]] = {}
 
@@ -58,6 +59,8 @@ class Request(Protocol):
     def interpreter(self, site: SiteProfile) -> str: ...
 
     def task(self, site: SiteProfile, array_task_id: int | None = None) -> Any: ...
+
+    def staged(self, site: SiteProfile, folder: Path, copy: bool = True) -> Request: ...
 
 
 class JobHandle(BaseModel):

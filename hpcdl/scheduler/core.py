@@ -29,6 +29,11 @@ class SubmititScheduler(Scheduler):
         site = self.site
         self._preflight(request, test_only)
         folder = new_job_folder(site, request.name)
+        try:  # the code snapshot (if any) goes into the folder before anything is rendered
+            request = request.staged(site, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         executor = self._executor(request, folder)
         try:
             if request.array:

@@ -12,7 +12,7 @@ from typing import Any
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.core import SubmititScheduler, folder_state, task_log_paths
-from hpcdl.site import LivePartition
+from hpcdl.scheduler.live import LivePartition
 
 
 class LocalScheduler(SubmititScheduler):

@@ -20,9 +20,8 @@ from hpcdl.scheduler.core import (
     task_log_paths,
 )
 from hpcdl.scheduler.hostlist import expand_hostlist
-from hpcdl.scheduler.live import SINFO_FORMAT, parse_partitions
+from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_partitions
 from hpcdl.scheduler.states import expand_array_id, normalize_state
-from hpcdl.site import LivePartition
 from hpcdl.util import get_logger
 
 log = get_logger(__name__)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hpcdl.train.run import Run, ranks
 from hpcdl.util import atomic_write_json, get_logger
 
 log = get_logger(__name__)
+OnProgress = Callable[[int, int], None]
 
 
 def _write(out: Path, name: str, data: dict[str, Any]) -> None:
@@ -87,8 +89,15 @@ def hpcdl_loop(cfg: TrainConfig, steps: int, run_dir: Path) -> float:
     return run.execute(finish=False)["step_time_mean_s"]  # the rounds share one process group
 
 
-def bench_train(cfg_data: dict[str, Any], steps: int, rounds: int, out: str) -> dict[str, Any]:
-    """Alternate the two loops ``rounds`` times in this one allocation (so drift hits both)."""
+def bench_train(
+    cfg_data: dict[str, Any],
+    steps: int,
+    rounds: int,
+    out: str,
+    on_progress: OnProgress | None = None,
+) -> dict[str, Any]:
+    """Alternate the two loops ``rounds`` times in this one allocation (so drift hits both).
+    ``on_progress(done, total)`` counts the finished loops (two per round)."""
     cfg = TrainConfig.model_validate(cfg_data)
     runs = [Path(out) / f"run-{r}" for r in range(rounds)]
     with ranks():
@@ -100,9 +109,13 @@ def bench_train(cfg_data: dict[str, Any], steps: int, rounds: int, out: str) -> 
 
         import_deepspeed()
         plain, ours = [], []
-        for run_dir in runs:
+        for r, run_dir in enumerate(runs):
             plain.append(plain_loop(cfg, steps))
+            if on_progress is not None:
+                on_progress(2 * r + 1, 2 * rounds)
             ours.append(hpcdl_loop(cfg, steps, run_dir))
+            if on_progress is not None:
+                on_progress(2 * r + 2, 2 * rounds)
         result = {
             "world_size": dist.get_world_size(),
             "zero_stage": cfg.zero_stage,
@@ -151,10 +164,12 @@ def _time_allreduces(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_comm(sizes: list[int], budget_s: float, out: str) -> dict[str, Any]:
+def bench_comm(
+    sizes: list[int], budget_s: float, out: str, on_progress: OnProgress | None = None
+) -> dict[str, Any]:
     """All-reduce of float32 messages of each size: DeepSpeed's comm layer (what training uses,
     over hpcdl's rendezvous) vs. raw ``torch.distributed``. Bus bandwidth as nccl-tests
-    defines it: bytes / time x 2 (n - 1) / n."""
+    defines it: bytes / time x 2 (n - 1) / n. ``on_progress(done, total)`` counts sizes."""
     from hpcdl.train.engine import import_deepspeed
 
     with ranks() as (_, info):
@@ -172,6 +187,8 @@ def bench_comm(sizes: list[int], budget_s: float, out: str) -> dict[str, Any]:
                 row[f"{name}_busbw_gbs"] = size / seconds * 2 * (n - 1) / max(n, 1) / 1e9
             rows.append(row)
             del tensor
+            if on_progress is not None:
+                on_progress(len(rows), len(sizes))
         result = {
             "world_size": n,
             "backend": dist.get_backend(),

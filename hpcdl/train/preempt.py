@@ -176,6 +176,19 @@ def cancelled(target: str) -> bool:
         return False
 
 
+def requeued_by_slurm(target: str) -> bool:
+    """Whether Slurm has already put job ``target`` back in the queue (it does so itself when
+    one of the job's nodes fails); False when the state cannot be read."""
+    from hpcdl.scheduler.slurm import query
+
+    try:
+        return any(
+            s.state in ("PENDING", "REQUEUED", "NODE_FAIL") for s in query([target]).values()
+        )
+    except (HpcdlError, OSError):
+        return False
+
+
 def after_checkpoint(
     step: int, tag: str, run_dir: str, max_requeues: int, rank: int, sig: str | None = None
 ) -> str:
@@ -200,7 +213,13 @@ def after_checkpoint(
         try:
             SlurmScheduler().requeue(target)
         except HpcdlError as exc:
-            raise HpcdlError(f"{exc}; {resume}") from None
+            if "pending execution" not in str(exc) and not requeued_by_slurm(target):
+                raise HpcdlError(f"{exc}; {resume}") from None
+            # A node of the job failed: Slurm requeued it itself (and sent the SIGTERM).
+            print(
+                f"hpcdl: job {target} was already requeued by Slurm after step {step}", flush=True
+            )
+            return target
         print(
             f"hpcdl: requeued job {target} after step {step} "
             f"(requeue {done + 1} of at most {max_requeues})",

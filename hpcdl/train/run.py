@@ -73,12 +73,19 @@ def ranks(
 
 def finish_distributed() -> None:
     """Leave together: a process that exits while a peer still tears down its gloo connections
-    can abort that peer (and fail the job step)."""
+    can abort that peer (and fail the job step). The barrier brings every rank to the teardown;
+    rank 0, which also hosts the rendezvous store the others' teardown still talks to, then
+    leaves last (seen once in three full test runs: rank 1 aborted as rank 0 exited)."""
+    import time
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
+        last = dist.get_rank() == 0 and dist.get_world_size() > 1
         dist.destroy_process_group()
+        if last:
+            time.sleep(1.0)
 
 
 def run_job(run_dir: str) -> dict[str, Any]:
@@ -97,8 +104,21 @@ def site_values(site: SiteProfile, cfg: TrainConfig) -> dict[str, Any]:
         "scheduler": site.scheduler,
         "wandb_mode": cfg.log.wandb_mode or site.wandb_mode,
         "scratch": site.scratch,  # unexpanded: variables such as $SLURMD_NODENAME differ per node
-        "preemption": site.preemption.model_dump(),  # signals, delay, grace time
+        "preemption": preemption_values(site, cfg.job.partition),  # signals, delay, grace
     }
+
+
+def preemption_values(site: SiteProfile, partition: str | None) -> dict[str, Any]:
+    """The site's preemption settings, with the grace time of the job's partition when the
+    profile gives one (Slurm's GraceTime is per partition)."""
+    values = site.preemption.model_dump()
+    try:
+        part = site.partition(partition)
+    except KeyError:  # an unknown partition is Job.check's error to report
+        part = None
+    if part is not None and part.grace_time_s is not None:
+        values["grace_time_s"] = part.grace_time_s
+    return values
 
 
 class Run:

@@ -457,7 +457,7 @@ cmd_up() {
     wait_nodes
 
     if ((CHANGED)); then
-        say "cluster up in $((SECONDS - STARTED_AT))s: ${#NODES[@]} nodes idle (partitions cpu, gpu)"
+        say "cluster up in $((SECONDS - STARTED_AT))s: ${#NODES[@]} nodes idle (partitions cpu, gpu, low, high)"
     else
         say "cluster already up (nothing changed)"
     fi

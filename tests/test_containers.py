@@ -1,0 +1,230 @@
+"""Containers: the exact wrapping each runtime renders (no cluster), bad container settings (one
+line each), and jobs that really run inside a Charliecloud image on the dev cluster.
+
+The image is ``env/container/build-image.sh``'s (``make image``): Debian bookworm from
+debootstrap, with the checkout (and its venv) and the venv's base interpreter bound at the same
+paths, so ``python -m hpcdl...`` works inside. The cluster tests are marked ``container`` as well
+as ``slurm``: ``pytest -m "not container"`` skips them in a quick loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, REPORT, WEIRD
+from test_bad_inputs import _one_line_error, _site
+
+from hpcdl import Job, load_site
+from hpcdl.cli import main
+from hpcdl.scheduler import log_tail
+
+IMG = "/var/tmp/hpcdl-images/0123456789abcdef"
+CH = {"runtime": "charliecloud", "image": IMG, "binds": ["/shared", "/opt/py:/opt/py"],
+      "python": "/opt/venv/bin/python"}  # fmt: skip
+HELPERS = REPO / "tests/helpers"
+
+
+def _profile(folder: Path, container: dict, name: str = "ch-devcluster", **extra) -> Path:
+    """The devcluster profile with a ``container`` section, as ``folder/NAME.yaml``."""
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
+    data.update(name=name, container=container, **extra)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _callable() -> None:
+    """A Python callable job's function (never run by the render tests)."""
+
+
+# -- rendering (no cluster) ----------------------------------------------------------------------
+def test_charliecloud_command_job_renders_ch_run(tmp_path):
+    site = _profile(tmp_path, CH)
+    job = Job(site=str(site), command=["python", "train.py", "--lr", "0.1"], cwd="/work/x")
+    assert job.task(load_site(site)).argv == [
+        "ch-run", "--bind=/shared", "--bind=/opt/py:/opt/py", "--cd=/work/x", IMG, "--",
+        "python", "train.py", "--lr", "0.1"]  # fmt: skip
+    lines = job.render(folder=tmp_path / "f").splitlines()
+    assert lines[1] == (
+        "# hpcdl: each task runs (charliecloud): ch-run --bind=/shared --bind=/opt/py:/opt/py "
+        f"--cd=/work/x {IMG} -- python train.py --lr 0.1"
+    )
+    assert 'export USER="${USER:-$(id -un)}"' in lines  # ch-run refuses to start without it
+    srun = [ln for ln in lines if ln.startswith("srun ")]
+    assert srun and "ch-run" not in srun[0], "a command's task runs outside, its command inside"
+
+
+def test_charliecloud_callable_job_renders_ch_run_interpreter(tmp_path):
+    site = _profile(tmp_path, CH)
+    folder = tmp_path / "f"
+    script = Job(site=str(site), function=_callable, cwd="/work/x").render(folder=folder)
+    inside = (f"ch-run --bind=/shared --bind=/opt/py:/opt/py --cd=/work/x {IMG} -- "
+              f"/opt/venv/bin/python -u -m submitit.core._submit {folder}")  # fmt: skip
+    srun = [ln for ln in script.splitlines() if ln.startswith("srun ")]
+    assert len(srun) == 1 and srun[0].endswith(" " + inside), srun
+    assert script.splitlines()[1] == (
+        f"# hpcdl: each task runs (charliecloud): {inside.split(' -u -m')[0]}"
+    )
+
+
+def test_pyxis_wraps_command_and_callable_jobs(tmp_path):
+    pyxis = {"runtime": "pyxis", "image": "nvcr.io#nvidia/pytorch:24.05-py3",
+             "binds": ["/p/scratch:/scratch"]}  # fmt: skip
+    site = _profile(tmp_path, pyxis, name="px")
+    for job in (Job(site=str(site), command=["python", "train.py"], cwd="/w"),
+                Job(site=str(site), function=_callable, cwd="/w")):  # fmt: skip
+        script = job.render(folder=tmp_path / "f")
+        srun = [ln for ln in script.splitlines() if ln.startswith("srun ")]
+        assert len(srun) == 1
+        assert " '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' " in srun[0]
+        assert " --container-mounts=/p/scratch:/scratch " in srun[0]
+        assert f" python3 -u -m submitit.core._submit {tmp_path / 'f'}" in srun[0]
+    assert script.splitlines()[1].startswith(
+        "# hpcdl: each task runs (pyxis): srun '--container-image="
+    )
+
+
+def test_apptainer_wraps_callable_jobs_and_comments_commands():
+    script = Job(site="example-gpu-site", function=_callable, cwd="/w").render(folder=Path("/f"))
+    assert any(ln.endswith(" apptainer exec --bind /p/scratch --bind /p/project "
+                           "/p/software/containers/pytorch-2.13.sif python3 -u -m "
+                           "submitit.core._submit /f") for ln in script.splitlines())  # fmt: skip
+    script = Job(site="example-gpu-site", command=["python", "t.py"]).render(folder=Path("/f"))
+    assert script.splitlines()[1] == (
+        "# hpcdl: each task runs (apptainer): apptainer exec --bind /p/scratch --bind /p/project "
+        "/p/software/containers/pytorch-2.13.sif python t.py"
+    )
+
+
+def test_no_container_no_comment():
+    script = Job(site="devcluster", command=["true"]).render(folder=Path("/f"))
+    assert "# hpcdl: each task runs" not in script and "id -un" not in script
+
+
+# -- bad input ---------------------------------------------------------------------------------
+BAD = [
+    ("relative image", {"runtime": "charliecloud", "image": "img"}, "container: charliecloud image 'img' must be an absolute path to an image directory"),
+    ("no image", {"runtime": "charliecloud"}, "runtime 'charliecloud' needs an image"),
+    ("bind options", {**CH, "binds": ["/a:/b:ro"]}, "bind '/a:/b:ro': use SRC or SRC:DST"),
+    ("relative bind", {**CH, "binds": ["data:/data"]}, "bind 'data:/data': paths must be absolute"),
+    ("empty bind", {**CH, "binds": [""]}, "bind '': use SRC or SRC:DST"),
+    ("pyxis comma", {"runtime": "pyxis", "image": "x", "binds": ["/a,b"]}, "must not contain one"),
+    ("relative python", {**CH, "python": "venv/bin/python"}, "python 'venv/bin/python': give a command name or an absolute path"),
+    ("runtime", {"runtime": "docker", "image": "x"}, "container.runtime"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("label,container,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_container_section(tmp_path, capsys, label, container, expected):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_site(container=container)))
+    line = _one_line_error(capsys, main(["site", "show", str(path)]))
+    assert str(path) in line and expected in line, line
+
+
+def test_bad_job_container(tmp_path, capsys):
+    site = _profile(tmp_path, CH)
+    cmd = ["submit", "--site", str(site), "--container", "rel/img", "--", "true"]
+    line = _one_line_error(capsys, main(cmd))
+    assert "container: charliecloud image 'rel/img' must be an absolute path" in line
+    line = _one_line_error(capsys, main(["submit", "--site", "devcluster", "--container",
+                                          "/img", "--", "true"]))  # fmt: skip
+    assert "container: this site has no container runtime" in line
+
+
+# -- on the dev cluster, inside the image ------------------------------------------------------
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The image directory (built once, then cached: well under a second)."""
+    proc = subprocess.run([str(REPO / "env/container/build-image.sh")], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "HPCDL_VENV": sys.prefix})  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"build-image.sh failed:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def ch_site(image, tmp_path, monkeypatch) -> str:
+    """A devcluster profile running every task in the image, found by name (jobs load it
+    again inside); ``tmp_path/bound`` is bound at the image's /mnt."""
+    (tmp_path / "bound").mkdir()
+    binds = [str(REPO), sys.base_prefix, f"{tmp_path / 'bound'}:/mnt"]
+    container = {
+        "runtime": "charliecloud",
+        "image": image,
+        "binds": binds,
+        "python": sys.executable,
+    }
+    _profile(tmp_path, container, env={"SITE_VALUE": "site: two words"})
+    monkeypatch.setenv("HPCDL_SITE_PATH", f"{tmp_path}:{REPO / 'hpcdl/sites'}")
+    monkeypatch.chdir(tmp_path)  # the tasks start here (ch-run --cd; /tmp is shared)
+    return "ch-devcluster"
+
+
+def _finished(handle, timeout: float) -> None:
+    state = handle.wait(timeout=timeout)
+    assert state == "COMPLETED", f"{state}\n{log_tail(handle)}"
+
+
+@pytest.mark.slurm
+@pytest.mark.container
+def test_command_job_runs_inside_the_image(devcluster, ch_site, image, tmp_path):
+    out = tmp_path / "inside.txt"
+    probe = f"cat /etc/hpcdl-image; pwd; (command -v scontrol || echo none) > {out}"
+    handle = Job(site=ch_site, name="ch-cmd", time="5m", command=["sh", "-c", probe]).submit()
+    _finished(handle, 120)
+    stdout = handle.log_paths()[0].read_text()
+    assert f"hpcdl-image {Path(image).name}" in stdout, stdout  # the image's own marker
+    assert f"\n{tmp_path}\n" in stdout  # started in the submission folder (--cd)
+    assert out.read_text() == "none\n", "the image has no Slurm client: rendezvous cannot use it"
+
+
+@pytest.mark.slurm
+@pytest.mark.container
+def test_binds_and_environment_arrive_intact(devcluster, ch_site, tmp_path):
+    env = {f"WEIRD_{i}": value for i, value in enumerate(WEIRD)}
+    names = ",".join([*env, "SITE_VALUE", "HPCDL_SITE", "USER"])
+    # REPORT writes into /mnt inside: the file must appear in the bound folder outside.
+    job = Job(site=ch_site, name="ch-env", time="5m", nodes=2, env=env,
+              command=[sys.executable, REPORT, "/mnt/report", names, "a b", "$(x)"])  # fmt: skip
+    _finished(job.submit(), 120)
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "bound").glob("report.*"))]
+    assert [r["procid"] for r in reports] == ["0", "1"], reports
+    for r in reports:
+        assert r["argv"] == ["a b", "$(x)"]
+        assert {k: r["env"][k] for k in env} == env
+        assert r["env"]["SITE_VALUE"] == "site: two words"
+        assert r["env"]["HPCDL_SITE"] == "ch-devcluster" and r["env"]["USER"]
+    assert not Path("/tmp/pwned-hpcdl").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.container
+def test_two_node_training_inside_the_image(devcluster, ch_site, image, tmp_path, monkeypatch):
+    sys.path.insert(0, str(HELPERS))
+    from train_setup import rows, write_config, write_digits
+
+    from hpcdl.train.run import Run
+
+    monkeypatch.setenv("PYTHONPATH", f"{HELPERS}:{os.environ['PYTHONPATH']}")
+    probe = tmp_path / "probe"
+    model = {"name": "container_models:ImageProbeMLP", "hidden": [32], "probe": str(probe)}
+    config = write_config(tmp_path / "c.yaml", write_digits(tmp_path / "digits"), tmp_path / "runs",
+                          model=model, epochs=1, job__nodes=2, job__tasks_per_node=1,
+                          job__time="00:05:00")  # fmt: skip
+    run = Run.from_config(config, site=ch_site)
+    handle = run.submit()
+    _finished(handle, 240)
+    marker = f"hpcdl-image {Path(image).name}"
+    for rank in (0, 1):  # both ranks built the model inside the image, in a world of two
+        text = Path(f"{probe}.{rank}").read_text()
+        assert marker in text and "world 2" in text, text
+    assert len(rows(run.run_dir, "epoch")) == 1
+    script = next(Path(handle.folder).glob("*_submission.sh")).read_text()
+    assert f"{image} -- {sys.executable} -u -m submitit.core._submit" in script
