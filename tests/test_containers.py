@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, REPORT, WEIRD
-from test_bad_inputs import _one_line_error, _site
+from conftest import REPO, REPORT, WEIRD, one_line_error
+from test_bad_inputs import _site
 
 from hpcdl import Job, load_site
 from hpcdl.cli import main
@@ -124,16 +124,16 @@ BAD = [
 def test_bad_container_section(tmp_path, capsys, label, container, expected):
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(_site(container=container)))
-    line = _one_line_error(capsys, main(["site", "show", str(path)]))
+    line = one_line_error(capsys, main(["site", "show", str(path)]))
     assert str(path) in line and expected in line, line
 
 
 def test_bad_job_container(tmp_path, capsys):
     site = _profile(tmp_path, CH)
     cmd = ["submit", "--site", str(site), "--container", "rel/img", "--", "true"]
-    line = _one_line_error(capsys, main(cmd))
+    line = one_line_error(capsys, main(cmd))
     assert "container: charliecloud image 'rel/img' must be an absolute path" in line
-    line = _one_line_error(capsys, main(["submit", "--site", "devcluster", "--container",
+    line = one_line_error(capsys, main(["submit", "--site", "devcluster", "--container",
                                           "/img", "--", "true"]))  # fmt: skip
     assert "container: this site has no container runtime" in line
 
