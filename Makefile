@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock lock-check wheel-check docs image cluster cluster-down test test-quick lint demo clean
+.PHONY: install lock lock-check wheel-check docs image cluster cluster-down test test-quick test-scale lint demo clean
 
 # The lock: env/requirements-cpu.txt, made by uv from pyproject.toml (every extra) and
 # env/constraints-cpu.txt (torch's CPU build). `make lock` keeps the pins it can; to move them,
@@ -62,6 +62,9 @@ test: install cluster image lint lock-check docs wheel-check  ## everything: ins
 
 test-quick: install  ## the tests that need no cluster (nor the container image)
 	$(BIN)/pytest -q -m "not slurm"
+
+test-scale: install cluster  ## the 2,500-task array over MaxArraySize=1001 (~30 min on 2 cores; not in make test)
+	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -s -m scale --durations=5 --basetemp=/tmp/hpcdl-test-scale tests/test_array_limits.py
 
 demo: install  ## the main job: digits shards, a 16-trial TPE+ASHA sweep and the final test score (local profile)
 	test -f data/digits/test/manifest.json || $(BIN)/hpcdl data shard digits data/digits --chunk-size 4KiB

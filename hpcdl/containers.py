@@ -15,6 +15,15 @@ Three runtimes besides ``none``:
   needs ``$USER``, which batch steps do not always have (:func:`setup_lines` sets it).
 
 Everything here is rendering: nothing runs a container at submission time.
+
+Slurm commands inside the image: a task that runs ``scontrol`` or ``sbatch`` needs the Slurm
+client, its configuration and the munge socket in the image, which most images lack. The trainer
+requeues itself after a preemption or time-limit checkpoint (``scontrol requeue``) and a sweep's
+follow-up job submits the next round (``sbatch``), both from the Python that runs inside the
+image: the decision (requeues left, which array task, the next round's job) is made there, and
+pyxis runs the whole task inside. So instead of moving the commands out, the profile says whether
+the image has the client (``slurm_client``, false by default) and :func:`check_slurm_client`
+refuses, at submission, a job that would need one it lacks.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class Container(BaseModel):
     image: str | None = None
     binds: list[str] = []
     python: str = "python3"
+    slurm_client: bool = False  # the image has sbatch/scontrol, /etc/slurm and the munge socket
 
     @model_validator(mode="after")
     def _consistent(self) -> Container:
@@ -91,6 +101,23 @@ def check_job_image(runtime: str, image: str | None, where: str) -> None:
             _check_image_dir(image)
         except ValueError as exc:
             raise ConfigError(where, "container", str(exc)) from None
+
+
+def check_slurm_client(
+    container: Container, image: str | None, commands: str | None, where: str, instead: str = ""
+) -> None:
+    """Refuse (one-line ConfigError) a job whose tasks run the Slurm ``commands`` inside an
+    image the profile does not declare ``slurm_client: true``; nothing to check outside one."""
+    if not commands or container.runtime == "none" or not image or container.slurm_client:
+        return
+    raise ConfigError(
+        where,
+        "container.slurm_client",
+        f"{commands} inside the {container.runtime} image {image}, which has no Slurm client "
+        "(slurm_client: false in the site profile's container section): an admin who binds the "
+        "Slurm client, /etc/slurm and the munge socket into the image sets slurm_client: true"
+        + (f"; or {instead}" if instead else ""),
+    )
 
 
 def wrap_command(container: Container, image: str | None, argv: list[str], cwd: str) -> list[str]:
@@ -154,4 +181,10 @@ def annotate(script: str, container: Container, image: str | None, task_line: st
         task_line = shlex.join(["srun", *srun_args(container, image), "..."]) + " " + task_line
     first, _, rest = script.partition("\n")
     comment = f"# hpcdl: each task runs ({container.runtime}): {task_line}".replace("\n", "\\n")
-    return f"{first}\n{comment}\n{rest}"
+    has = container.slurm_client
+    slurm = (
+        f"# hpcdl: the image has {'the' if has else 'no'} Slurm client (container.slurm_client: "
+        f"{str(has).lower()}): trainings that requeue (scontrol) and sweeps (sbatch) "
+        + ("run them inside" if has else "are refused at submission")
+    )
+    return f"{first}\n{comment}\n{slurm}\n{rest}"

@@ -25,6 +25,7 @@ from hpcdl.config import JobTime, Memory, format_minutes, parse_mem, parse_time,
 from hpcdl.errors import ConfigError
 from hpcdl.runner import LAUNCHERS, Task, torchrun_argv
 from hpcdl.scheduler import JobHandle, get_scheduler, hostnames
+from hpcdl.scheduler.preemption import preempt_checkpoint
 from hpcdl.site import SiteProfile, load_site
 from hpcdl.slurm_options import SbatchOptions, check_job_options
 from hpcdl.snapshot import Snapshot, stage
@@ -330,6 +331,7 @@ class Job(Resources):
             array_task_id=array_task_id,
             launcher=self.launcher if self.command is not None else None,
             hostnames=hostnames if self.command is not None else None,
+            preempt=preempt_checkpoint(site, self.partition, self.function),  # Checkpointable
         )
 
     def interpreter(self, site: SiteProfile) -> str:

@@ -135,6 +135,9 @@ class SiteProfile(_Strict):
     max_local_tasks: int = Field(default=8, ge=1)
     launchers: dict[Literal["srun", "torchrun"], LauncherPreset] = {}
     snapshot: Snapshot = Snapshot()  # jobs' code snapshot unless a job sets its own
+    # Slurm's MaxArraySize: array indices stop at max_array_size - 1, so hpcdl submits a larger
+    # array as several Slurm arrays (hpcdl.scheduler.arrays). None: no limit (local sites).
+    max_array_size: int | None = Field(default=None, ge=1, le=4_000_001)
 
     @field_validator("secrets")
     @classmethod
@@ -154,6 +157,8 @@ class SiteProfile(_Strict):
             raise ValueError("more than one partition is marked default")
         if self.scheduler == "slurm" and not self.partitions:
             raise ValueError("a slurm site needs at least one partition")
+        if self.scheduler == "local" and self.max_array_size is not None:
+            raise ValueError("max_array_size is Slurm's limit: a local site has none")
         if self.default_account and self.default_account not in self.accounts:
             raise ValueError(f"default_account {self.default_account!r} is not in accounts")
         if self.default_qos and self.default_qos not in self.qos:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,28 @@ def sacct(job_id: str) -> list[dict[str, str]]:
     ).stdout  # fmt: skip
     keys = ["id", "state", "start", "end", "nodes"]
     return [dict(zip(keys, line.split("|"), strict=True)) for line in out.splitlines()]
+
+
+def release_requeued(job_id: str, *extra: str) -> bool:
+    """Start a job Slurm requeued (held ~2 minutes: reason ``BeginTime``) in 3 s; ``extra`` are
+    more ``scontrol update`` fields. Not "now": a start in the second of the requeue gets a
+    credential slurmd still counts as revoked ("Job credential revoked"), and the job fails.
+    A start already moved near (less than 10 s away) is left alone, so calling this in a polling
+    loop does not push it back. True when it moved the start."""
+    out = subprocess.run(["squeue", "-h", "-o", "%r|%S", "-j", job_id], capture_output=True,
+                         text=True, timeout=30).stdout.strip()  # fmt: skip
+    reason, _, start = out.partition("|")
+    if reason != "BeginTime":
+        return False
+    try:
+        wait = datetime.fromisoformat(start).timestamp() - time.time()
+    except ValueError:
+        wait = float("inf")
+    if wait < 10:
+        return False
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3", *extra],
+                   check=True, timeout=30)  # fmt: skip
+    return True
 
 
 def sacct_finished(job_id: str, count: int, timeout: float = 60) -> list[dict[str, str]]:

@@ -22,6 +22,7 @@ from test_bad_inputs import _site
 
 from hpcdl import Job, load_site
 from hpcdl.cli import main
+from hpcdl.errors import ConfigError
 from hpcdl.scheduler import log_tail
 
 IMG = "/var/tmp/hpcdl-images/0123456789abcdef"
@@ -90,15 +91,30 @@ def test_pyxis_wraps_command_and_callable_jobs(tmp_path):
     )
 
 
+NO_CLIENT = ("# hpcdl: the image has no Slurm client (container.slurm_client: false): trainings "
+             "that requeue (scontrol) and sweeps (sbatch) are refused at submission")  # fmt: skip
+
+
 def test_apptainer_wraps_callable_jobs_and_comments_commands():
     script = Job(site="example-gpu-site", function=_callable, cwd="/w").render(folder=Path("/f"))
     assert any(ln.endswith(" apptainer exec --bind /p/scratch --bind /p/project "
                            "/p/software/containers/pytorch-2.13.sif python3 -u -m "
                            "submitit.core._submit /f") for ln in script.splitlines())  # fmt: skip
+    assert script.splitlines()[2] == NO_CLIENT
     script = Job(site="example-gpu-site", command=["python", "t.py"]).render(folder=Path("/f"))
     assert script.splitlines()[1] == (
         "# hpcdl: each task runs (apptainer): apptainer exec --bind /p/scratch --bind /p/project "
         "/p/software/containers/pytorch-2.13.sif python t.py"
+    )
+    assert script.splitlines()[2] == NO_CLIENT  # what the example site refuses, and why
+
+
+def test_render_says_when_the_image_has_the_slurm_client(tmp_path):
+    site = _profile(tmp_path, {**CH, "slurm_client": True})
+    script = Job(site=str(site), command=["true"], cwd="/w").render(folder=tmp_path / "f")
+    assert script.splitlines()[2] == (
+        "# hpcdl: the image has the Slurm client (container.slurm_client: true): trainings that "
+        "requeue (scontrol) and sweeps (sbatch) run them inside"
     )
 
 
@@ -117,6 +133,8 @@ BAD = [
     ("pyxis comma", {"runtime": "pyxis", "image": "x", "binds": ["/a,b"]}, "must not contain one"),
     ("relative python", {**CH, "python": "venv/bin/python"}, "python 'venv/bin/python': give a command name or an absolute path"),
     ("runtime", {"runtime": "docker", "image": "x"}, "container.runtime"),
+    ("slurm_client", {**CH, "slurm_client": "perhaps"}, "container.slurm_client"),
+    ("slurm_client list", {**CH, "slurm_client": ["sbatch"]}, "container.slurm_client"),
 ]  # fmt: skip
 
 
@@ -136,6 +154,62 @@ def test_bad_job_container(tmp_path, capsys):
     line = one_line_error(capsys, main(["submit", "--site", "devcluster", "--container",
                                           "/img", "--", "true"]))  # fmt: skip
     assert "container: this site has no container runtime" in line
+
+
+# -- Slurm commands from inside the image: refused at submission without the client ------------
+def _train_config(tmp_path: Path, **changes: object) -> Path:
+    sys.path.insert(0, str(HELPERS))
+    from train_setup import write_config
+
+    data = tmp_path / "no-data"  # the container check comes before the datasets' own
+    return write_config(tmp_path / "c.yaml", data, tmp_path / "runs", **changes)
+
+
+def test_a_training_that_requeues_from_inside_an_image_without_slurm_needs_the_client(
+    tmp_path, capsys
+):
+    from hpcdl.train.run import Run
+
+    site = _profile(tmp_path, CH)
+    config = _train_config(tmp_path)
+    line = one_line_error(capsys, main(["train", str(config), "--site", str(site)]))
+    assert f"{config}: job: container.slurm_client: the trainer requeues itself with 'scontrol " \
+           f"requeue' inside the charliecloud image {IMG}, which has no Slurm client" in line  # fmt: skip
+    assert "sets slurm_client: true; or set job.max_requeues=0" in line
+    assert not (tmp_path / "runs").exists()  # nothing made
+    # no requeues, or an image with the client: the next check (the datasets) speaks instead
+    client = _profile(tmp_path, {**CH, "slurm_client": True}, name="client")
+    for site_path, overrides in ((site, ["job.max_requeues=0"]), (client, [])):
+        with pytest.raises(ConfigError) as exc:
+            Run.from_config(config, overrides, site=str(site_path)).check()
+        assert "slurm_client" not in str(exc.value) and "no-data" in str(exc.value), exc.value
+
+
+def test_a_sweep_on_an_image_without_slurm_is_refused_before_anything_is_written(tmp_path, capsys):
+    site = _profile(tmp_path, CH)
+    spec = {"name": "ch-sweep", "objective": "tests.helpers.objectives:curve", "trials": 2,
+            "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+            "resources": {"site": str(site), "time": "10m"}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    line = one_line_error(capsys, main(["sweep", "run", str(tmp_path / "s.yaml")]))
+    assert line == (
+        "error: sweep: container.slurm_client: the follow-up job submits with 'sbatch' inside "
+        f"the charliecloud image {IMG}, which has no Slurm client (slurm_client: false in the "
+        "site profile's container section): an admin who binds the Slurm client, /etc/slurm "
+        "and the munge socket into the image sets slurm_client: true"
+    )
+    assert not list(load_site(site).job_root_path.glob("sweeps/*"))  # no sweep folder
+
+
+def test_no_container_or_no_slurm_command_needs_no_client():
+    from hpcdl.containers import Container, check_slurm_client
+
+    ch = Container(**CH)
+    check_slurm_client(ch, IMG, None, "job")  # nothing run inside
+    check_slurm_client(Container(), None, "sbatch", "job")  # no container
+    check_slurm_client(Container(**{**CH, "slurm_client": True}), IMG, "sbatch", "job")
+    with pytest.raises(ConfigError, match=r"^job: container\.slurm_client: sbatch inside"):
+        check_slurm_client(ch, IMG, "sbatch", "job")
 
 
 # -- on the dev cluster, inside the image ------------------------------------------------------
@@ -217,7 +291,8 @@ def test_two_node_training_inside_the_image(devcluster, ch_site, image, tmp_path
     model = {"name": "container_models:ImageProbeMLP", "hidden": [32], "probe": str(probe)}
     config = write_config(tmp_path / "c.yaml", write_digits(tmp_path / "digits"), tmp_path / "runs",
                           model=model, epochs=1, job__nodes=2, job__tasks_per_node=1,
-                          job__time="00:05:00")  # fmt: skip
+                          job__time="00:05:00", job__max_requeues=0)  # fmt: skip
+    # job.max_requeues=0: the image has no Slurm client, so no 'scontrol requeue' inside
     run = Run.from_config(config, site=ch_site)
     handle = run.submit()
     _finished(handle, 240)

@@ -91,6 +91,27 @@ def test_cancel_and_status_from_a_fresh_process(devcluster):
     assert "CANCELLED" in run_cli("status", handle.job_id).stdout
 
 
+def test_accounting_tells_a_task_cancelled_while_pending_from_one_that_ran(devcluster):
+    """sacct may give a job cancelled in the queue a start time too (the cancel's, seen for a
+    held job); the sweep's follow-up tells "the user stopped it" from "it died while starting"
+    by the node list."""
+    from hpcdl.scheduler.accounting import tasks_that_ran
+
+    ran = Job(site=devcluster, name="ran", command=["sleep", "300"], time="10m").submit()
+    held = Job(site=devcluster, name="held", command=["true"], time="10m",
+               dependencies=[f"afterok:{ran.job_id}"]).submit()  # fmt: skip
+    deadline = time.monotonic() + 60
+    while ran.state() != "RUNNING":
+        assert time.monotonic() < deadline, f"never started: {ran.states()}"
+        time.sleep(1)
+    held.cancel()  # while it waits for its dependency
+    ran.cancel()
+    assert ran.wait(timeout=60) == "CANCELLED" and held.wait(timeout=60) == "CANCELLED"
+    rows = {r["id"]: r for r in sacct_finished(f"{ran.job_id},{held.job_id}", 2)}
+    assert rows[held.job_id]["nodes"] == "None assigned", rows
+    assert tasks_that_ran([ran.job_id, held.job_id]) == {ran.job_id}
+
+
 def test_injection_and_secrets_on_the_cluster(devcluster, tmp_path, monkeypatch):
     marker = Path("/tmp/pwned-hpcdl")
     marker.unlink(missing_ok=True)

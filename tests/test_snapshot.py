@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, release_requeued
 
 from hpcdl import Job
 from hpcdl.cli import main
@@ -278,12 +278,6 @@ def test_a_checkpoint_returning_none_is_passed_through(tmp_path):
 
 
 # -- on the dev cluster ---------------------------------------------------------------------------
-def _squeue_reason(job_id: str) -> set[str]:
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%r", "-j", job_id], capture_output=True,
-                         text=True, timeout=30).stdout  # fmt: skip
-    return {ln.strip() for ln in out.splitlines() if ln.strip()}
-
-
 @pytest.mark.slurm
 def test_a_snapshotted_array_edited_after_submission_runs_the_submitted_version(
     devcluster, repo, monkeypatch
@@ -329,9 +323,7 @@ def test_a_checkpointable_callable_preempted_by_usr2_resumes_from_its_checkpoint
             if not signalled and len(steps) >= 5:
                 subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True, timeout=30)
                 signalled = True
-            if "BeginTime" in _squeue_reason(handle.job_id):  # requeued: start it now
-                subprocess.run(["scontrol", "update", f"JobId={handle.job_id}", "StartTime=now"],
-                               check=True, timeout=30)  # fmt: skip
+            release_requeued(handle.job_id)  # requeued: start it in 3 s, not in 2 minutes
             state, log = handle.state(), handle.log_paths()[1]
             assert state not in {"FAILED", "CANCELLED", "TIMEOUT"}, log.read_text()
             assert time.monotonic() < deadline, f"{state}\n{rows()}\n{log.read_text()}"

@@ -131,6 +131,9 @@ BAD_SPECS = [
     ("unknown field", {"trails": 3}, "trails: unknown field"),
     ("collective timeout too short", {"collective_timeout_s": 1}, "collective_timeout_s: Input should be greater than or equal to 10"),
     ("bad space key", {"space": {"optimizer..lr": {"type": "uniform", "low": 0, "high": 1}}}, "dotted config path"),
+    ("trials per task 2", {"trials_per_task": 2}, "trials_per_task 2: give 1 (one trial per array task) or leave it out"),
+    ("trials per task 0", {"trials_per_task": 0}, "trials_per_task 0: give 1"),
+    ("trials per task text", {"trials_per_task": "all"}, "trials_per_task: Input should be a valid integer"),
 ]  # fmt: skip
 
 

@@ -112,11 +112,12 @@ def test_bench_hpo_compares_asha_with_random(tmp_path, digits):
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump(sweep_spec(tmp_path, digits).model_dump(mode="json")))
     proc = subprocess.run([str(Path(sys.executable).parent / "hpcdl"), "bench", "hpo", str(spec),
-                           "--trials", "4", "--epochs", "3"],
+                           "--trials", "2", "--epochs", "2", "--seeds", "1"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "ASHA / random, epochs in all:" in proc.stdout
-    assert "│ random │" in proc.stdout and "│ asha   │" in proc.stdout
+    assert "ASHA / random, epochs in all: median" in proc.stdout
+    assert "Hyperband / random, epochs to target: median" in proc.stdout
+    assert "random to target" in proc.stdout and "hyperband in all" in proc.stdout
     assert "submission timing skipped" in proc.stdout
 
 
@@ -125,6 +126,15 @@ def test_bench_hpo_bad_budget(capsys):
 
     assert main(["bench", "hpo", "--trials", "1"]) == 2
     assert "--trials/--epochs: need at least 2 trials" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--slots", "-1", "--site", "devcluster"], ["--slots", "3"]])
+def test_bench_hpo_bad_slots(capsys, args):
+    from hpcdl.cli import main
+
+    assert main(["bench", "hpo", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --slots: give a count >= 1, --site and --trials >= 1"], err
 
 
 def test_failed_training_is_retried_then_recorded_failed(tmp_path, digits):

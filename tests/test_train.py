@@ -3,6 +3,7 @@ corrupted checkpoints, ZeRO-3 + bf16 through the local profile."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -323,7 +324,7 @@ def test_zero3_bf16_through_the_local_profile(tmp_path, digits):
     assert weights["net.1.weight"].shape == (128, 64)  # gathered from both ZeRO-3 shards
 
 
-def test_checkpoint_of_another_world_size_or_all_corrupted_is_an_error(tmp_path):
+def test_all_corrupted_is_an_error_and_another_world_size_is_found(tmp_path):
     import torch.distributed as dist
 
     from hpcdl.train.checkpoint import MANIFEST, Checkpointer
@@ -339,9 +340,11 @@ def test_checkpoint_of_another_world_size_or_all_corrupted_is_an_error(tmp_path)
         (folder / MANIFEST).write_text(json.dumps(manifest))
         with pytest.raises(HpcdlError, match=r"no valid checkpoint in .* \(1 corrupted\)"):
             ckpts.latest_valid()
-        (folder / MANIFEST).write_text(json.dumps({**manifest, "world_size": 4}))
-        with pytest.raises(HpcdlError, match="written by 4 ranks, this run has 1"):
-            ckpts.latest_valid()
+        # a checkpoint of 4 ranks is found; ZeRO-0 fp32 (not partitioned) loads it directly
+        good = {"model.pt": {"bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}}
+        (folder / MANIFEST).write_text(json.dumps({"world_size": 4, "files": good}))
+        assert ckpts.latest_valid() == "step00000010" and ckpts.world_of("step00000010") == 4
+        assert ckpts.find(partitioned=False) == ("step00000010", 4, None)
     finally:
         dist.destroy_process_group()
 

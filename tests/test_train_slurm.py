@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HPCDL, REPO, run_cli
+from conftest import HPCDL, REPO, release_requeued, run_cli
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from train_setup import (
@@ -115,9 +115,8 @@ class Fleet:
                              text=True, timeout=30).stdout  # fmt: skip
         for line in out.splitlines():
             job_id, reason = line.split(maxsplit=1)
-            if reason.strip() == "BeginTime":  # requeued: start now, with room to finish
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now",
-                                "TimeLimit=10"], check=True, timeout=30)  # fmt: skip
+            if reason.strip() == "BeginTime":  # requeued: start it soon, with room to finish
+                release_requeued(job_id, "TimeLimit=10")
 
     def _preempt(self, run: Run) -> None:
         """A `high` job that needs memory the `low` run holds on its nodes: Slurm preempts the

@@ -265,41 +265,47 @@ def register(cli: click.Group) -> None:
 @click.argument(
     "spec", type=click.Path(dir_okay=False, path_type=Path), default="configs/sweep_digits.yaml"
 )
-@click.option("--trials", default=16, show_default=True, help="Trial budget of each search.")
+@click.option("--trials", default=32, show_default=True, help="Trial budget of each search.")
+@click.option("--seeds", default=5, show_default=True, help="Sampler seeds (0..N-1) compared.")
 @click.option("--epochs", default=12, show_default=True, help="Epochs of an unpruned trial.")
 @click.option("--site", help="Slurm site for the submission timing (skipped without one).")
 @click.option("--array-size", default=1000, show_default=True, help="Trials of the timed array.")
-def hpo_cmd(spec: Path, trials: int, epochs: int, site: str | None, array_size: int) -> None:
-    """ASHA vs. random search (same sampler and budget) on SPEC's data, in trial-epochs; then the
-    submission and status time of a large sweep array on --site."""
+@click.option("--slots", default=0, show_default=True,
+              help="Only compare slot efficiency, warm workers vs trials_per_task 1, on --site "
+                   "with this many parallel slots (SPEC's sweep, --trials trials).")  # fmt: skip
+def hpo_cmd(
+    spec: Path,
+    trials: int,
+    seeds: int,
+    epochs: int,
+    site: str | None,
+    array_size: int,
+    slots: int,
+) -> None:
+    """ASHA and Hyperband vs. random search (same sampler and budget, --seeds seeds) on SPEC's
+    data, in trial-epochs; then the submission and status time of a large sweep array on
+    --site."""
     from datetime import datetime
 
-    from rich.console import Console
-    from rich.table import Table
+    if slots:  # logic in hpcdl.hpo.bench_slots
+        from hpcdl.hpo.bench_slots import render, slot_efficiency
 
-    from hpcdl.hpo.bench import pruning, submission
+        if slots < 1 or site is None or trials < 1:
+            raise ConfigError("", "--slots", "give a count >= 1, --site and --trials >= 1")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        with spinner(f"{trials} trials, warm workers then one per task, on {site}"):
+            result = slot_efficiency(spec, site, trials, slots, stamp)
+        click.echo("\n".join(render(result, site, slots)))
+        return
+
+    from hpcdl.hpo.bench import submission
 
     if trials < 2 or epochs < 2:
         raise ConfigError("", "--trials/--epochs", "need at least 2 trials and 2 epochs")
+    if seeds < 1:
+        raise ConfigError("", "--seeds", f"{seeds} must be >= 1")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    with spinner(f"random search and ASHA, {trials} trials each"):
-        r = pruning(spec, trials, epochs, stamp)
-    table = Table(title=f"trial-epochs to reach random search's best val_acc {r['target']:.4f} "
-                        f"({trials} trials, up to {epochs} epochs)")  # fmt: skip
-    for col in ("search", "epochs to target", "epochs in all", "best", "pruned", "seconds"):
-        table.add_column(col)
-    for label in ("random", "asha"):
-        x = r[label]
-        reach = "not reached" if x["epochs_to_target"] is None else str(x["epochs_to_target"])
-        table.add_row(label, reach, str(x["epochs_total"]), f"{x['best']:.4f}",
-                      str(x.get("pruned", 0)), f"{x['seconds']:.0f}")  # fmt: skip
-    Console().print(table)
-    if r["asha"]["epochs_to_target"] is not None:
-        ratio = r["asha"]["epochs_to_target"] / r["random"]["epochs_to_target"]
-        click.echo(f"ASHA / random, epochs to target: {ratio:.2f} (goal <= 0.33)")
-    click.echo(
-        f"ASHA / random, epochs in all: {r['asha']['epochs_total'] / r['random']['epochs_total']:.2f}"
-    )
+    _pruning(spec, trials, epochs, seeds, stamp)
     if site is None:
         click.echo("submission timing skipped (give --site for a Slurm site)")
         return
@@ -308,3 +314,35 @@ def hpo_cmd(spec: Path, trials: int, epochs: int, site: str | None, array_size: 
     click.echo(f"{array_size}-trial sweep on {site}: submit {t['submit_s']:.2f} s, sweep status "
                f"{t['sweep_status_s']:.2f} s, job states of {t['tasks']} tasks {t['job_states_s']:.2f} s "
                "(goal < 2 s each)")  # fmt: skip
+
+
+def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str) -> None:
+    """Print the pruning comparison: one table row per seed, then each pruner's ratios to random
+    search (median and spread over the seeds)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcdl.hpo.bench import SEARCHES, pruning
+
+    with bar(f"random, ASHA, Hyperband: {trials} trials each, {seeds} seed(s)") as on_progress:
+        r = pruning(spec, trials, epochs, stamp, list(range(seeds)), on_progress=on_progress)
+    table = Table(title=f"trial-epochs to reach random search's best (per seed), and in all "
+                        f"({trials} trials, up to {epochs} epochs)")  # fmt: skip
+    for col in ("seed", "target", *[f"{x} to target" for x in SEARCHES],
+                *[f"{x} in all" for x in SEARCHES], "pruned asha/hb"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for row in r["seeds"]:
+        reach = [row[x]["epochs_to_target"] for x in SEARCHES]
+        table.add_row(str(row["seed"]), f"{row['target']:.4f}",
+                      *["not reached" if v is None else str(v) for v in reach],
+                      *[str(row[x]["epochs_total"]) for x in SEARCHES],
+                      f"{row['asha']['pruned']}/{row['hyperband']['pruned']}")  # fmt: skip
+    Console().print(table)
+    for key, what in (("ratio_to_target", "epochs to target"), ("ratio_total", "epochs in all")):
+        for label, name in (("asha", "ASHA"), ("hyperband", "Hyperband")):
+            x = r["summary"][label][key]
+            tail = (f"; random's best not reached in {x['not_reached']}/{x['seeds']} (goal <= 0.33)"
+                    if key == "ratio_to_target" else "")  # fmt: skip
+            click.echo(f"{name} / random, {what}: median {x['median']:.2f}, quartiles "
+                       f"{x['q1']:.2f}-{x['q3']:.2f}, range {x['min']:.2f}-{x['max']:.2f} over "
+                       f"{x['seeds']} seed(s){tail}")  # fmt: skip

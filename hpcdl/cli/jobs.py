@@ -157,6 +157,9 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
         return
     kind = f"array of {handle.array}" if handle.array else "job"
     click.echo(f"Submitted {kind} {handle.job_id} ({handle.name}) on {handle.site}")
+    if handle.parts:  # over the site's max_array_size: one job, several Slurm arrays
+        ids = ", ".join(p.job_id for p in handle.parts)
+        click.echo(f"  as {len(handle.parts)} Slurm arrays (one job for hpcdl): {ids}")
     click.echo(f"  folder: {handle.folder}")
     click.echo(f"  follow: hpcdl status {handle.job_id}   logs: hpcdl logs {handle.job_id}")
 
@@ -258,10 +261,9 @@ def _styled(state: str) -> str:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
     """Print a job's log (JOB_ID or ARRAYID_TASK for one array task)."""
-    from hpcdl.scheduler import FINISHED, find_handle
+    from hpcdl.scheduler import FINISHED, find_task
 
-    handle = find_handle(job_id)
-    array_task = int(job_id.split("_")[1]) if "_" in job_id else None
+    handle, array_task = find_task(job_id)  # a split array's task: its global index
     if handle.array is not None and array_task is not None and array_task >= handle.array:
         raise ConfigError("", "JOB_ID", f"array {handle.job_id} has tasks 0..{handle.array - 1}")
     if task >= handle.tasks:
@@ -290,10 +292,9 @@ def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job (or ARRAYID_TASK for one array task)."""
-    from hpcdl.scheduler import find_handle
+    from hpcdl.scheduler import find_task
 
-    handle = find_handle(job_id)
-    array_task = int(job_id.split("_")[1]) if "_" in job_id else None
+    handle, array_task = find_task(job_id)  # a split array: every part, or the task's part
     handle.cancel(array_task)
     click.echo(f"cancelled {job_id}")
 

@@ -12,7 +12,9 @@ Design, per epoch (all of it arithmetic on the manifest, identical on every rank
   compressed: h5py), shuffled at the sample level (seeded by seed, epoch, slot, block) and cut
   into consecutive batches; the next block is read while the current one is consumed, and the
   one after it is announced to the kernel (``posix_fadvise(WILLNEED)``) for a deeper I/O queue
-  (that reading lives in :mod:`hpcdl.data.blocks`).
+  (that reading lives in :mod:`hpcdl.data.blocks`);
+* a resume on another world size or worker count re-splits what the interrupted epoch had left
+  (:mod:`hpcdl.data.remainder`).
 
 Memory per reading process (the main one, or each DataLoader worker): two block buffers,
 ``2 * block_units * chunk_samples * sample_bytes`` (32 MiB with the defaults and 1 MiB chunks),
@@ -22,8 +24,10 @@ plus the batch being assembled and, with workers, the DataLoader's prefetch queu
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,12 +36,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hpcdl.data.blocks import BlockReader
+from hpcdl.data.blocks import Block, BlockReader
 from hpcdl.data.manifest import Manifest
+from hpcdl.data.remainder import Layout, SlotPlan, remaining, resplit_batches, slot_plan
 from hpcdl.errors import ConfigError, HpcdlError
 
-# What a resume state must match: the batch order is a function of these.
+# What the batch order is a function of: a resume state must match them, but for
 _FIXED = ("world_size", "num_workers", "batch_size", "seed", "shuffle", "block_units", "drop_last")
+# these two, whose change re-splits the rest of the epoch (hpcdl.data.remainder).
+_RESIZABLE = ("world_size", "num_workers")
+RECORD_ENV = "HPCDL_RECORD_SAMPLES"  # a folder: ShardLoader appends the ids it hands out
+SAMPLE_IDS = "_sample_ids"  # the batch key of those ids (only while recording)
 
 
 class ShardedDataset(IterableDataset):
@@ -119,13 +128,14 @@ class ShardedDataset(IterableDataset):
                 f"{self.manifest.samples} samples over {self.slots} slots (ranks x workers) leave "
                 f"{self.slot_samples} per slot, less than one batch of {batch_size}",
             )
-        if drop_last:
-            self.batches_per_slot = self.slot_samples // batch_size
-        else:
-            self.batches_per_slot = math.ceil(self.slot_samples / batch_size)
+        per = self.slot_samples
+        self.batches_per_slot = per // batch_size if drop_last else math.ceil(per / batch_size)
         # Epoch and resume position, shared with (persistent) DataLoader workers.
-        self._shared = multiprocessing.RawArray("q", 2)
+        # [2]: 1 while the epoch is a re-split remainder (see load_state_dict).
+        self._shared = multiprocessing.RawArray("q", 3)
         self._resumed_epoch: int | None = None  # set_epoch(this) keeps a loaded position
+        self._resize: tuple[dict[str, Any], np.ndarray] | None = None  # (plan state, remainder)
+        self.record_ids = bool(os.environ.get(RECORD_ENV))  # batches carry their samples' ids
 
     # --- sizes ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -151,7 +161,7 @@ class ShardedDataset(IterableDataset):
             self._resumed_epoch = None
             return
         self._resumed_epoch = None
-        self._shared[0], self._shared[1] = epoch, 0
+        self._shared[0], self._shared[1], self._shared[2] = epoch, 0, 0
 
     @property
     def epoch(self) -> int:
@@ -163,26 +173,40 @@ class ShardedDataset(IterableDataset):
         """Batches of that epoch the next iteration skips (set by :meth:`load_state_dict`)."""
         return int(self._shared[1])
 
+    def _resplit_batches(self) -> int:
+        """Batches each rank yields in an epoch resumed on another world size."""
+        assert self._resize is not None
+        return resplit_batches(len(self._resize[1]), self.world_size, self.batch_size)
+
     def state_dict(self, batches_consumed: int) -> dict[str, Any]:
         """Position after this rank consumed ``batches_consumed`` batches of the current epoch.
 
         Count from the start of the epoch (a resumed epoch counts its skipped batches too);
         :class:`ShardLoader` does this for you. Every rank is at the same position.
         """
-        if not 0 <= batches_consumed <= len(self):
-            raise HpcdlError(f"batches_consumed={batches_consumed} is outside [0, {len(self)}]")
+        limit = self._resplit_batches() if self._shared[2] else len(self)
+        if not 0 <= batches_consumed <= limit:
+            raise HpcdlError(f"batches_consumed={batches_consumed} is outside [0, {limit}]")
         state: dict[str, Any] = {"epoch": self.epoch, "batches": batches_consumed}
         state.update({k: getattr(self, k) for k in _FIXED})
         state["dataset"] = self.manifest.digest()
+        if self._shared[2] and self._resize is not None:
+            state["resized"] = self._resize[0]["resized"]  # the state it was re-split from
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields exactly the batches left in that epoch."""
+        """Resume: the next iteration yields exactly the batches left in that epoch.
+
+        With another ``world_size`` or ``num_workers`` than the state's, the samples the
+        interrupted epoch had not yielded yet are re-split over this run's ranks and workers
+        (:mod:`hpcdl.data.remainder`): each of them is read exactly once, every rank reads the
+        same number of batches (some may be smaller than ``batch_size``). Later epochs follow
+        the normal plan of this run."""
         mine = self.state_dict(0)
         changed = [
             f"{k} was {state.get(k)!r}, now {mine[k]!r}"
             for k in (*_FIXED, "dataset")
-            if state.get(k) != mine[k]
+            if k not in _RESIZABLE and state.get(k) != mine[k]
         ]
         if changed:
             raise HpcdlError(
@@ -190,32 +214,36 @@ class ShardedDataset(IterableDataset):
                 + "; ".join(changed)
                 + ". Keep these fixed, or restart the epoch with set_epoch(state['epoch'])"
             )
-        if not 0 <= state["batches"] <= len(self):
-            raise HpcdlError(f"state batches={state['batches']} is outside [0, {len(self)}]")
-        self._shared[0], self._shared[1] = state["epoch"], state["batches"]
+        resized = any(state.get(k) != mine[k] for k in _RESIZABLE)
+        source = state if resized else state.get("resized")
+        if source is None:
+            if not 0 <= state["batches"] <= len(self):
+                raise HpcdlError(f"state batches={state['batches']} is outside [0, {len(self)}]")
+            self._resize = None
+            self._shared[0], self._shared[1], self._shared[2] = state["epoch"], state["batches"], 0
+        else:
+            pool = remaining(self._layout(), source)
+            plan_state = {k: mine[k] for k in _RESIZABLE} | {"resized": source}
+            self._resize = ({**plan_state, "epoch": state["epoch"]}, pool)
+            skip = 0 if resized else state["batches"]
+            total = resplit_batches(len(pool), self.world_size, self.batch_size)
+            if not 0 <= skip <= total:
+                raise HpcdlError(f"state batches={skip} is outside [0, {total}]")
+            self._shared[0], self._shared[1], self._shared[2] = state["epoch"], skip, 1
         self._resumed_epoch = state["epoch"]
 
     # --- planning ------------------------------------------------------------------------
-    def _slot_plan(self, epoch: int, slot: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """The slot's blocks, arrays of (unit, first, stop) rows in stream order, and where each
-        block starts in the slot's stream of samples (one extra entry: the end)."""
-        n_units = len(self._unit_sizes)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(n_units)
-        else:
-            order = np.arange(n_units)
-        cum = np.concatenate([[0], np.cumsum(self._unit_sizes[order])])
-        lo = slot * self.slot_samples
-        hi = lo + (self.batches_per_slot * self.batch_size if self.drop_last else self.slot_samples)
-        i0 = int(np.searchsorted(cum, lo, side="right")) - 1
-        i1 = int(np.searchsorted(cum, hi, side="left"))
-        units = order[i0:i1]
-        first = np.maximum(lo - cum[i0:i1], 0)
-        stop = np.minimum(hi - cum[i0:i1], self._unit_sizes[units])
-        segs = np.stack([units, first, stop], axis=1)
-        blocks = [segs[i : i + self.block_units] for i in range(0, len(segs), self.block_units)]
-        starts = np.concatenate([[0], np.cumsum([int((b[:, 2] - b[:, 1]).sum()) for b in blocks])])
-        return blocks, starts
+    def _layout(self) -> Layout:
+        return Layout(self._unit_sizes, self.manifest.chunk_samples, self.batch_size, self.seed,
+                      self.shuffle, self.block_units, self.drop_last)  # fmt: skip
+
+    def _slot_plan(self, epoch: int, slot: int) -> SlotPlan:
+        """The slot's plan: its blocks of (unit, first, stop) rows, where blocks and batches
+        start in the slot's stream; a re-split remainder in a resized epoch."""
+        if self._shared[2] and self._resize is not None:
+            state, pool = self._resize
+            return slot_plan(self._layout(), {**state, "epoch": epoch}, slot, pool)
+        return self._layout().normal(epoch, self.world_size, self.num_workers, slot)
 
     def _slot_and_skip(self) -> tuple[int, int, int]:
         """(epoch, slot, batches to skip in that slot) for this process."""
@@ -237,33 +265,49 @@ class ShardedDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, slot, skip = self._slot_and_skip()
-        if skip >= self.batches_per_slot:
+        plan = self._slot_plan(epoch, slot)
+        if skip >= plan.batches:
             return
-        plan, starts = self._slot_plan(epoch, slot)
-        bs = self.batch_size
-        used = int(starts[-1])
-        first = int(np.searchsorted(starts, skip * bs, side="right")) - 1
-        seed = [self.seed, epoch, slot] if self.shuffle else None
-        blocks = self._reader.blocks(plan, starts, first, seed)
+        starts, bounds = plan.starts, plan.bounds
+        first = int(np.searchsorted(starts, bounds[skip], side="right")) - 1
+        blocks = self._reader.blocks(plan.blocks, starts, first, plan.seed)
         try:
             blk = next(blocks)
-            for k in range(skip, self.batches_per_slot):
-                lo, hi = k * bs, min(k * bs + bs, used)
-                parts = []
+            for k in range(skip, plan.batches):
+                lo, hi = int(bounds[k]), int(bounds[k + 1])
+                parts, ids = [], []
                 while lo < hi:
                     while lo >= blk.start + blk.n:
                         blk = next(blocks)
                     top = min(hi, blk.start + blk.n)
                     parts.append(blk.take(lo - blk.start, top - blk.start))
+                    if self.record_ids:
+                        ids.append(self._block_ids(plan, blk)[lo - blk.start : top - blk.start])
                     lo = top
                 batch = (
                     parts[0]
                     if len(parts) == 1
                     else {f: np.concatenate([p[f] for p in parts]) for f in self.fields}
                 )
-                yield {f: torch.from_numpy(a) for f, a in batch.items()}
+                out = {f: torch.from_numpy(a) for f, a in batch.items()}
+                if ids:
+                    out[SAMPLE_IDS] = torch.from_numpy(np.concatenate(ids))
+                yield out
         finally:
             blocks.close()
+
+    def _block_ids(self, plan: SlotPlan, blk: Block) -> np.ndarray:
+        """Dataset-wide sample ids of the block's rows, in the order it yields them."""
+        bi = int(np.searchsorted(plan.starts, blk.start, side="right")) - 1
+        c = self.manifest.chunk_samples
+        base = np.concatenate([[0], np.cumsum([s.samples for s in self.manifest.shards])])
+        ids = np.concatenate(
+            [
+                base[self._reader.unit_shard[u]] + self._reader.unit_chunk[u] * c + np.arange(a, b)
+                for u, a, b in plan.blocks[bi]
+            ]
+        )
+        return ids if blk.perm is None else ids[blk.perm]
 
 
 class ShardLoader:
@@ -298,9 +342,23 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._consumed = self.dataset.start_batch
+        record = os.environ.get(RECORD_ENV) if self.dataset.record_ids else None
         for batch in self.loader:
+            ids = batch.pop(SAMPLE_IDS, None)
+            if record and ids is not None:
+                self._record(Path(record), ids.tolist())
             self._consumed += 1
             yield batch
+
+    def _record(self, folder: Path, ids: list[int]) -> None:
+        """Append the ids of a batch handed out to ``folder/DATASET-rankNNN.jsonl`` (a test
+        hook; DATASET is the dataset folder's name, e.g. train or val)."""
+        ds = self.dataset
+        row = {"epoch": ds.epoch, "batch": self._consumed, "world_size": ds.world_size,
+               "ids": ids}  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{ds.path.name}-rank{ds.rank:03d}.jsonl", "a") as out:
+            out.write(json.dumps(row) + "\n")
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``; see :meth:`ShardedDataset.set_epoch`."""

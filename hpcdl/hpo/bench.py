@@ -1,15 +1,23 @@
-"""``hpcdl bench hpo``: what pruning saves (ASHA vs. random search without pruning, same sampler
-and trial budget), and how fast a 1,000-trial sweep is submitted and inspected on Slurm."""
+"""``hpcdl bench hpo``: what pruning saves (ASHA and Hyperband vs. random search without pruning,
+same sampler and trial budget, over several seeds), and how fast a 1,000-trial sweep is submitted
+and inspected on Slurm."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.sweep import Sweep
 from hpcdl.scheduler import job_states
+
+#: The searches the pruning comparison runs for every seed: the same seeded random sampler
+#: without a pruner (the reference), with ASHA and with Hyperband.
+SEARCHES = ("random", "asha", "hyperband")
 
 
 def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, float]:
@@ -26,41 +34,89 @@ def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, floa
     return reached, spent, best
 
 
-def pruning(spec_path: Path, trials: int, epochs: int, stamp: str) -> dict[str, Any]:
-    """Run the same random-sampler sweep twice (no pruner, then ASHA) on the local profile."""
+def _search(base: SweepSpec, label: str, seed: int, common: dict[str, Any], stamp: str) -> Sweep:
+    pruner = {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
+    spec = SweepSpec.model_validate(
+        {**base.model_dump(), **common, "pruner": pruner,
+         "sampler": {"name": "random", "seed": seed}, "name": f"bench-{label}-s{seed}-{stamp}"}
+    )  # fmt: skip
+    sweep = Sweep(spec)
+    sweep.run()
+    sweep.wait(timeout=3600)
+    return sweep
+
+
+def _compare(runs: dict[str, tuple[Sweep, float]]) -> dict[str, Any]:
+    """One seed: each search's trial-epochs to reach random search's best, as a ratio too."""
+    _, _, target = _epochs_to_reach(runs["random"][0], float("inf"))
+    out: dict[str, Any] = {"target": target}
+    reference, reference_total, _ = _epochs_to_reach(runs["random"][0], target)
+    for label, (sweep, seconds) in runs.items():
+        reach, total, best = _epochs_to_reach(sweep, target)
+        out[label] = {
+            "epochs_to_target": reach, "epochs_total": total, "best": best, "seconds": seconds,
+            "pruned": sum(s.state == "pruned" for s in sweep.slots()),
+            "ratio_to_target": None if reach is None or not reference else reach / reference,
+            "ratio_total": total / reference_total if reference_total else None,
+        }  # fmt: skip
+    return out
+
+
+def summarize_ratios(per_seed: list[dict[str, Any]], label: str, key: str) -> dict[str, Any]:
+    """Median and spread over the seeds of one search's ratio; a seed whose search never
+    reached the target counts as an infinite ratio (it is not left out)."""
+    values = sorted(math.inf if s[label][key] is None else float(s[label][key]) for s in per_seed)
+    q1, q3 = _quantile(values, 0.25), _quantile(values, 0.75)
+    return {"median": statistics.median(values), "min": values[0], "max": values[-1],
+            "q1": q1, "q3": q3, "not_reached": sum(math.isinf(v) for v in values),
+            "seeds": len(values)}  # fmt: skip
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile of sorted ``values`` that keeps ``inf`` (a not-reached
+    seed) instead of turning it into NaN as ``statistics.quantiles`` does."""
+    pos = q * (len(values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    if lo == hi or values[lo] == values[hi]:
+        return values[lo]
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def pruning(
+    spec_path: Path,
+    trials: int,
+    epochs: int,
+    stamp: str,
+    seeds: list[int],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """For every seed, the same random-sampler sweep three times (no pruner, ASHA, Hyperband)
+    on the local profile, one trial at a time; the ratios per seed and their median and
+    spread over the seeds."""
     base = load_spec(spec_path)
     common: dict[str, Any] = {
         "trials": trials,
-        "parallelism": 1,  # trial order = submission order: the comparison is about epochs
+        "parallelism": 1,  # trial order = execution order: the comparison is about epochs
         "final": False,
-        "sampler": {"name": "random", "seed": base.sampler.seed or 0},
         "overrides": {**base.overrides, "epochs": epochs},
         "resources": {**base.resources.model_dump(), "site": "local"},
     }
-    runs = {}
-    for label, pruner in (
-        ("random", {"name": "none"}),
-        ("asha", base.pruner.model_dump() | {"name": "asha"}),
-    ):
-        spec = SweepSpec.model_validate(
-            {**base.model_dump(), **common, "pruner": pruner, "name": f"bench-{label}-{stamp}"}
-        )
-        sweep = Sweep(spec)
-        start = time.monotonic()
-        sweep.run()
-        sweep.wait(timeout=3600)
-        runs[label] = (sweep, time.monotonic() - start)
-    _, random_total, random_best = _epochs_to_reach(runs["random"][0], float("inf"))
-    random_reach, _, _ = _epochs_to_reach(runs["random"][0], random_best)
-    asha_reach, asha_total, asha_best = _epochs_to_reach(runs["asha"][0], random_best)
-    return {
-        "target": random_best,
-        "random": {"epochs_to_target": random_reach, "epochs_total": random_total,
-                   "best": random_best, "seconds": runs["random"][1]},
-        "asha": {"epochs_to_target": asha_reach, "epochs_total": asha_total, "best": asha_best,
-                 "seconds": runs["asha"][1],
-                 "pruned": sum(s.state == "pruned" for s in runs["asha"][0].slots())},
+    per_seed = []
+    for seed in seeds:
+        runs = {}
+        for label in SEARCHES:
+            start = time.monotonic()
+            sweep = _search(base, label, seed, common, stamp)
+            runs[label] = (sweep, time.monotonic() - start)
+            if on_progress is not None:
+                on_progress(len(per_seed) * len(SEARCHES) + len(runs), len(seeds) * len(SEARCHES))
+        per_seed.append({"seed": seed, **_compare(runs)})
+    summary = {
+        label: {key: summarize_ratios(per_seed, label, key)
+                for key in ("ratio_to_target", "ratio_total")}
+        for label in SEARCHES[1:]
     }  # fmt: skip
+    return {"trials": trials, "epochs": epochs, "seeds": per_seed, "summary": summary}
 
 
 def submission(site: str, trials: int, stamp: str) -> dict[str, float]:

@@ -1,14 +1,16 @@
 """A sweep's jobs and the rules that keep them from wedging.
 
-On Slurm a sweep round is three jobs: the array (task i runs slot i), a final job and a small
-follow-up job, both ``afterany`` on the array, so whatever happens to the array's tasks
-(cancelled, failed, timed out, node failure) both of them start once it ends:
+On Slurm a sweep round is three jobs: the array (by default ``parallelism`` warm workers that
+claim the round's slots until none is left, :mod:`hpcdl.hpo.worker`; with ``trials_per_task: 1``
+task i runs slot i), a final job and a small follow-up job, both ``afterany`` on the array, so
+whatever happens to the array's tasks (cancelled, failed, timed out, node failure) both of them
+start once it ends:
 
 - the **final job** retrains the best parameters only when every slot is finished; otherwise it
   exits cleanly and says why (in the job log and the sweep's ``events.jsonl``);
 - the **follow-up job** resubmits the slots still missing (a new round: array, final, follow-up),
-  unless tasks were cancelled before they started (``scancel`` of the whole array, ``hpcdl sweep
-  cancel``: the user stopped the sweep) or the rounds are used up; with nothing missing it makes
+  unless the user stopped the sweep (``scancel`` of the whole array, tasks cancelled before they
+  started, ``hpcdl sweep cancel``) or the rounds are used up; with nothing missing it makes
   sure a final job will run, replacing one that can never start.
 
 ``hpcdl sweep resume`` does the same on demand, so a sweep either finishes by itself or its
@@ -19,15 +21,13 @@ is left in the queue.
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import HpcdlError
+from hpcdl.hpo.final import final_main, log_event
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.study import open_study
-from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths, TrialRequeued, _job_id
+from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths
 from hpcdl.job import Job
 from hpcdl.scheduler import (
     FINISHED,
@@ -38,21 +38,14 @@ from hpcdl.scheduler import (
     job_statuses,
     summarize,
 )
+from hpcdl.scheduler.accounting import tasks_that_ran
 from hpcdl.site import SiteProfile
-from hpcdl.util import atomic_write_json, get_logger
+from hpcdl.util import get_logger
 
 log = get_logger(__name__)
 # Pending reasons after which Slurm will never start the job.
 NEVER_STARTS = frozenset({"DependencyNeverSatisfied", "InvalidDependency"})
 KINDS = ("array", "workers", "final", "follow")
-
-
-def log_event(paths: SweepPaths, who: str, text: str) -> None:
-    """One line of what the sweep's jobs decided (``events.jsonl``; shown by ``sweep status``)."""
-    line = {"time": time.time(), "who": who, "job": _job_id(), "text": text}
-    with open(paths.events, "a") as f:
-        f.write(json.dumps(line) + "\n")
-    log.info("%s: %s", who, text)
 
 
 #: What the follow-up job takes from the sweep's resources.
@@ -94,6 +87,9 @@ class Lifecycle:
 
     def __init__(self, spec: SweepSpec, paths: SweepPaths, site: SiteProfile):
         self.spec, self.paths, self.site = spec, paths, site
+        self.queued = get_scheduler(site).queued
+        # Jobs that run the final retraining: local workers do it themselves when they finish.
+        self.final_kinds = ("final",) if self.queued else ("final", "workers")
 
     # -- records ----------------------------------------------------------------------------------
     def submissions(self) -> list[dict[str, Any]]:
@@ -133,25 +129,25 @@ class Lifecycle:
         return Job(**{**base, "name": f"sweep-{self.spec.name}", **fields})
 
     def submit(self, slots: list[int]) -> list[JobHandle]:
-        """One round: the array for ``slots``, the final job and the follow-up job."""
-        from hpcdl.hpo.trial import array_task_main
+        """One round: the array for ``slots`` (warm workers, or one task per slot), the final job
+        and the follow-up job."""
+        from hpcdl.hpo.worker import array_task_main, local_worker_main, worker_task_main
 
-        root = str(self.paths.root)
-        if not get_scheduler(self.site).queued:  # no queue: worker processes claim the slots
-            workers = min(self.spec.parallelism, len(slots))
+        root, workers = str(self.paths.root), min(self.spec.parallelism, len(slots))
+        if not self.queued:  # no queue: worker processes claim the slots, the last runs the final
             handle = self._job(function=local_worker_main, args=(root,), array=workers).submit(
                 self.site
             )
             self._record("workers", handle, slots)
             return [handle]
-        array = self._job(
-            function=array_task_main,
-            args=(root, slots),
-            array=len(slots),
-            throttle=min(self.spec.parallelism, len(slots)),
-            requeue=True,
-        ).submit(self.site)
-        self._record("array", array, slots)
+        if self.spec.trials_per_task == 1:
+            array = self._job(function=array_task_main, args=(root, slots), array=len(slots),
+                              throttle=workers, requeue=True).submit(self.site)  # fmt: skip
+            self._record("array", array, slots)
+        else:  # warm workers: each claims the round's slots until none is left
+            array = self._job(function=worker_task_main, args=(root, slots), array=workers,
+                              requeue=True).submit(self.site)  # fmt: skip
+            self._record("workers", array, slots)
         handles = [array]
         if self.spec.final:  # afterany: it starts whatever happens to the tasks, then checks
             handles.append(self.submit_final(after=array.job_id))
@@ -209,7 +205,7 @@ class Lifecycle:
     def _nothing_to_resume(self, jobs: list[SweepJob]) -> str:
         if not self.spec.final or self.has_result():
             return f"sweep {self.spec.name!r} has finished: no missing trials, nothing to resume"
-        live = [j.handle.job_id for j in jobs if j.kind in ("final", "workers") and j.live]
+        live = [j.handle.job_id for j in jobs if j.kind in self.final_kinds and j.live]
         which = live[0] if live else "?"
         return f"sweep {self.spec.name!r} has no missing trials; its final job {which} is queued or running"
 
@@ -218,7 +214,7 @@ class Lifecycle:
         there. ``None`` when nothing was needed."""
         if not self.spec.final or self.has_result() or self.missing_slots():
             return None
-        if any(j.live for j in jobs if j.kind in ("final", "workers")):
+        if any(j.live for j in jobs if j.kind in self.final_kinds):
             return None
         return self.submit_final()  # the callers have cancelled the wedged ones already
 
@@ -230,20 +226,51 @@ class Lifecycle:
         return [h.job_id for h in wedged]
 
     def cancelled_before_start(self, jobs: list[SweepJob]) -> list[int]:
-        """Slots of the last round whose task was cancelled before it claimed its slot: someone
-        stopped the sweep (``scancel`` of the array, ``hpcdl sweep cancel``); no fault to heal."""
-        arrays = [j for j in jobs if j.kind == "array"]
-        if not arrays:
+        """Slots of the last round that someone stopped (``scancel`` of the array, ``hpcdl sweep
+        cancel``): no fault to heal. One task per slot: a task cancelled before it claimed its
+        slot. Warm workers: the round's unfinished slots when every worker was cancelled, or
+        when a worker was cancelled while pending and some of the round's slots were never
+        claimed in it."""
+        rounds = [j for j in jobs if j.kind in ("array", "workers")]
+        if not rounds:
             return []
-        last, out = arrays[-1], []
+        last = rounds[-1]
+        # A task cancelled while it was starting (imports, process group) ran: a fault to heal.
+        ran = tasks_that_ran([last.handle.job_id])
+        if last.kind == "workers":
+            return self._workers_stopped(last, ran)
+        if last.tasks and all(t.state == "CANCELLED" for t in last.tasks.values()):  # whole array
+            return [i for i in last.slots if i in set(self.missing_slots())]
+        out = []
         for i, slot_no in enumerate(last.slots):
             task = f"{last.handle.job_id}_{i}"
             status = last.tasks.get(task)
             slot = self.paths.read_slot(slot_no)
             claimed = slot is not None and slot.job == task
-            if status is not None and status.state == "CANCELLED" and not claimed:
+            if (
+                status is not None
+                and status.state == "CANCELLED"
+                and not claimed
+                and task not in ran
+            ):
                 out.append(slot_no)
         return out
+
+    def _workers_stopped(self, last: SweepJob, ran: set[str]) -> list[int]:
+        from hpcdl.hpo.worker import started
+
+        cancelled = [t for t, s in last.tasks.items() if s.state == "CANCELLED"]
+        if not cancelled:
+            return []
+        missing = set(self.missing_slots())
+        unfinished = [i for i in last.slots if i in missing]
+        if len(cancelled) == len(last.tasks):  # the whole array: the user stopped the sweep
+            return unfinished
+        jid = last.handle.job_id  # a round of one worker is a plain job: its tasks are `jid`
+        unclaimed = [i for i in unfinished
+                     if not ((s := self.paths.read_slot(i)) and (s.job or "").split("_")[0] == jid)]  # fmt: skip
+        pending = [t for t in cancelled if not started(self.paths, t) and t not in ran]
+        return unclaimed if pending else []
 
     def diagnose(self, jobs: list[SweepJob]) -> list[str]:
         """What, if anything, keeps the sweep from finishing, and what to do about it."""
@@ -260,7 +287,7 @@ class Lifecycle:
             )
             out.append(f"{len(missing)} trial(s) not finished (slots {shown}) and no job of the "
                        f"sweep will run them: 'hpcdl sweep resume {name}'")  # fmt: skip
-        finals = [j for j in jobs if j.kind in ("final", "workers")]
+        finals = [j for j in jobs if j.kind in self.final_kinds]
         stalled = not missing and self.spec.final and not self.has_result()
         if stalled and not any(j.live for j in finals):
             last = finals[-1] if finals else None
@@ -285,43 +312,6 @@ def _cancel(handles: list[JobHandle]) -> None:
 
 
 # -- job entry points ------------------------------------------------------------------------------
-def final_main(sweep_dir: str) -> dict[str, Any]:
-    """Retrain the best parameters on train+val and evaluate once on the held-out test split;
-    exit cleanly, saying why, when a slot is not finished or the result is there already."""
-    from hpcdl.hpo.trial import resolve_objective
-
-    paths = SweepPaths(Path(sweep_dir))
-    spec = paths.load_spec()
-    missing = [i for i in range(spec.trials) if not _finished(paths, i)]
-    if missing:
-        why = (f"not run: {len(missing)} trial(s) not finished (slots {missing[:10]}); the "
-               "follow-up job or 'hpcdl sweep resume' runs them, then a new final job")  # fmt: skip
-        log_event(paths, "final", why)
-        return {"skipped": why}
-    if (paths.final / "result.json").is_file():
-        return {"skipped": "the final result is there already"}
-    study = open_study(spec, paths.root)
-    try:
-        best = study.best_trial
-    except ValueError:
-        log_event(paths, "final", "not run: no trial completed")
-        return {"skipped": "no trial completed"}
-    paths.final.mkdir(exist_ok=True)
-    try:
-        scores = resolve_objective(spec).final(dict(best.params), spec, paths.final)
-    except TrialRequeued as exc:  # checkpointed on a preemption signal: the requeued job goes on
-        return {"requeued": str(exc)}
-    result = {"trial": best.number, spec.metric: best.value, "params": best.params, **scores}
-    atomic_write_json(paths.final / "result.json", result)
-    log_event(paths, "final", f"retrained trial {best.number}: result written")
-    return result
-
-
-def _finished(paths: SweepPaths, slot: int) -> bool:
-    s = paths.read_slot(slot)
-    return s is not None and s.state in FINISHED_SLOT
-
-
 def follow_up_main(sweep_dir: str) -> str:
     """After a round's array: resubmit the missing slots (retries permitting), or make sure a
     final job will run; say what it decided in ``events.jsonl``."""
@@ -350,10 +340,10 @@ def _follow_up_decision(life: Lifecycle, jobs: list[SweepJob]) -> str:
     if missing:
         stopped = life.cancelled_before_start(jobs)
         if stopped:
-            return (f"{len(missing)} trial(s) missing, but {len(stopped)} task(s) were cancelled "
-                    f"before they started (the sweep was stopped): 'hpcdl sweep resume {name}' "
+            return (f"{len(missing)} trial(s) missing, but the sweep was stopped (tasks cancelled "
+                    f"before they ran {len(stopped)} of them): 'hpcdl sweep resume {name}' "
                     "continues it")  # fmt: skip
-        rounds = sum(1 for j in jobs if j.kind == "array")
+        rounds = sum(1 for j in jobs if j.kind in ("array", "workers"))
         if rounds > life.spec.max_retries:
             return (f"{len(missing)} trial(s) missing after {rounds} rounds; giving up: "
                     f"'hpcdl sweep resume {name}' tries again")  # fmt: skip
@@ -363,26 +353,3 @@ def _follow_up_decision(life: Lifecycle, jobs: list[SweepJob]) -> str:
     if handle is not None:
         return f"every trial finished and no final job would run: submitted {handle.job_id}"
     return "every trial finished"
-
-
-def local_worker_main(sweep_dir: str) -> str:
-    """One local worker process: claim free slots until none are left; the last worker to
-    finish runs the final retraining."""
-    from hpcdl.hpo.trial import claim, run_trial
-
-    paths = SweepPaths(Path(sweep_dir))
-    spec = paths.load_spec()
-    study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
-    done = 0
-    while (slot := claim(paths, spec, study, None)) is not None:
-        run_trial(paths, spec, study, slot)
-        done += 1
-    with paths.lock():
-        finished = all(_finished(paths, i) for i in range(spec.trials))
-        marker = paths.root / ".final-started"
-        run_final = spec.final and finished and not marker.exists()
-        if run_final:
-            marker.touch()
-    if run_final:
-        final_main(sweep_dir)
-    return f"ran {done} trial(s)" + (" and the final retraining" if run_final else "")

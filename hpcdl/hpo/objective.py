@@ -76,9 +76,12 @@ class TrainObjective(BaseObjective):
             spec, params, ctx.trial_dir,
             wandb_group=spec.name, wandb_id=ctx.slot.run_id, wandb_tags=[f"sweep:{spec.name}"],
         )  # fmt: skip
-        # The process group outlives the trial: a sweep worker may run several in it.
+        # The process group outlives the trial: a sweep worker runs several in it, under one
+        # preemption flag (installed when the worker started, so no signal falls between trials).
         result = _run(cfg, spec).execute(
-            lambda epoch, m: ctx.report(epoch + 1, m[spec.metric]), finish=False
+            lambda epoch, m: ctx.report(epoch + 1, m[spec.metric]),
+            flag=getattr(ctx, "flag", None),
+            finish=False,
         )
         _requeued(result, f"trial {ctx.slot.trial}")
         return float(result[spec.metric])

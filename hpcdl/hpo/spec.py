@@ -94,6 +94,9 @@ class SweepSpec(_Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
     trials: int = Field(ge=1, le=100_000)
     parallelism: int = Field(default=4, ge=1)
+    # None: each array task is a warm worker running trials until none is left; 1: one trial
+    # per array task (per-trial accounting in sacct, at a start-up per trial)
+    trials_per_task: int | None = None
     resources: Resources = Resources()
     max_retries: int = Field(default=2, ge=0, le=20)
     # multi-rank trials: a collective waiting longer than this (a dead peer) fails the attempt
@@ -115,6 +118,11 @@ class SweepSpec(_Strict):
                 )
         if self.objective is None and self.train is None:
             raise ValueError("give `train` (a training config) or `objective` (module:function)")
+        if self.trials_per_task not in (None, 1):
+            raise ValueError(
+                f"trials_per_task {self.trials_per_task!r}: give 1 (one trial per array task) "
+                "or leave it out (warm workers that run trials until none is left)"
+            )
         if self.objective is not None and not re.fullmatch(r"[\w.]+:\w+", self.objective):
             raise ValueError(f"objective {self.objective!r} must look like package.module:function")
         grids = [k for k, p in self.space.items() if isinstance(p, Grid)]

@@ -1,5 +1,5 @@
-"""``hpcdl.Sweep``: a sweep is one ``sbatch --array`` (each task a trial), plus a small follow-up
-job that resubmits killed trials and a final job that retrains the best parameters (their rules:
+"""``hpcdl.Sweep``: a sweep is one ``sbatch --array`` (warm workers that run trials until none is
+left, or one trial per task), plus a small follow-up job that resubmits killed trials and a final job that retrains the best parameters (their rules:
 :mod:`hpcdl.hpo.lifecycle`)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from hpcdl.config import read_yaml
+from hpcdl.containers import check_slurm_client
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
 from hpcdl.hpo.spec import SweepSpec, load_spec
@@ -61,6 +62,8 @@ class Sweep:
                 f"(use 'hpcdl sweep resume {self.spec.name}' or another name)"
             )  # fmt: skip
         self._check_objective()
+        sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
+        check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
         if self.spec.train is not None:
@@ -105,7 +108,13 @@ class Sweep:
         """Change how many array tasks run at once, on the live array (``scontrol update``)."""
         if parallelism < 1:
             raise ConfigError("", "parallelism", f"must be >= 1, got {parallelism}")
-        arrays = [j.handle for j in self.lifecycle.jobs(("array",))]
+        rounds = self.lifecycle.jobs(("array", "workers"))
+        arrays = [j.handle for j in rounds if j.kind == "array"]
+        if rounds and rounds[-1].kind == "workers":  # its tasks run until no slot is left
+            raise HpcdlError(
+                f"sweep {self.spec.name!r} runs warm workers ({rounds[-1].handle.array} at once, "
+                "each until no trial is left): throttle applies to 'trials_per_task: 1' sweeps"
+            )
         if not arrays:
             raise HpcdlError(f"sweep {self.spec.name!r} has no Slurm array to throttle")
         arrays[-1].backend.throttle(arrays[-1], parallelism)

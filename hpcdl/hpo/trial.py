@@ -1,6 +1,7 @@
 """One trial slot of a sweep: claim or resume a trial, run the objective, tell the study.
 
-Array task ``i`` owns slot ``i``. The slot file (``slots/i.json``) ties the slot to its Optuna
+A warm worker (:mod:`hpcdl.hpo.worker`) claims slot after slot; with ``trials_per_task: 1``
+array task ``i`` claims slot ``i``. The slot file (``slots/i.json``) ties the slot to its Optuna
 trial, parameters, W&B run id and attempt count, so a requeued or resubmitted task resumes the
 same trial (same parameters, same checkpoint folder, same W&B run) instead of drawing a new one.
 """
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 
 from hpcdl.hpo.protocol import Objective, as_objective
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.study import TrialReporter, open_study, storage, suggest
+from hpcdl.hpo.study import TrialReporter, storage, suggest
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
 
@@ -63,6 +64,9 @@ class TrialContext:
     slot: Slot
     trial_dir: Path
     report: Callable[[int, float], None]
+    # a warm worker's preemption flag, installed once for all its trials (None: the objective's
+    # run installs its own)
+    flag: Any = None
 
 
 class SweepPaths:
@@ -117,23 +121,22 @@ def resolve_objective(spec: SweepSpec) -> Objective:
 
 
 def claim(
-    paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot_no: int | None
+    paths: SweepPaths,
+    spec: SweepSpec,
+    study: optuna.Study,
+    slot_no: int | None,
+    among: list[int] | None = None,
 ) -> Slot | None:
     """Under the sweep lock: resume the slot's trial, or ask the study for a new one.
 
-    ``slot_no=None`` (local workers) takes the first slot that is free or marked for retry.
-    Returns ``None`` when there is nothing left to do.
+    ``slot_no=None`` (workers) takes, among the round's slots ``among`` (default: all), first
+    the slot this very task was running (a requeued worker resumes its trial before anything
+    else), then the first slot that is free or marked for retry. Returns ``None`` when there is
+    nothing left to do.
     """
     with paths.lock():
         if slot_no is None:
-            slot_no = next(
-                (
-                    i
-                    for i in range(spec.trials)
-                    if (s := paths.read_slot(i)) is None or s.state == "retry"
-                ),
-                None,
-            )
+            slot_no = _next_slot(paths, range(spec.trials) if among is None else among)
             if slot_no is None:
                 return None
         slot = paths.read_slot(slot_no)
@@ -166,15 +169,31 @@ def claim(
         return slot
 
 
+def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
+    # Only a Slurm job or task id survives a requeue (a local worker's id is not its task's).
+    me = _job_id() if "SLURM_JOB_ID" in os.environ else None
+    mine, free = None, None
+    for i in slots:
+        s = paths.read_slot(i)
+        if s is not None and s.state == "running" and me is not None and s.job == me:
+            mine = i if mine is None else mine
+        elif free is None and (s is None or s.state == "retry"):
+            free = i
+    return mine if mine is not None else free
+
+
 def _job_id() -> str | None:
     if "SLURM_ARRAY_JOB_ID" in os.environ:
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
 
 
-def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot) -> Slot:
+def run_trial(
+    paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot, flag: Any = None
+) -> Slot:
     """Run the objective for a claimed slot (retrying exceptions up to ``max_retries``); rank 0
-    tells the study. Multi-node trials: every rank runs this with the slot broadcast from rank 0."""
+    tells the study. Multi-node trials: every rank runs this with the slot broadcast from rank 0.
+    The slot comes back still ``running`` when the trial checkpointed for a requeue."""
     objective = resolve_objective(spec)
     trial_dir = paths.trial_dir(slot)
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -199,15 +218,20 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
 
     watchdog = _watch_for_abort(trial_dir, slot.attempts) if _world() > 1 else None
     while True:
-        ctx = TrialContext(spec, slot, trial_dir, report)
+        ctx = TrialContext(spec, slot, trial_dir, report, flag)
         try:
             value = float(objective.run(dict(slot.params), ctx))
         except TrialRequeued:
+            _stop(watchdog)
             return slot
         except Exception as exc:
             if _pruned(exc):
+                _stop(watchdog)  # a warm worker goes on to its next trial
                 pruned = slot.model_copy(update={"state": "pruned"})
                 return record(pruned, state=optuna.trial.TrialState.PRUNED)
+            if getattr(flag, "requested", False):  # the task is being stopped (scancel, a
+                _stop(watchdog)  # requeue that failed): no retry here; the slot stays running
+                return slot  # for the requeued task, the follow-up job or 'sweep resume'
             if watchdog is not None:  # the other ranks may be anywhere: one decision, all exit
                 abort_attempt(paths, spec, study, slot, exc)
             error = f"{type(exc).__name__}: {exc}"
@@ -219,9 +243,13 @@ def run_trial(paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slo
                 continue
             failed = slot.model_copy(update={"state": "failed", "error": error})
             return record(failed, state=optuna.trial.TrialState.FAIL)
-        if watchdog is not None:
-            watchdog.set()
+        _stop(watchdog)
         return record(slot.model_copy(update={"state": "complete", "value": value}), values=value)
+
+
+def _stop(watchdog: threading.Event | None) -> None:
+    if watchdog is not None:
+        watchdog.set()
 
 
 # -- multi-rank trials: an exception on any rank ends the attempt on every rank ----------------------
@@ -322,20 +350,6 @@ def _broadcast_slot(slot: Slot | None) -> Slot | None:
     box = [slot.model_dump_json() if slot is not None else None]
     dist.broadcast_object_list(box, src=0)
     return Slot.model_validate_json(box[0]) if box[0] is not None else None
-
-
-def array_task_main(sweep_dir: str, slots: list[int]) -> str:
-    """Entry point of one Slurm array task: slot ``slots[HPCDL_ARRAY_TASK_ID]``."""
-    paths = SweepPaths(Path(sweep_dir))
-    spec = paths.load_spec()
-    slot_no = slots[int(os.environ["HPCDL_ARRAY_TASK_ID"])]
-    _maybe_init_distributed(spec.collective_timeout_s)
-    study = open_study(spec, paths.root, worker=slot_no)
-    slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
-    if slot is None:
-        return f"slot {slot_no}: nothing to do"
-    slot = run_trial(paths, spec, study, slot)
-    return f"slot {slot_no}: trial {slot.trial} {slot.state} value={slot.value}"
 
 
 def _maybe_init_distributed(timeout_s: float) -> None:

@@ -26,7 +26,14 @@ from hpcdl.scheduler.base import (
 )
 from hpcdl.scheduler.live import import_site as _draft_profile
 from hpcdl.scheduler.local import LocalScheduler
-from hpcdl.scheduler.registry import clean, find_handle, load_handles, record, registry_roots
+from hpcdl.scheduler.registry import (
+    clean,
+    find_handle,
+    find_task,
+    load_handles,
+    record,
+    registry_roots,
+)
 from hpcdl.scheduler.slurm import SlurmScheduler, hostnames
 from hpcdl.scheduler.states import FINISHED, STATES, summarize
 from hpcdl.site import SiteProfile
@@ -44,6 +51,7 @@ __all__ = [
     "check_site",
     "clean",
     "find_handle",
+    "find_task",
     "get_scheduler",
     "hostnames",
     "import_site",
@@ -64,4 +72,5 @@ def check_site(profile: SiteProfile) -> list[str]:
 
 def import_site(name: str) -> dict[str, Any]:
     """A draft profile named ``name`` from the Slurm cluster this machine talks to."""
-    return _draft_profile(name, SlurmScheduler().live_partitions())
+    slurm = SlurmScheduler()
+    return _draft_profile(name, slurm.live_partitions(), slurm.live_config())

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 
 from hpcdl.errors import HpcdlError
+from hpcdl.scheduler.arrays import ArrayPart
 from hpcdl.scheduler.live import LivePartition
 from hpcdl.scheduler.live import check_site as compare_with_live
 from hpcdl.scheduler.states import FINISHED, summarize
@@ -43,6 +44,7 @@ class Request(Protocol):
     partition: str | None
     dependencies: list[str]
     array: int | None
+    throttle: int | None
 
     @property
     def ntasks_per_node(self) -> int: ...
@@ -76,6 +78,9 @@ class JobHandle(BaseModel):
     tasks: int = 1
     submitted_at: float
     local_ids: list[str] = []
+    # An array split over several Slurm arrays (site max_array_size): every part, the first
+    # (``job_id``) included; empty for a job that is one Slurm job or array.
+    parts: list[ArrayPart] = []
 
     @property
     def backend(self) -> Scheduler:
@@ -177,6 +182,11 @@ class Scheduler(ABC):
     def requeue(self, target: str) -> None:
         """Put a running job (``ID`` or ``ARRAYID_TASK``) back in the queue."""
         raise HpcdlError(f"the {self.name} scheduler cannot requeue job {target}")
+
+    def cancel_pending(self, job_id: str) -> None:
+        """Cancel the tasks of array ``job_id`` that are waiting in the queue (running ones go
+        on); nothing to do where jobs do not wait in a queue."""
+        return None
 
     def throttle(self, handle: JobHandle, parallelism: int) -> None:
         """Change how many tasks of a live array run at once."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import HpcdlError
+from hpcdl.scheduler.arrays import ArrayPart, PartPlan, plan_parts
 from hpcdl.scheduler.base import JobHandle, Request, Scheduler
 from hpcdl.scheduler.registry import record
 from hpcdl.site import SiteProfile
@@ -35,18 +36,30 @@ class SubmititScheduler(Scheduler):
             shutil.rmtree(folder, ignore_errors=True)
             raise
         executor = self._executor(request, folder)
+        plans = self.plan(request)
+        parts: list[ArrayPart] = []
+        first: list[Any] = []  # the first part's submitit jobs (the handle's id)
         try:
-            if request.array:
+            if not plans:
+                first = [executor.submit(request.task(site))]
+            for plan in plans:  # one batch (one Slurm array) per part; tasks keep global indices
+                if len(plans) > 1:
+                    self._configure_part(executor, request, plan, parts)
                 with executor.batch():
-                    jobs = [executor.submit(request.task(site, i)) for i in range(request.array)]
-            else:
-                jobs = [executor.submit(request.task(site))]
+                    jobs = [executor.submit(request.task(site, plan.offset + j)) for j in range(plan.count)]  # fmt: skip
+                first = first or jobs
+                part = ArrayPart(job_id=self._job_id(jobs), offset=plan.offset, count=plan.count,
+                                 lane=plan.lane, throttle=plan.throttle)  # fmt: skip
+                parts.append(part)
         except Exception as exc:  # submitit raises bare exceptions carrying sbatch's message
+            self._abort([p.job_id for p in parts])  # no half-submitted job stays queued
             shutil.rmtree(folder, ignore_errors=True)
             raise HpcdlError(f"submission failed: {first_error_line(exc)}") from None
-        script = next(iter(folder.glob("*_submission.sh")), None)
+        job_id = self._job_id(first)
+        script = folder / f"{job_id}_submission.sh"  # a split array's: its first part's
+        script = script if script.is_file() else next(iter(folder.glob("*_submission.sh")), None)
         handle = JobHandle(
-            job_id=self._job_id(jobs),
+            job_id=job_id,
             name=request.name,
             site=site.name,
             scheduler=self.name,
@@ -55,10 +68,27 @@ class SubmititScheduler(Scheduler):
             array=request.array,
             tasks=request.nodes * request.launched_tasks_per_node,
             submitted_at=time.time(),
-            local_ids=self._local_ids(jobs),
+            local_ids=self._local_ids(first),
+            parts=parts if len(parts) > 1 else [],
         )
         record(site, handle)
         return handle
+
+    def plan(self, request: Request) -> list[PartPlan]:
+        """The Slurm arrays an array request becomes (none for a single job)."""
+        if not request.array:
+            return []
+        return plan_parts(request.array, self.site.max_array_size, request.throttle)
+
+    def _configure_part(
+        self, executor: Any, request: Request, plan: PartPlan, done: list[ArrayPart]
+    ) -> None:
+        """Set the executor's parameters for one part of a split array (``done``: the parts
+        submitted so far)."""
+        raise HpcdlError(f"the {self.name} back end cannot split arrays")
+
+    def _abort(self, job_ids: list[str]) -> None:
+        """Cancel parts already queued when a later part's submission fails."""
 
     def _preflight(self, request: Request, test_only: bool) -> None:
         """Checks before a folder is made (the Slurm back end asks ``sbatch --test-only``)."""

@@ -30,10 +30,18 @@ class LivePartition(BaseModel):
     features: list[str] = []  # every feature some node of the partition offers (sinfo %f)
 
 
-def check_site(profile: SiteProfile, live: dict[str, LivePartition]) -> list[str]:
-    """Every disagreement between a profile and the live cluster's partitions (empty when they
-    agree). ``hpcdl.scheduler.check_site`` asks the profile's back end for ``live``."""
+def check_site(
+    profile: SiteProfile, live: dict[str, LivePartition], config: dict[str, str] | None = None
+) -> list[str]:
+    """Every disagreement between a profile and the live cluster's partitions and, given
+    ``scontrol show config`` (``config``), its limits (empty when they agree).
+    ``hpcdl.scheduler.check_site`` asks the profile's back end for ``live`` and ``config``."""
     problems = []
+    if config is not None and profile.max_array_size != max_array_size(config):
+        problems.append(
+            f"max_array_size {profile.max_array_size} here, "
+            f"{max_array_size(config)} on the cluster (MaxArraySize)"
+        )
     for p in profile.partitions:
         lp = live.get(p.name)
         if lp is None:
@@ -84,9 +92,12 @@ def check_site(profile: SiteProfile, live: dict[str, LivePartition]) -> list[str
     return problems
 
 
-def import_site(name: str, live: dict[str, LivePartition]) -> dict:
-    """A draft profile (as a plain mapping) from the live cluster's partitions, validated before
-    it is returned. ``hpcdl.scheduler.import_site`` asks Slurm for ``live``."""
+def import_site(
+    name: str, live: dict[str, LivePartition], config: dict[str, str] | None = None
+) -> dict:
+    """A draft profile (as a plain mapping) from the live cluster's partitions and limits
+    (``config``: ``scontrol show config``), validated before it is returned.
+    ``hpcdl.scheduler.import_site`` asks Slurm for ``live`` and ``config``."""
     partitions = []
     for lp in live.values():
         entry: dict = {
@@ -118,6 +129,8 @@ def import_site(name: str, live: dict[str, LivePartition]) -> dict:
         "preemption": {"signal": "USR2", "delay_s": 120, "preempt_signals": ["TERM"]}
         | ({"grace_time_s": min(graces)} if graces else {}),
     }
+    if config is not None and max_array_size(config) is not None:
+        data["max_array_size"] = max_array_size(config)
     validate(SiteProfile, data, f"imported profile {name!r}")
     return data
 
@@ -156,6 +169,22 @@ def parse_partitions(sinfo_nodes: str, scontrol_partitions: str) -> dict[str, Li
             grace_time_s=int(kv.get("GraceTime", "0")),
         )
     return out
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """``scontrol show config`` as ``{Key: value}`` (``MaxArraySize = 1001`` lines)."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def max_array_size(config: dict[str, str]) -> int | None:
+    """MaxArraySize from :func:`parse_config`'s mapping; None when absent or unreadable."""
+    value = config.get("MaxArraySize", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def gpu_count(gres: str) -> int:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hpcdl.errors import HpcdlError
+from hpcdl.scheduler.arrays import global_index
 from hpcdl.scheduler.base import JobHandle, job_states
 from hpcdl.scheduler.states import FINISHED, summarize
 from hpcdl.site import SiteProfile, available_sites, load_site
@@ -60,11 +61,23 @@ def load_handles(roots: Iterable[Path] | None = None) -> list[JobHandle]:
 
 
 def find_handle(job_id: str) -> JobHandle:
-    """The recorded submission for ``job_id`` (``123`` or ``123_4`` for an array task)."""
-    base = job_id.split("_")[0]
+    """The recorded submission for ``job_id`` (``123`` or ``123_4`` for an array task; any
+    part's id of a split array finds the whole job)."""
+    return find_task(job_id)[0]
+
+
+def find_task(job_id: str) -> tuple[JobHandle, int | None]:
+    """The submission for ``ID`` or ``ID_TASK`` and the global array index it names (None for a
+    whole job): ``FIRST_1500`` is task 1500, a later part's ``PART_3`` is that part's offset + 3."""
+    base, _, task = job_id.partition("_")
+    if task and not task.isdigit():
+        raise HpcdlError(f"{job_id!r} is not a job id (ID or ARRAYID_TASK)")
+    local = int(task) if task else None
     for handle in reversed(load_handles()):
         if handle.job_id == base or base in handle.local_ids:
-            return handle
+            return handle, local
+        if any(p.job_id == base for p in handle.parts):
+            return handle, global_index(handle.parts, base, local)
     raise HpcdlError(f"no job {job_id!r} in the registry (see 'hpcdl status')")
 
 

@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.scheduler.arrays import (
+    ArrayPart,
+    PartPlan,
+    describe,
+    expand_dependency,
+    lane_shares,
+    lanes_of,
+    locate,
+    slurm_task_id,
+)
 from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.core import (
     SubmititScheduler,
@@ -20,8 +30,11 @@ from hpcdl.scheduler.core import (
     task_log_paths,
 )
 from hpcdl.scheduler.hostlist import expand_hostlist
-from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_partitions
-from hpcdl.scheduler.states import expand_array_id, normalize_state
+from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
+from hpcdl.scheduler.live import check_site as compare_with_live
+from hpcdl.scheduler.preemption import TIMEOUT_REQUEUES
+from hpcdl.scheduler.registry import load_handles
+from hpcdl.scheduler.states import FINISHED, expand_array_id, normalize_state
 from hpcdl.util import get_logger
 
 log = get_logger(__name__)
@@ -68,12 +81,27 @@ class SlurmScheduler(SubmititScheduler):
         from submitit.slurm.slurm import _make_sbatch_string
 
         site = self.site
-        params = request.slurm_parameters(site)
-        if request.array:
-            params["map_count"] = request.array
+        params = self._parameters(request)
+        plans = self.plan(request)
+        if plans:  # a split array's script is its first part's
+            params["map_count"] = plans[0].count
+            if plans[0].throttle:
+                params["array_parallelism"] = plans[0].throttle
         folder = folder or site.job_root_path / "<job-folder>"
         command = submitit_command(request.interpreter(site), folder)
-        return _make_sbatch_string(command=command, folder=folder, **params)
+        script = _make_sbatch_string(command=command, folder=folder, **params)
+        head, _, rest = script.partition("\n")
+        notes = describe(plans, request.array or 0, site.max_array_size)
+        return "\n".join([head, *notes, rest]) if notes else script
+
+    def _parameters(self, request: Request) -> dict[str, Any]:
+        """The request's sbatch parameters, its dependencies on split arrays expanded to every
+        part (from the registry: ``afterany:FIRST`` waits for all of them)."""
+        params = request.slurm_parameters(self.site)
+        if params.get("dependency"):
+            split = {h.job_id: h.parts for h in load_handles() if h.parts}
+            params["dependency"] = expand_dependency(params["dependency"], split)
+        return params
 
     def _preflight(self, request: Request, test_only: bool) -> None:
         if shutil.which("sbatch") is None:
@@ -84,22 +112,46 @@ class SlurmScheduler(SubmititScheduler):
     def _executor(self, request: Request, folder: Path) -> Any:
         import submitit
 
-        ex = submitit.SlurmExecutor(
-            folder=folder, python=request.interpreter(self.site), max_num_timeout=0
+        ex = submitit.SlurmExecutor(  # time-limit requeues: Checkpointable callables only
+            folder=folder, python=request.interpreter(self.site), max_num_timeout=TIMEOUT_REQUEUES
         )
-        ex.update_parameters(**request.slurm_parameters(self.site))
+        params = self._parameters(request)
+        self._dependency: str | None = params.get("dependency")  # each part adds its own
+        ex.update_parameters(**params)
         return ex
+
+    def _configure_part(
+        self, executor: Any, request: Request, plan: PartPlan, done: list[ArrayPart]
+    ) -> None:
+        deps = [self._dependency] if self._dependency else []
+        if plan.after is not None:  # the previous part of its lane (see hpcdl.scheduler.arrays)
+            deps.append(f"afterany:{done[plan.after].job_id}")
+        update: dict[str, Any] = {"dependency": ",".join(deps) or None}
+        if plan.throttle:
+            update["array_parallelism"] = plan.throttle
+        executor.update_parameters(**update)
+
+    def _abort(self, job_ids: list[str]) -> None:
+        if job_ids:
+            run_command(["scancel", *job_ids])
 
     def _job_id(self, jobs: list[Any]) -> str:
         return str(jobs[0].job_id).split("_")[0]  # an array's id without the task
 
     # -- existing jobs ---------------------------------------------------------------------------
     def statuses(self, handles: list[JobHandle]) -> dict[str, dict[str, TaskStatus]]:
-        live = query([h.job_id for h in handles]) if handles else {}
+        live = query([j for h in handles for j in _part_ids(h)]) if handles else {}
         return {h.job_id: _expand(h, live) for h in handles}
 
     def cancel(self, handles: list[JobHandle], array_task: int | None = None) -> None:
-        targets = [h.job_id if array_task is None else f"{h.job_id}_{array_task}" for h in handles]
+        targets = []
+        for h in handles:  # every part of a split array, or the part holding the task
+            if array_task is None:
+                targets += _part_ids(h)
+            elif h.array is None:
+                targets.append(f"{h.job_id}_{array_task}")
+            else:
+                targets.append(slurm_task_id(*locate(_parts(h), array_task)))
         if not targets:
             return
         proc = run_command(["scancel", *targets])  # one call for every job
@@ -109,7 +161,9 @@ class SlurmScheduler(SubmititScheduler):
     def log_paths(
         self, handle: JobHandle, task: int = 0, array_task: int | None = None
     ) -> tuple[Path, Path]:
-        jid = handle.job_id if handle.array is None else f"{handle.job_id}_{array_task or 0}"
+        if handle.array is None:
+            return task_log_paths(handle.folder, handle.job_id, task)
+        jid = slurm_task_id(*locate(_parts(handle), array_task or 0))
         return task_log_paths(handle.folder, jid, task)
 
     def requeue(self, target: str) -> None:
@@ -117,17 +171,48 @@ class SlurmScheduler(SubmititScheduler):
         if proc is None or proc.returncode != 0:
             raise HpcdlError(f"scontrol requeue {target} failed: {_why(proc, 'scontrol')}")
 
-    def throttle(self, handle: JobHandle, parallelism: int) -> None:
-        cmd = ["scontrol", "update", f"JobId={handle.job_id}", f"ArrayTaskThrottle={parallelism}"]
-        proc = run_command(cmd)
+    def cancel_pending(self, job_id: str) -> None:
+        proc = run_command(["scancel", "--state=PENDING", job_id])
         if proc is None or proc.returncode != 0:
-            raise HpcdlError(f"scontrol refused the new throttle: {_why(proc, 'scontrol')}")
+            raise HpcdlError(
+                f"could not cancel the pending tasks of {job_id}: {_why(proc, 'scancel')}"
+            )
+
+    def throttle(self, handle: JobHandle, parallelism: int) -> None:
+        """A split array's lanes share the new throttle as at submission (hpcdl.scheduler.arrays);
+        parts that already finished are left alone (scontrol refuses them)."""
+        groups: dict[int, list[str]] = {parallelism: [handle.job_id]}
+        if handle.parts:
+            lanes = lanes_of(handle.parts)
+            if parallelism < lanes:
+                raise HpcdlError(
+                    f"job {handle.job_id} runs {lanes} Slurm arrays side by side: "
+                    f"its throttle must be at least {lanes}"
+                )
+            shares, live = lane_shares(parallelism, lanes), query(_part_ids(handle))
+            groups = {}
+            for p in handle.parts:
+                states = [s.state for k, s in live.items() if k.split("_")[0] == p.job_id]
+                if p.count > 1 and not all(s in FINISHED for s in states):
+                    groups.setdefault(shares[p.lane], []).append(p.job_id)
+        for share, ids in groups.items():
+            cmd = ["scontrol", "update", f"JobId={','.join(ids)}", f"ArrayTaskThrottle={share}"]
+            proc = run_command(cmd)
+            if proc is None or proc.returncode != 0:
+                raise HpcdlError(f"scontrol refused the new throttle: {_why(proc, 'scontrol')}")
 
     # -- the live cluster ------------------------------------------------------------------------
     def live_partitions(self) -> dict[str, LivePartition]:
         """Partitions from ``scontrol show partition`` and per-node resources from one ``sinfo``."""
         nodes = _output(["sinfo", "-h", "-N", "-o", SINFO_FORMAT])
         return parse_partitions(nodes, _output(["scontrol", "show", "partition", "-o"]))
+
+    def live_config(self) -> dict[str, str]:
+        """``scontrol show config``: the cluster's limits (MaxArraySize, ...)."""
+        return parse_config(_output(["scontrol", "show", "config"]))
+
+    def check_site(self) -> list[str]:
+        return compare_with_live(self.site, self.live_partitions(), self.live_config())
 
 
 def sbatch_test_only(script: str) -> str:
@@ -157,13 +242,26 @@ def hostnames(nodelist: str) -> list[str]:
 
 
 # -- states ----------------------------------------------------------------------------------------
+def _parts(h: JobHandle) -> list[ArrayPart]:
+    """An array's Slurm arrays: its recorded parts, or itself as the only one."""
+    return h.parts or [ArrayPart(job_id=h.job_id, offset=0, count=h.array or 1)]
+
+
+def _part_ids(h: JobHandle) -> list[str]:
+    return [p.job_id for p in h.parts] or [h.job_id]
+
+
 def _expand(h: JobHandle, live: dict[str, TaskStatus]) -> dict[str, TaskStatus]:
-    """Every task of ``h``; tasks the scheduler forgot get their state from the job folder."""
-    ids = [h.job_id] if h.array is None else [f"{h.job_id}_{i}" for i in range(h.array)]
+    """Every task of ``h``, keyed by global index (``FIRSTID_i`` for all parts of a split
+    array); tasks the scheduler forgot get their state from the job folder."""
+    if h.array is None:
+        return {h.job_id: live.get(h.job_id) or TaskStatus(folder_state(h.folder, h.job_id))}
     out = {}
-    for tid in ids:
-        status = live.get(tid) or (live.get(h.job_id) if h.array is not None else None)
-        out[tid] = status or TaskStatus(folder_state(h.folder, tid))
+    for part in _parts(h):
+        for local in range(part.count):
+            sid = slurm_task_id(part, local)
+            status = live.get(sid) or live.get(part.job_id)  # pending arrays: one row
+            out[f"{h.job_id}_{part.offset + local}"] = status or TaskStatus(folder_state(h.folder, sid))  # fmt: skip
     return out
 
 

@@ -38,6 +38,7 @@ logger = get_logger(__name__)
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+UNIVERSAL = "universal"  # a checkpoint converted for a resume on another world size
 
 
 def tag_for(step: int) -> str:
@@ -196,12 +197,6 @@ class Checkpointer:
         assert manifest is not None
         if "unreadable" in manifest or not isinstance(manifest.get("files"), dict):
             return f"unreadable {MANIFEST}: {manifest.get('unreadable', 'no file list')}"
-        if manifest.get("world_size") != self.world:
-            raise HpcdlError(
-                f"checkpoint {self.root / tag} was written by {manifest.get('world_size')} ranks, "
-                f"this run has {self.world}: ZeRO state is sharded per rank and the data "
-                "position depends on the rank count, so resume with the same number of ranks"
-            )
         expected = manifest["files"]
         return compare_to_manifest(expected, self._hash_shared(tag, sorted(expected)))
 
@@ -239,14 +234,80 @@ class Checkpointer:
             )
         return None
 
-    def load(self, engine: Any, tag: str) -> dict[str, Any]:
-        """Load ``tag`` into the engine and this rank's RNG states; returns the client state."""
+    def find(self, partitioned: bool) -> tuple[str | None, int, Path | None]:
+        """(tag, ranks that wrote it, folder to load it from) of the checkpoint to resume: the
+        newest valid one; a universal copy of it when it was written by another number of
+        ranks and ``partitioned`` (its optimizer state is sharded per rank), else None."""
+        tag = self.latest_valid()
+        if tag is None:
+            return None, self.world, None
+        world = self.world_of(tag)
+        return tag, world, self.to_universal(tag) if world != self.world and partitioned else None
+
+    def world_of(self, tag: str) -> int:
+        """How many ranks wrote checkpoint ``tag`` (rank 0 reads its manifest for all)."""
+        world = None
+        if self.rank == 0:
+            world = json.loads((self.root / tag / MANIFEST).read_text()).get("world_size")
+        world = self._bcast(world)
+        if not isinstance(world, int) or world < 1:
+            raise HpcdlError(f"checkpoint {self.root / tag}: its {MANIFEST} has no world_size")
+        return world
+
+    def to_universal(self, tag: str) -> Path:
+        """Convert ``tag`` to DeepSpeed's universal checkpoint (its ZeRO optimizer state, per
+        parameter and unpartitioned), which loads on any number of ranks; rank 0 converts, the
+        others wait. Returns the folder to load from (``UNIVERSAL/tag``), rebuilt every time:
+        a conversion cut short leaves nothing trusted behind."""
+        out = self.root / UNIVERSAL / tag
+        failure = None
+        if self.rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                _ds_to_universal(self.root / tag, out)
+            except Exception as exc:  # every rank must hear of it
+                failure = f"cannot convert checkpoint {self.root / tag} for a new world size: {exc}"
+                shutil.rmtree(out, ignore_errors=True)
+        failure = self._bcast(failure)
+        if failure:
+            raise HpcdlError(failure)
+        return out.parent
+
+    def drop_universal(self) -> None:
+        """Remove the converted copy once every rank has loaded it (a collective)."""
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(self.root / UNIVERSAL, ignore_errors=True)
+
+    def load(self, engine: Any, tag: str, root: Path | None = None) -> dict[str, Any]:
+        """Load ``tag`` (from ``root``: a universal copy) into the engine and this rank's RNG
+        states; returns the client state. A rank the checkpoint had no RNG file for (a resume
+        on more ranks) keeps the seeding of the trainer's setup."""
         path, client_state = engine.load_checkpoint(
-            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+            str(root or self.root), tag=tag, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )  # fmt: skip
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
-        set_rng_state(
-            torch.load(self.root / tag / f"rng_rank{self.rank:05d}.pt", weights_only=False)
-        )
+        rng = self.root / tag / f"rng_rank{self.rank:05d}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
         return client_state
+
+
+def _ds_to_universal(folder: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` in this process, its progress output kept out of the
+    job's log (debug level)."""
+    import contextlib
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=True)  # fmt: skip
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        ds_to_universal.main(args)
+    logger.debug(said.getvalue())

@@ -42,8 +42,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
-    """The DeepSpeed config generated from ours, with ``cfg.deepspeed`` merged over it."""
+def deepspeed_config(cfg: TrainConfig, world: int, universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config generated from ours, with ``cfg.deepspeed`` merged over it;
+    ``universal``: the engine loads a universal checkpoint (a resume on another world size)."""
     ds: dict[str, Any] = {
         "train_batch_size": cfg.batch.size,
         "train_micro_batch_size_per_gpu": cfg.batch.micro,
@@ -56,6 +57,8 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     }
     if cfg.grad_clip:
         ds["gradient_clipping"] = cfg.grad_clip
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
     return _merge(ds, cfg.deepspeed)
 
 
@@ -97,7 +100,12 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 
 def build_engine(
-    deepspeed: Any, cfg: TrainConfig, model: torch.nn.Module, world: int, total_steps: int
+    deepspeed: Any,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    world: int,
+    total_steps: int,
+    universal: bool = False,
 ) -> Any:
     """The DeepSpeed engine: our optimizer, our schedule (a LambdaLR), the generated config."""
     factor = lr_factor(cfg, total_steps)
@@ -105,9 +113,16 @@ def build_engine(
         model=model,
         optimizer=build_optimizer(cfg, model),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
-        config=deepspeed_config(cfg, world),
+        config=deepspeed_config(cfg, world, universal),
     )
     return engine
+
+
+def needs_universal(cfg: TrainConfig) -> bool:
+    """Whether a checkpoint of this config holds optimizer state partitioned per rank (ZeRO
+    1-3; bf16 also partitions its fp32 master weights): then it loads on another world size
+    only through DeepSpeed's universal checkpoint. Otherwise every rank's state is whole."""
+    return cfg.zero_stage > 0 or cfg.precision == "bf16"
 
 
 def to_device(

@@ -66,9 +66,21 @@ def ranks(
 
     flag = flag or PreemptionFlag()
     info = init_distributed()
-    yield flag, info
+    try:
+        yield flag, info
+    except BaseException:
+        if finish:  # a lone rank has no peer to wait for: leave no process group behind (an
+            _drop_lone_group()  # in-process caller, e.g. a notebook, can then try again)
+        raise
     if finish:
         finish_distributed()
+
+
+def _drop_lone_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
 
 
 def finish_distributed() -> None:
@@ -202,10 +214,16 @@ class Run:
     def check(self) -> None:
         """Every check that can fail before queueing: the job against the site's limits, then
         datasets, model and batch for the job's ranks (one ConfigError naming the field)."""
+        from hpcdl.containers import check_slurm_client
+        from hpcdl.scheduler import get_scheduler
         from hpcdl.train.preflight import preflight
 
         self.job().check(self.site, f"{self.where}: job")
         job = self.config.job
+        requeue = job.max_requeues > 0 and get_scheduler(self.site).queued  # from inside the image
+        scontrol = "the trainer requeues itself with 'scontrol requeue'" if requeue else None
+        image, where = self.job().image(self.site), f"{self.where}: job"
+        check_slurm_client(self.site.container, image, scontrol, where, "set job.max_requeues=0")
         preflight(self.config, job.world_size, job.gpus_per_node > 0, self.where)
 
     def prepare(self) -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from hpcdl.data.reader import ShardedDataset, ShardLoader
+from hpcdl.data.reader import ShardLoader
 from hpcdl.errors import HpcdlError
 from hpcdl.launch import init_distributed
 from hpcdl.track import Tracker, rewind_jsonl
@@ -30,10 +30,12 @@ from hpcdl.train.engine import (
     build_engine,
     consolidated_state_dict,
     import_deepspeed,
+    needs_universal,
     seed_everything,
     to_device,
     validate,
 )
+from hpcdl.train.loaders import shard_loader
 from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats
@@ -103,6 +105,7 @@ class Trainer:
     device: Any
     compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     checkpoints: Checkpointer
+    found: tuple[str | None, int, Path | None]  # the checkpoint to resume: Checkpointer.find
     # Set by start_tracking() and run().
     tracker: Tracker
     meter: StepMeter
@@ -150,21 +153,27 @@ class Trainer:
         self.accumulation = cfg.grad_accumulation(self.world)
         total_steps = cfg.epochs * len(self.train_loader) // self.accumulation
         self.total_steps = min(total_steps, cfg.max_steps or total_steps)
-        self.engine = build_engine(deepspeed, cfg, model, self.world, self.total_steps)
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        # Found before the engine: one of another world size loads as a universal checkpoint.
+        self.found = self.checkpoints.find(needs_universal(cfg))
+        universal = self.found[2] is not None
+        self.engine = build_engine(deepspeed, cfg, model, self.world, self.total_steps, universal)
         seed_everything(cfg.seed + 1 + self.rank)  # dropout differs per rank
         self.dtype, self.device = DTYPES[cfg.precision], self.engine.device
         self.compute_loss = loss_fn(cfg.loss.name, cfg.loss.label_smoothing)
-        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
 
     def resume(self) -> str | None:
         """Load the newest checkpoint that verifies, if any (engine, RNG, loader position and
         train state); returns its tag. Metrics logged after it are dropped: they come again."""
-        resumed = self.checkpoints.latest_valid()
+        resumed, _, universal = self.found
         if not resumed:
             self.train_loader.set_epoch(0)
             return None
-        client = self.checkpoints.load(self.engine, resumed)
+        client = self.checkpoints.load(self.engine, resumed, universal)
+        if universal:
+            self.checkpoints.drop_universal()
         self.state = TrainState.from_dict(client["train"])
+        # another world size: the rest of the epoch is re-split over this run's ranks
         self.train_loader.load_state_dict(client["loader"])
         self.last_saved = self.state.step
         self.timing = client.get("timing") or {}
@@ -184,6 +193,11 @@ class Trainer:
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
         }
+        if resumed and self.found[1] != self.world:
+            event["checkpoint_world_size"] = self.found[1]
+            event["resized"] = (
+                f"resumed on {self.world} ranks from a checkpoint of {self.found[1]} ranks"
+            )
         self.tracker.log("event", event)
 
     # -- one epoch -----------------------------------------------------------------------------
@@ -350,27 +364,6 @@ def stop_tag(exc: BaseException) -> str:
 
 
 # -- building blocks ----------------------------------------------------------------------------
-def shard_loader(cfg: TrainConfig, path: str, rank: int, world: int, train: bool) -> ShardLoader:
-    """This rank's loader: shuffled, whole batches for training; in order, every batch for val."""
-    dataset = ShardedDataset(
-        path,
-        cfg.batch.micro,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        shuffle=cfg.data.shuffle and train,
-        block_units=cfg.data.block_units,
-        drop_last=train,
-        fields=[cfg.data.input, cfg.data.target],
-    )
-    # A private generator: DataLoader draws a seed from it for every new iterator, which would
-    # otherwise shift the global RNG (dropout) between an uninterrupted and a resumed run.
-    return ShardLoader(
-        dataset, generator=torch.Generator(), persistent_workers=cfg.data.num_workers > 0
-    )
-
-
 def make_tracker(
     cfg: TrainConfig, run_dir: Path, rank: int, site_values: dict[str, Any] | None = None
 ) -> Tracker:

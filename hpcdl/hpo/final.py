@@ -1,0 +1,60 @@
+"""The sweep's final job (retrain the best parameters once every slot is finished) and the
+``events.jsonl`` journal of what the sweep's jobs decided."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcdl.hpo.study import open_study
+from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths, TrialRequeued, _job_id
+from hpcdl.util import atomic_write_json, get_logger
+
+log = get_logger(__name__)
+
+
+def log_event(paths: SweepPaths, who: str, text: str) -> None:
+    """One line of what the sweep's jobs decided (``events.jsonl``; shown by ``sweep status``)."""
+    line = {"time": time.time(), "who": who, "job": _job_id(), "text": text}
+    with open(paths.events, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    log.info("%s: %s", who, text)
+
+
+def final_main(sweep_dir: str) -> dict[str, Any]:
+    """Retrain the best parameters on train+val and evaluate once on the held-out test split;
+    exit cleanly, saying why, when a slot is not finished or the result is there already."""
+    from hpcdl.hpo.trial import resolve_objective
+
+    paths = SweepPaths(Path(sweep_dir))
+    spec = paths.load_spec()
+    missing = [i for i in range(spec.trials) if not finished(paths, i)]
+    if missing:
+        why = (f"not run: {len(missing)} trial(s) not finished (slots {missing[:10]}); the "
+               "follow-up job or 'hpcdl sweep resume' runs them, then a new final job")  # fmt: skip
+        log_event(paths, "final", why)
+        return {"skipped": why}
+    if (paths.final / "result.json").is_file():
+        return {"skipped": "the final result is there already"}
+    study = open_study(spec, paths.root)
+    try:
+        best = study.best_trial
+    except ValueError:
+        log_event(paths, "final", "not run: no trial completed")
+        return {"skipped": "no trial completed"}
+    paths.final.mkdir(exist_ok=True)
+    try:
+        scores = resolve_objective(spec).final(dict(best.params), spec, paths.final)
+    except TrialRequeued as exc:  # checkpointed on a preemption signal: the requeued job goes on
+        return {"requeued": str(exc)}
+    result = {"trial": best.number, spec.metric: best.value, "params": best.params, **scores}
+    atomic_write_json(paths.final / "result.json", result)
+    log_event(paths, "final", f"retrained trial {best.number}: result written")
+    return result
+
+
+def finished(paths: SweepPaths, slot: int) -> bool:
+    s = paths.read_slot(slot)
+    return s is not None and s.state in FINISHED_SLOT

@@ -1,0 +1,197 @@
+"""Warm trial workers: one process (or one process group) runs trial after trial.
+
+By default a sweep round on Slurm is an array of ``min(parallelism, missing slots)`` tasks, each
+a worker that claims the round's slots until none is left (``trials_per_task: 1`` keeps one
+trial per array task, :func:`hpcdl.hpo.trial.array_task_main`). The interpreter, the imports
+and the process group stay up across trials, so a pruned or finished trial hands its slot to the
+next one at once, without a scheduler round trip or a start-up.
+
+- A multi-node worker loops on every rank: rank 0 claims and broadcasts the slot (``None``, the
+  end of the loop, is broadcast too), and a new engine is built per trial over the same group.
+- One preemption flag serves all the worker's trials (installed first, so no signal is lost
+  between trials). A trial that checkpointed for a requeue ends the worker; Slurm brings the
+  same task back and :func:`hpcdl.hpo.trial.claim` gives it that trial first (same task id).
+- Each worker keeps a journal, ``workers/<task>.jsonl``: a ``start`` line per process start
+  and a ``trial`` line per trial (claim and end times). Its existence tells the lifecycle that
+  the task started; ``hpcdl bench hpo`` reads the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hpcdl.hpo.spec import SweepSpec
+from hpcdl.hpo.study import open_study
+from hpcdl.hpo.trial import (
+    FINISHED_SLOT,
+    SweepPaths,
+    _broadcast_slot,
+    _job_id,
+    _maybe_init_distributed,
+    _rank,
+    _world,
+    claim,
+    run_trial,
+)
+from hpcdl.util import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+def journal_dir(paths: SweepPaths) -> Path:
+    return paths.root / "workers"
+
+
+def journal(paths: SweepPaths, task: str | None = None) -> Path:
+    """The journal of task ``task`` (default: this one)."""
+    return journal_dir(paths) / f"{task or _job_id() or os.getpid()}.jsonl"
+
+
+def note(paths: SweepPaths, event: str, **fields: Any) -> None:
+    """One line in this task's journal (rank 0 only: one line per task, not per rank)."""
+    if _rank() != 0:
+        return
+    journal_dir(paths).mkdir(exist_ok=True)
+    line = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
+    with open(journal(paths), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_journals(paths: SweepPaths) -> dict[str, list[dict[str, Any]]]:
+    """``{task id: its journal lines}`` for every task of the sweep that started."""
+    folder = journal_dir(paths)
+    if not folder.is_dir():
+        return {}
+    return {
+        p.stem: [json.loads(line) for line in p.read_text().splitlines() if line]
+        for p in sorted(folder.glob("*.jsonl"))
+    }
+
+
+def started(paths: SweepPaths, task: str) -> bool:
+    """Whether Slurm task ``task`` ever ran a worker (its journal exists)."""
+    return journal(paths, task).is_file()
+
+
+def work(
+    paths: SweepPaths,
+    spec: SweepSpec,
+    study: optuna.Study,
+    slots: list[int] | None,
+    flag: Any = None,
+) -> list[str]:
+    """Claim and run the round's slots until none is left, the task is being stopped (``flag``)
+    or a trial checkpointed for a requeue; every rank loops. Returns what each trial ended as."""
+    done: list[str] = []
+    while True:
+        stop = _any_rank(bool(getattr(flag, "requested", False)))
+        mine = claim(paths, spec, study, None, among=slots) if _rank() == 0 and not stop else None
+        slot = _broadcast_slot(mine)
+        if slot is None:
+            return done
+        claimed = time.time()
+        slot = run_trial(paths, spec, study, slot, flag)
+        note(paths, "trial", slot=slot.slot, trial=slot.trial, state=slot.state,
+             claimed=claimed, ended=time.time(), attempts=slot.attempts)  # fmt: skip
+        done.append(f"{slot.trial}:{slot.state}")
+        if slot.state not in FINISHED_SLOT:  # checkpointed: Slurm requeues this task
+            return done
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when any rank's flag is set (one all-reduce in a process group)."""
+    if _world() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([int(flag)])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
+def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
+    """Entry point of one Slurm array task of a warm-worker round (every rank runs it)."""
+    from hpcdl.train.preempt import PreemptionFlag
+    from hpcdl.train.run import finish_distributed
+
+    flag = PreemptionFlag()  # first: a signal may come at any time
+    configure_logging()  # the task's stderr is its log
+    paths = SweepPaths(Path(sweep_dir))
+    spec = paths.load_spec()
+    _maybe_init_distributed(spec.collective_timeout_s)
+    log.info("sweep worker %s started (pid %d, rank %d)", _job_id(), os.getpid(), _rank())
+    note(paths, "start", restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
+    done = work(paths, spec, study, slots, flag)
+    finish_distributed()  # the ranks leave together
+    if _rank() == 0 and not getattr(flag, "requested", False):
+        _release_round(paths, spec, slots)
+    return f"ran {len(done)} trial(s): {', '.join(done) or 'none left'}"
+
+
+def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None:
+    """Every slot of the round finished: cancel the round's tasks still waiting in the queue.
+    A requeued worker (preemption, node failure) waits there for Slurm's requeue delay (about
+    two minutes) only to find nothing left, and the final job, ``afterany`` on the array,
+    would wait for it."""
+    from hpcdl.hpo.final import finished, log_event
+    from hpcdl.scheduler import get_scheduler
+    from hpcdl.site import load_site
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is None or not all(finished(paths, i) for i in slots):
+        return
+    try:
+        get_scheduler(load_site(spec.resources.site)).cancel_pending(array)
+    except Exception as exc:  # best effort: the tasks would find nothing to do anyway
+        log.warning("could not cancel the round's waiting tasks: %s", exc)
+        return
+    log_event(paths, "worker", f"every slot of the round finished: cancelled the waiting "
+              f"tasks of {array} (nothing left for them)")  # fmt: skip
+
+
+def array_task_main(sweep_dir: str, slots: list[int]) -> str:
+    """Entry point of one array task of a ``trials_per_task: 1`` round: slot
+    ``slots[HPCDL_ARRAY_TASK_ID]``."""
+    paths = SweepPaths(Path(sweep_dir))
+    spec = paths.load_spec()
+    slot_no = slots[int(os.environ["HPCDL_ARRAY_TASK_ID"])]
+    _maybe_init_distributed(spec.collective_timeout_s)
+    note(paths, "start", restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    study = open_study(spec, paths.root, worker=slot_no)
+    slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
+    if slot is None:
+        return f"slot {slot_no}: nothing to do"
+    claimed = time.time()
+    slot = run_trial(paths, spec, study, slot)
+    note(paths, "trial", slot=slot.slot, trial=slot.trial, state=slot.state,
+         claimed=claimed, ended=time.time(), attempts=slot.attempts)  # fmt: skip
+    return f"slot {slot_no}: trial {slot.trial} {slot.state} value={slot.value}"
+
+
+def local_worker_main(sweep_dir: str) -> str:
+    """One local worker process: claim free slots until none are left; the last worker to
+    finish runs the final retraining."""
+    from hpcdl.hpo.final import final_main, finished
+
+    paths = SweepPaths(Path(sweep_dir))
+    spec = paths.load_spec()
+    note(paths, "start")
+    study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
+    done = work(paths, spec, study, None)
+    with paths.lock():
+        complete = all(finished(paths, i) for i in range(spec.trials))
+        marker = paths.root / ".final-started"
+        run_final = spec.final and complete and not marker.exists()
+        if run_final:
+            marker.touch()
+    if run_final:
+        final_main(sweep_dir)
+    return f"ran {len(done)} trial(s)" + (" and the final retraining" if run_final else "")
