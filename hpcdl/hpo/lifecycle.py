@@ -236,7 +236,9 @@ class Lifecycle:
             return []
         last = rounds[-1]
         # A task cancelled while it was starting (imports, process group) ran: a fault to heal.
-        ran = tasks_that_ran([last.handle.job_id])
+        # Asked of sacct only when a task was cancelled: nothing else here needs it.
+        cancelled = any(t.state == "CANCELLED" for t in last.tasks.values())
+        ran = tasks_that_ran([last.handle.job_id]) if cancelled else set()
         if last.kind == "workers":
             return self._workers_stopped(last, ran)
         if last.tasks and all(t.state == "CANCELLED" for t in last.tasks.values()):  # whole array
