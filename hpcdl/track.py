@@ -8,6 +8,7 @@ goes on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -141,7 +142,7 @@ def _start_wandb(
     if not id_file.is_file():
         id_file.write_text(run_id or secrets.token_hex(8))
     try:
-        return wandb.init(
+        run = wandb.init(
             project=project,
             name=name,
             id=id_file.read_text().strip(),
@@ -151,10 +152,33 @@ def _start_wandb(
             config=config,
             group=group,
             tags=tags or None,
-            settings=wandb.Settings(silent=True, console="off", init_timeout=60),
+            # W&B lists the installed packages at every init (0.4 s of a 0.45 s start here);
+            # a sweep worker starts many runs in one environment, so the list is made once
+            settings=wandb.Settings(
+                silent=True, console="off", init_timeout=60, x_save_requirements=False
+            ),
         )
+        _save_requirements(run)
+        return run
     except Exception as exc:
         logger.warning(
             f"W&B unavailable ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl only"
         )
         return None
+
+
+@functools.cache
+def _requirements() -> str:
+    """``name==version`` of every installed distribution (what W&B itself would save)."""
+    from importlib.metadata import distributions
+
+    found = {(d.metadata["Name"] or "").strip(): d.version for d in distributions()}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(found.items()) if name)
+
+
+def _save_requirements(run: Any) -> None:
+    """``requirements.txt`` in the run's files, as W&B saves it (it syncs the folder)."""
+    try:
+        Path(run.dir, "requirements.txt").write_text(_requirements())
+    except Exception as exc:  # never fails training
+        logger.warning(f"could not save requirements.txt in the W&B run: {exc}")

@@ -165,6 +165,10 @@ def test_tracker_writes_offline_wandb_run(tmp_path):
     assert (tmp_path / "wandb_id").read_text() == run_id
     runs = [p.name for p in tmp_path.glob("wandb/offline-run-*") if p.is_dir()]
     assert runs and all(run_id in name for name in runs), runs
+    # W&B's own package list is off (0.4 s per start); hpcdl saves it once per process
+    saved = list(tmp_path.glob("wandb/offline-run-*/files/requirements.txt"))
+    assert len(saved) == 2 and saved[0].read_text() == saved[1].read_text()
+    assert f"torch=={torch.__version__}\n" in saved[0].read_text()
 
 
 def test_rewind_drops_rows_logged_after_the_checkpoint(tmp_path):
