@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, sacct_finished
+from conftest import release_requeued, run_cli, sacct_finished
 
 from hpcdl.hpo import Sweep, SweepSpec
 from hpcdl.hpo.lifecycle import final_main
@@ -100,6 +100,32 @@ def test_sweep_survives_a_killed_worker(devcluster, monkeypatch):
     assert sweep.best()["final"]["test_acc"] > 0.9
     _settled(sweep)
     _recorded_once(sweep, 12)
+
+
+def test_worker_signalled_with_nothing_to_checkpoint_is_requeued_for_the_rest(devcluster, monkeypatch):
+    """The time-limit signal reaches a warm worker whose trial cannot checkpoint (the toy
+    objective ends its trial anyway): the worker takes no new trial, requeues its task, and the
+    task comes back (same id) for the round's other slots; nothing runs twice."""
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "1")
+    sweep = Sweep(spec(name="between", trials=3, parallelism=1, final=False))
+    array, _follow = sweep.run()
+    task = array.job_id  # an array of one task is submitted as a plain job
+    _wait_for(lambda: (s := sweep.paths.read_slot(0)) is not None and s.epochs >= 1, 300,
+              "slot 0 starting", sweep)  # fmt: skip
+    subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=30)
+    deadline = time.monotonic() + 300
+    while not all(s.state == "complete" for s in sweep.slots()) or len(sweep.slots()) < 3:
+        assert time.monotonic() < deadline, sweep.status()
+        release_requeued(task)
+        time.sleep(1)
+    _settled(sweep)
+    lines = read_journals(sweep.paths)[task]
+    assert [ln["event"] for ln in lines] == ["start", "trial", "requeued", "start", "trial",
+                                             "trial"], lines  # fmt: skip
+    assert [ln["slot"] for ln in lines if ln["event"] == "trial"] == [0, 1, 2]
+    assert lines[2]["signal"] == "SIGUSR2" and lines[3]["restarts"] == 1
+    assert {s.job for s in sweep.slots()} == {task} and {s.attempts for s in sweep.slots()} == {1}
+    _recorded_once(sweep, 3)
 
 
 def test_task_cancelled_after_its_trial_finished_does_not_wedge_the_final(devcluster, monkeypatch):

@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers.train_setup import write_config, write_digits
+from conftest import release_requeued
+from helpers.train_setup import rows, write_config, write_digits
 
 from hpcdl.hpo import Sweep, SweepSpec
+from hpcdl.hpo.worker import read_journals
 
 WANDB = str(Path(sys.executable).parent / "wandb")
 
@@ -41,11 +44,16 @@ def sweep_spec(tmp_path: Path, digits: Path, **changes) -> SweepSpec:
 
 
 def wandb_run(run_dir: Path) -> dict:
-    (offline,) = (run_dir / "wandb").glob("offline-run-*")
-    proc = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(offline)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """The run's W&B record as ``wandb leet`` reads it back: one offline folder per process
+    that ran it (a requeued trial has two), all with the run's id; the last one is returned."""
+    parts = []
+    for offline in sorted((run_dir / "wandb").glob("offline-run-*")):
+        proc = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(offline)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        parts.append(json.loads(proc.stdout))
+    assert parts and len({p["run_id"] for p in parts}) == 1, [p["run_id"] for p in parts]
+    return parts[-1]
 
 
 def _dotted(config: dict, key: str):
@@ -89,10 +97,31 @@ def test_digits_sweep_on_the_local_profile(tmp_path, digits):
 
 @pytest.mark.slurm
 def test_digits_sweep_on_the_cluster_then_final_job(devcluster, tmp_path, digits):
+    """Three warm workers train the trials; worker 0 gets the time-limit signal (USR2) in the
+    middle of its first trial: the trial checkpoints, the task is requeued, comes back, resumes
+    that trial first (same attempt, same W&B run) and goes on; then the final job runs."""
     sweep = Sweep(sweep_spec(tmp_path, digits, name="digits-slurm", parallelism=3,
                              resources={"site": devcluster, "time": "20m", "tasks_per_node": 1}))  # fmt: skip
     array, final, _follow = sweep.run()
-    sweep.wait(timeout=1200)
+    worker = f"{array.job_id}_0"
+    hit = _signal_mid_trial(sweep, worker, deadline=time.monotonic() + 300)
+    deadline = time.monotonic() + 900
+    while not (sweep.paths.final / "result.json").is_file():  # the requeued worker starts soon
+        assert time.monotonic() < deadline, f"no final result: {sweep.status()}"
+        release_requeued(worker)
+        time.sleep(1)
+    sweep.wait(timeout=120)
+    slot = sweep.paths.read_slot(hit)
+    assert slot is not None and slot.job == worker and slot.attempts == 1, slot
+    assert slot.state in ("complete", "pruned"), slot
+    events = [r for r in rows(sweep.paths.trial_dir(slot), "event")
+              if r["event"] in ("start", "preempted", "resume")]  # fmt: skip
+    assert [e["event"] for e in events] == ["start", "preempted", "resume"], events
+    assert events[2]["step"] == events[1]["step"] > 0 and events[2]["restarts"] == 1
+    starts = [ln for ln in read_journals(sweep.paths)[worker] if ln["event"] == "start"]
+    assert [ln["restarts"] for ln in starts] == [0, 1], starts
+    assert sorted(s.trial for s in sweep.slots()) == list(range(6))
+    assert {s.state for s in sweep.slots()} <= {"complete", "pruned"}
     check_wandb_runs(sweep)
     result = json.loads((sweep.paths.final / "result.json").read_text())
     assert result["test_acc"] >= 0.9
@@ -106,6 +135,20 @@ def test_digits_sweep_on_the_cluster_then_final_job(devcluster, tmp_path, digits
     assert yaml.safe_load((sweep.paths.final / "config.yaml").read_text())["data"][
         "train"
     ].endswith("trainval")
+
+
+def _signal_mid_trial(sweep: Sweep, task: str, deadline: float) -> int:
+    """USR2 to ``task`` once its trial has logged an epoch (it has more to go); its slot."""
+    while time.monotonic() < deadline:
+        for slot in sweep.slots():
+            if slot.job != task or slot.state != "running":
+                continue
+            metrics = sweep.paths.trial_dir(slot) / "metrics.jsonl"
+            if metrics.is_file() and '"kind": "epoch"' in metrics.read_text():
+                subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=30)
+                return slot.slot
+        time.sleep(0.2)
+    raise AssertionError(f"no trial of {task} logged an epoch: {sweep.status()}")
 
 
 def test_bench_hpo_compares_asha_with_random(tmp_path, digits):

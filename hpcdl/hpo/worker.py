@@ -131,9 +131,38 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = work(paths, spec, study, slots, flag)
     finish_distributed()  # the ranks leave together
-    if _rank() == 0 and not getattr(flag, "requested", False):
+    stopped = bool(getattr(flag, "requested", False))
+    if _rank() == 0 and not stopped:
         _release_round(paths, spec, slots)
+    elif _rank() == 0 and not (done and done[-1].endswith(":running")):
+        _requeue_between_trials(paths, slots, flag)
     return f"ran {len(done)} trial(s): {', '.join(done) or 'none left'}"
+
+
+def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: Any) -> None:
+    """The worker was stopped with no trial to checkpoint (the signal fell between two trials,
+    or during one that ended anyway): while the round has slots left, requeue the task so it
+    comes back for them, as it would after a trial's checkpoint. A cancelled task stays
+    cancelled; a task Slurm requeued itself (preemption, node failure) is left as it is."""
+    from hpcdl.hpo.final import finished
+    from hpcdl.scheduler import SlurmScheduler
+    from hpcdl.train import preempt
+
+    target = preempt.requeue_target()
+    if target is None or all(finished(paths, i) for i in slots):
+        return
+    sig = preempt.received_signal(flag)
+    if sig != preempt.preemption_signal().name and preempt.cancelled(target):
+        return
+    if preempt.requeued_by_slurm(target):
+        return
+    try:
+        SlurmScheduler().requeue(target)
+    except Exception as exc:  # the follow-up job or 'sweep resume' runs the slots instead
+        log.warning("stopped by %s between trials; could not requeue %s: %s", sig, target, exc)
+        return
+    note(paths, "requeued", signal=sig)
+    log.info("stopped by %s between trials: requeued %s for the round's slots left", sig, target)
 
 
 def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None:
