@@ -102,7 +102,9 @@ def test_sweep_survives_a_killed_worker(devcluster, monkeypatch):
     _recorded_once(sweep, 12)
 
 
-def test_worker_signalled_with_nothing_to_checkpoint_is_requeued_for_the_rest(devcluster, monkeypatch):
+def test_worker_signalled_with_nothing_to_checkpoint_is_requeued_for_the_rest(
+    devcluster, monkeypatch
+):
     """The time-limit signal reaches a warm worker whose trial cannot checkpoint (the toy
     objective ends its trial anyway): the worker takes no new trial, requeues its task, and the
     task comes back (same id) for the round's other slots; nothing runs twice."""
