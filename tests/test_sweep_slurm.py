@@ -272,6 +272,9 @@ def test_warm_workers_run_several_trials_per_process_and_prune(devcluster, monke
                        space={"x": {"type": "uniform", "low": 0.0, "high": 1.0},
                               "epochs": {"type": "choice", "values": [6]}}))  # fmt: skip
     array, _follow = sweep.run()
+    proc = run_cli("sweep", "throttle", "pruning", "3")  # a worker array is as wide as it gets
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "runs warm workers (2 at once, each until no trial is left)" in proc.stderr
     sweep.wait(timeout=600)
     _settled(sweep)
     slots = sweep.slots()
