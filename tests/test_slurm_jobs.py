@@ -71,6 +71,10 @@ def test_failed_parent_never_starts_child(devcluster):
     reason = subprocess.run(["squeue", "-h", "-j", child.job_id, "-o", "%T|%r"],
                             capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
     assert reason == "PENDING|DependencyNeverSatisfied"
+    for args in (["status", "--last", "3"], ["status", child.job_id]):  # hpcdl says why too
+        out = run_cli(*args, env={"COLUMNS": "200"}).stdout
+        row = next(line for line in out.splitlines() if child.job_id in line and "│" in line)
+        assert "PENDING" in row and "DependencyNeverSatisfied" in row, out
     child.cancel()
     assert child.wait(timeout=60) == "CANCELLED"
     assert sacct(child.job_id)[0]["start"] in {"None", "Unknown"}
