@@ -145,21 +145,18 @@ def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: Any) -> N
     comes back for them, as it would after a trial's checkpoint. A cancelled task stays
     cancelled; a task Slurm requeued itself (preemption, node failure) is left as it is."""
     from hpcdl.hpo.final import finished
-    from hpcdl.scheduler import SlurmScheduler
     from hpcdl.train import preempt
 
     target = preempt.requeue_target()
     if target is None or all(finished(paths, i) for i in slots):
         return
     sig = preempt.received_signal(flag)
-    if sig != preempt.preemption_signal().name and preempt.cancelled(target):
-        return
-    if preempt.requeued_by_slurm(target):
-        return
     try:
-        SlurmScheduler().requeue(target)
+        outcome = preempt.requeue_job(target, sig)
     except Exception as exc:  # the follow-up job or 'sweep resume' runs the slots instead
         log.warning("stopped by %s between trials; could not requeue %s: %s", sig, target, exc)
+        return
+    if outcome != "requeued":
         return
     note(paths, "requeued", signal=sig)
     log.info("stopped by %s between trials: requeued %s for the round's slots left", sig, target)

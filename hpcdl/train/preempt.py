@@ -189,6 +189,24 @@ def requeued_by_slurm(target: str) -> bool:
         return False
 
 
+def requeue_job(target: str, sig: str) -> str:
+    """Put Slurm job ``target``, stopped by ``sig``, back in the queue (one process per job
+    calls this): ``"requeued"``; ``"cancelled"`` when scancel stopped it (scancel sends SIGTERM
+    too: such a job must not come back); ``"already"`` when Slurm requeued it itself (a node
+    failure). Raises :class:`HpcdlError` when the requeue fails otherwise."""
+    from hpcdl.scheduler import SlurmScheduler  # the target is a Slurm job (SLURM_JOB_ID)
+
+    if sig != preemption_signal().name and cancelled(target):
+        return "cancelled"
+    try:
+        SlurmScheduler().requeue(target)
+    except HpcdlError as exc:
+        if "pending execution" not in str(exc) and not requeued_by_slurm(target):
+            raise
+        return "already"
+    return "requeued"
+
+
 def after_checkpoint(
     step: int, tag: str, run_dir: str, max_requeues: int, rank: int, sig: str | None = None
 ) -> str:
@@ -206,16 +224,13 @@ def after_checkpoint(
             f"exhausted: not requeued; {resume}"
         )
     if rank == 0:
-        from hpcdl.scheduler import SlurmScheduler  # the target is a Slurm job (SLURM_JOB_ID)
-
-        if sig != preemption_signal().name and cancelled(target):  # only rank 0 asks Slurm
-            raise HpcdlError(f"job {target} was cancelled ({sig} at step {step}): not requeued")
         try:
-            SlurmScheduler().requeue(target)
+            outcome = requeue_job(target, sig)
         except HpcdlError as exc:
-            if "pending execution" not in str(exc) and not requeued_by_slurm(target):
-                raise HpcdlError(f"{exc}; {resume}") from None
-            # A node of the job failed: Slurm requeued it itself (and sent the SIGTERM).
+            raise HpcdlError(f"{exc}; {resume}") from None
+        if outcome == "cancelled":
+            raise HpcdlError(f"job {target} was cancelled ({sig} at step {step}): not requeued")
+        if outcome == "already":  # a node of the job failed: Slurm requeued it (and sent TERM)
             print(
                 f"hpcdl: job {target} was already requeued by Slurm after step {step}", flush=True
             )
