@@ -109,8 +109,11 @@ def release_requeued(job_id: str, *extra: str) -> bool:
         wait = float("inf")
     if wait < 10:
         return False
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3", *extra],
-                   check=True, timeout=30)  # fmt: skip
+    proc = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3", *extra],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    if "no longer pending" in proc.stderr:  # it started between squeue and scontrol
+        return False
+    assert proc.returncode == 0, f"scontrol update {job_id}: {proc.stderr}"
     return True
 
 

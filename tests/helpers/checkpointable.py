@@ -3,24 +3,28 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
+from submitit.core.utils import DelayedSubmission
 from submitit.helpers import Checkpointable
-
-HELD = {signal.SIGTERM, signal.SIGUSR2}  # the devcluster's preemption and time-limit signals
 
 
 class Counter(Checkpointable):
     """Counts to ``steps``, one JSON line per step in ``out`` (with the run it was made in:
-    ``SLURM_RESTART_COUNT``); its state is ``done``, which ``checkpoint()`` carries over. A step
-    is written and counted with the preemption signals held, so a checkpoint never falls
-    between the two (as ``checkpoint()`` must only read whole state). A requeued run steps
-    every ``requeued_delay_s`` (default ``delay_s``): tests need the first run long, the rest
-    short."""
+    ``SLURM_RESTART_COUNT``); its state is ``done``, which ``checkpoint()`` carries over. A
+    requeued run steps every ``requeued_delay_s`` (default ``delay_s``): tests need the first
+    run long, the rest short.
+
+    A step is done once its line is in ``out``, and ``checkpoint()`` reads the count from there
+    (and marks where it was taken with a ``checkpoint`` line). Python runs a signal handler
+    between any two bytecodes of the main thread, so the handler may come between a step's line
+    and ``done += 1``; masking the signal in the main thread does not hold it off, since the
+    kernel hands a process's signal to any thread that does not mask it (numpy's OpenBLAS pool).
+    """
 
     def __init__(
         self, out: str, steps: int, delay_s: float, requeued_delay_s: float | None = None
@@ -30,8 +34,13 @@ class Counter(Checkpointable):
         self.done = 0
 
     def _write(self, **record: object) -> None:
-        with open(self.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # one write(2) of the whole line: a handler that stops the task (submitit's SystemExit
+        # on USR2) leaves a step's line written or not, never buffered for a later flush
+        fd = os.open(self.out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def __call__(self) -> int:
         run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -39,14 +48,18 @@ class Counter(Checkpointable):
         self._write(event="start", run=run, done=self.done)
         while self.done < self.steps:
             time.sleep(delay)
-            signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
-            try:
-                self._write(event="step", run=run, step=self.done + 1, t=time.time())
-                self.done += 1
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+            self._write(event="step", run=run, step=self.done + 1, t=time.time())
+            self.done += 1
         self._write(event="end", run=run, done=self.done)
         return self.done
+
+    def checkpoint(self, *args: object, **kwargs: object) -> DelayedSubmission:
+        text = Path(self.out).read_text() if Path(self.out).exists() else ""
+        written = [r["step"] for r in map(json.loads, text.splitlines()) if r["event"] == "step"]
+        state = copy.copy(self)  # the running count goes on if no SIGKILL follows
+        state.done = max(written, default=self.done)
+        self._write(event="checkpoint", done=state.done)
+        return DelayedSubmission(state, *args, **kwargs)
 
 
 class NoResume(Counter):
