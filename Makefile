@@ -57,9 +57,8 @@ lint: install
 	$(BIN)/ruff format --check hpcdl tests docs/hooks
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 
-# The cluster tests and the others run side by side (tests/run_all.sh): the first mostly wait on Slurm.
 test: install cluster image lint lock-check docs wheel-check  ## everything: install, start the cluster, all tests
-	BIN=$(BIN) tests/run_all.sh
+	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25
 
 test-quick: install  ## the tests that need no cluster (nor the container image)
 	$(BIN)/pytest -q -m "not slurm"
