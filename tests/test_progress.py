@@ -127,3 +127,22 @@ def test_sync_bar_counts_runs(tmp_path: Path, capsys, monkeypatch) -> None:
     out, err = _run(["sync", "s"], capsys, tmp_path)
     assert out == plain_out
     assert "syncing W&B runs" in err and "3/3" in err
+
+
+def test_long_work_off_a_terminal_prints_a_plain_line_now_and_then(capsys, monkeypatch):
+    from hpcdl.cli.progress import OFF_ENV, bar
+
+    with bar("searching", lines_every_s=3600) as update:  # capsys: stderr is no terminal
+        assert update is not None
+        for done in (0, 1, 2, 3, 4):
+            update(done, 4)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" after ")[0] for line in err] == [
+        "hpcdl: searching: 1/4",  # the first step done, then nothing for an hour, but the end
+        "hpcdl: searching: 4/4",
+    ]
+    with bar("quiet") as update:  # short work: nothing off a terminal, as before
+        assert update is None
+    monkeypatch.setenv(OFF_ENV, "1")
+    with bar("searching", lines_every_s=0) as update:
+        assert update is None

@@ -162,6 +162,8 @@ def test_bench_hpo_compares_asha_with_random(tmp_path, digits):
     assert "Hyperband / random, epochs to target: median" in proc.stdout
     assert "random to target" in proc.stdout and "hyperband in all" in proc.stdout
     assert "submission timing skipped" in proc.stdout
+    # off a terminal: no bar, but a plain line now and then (here: at the end) on stderr
+    assert "hpcdl: random, ASHA, Hyperband: 2 trials each, 1 seed(s): 3/3 after" in proc.stderr
 
 
 def test_bench_hpo_bad_budget(capsys):

@@ -324,7 +324,8 @@ def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str) -> No
 
     from hpcdl.hpo.bench import SEARCHES, pruning
 
-    with bar(f"random, ASHA, Hyperband: {trials} trials each, {seeds} seed(s)") as on_progress:
+    label = f"random, ASHA, Hyperband: {trials} trials each, {seeds} seed(s)"
+    with bar(label, lines_every_s=60) as on_progress:  # ~20 min for the defaults
         r = pruning(spec, trials, epochs, stamp, list(range(seeds)), on_progress=on_progress)
     table = Table(title=f"trial-epochs to reach random search's best (per seed), and in all "
                         f"({trials} trials, up to {epochs} epochs)")  # fmt: skip

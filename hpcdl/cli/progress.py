@@ -2,14 +2,17 @@
 
 Library code reports progress through an ``on_progress(done, total)`` callback and never
 prints; the commands turn it into a bar here. Off a terminal (logs, pipes, tests) nothing is
-drawn, so the output stays exactly what it was. ``HPCDL_NO_PROGRESS=1`` turns bars off on a
-terminal too; ``HPCDL_FORCE_PROGRESS=1`` draws them even off a terminal (for tests).
+drawn, so the output stays exactly what it was, except for work that runs for many minutes
+(``bar(..., lines_every_s=...)``): there a plain ``hpcdl: LABEL: DONE/TOTAL after ...`` line goes
+to stderr now and then, so a batch job's log shows that it moves. ``HPCDL_NO_PROGRESS=1`` turns
+bars and lines off; ``HPCDL_FORCE_PROGRESS=1`` draws bars even off a terminal (for tests).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +27,7 @@ def _console() -> Any:
     """The stderr console, or None when no bar should be drawn."""
     from rich.console import Console
 
-    if os.environ.get(OFF_ENV, "") not in ("", "0"):
+    if _off():
         return None
     forced = os.environ.get(FORCE_ENV, "") not in ("", "0")
     console = Console(stderr=True, force_terminal=True if forced else None)
@@ -44,13 +47,35 @@ def _progress(console: Any, columns: list[Any], transient: bool) -> Any:
     )
 
 
+def _off() -> bool:
+    return os.environ.get(OFF_ENV, "") not in ("", "0")
+
+
+def _lines(label: str, every_s: float) -> OnProgress:
+    """``on_progress`` that prints a plain line on stderr at most every ``every_s`` seconds,
+    and at the end."""
+    start, last = time.monotonic(), [-float("inf")]
+
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if (now - last[0] >= every_s and done) or (total and done >= total):
+            last[0] = now
+            print(f"hpcdl: {label}: {done}/{total} after {now - start:.0f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+    return update
+
+
 @contextmanager
-def bar(label: str, *, unit: str = "items") -> Iterator[OnProgress | None]:
-    """Yield an ``on_progress(done, total)`` that draws a bar (``unit`` "bytes" or "items"),
-    or None off a terminal, so the library skips the reporting altogether."""
+def bar(
+    label: str, *, unit: str = "items", lines_every_s: float | None = None
+) -> Iterator[OnProgress | None]:
+    """Yield an ``on_progress(done, total)`` that draws a bar (``unit`` "bytes" or "items").
+    Off a terminal: plain lines every ``lines_every_s`` seconds when given, else None, so the
+    library skips the reporting altogether."""
     console = _console()
     if console is None:
-        yield None
+        yield _lines(label, lines_every_s) if lines_every_s is not None and not _off() else None
         return
     from rich.progress import (
         BarColumn,
