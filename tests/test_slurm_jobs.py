@@ -171,7 +171,10 @@ def test_site_modules_load_with_lmod(devcluster, tmp_path, monkeypatch):
     assert got["env"] == {"HPCDL_DEMO_MODULE": "1.0", "LOADEDMODULES": "hpcdl-demo/1.0"}
 
 
-def test_submit_is_fast_and_a_1000_task_array_is_one_sbatch(devcluster, tmp_path):
+def test_a_submission_is_one_sbatch_even_for_a_1000_task_array(devcluster, tmp_path):
+    """One sbatch call per submission, whatever the array's size. How long a submission takes is
+    a benchmark's question, not a test's (a loaded CI machine would fail a time limit):
+    ``hpcdl bench hpo --site`` times the submission and status of a 1,000-trial sweep."""
     shim = tmp_path / "bin"
     shim.mkdir()
     log = tmp_path / "sbatch-calls.log"
@@ -179,14 +182,10 @@ def test_submit_is_fast_and_a_1000_task_array_is_one_sbatch(devcluster, tmp_path
     (shim / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real} "$@"\n')
     (shim / "sbatch").chmod(0o755)
     env = {"PATH": f"{shim}:{os.environ['PATH']}"}
-    start = time.monotonic()
     proc = run_cli("submit", "--site", devcluster, "--parsable", "--", "true", env=env)
-    single = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
-    start = time.monotonic()
     proc = run_cli("submit", "--site", devcluster, "--parsable", "--array", "1000", "--throttle", "4",
                    "--", "sleep", "30", env=env)  # fmt: skip
-    array = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
     try:
@@ -198,8 +197,6 @@ def test_submit_is_fast_and_a_1000_task_array_is_one_sbatch(devcluster, tmp_path
         assert states.count(f"{job_id}_") == 1000
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
-    print(f"submit: {single:.2f}s, 1000-task array: {array:.2f}s")
-    assert single < 2.0 and array < 2.0
 
 
 def test_sbatch_test_only_rejects_what_slurm_cannot_run(devcluster, tmp_path):
