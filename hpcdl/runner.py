@@ -41,8 +41,11 @@ class CommandFailed(RuntimeError):
 
 
 def master_port(job_id: str, array_task_id: str | None = None, restart: str | None = None) -> int:
-    """A port in 20000–59999 derived from the job (and array task), so that two jobs or two array
-    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it. A requeued job
+    """A port in 20000–32767 derived from the job (and array task), so that two jobs or two array
+    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it. Below Linux's
+    ephemeral range (32768–60999 by default), where the kernel picks the local port of every
+    outgoing connection: a derived port in it was once taken by one, and a requeued job's rank 0
+    failed with EADDRINUSE (it was 20000–59999). A requeued job
     (``restart``: ``SLURM_RESTART_COUNT``) gets another port: Slurm may restart it on the same
     nodes seconds after a node failure, while a process of the previous run still holds the old
     port, and the new ranks would rendezvous with it."""
@@ -51,7 +54,7 @@ def master_port(job_id: str, array_task_id: str | None = None, restart: str | No
     key = f"{job_id}:{array_task_id or ''}" + (
         f":{restart}" if restart not in (None, "", "0") else ""
     )
-    return 20000 + zlib.crc32(key.encode()) % 40000
+    return 20000 + zlib.crc32(key.encode()) % 12768
 
 
 def tasks_per_node(spec: str) -> list[int]:
