@@ -100,8 +100,12 @@ def test_digits_sweep_on_the_cluster_then_final_job(devcluster, tmp_path, digits
     """Three warm workers train the trials; worker 0 gets the time-limit signal (USR2) in the
     middle of its first trial: the trial checkpoints, the task is requeued, comes back, resumes
     that trial first (same attempt, same W&B run) and goes on; then the final job runs."""
-    sweep = Sweep(sweep_spec(tmp_path, digits, name="digits-slurm", parallelism=3,
-                             resources={"site": devcluster, "time": "20m", "tasks_per_node": 1}))  # fmt: skip
+    spec = sweep_spec(tmp_path, digits, name="digits-slurm", parallelism=3,
+                      resources={"site": devcluster, "time": "20m", "tasks_per_node": 1})  # fmt: skip
+    # 10 ms per step: a pruned digits trial otherwise ends within a second of its start, and
+    # worker 0 may finish its trials before the test sees one running
+    slow = {"model.name": "tests.helpers.train_models:SlowMLP", "model.delay_s": 0.01}
+    sweep = Sweep(spec.model_copy(update={"overrides": {**spec.overrides, **slow}}))
     array, final, _follow = sweep.run()
     worker = f"{array.job_id}_0"
     hit = _signal_mid_trial(sweep, worker, deadline=time.monotonic() + 300)
@@ -138,17 +142,19 @@ def test_digits_sweep_on_the_cluster_then_final_job(devcluster, tmp_path, digits
 
 
 def _signal_mid_trial(sweep: Sweep, task: str, deadline: float) -> int:
-    """USR2 to ``task`` once its trial has logged an epoch (it has more to go); its slot."""
+    """USR2 to ``task`` once its trial has started training (set-up done: it checkpoints at the
+    next step); its slot."""
     while time.monotonic() < deadline:
         for slot in sweep.slots():
             if slot.job != task or slot.state != "running":
                 continue
             metrics = sweep.paths.trial_dir(slot) / "metrics.jsonl"
-            if metrics.is_file() and '"kind": "epoch"' in metrics.read_text():
+            # a string test, not json.loads: the last line may be half-written
+            if metrics.is_file() and '"event": "start"' in metrics.read_text():
                 subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=30)
                 return slot.slot
         time.sleep(0.2)
-    raise AssertionError(f"no trial of {task} logged an epoch: {sweep.status()}")
+    raise AssertionError(f"no trial of {task} started training: {sweep.status()}")
 
 
 def test_bench_hpo_compares_asha_with_random(tmp_path, digits):
