@@ -40,6 +40,10 @@ class CommandFailed(RuntimeError):
     """The job's command exited with a non-zero status."""
 
 
+# Derived master ports: from PORT_LOW up to Linux's default ephemeral range (ip_local_port_range).
+PORT_LOW, EPHEMERAL_LOW = 20000, 32768
+
+
 def master_port(job_id: str, array_task_id: str | None = None, restart: str | None = None) -> int:
     """A port in 20000–32767 derived from the job (and array task), so that two jobs or two array
     tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it. Below Linux's
@@ -54,7 +58,7 @@ def master_port(job_id: str, array_task_id: str | None = None, restart: str | No
     key = f"{job_id}:{array_task_id or ''}" + (
         f":{restart}" if restart not in (None, "", "0") else ""
     )
-    return 20000 + zlib.crc32(key.encode()) % 12768
+    return PORT_LOW + zlib.crc32(key.encode()) % (EPHEMERAL_LOW - PORT_LOW)
 
 
 def tasks_per_node(spec: str) -> list[int]:
