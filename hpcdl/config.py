@@ -14,9 +14,9 @@ from hpcdl.util import set_dotted
 
 M = TypeVar("M", bound=BaseModel)
 
-_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
-_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<u>s|m|min|h|d)$", re.IGNORECASE)
-_MEM_RE = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?$", re.IGNORECASE)
+_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})\Z")
+_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<u>s|m|min|h|d)\Z", re.IGNORECASE)
+_MEM_RE = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?\Z", re.IGNORECASE)
 
 
 def parse_time(value: str | int) -> int | None:

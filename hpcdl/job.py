@@ -26,6 +26,7 @@ from hpcdl.errors import ConfigError
 from hpcdl.runner import LAUNCHERS, Task, torchrun_argv
 from hpcdl.scheduler import JobHandle, get_scheduler, hostnames
 from hpcdl.scheduler.preemption import preempt_checkpoint
+from hpcdl.script_values import OneLine, SetupLine, SlurmName, chain_local_setup
 from hpcdl.site import SiteProfile, load_site
 from hpcdl.slurm_options import SbatchOptions, check_job_options
 from hpcdl.snapshot import Snapshot, stage
@@ -33,9 +34,9 @@ from hpcdl.snapshot import check as check_snapshot
 
 __all__ = ["Job", "JobHandle", "Resources", "slurm_job_name"]
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _DEPENDENCY = re.compile(
-    r"^(?:(?P<kind>after|afterok|afterany|afternotok|aftercorr):)?(?P<id>\d+(?:_\d+)?)$"
+    r"^(?:(?P<kind>after|afterok|afterany|afternotok|aftercorr):)?(?P<id>\d+(?:_\d+)?)\Z"
 )
 SUBMIT_PYTHON = sys.executable  # the interpreter that unpickles tasks (outside containers)
 
@@ -47,15 +48,15 @@ class Resources(SbatchOptions):
     model_config = ConfigDict(extra="forbid")
 
     site: str | None = None
-    partition: str | None = None
+    partition: SlurmName | None = None
     nodes: int = Field(default=1, ge=1)
     tasks_per_node: int | None = Field(default=None, ge=1)
     gpus_per_node: int = Field(default=0, ge=0)
     cpus_per_task: int = Field(default=1, ge=1)
     mem: Memory | None = None
     time: JobTime = "01:00:00"
-    account: str | None = None
-    qos: str | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
     snapshot: Snapshot | None = None  # the code tasks run (git, rsync, none); None: the site's
 
     @property
@@ -72,20 +73,20 @@ class Job(Resources):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    name: str = "hpcdl-job"
+    name: OneLine = "hpcdl-job"
     launcher: str = "srun"  # before command: command's validator reads it
     command: list[str] | None = None
     function: Callable[..., Any] | None = Field(default=None, exclude=True)
     args: tuple[Any, ...] = Field(default=(), exclude=True)
     kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True)
     env: dict[str, str] = Field(default_factory=dict)
-    setup: list[str] = Field(default_factory=list)
-    container: str | None = None
+    setup: list[SetupLine] = Field(default_factory=list)
+    container: OneLine | None = None
     dependencies: list[str] = Field(default_factory=list)
     array: int | None = Field(default=None, ge=1, le=1_000_000)
     throttle: int | None = Field(default=None, ge=1)
     requeue: bool = False
-    cwd: str | None = None
+    cwd: OneLine | None = None
 
     @field_validator("launcher")
     @classmethod
@@ -299,7 +300,7 @@ class Job(Resources):
             "timeout_min": parse_time(self.time),
             "tasks_per_node": self.launched_tasks_per_node,
             "gpus_per_node": self.gpus_per_node,
-            "setup": [ln for ln in self.setup_lines(site) if not ln.startswith("#")],  # && chain
+            "setup": chain_local_setup(self.setup_lines(site)),  # submitit joins them with &&
             "signal_delay_s": site.preemption.delay_s,
         }
 

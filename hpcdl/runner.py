@@ -33,7 +33,7 @@ TORCH_VARS = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
-_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?\Z")
 
 
 class CommandFailed(RuntimeError):

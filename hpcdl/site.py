@@ -21,10 +21,11 @@ from hpcdl.config import (
 )
 from hpcdl.containers import Container  # the `container` section (runtimes, binds)
 from hpcdl.errors import ConfigError
+from hpcdl.script_values import OneLine, SetupLine, SlurmName, check_one_line
 from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
 from hpcdl.snapshot import Snapshot  # jobs' default code snapshot (git, rsync, none)
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _env_names(v: dict[str, str]) -> dict[str, str]:
@@ -36,7 +37,7 @@ def _env_names(v: dict[str, str]) -> dict[str, str]:
 
 # Environment variables a profile sets: names a shell accepts, values as strings.
 EnvVars = Annotated[dict[str, str], AfterValidator(_env_names)]
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+\Z")
 PACKAGE_SITE_DIR = Path(__file__).resolve().parent / "sites"  # shipped in the wheel
 SYSTEM_SITE_DIR = Path("/etc/hpcdl/sites")
 
@@ -117,18 +118,18 @@ class SiteProfile(_Strict):
     scheduler: Literal["slurm", "local"]
     description: str = ""
     partitions: list[Partition] = []
-    accounts: list[str] = []
-    default_account: str | None = None
-    qos: list[str] = []
-    default_qos: str | None = None
-    module_init: str | None = None
-    module_paths: list[str] = []
-    modules: list[str] = []
-    setup: list[str] = []
+    accounts: list[SlurmName] = []
+    default_account: SlurmName | None = None
+    qos: list[SlurmName] = []
+    default_qos: SlurmName | None = None
+    module_init: OneLine | None = None
+    module_paths: list[OneLine] = []
+    modules: list[OneLine] = []
+    setup: list[SetupLine] = []
     env: EnvVars = {}
     secrets: list[str] = []
     container: Container = Container()
-    job_root: str = "~/.hpcdl/jobs"
+    job_root: OneLine = "~/.hpcdl/jobs"  # job folders' paths are written into the script
     scratch: str | None = None
     preemption: Preemption = Preemption()
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -194,7 +195,12 @@ class SiteProfile(_Strict):
     def job_root_path(self) -> Path:
         """Where job folders and the registry live (``$HPCDL_JOB_ROOT`` overrides the profile)."""
         root = os.environ.get("HPCDL_JOB_ROOT") or self.job_root
-        return Path(os.path.expandvars(os.path.expanduser(root)))
+        path = os.path.expandvars(os.path.expanduser(root))
+        try:  # a job folder's path is written into the batch script (--output, --error)
+            check_one_line(path)
+        except ValueError as exc:
+            raise ConfigError("HPCDL_JOB_ROOT or job_root", "", str(exc)) from None
+        return Path(path)
 
     @property
     def scratch_path(self) -> str | None:

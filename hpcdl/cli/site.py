@@ -45,22 +45,27 @@ def _complete_site(ctx: click.Context, param: click.Parameter, incomplete: str) 
 def show(name: str) -> None:
     """Print a profile: partitions and their limits, accounts, modules, environment."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from hpcdl.site import load_site
 
     profile = load_site(name)
     console = Console()
-    console.print(f"[bold]{profile.name}[/bold] ({profile.scheduler}) {profile.description}")
+    # profile values are plain text to rich, never markup ('[/x]' in a description)
+    console.print(
+        f"[bold]{escape(profile.name)}[/bold] ({profile.scheduler}) {escape(profile.description)}"
+    )
     if profile.partitions:
         table = Table(title="partitions (* = default)")
         for col in ("name", "max time", "max nodes", "cpus/node", "mem/node", "gpus/node"):
             table.add_column(col)
         for row in profile.summary_rows():
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         console.print(table)
         for line in _partition_rules(profile):
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)
     facts = {
         "accounts": ", ".join(profile.accounts) or "-",
         "qos": ", ".join(profile.qos) or "-",
@@ -75,7 +80,7 @@ def show(name: str) -> None:
         "wandb": profile.wandb_mode,
     }
     for key, value in facts.items():
-        console.print(f"  {key}: {value}")
+        console.print(f"  {key}: {value}", markup=False)
 
 
 def _partition_rules(profile: Any) -> list[str]:

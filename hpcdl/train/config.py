@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcdl.config import apply_overrides, read_yaml, validate
 from hpcdl.job import Resources
+from hpcdl.script_values import SetupLine
 
 
 class _Strict(BaseModel):
@@ -101,7 +102,7 @@ class JobConfig(Resources):
     """Where and how the job runs (see ``hpcdl.Job``); ``max_requeues`` bounds preemptions."""
 
     env: dict[str, str] = Field(default_factory=dict)
-    setup: list[str] = Field(default_factory=list)
+    setup: list[SetupLine] = Field(default_factory=list)
     max_requeues: int = Field(default=3, ge=0)
 
     @property
