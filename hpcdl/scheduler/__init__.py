@@ -24,6 +24,7 @@ from hpcdl.scheduler.base import (
     job_statuses,
     log_tail,
 )
+from hpcdl.scheduler.core import setup_lines
 from hpcdl.scheduler.live import import_site as _draft_profile
 from hpcdl.scheduler.local import LocalScheduler
 from hpcdl.scheduler.registry import (
@@ -61,6 +62,7 @@ __all__ = [
     "log_tail",
     "record",
     "registry_roots",
+    "setup_lines",
     "summarize",
 ]
 

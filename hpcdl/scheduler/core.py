@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hpcdl import containers
 from hpcdl.errors import HpcdlError
 from hpcdl.scheduler.arrays import ArrayPart, PartPlan, plan_parts
 from hpcdl.scheduler.base import JobHandle, Request, Scheduler
@@ -105,6 +106,16 @@ class SubmititScheduler(Scheduler):
 
     def _local_ids(self, jobs: list[Any]) -> list[str]:
         return []
+
+
+def setup_lines(request: Request, site: SiteProfile) -> list[str]:
+    """Shell lines run before the tasks start, in both back ends: the site's modules, setup and
+    environment presets, the container runtime's, submitit's preemption signal, then the job's."""
+    lines = site.module_lines() + list(site.setup) + site.env_lines()
+    lines += containers.setup_lines(site.container)
+    if site.preemption.signal != "USR2":
+        lines.append(f"export SUBMITIT_PREEMPT_SIGNAL={site.preemption.signal}")
+    return lines + list(request.setup)
 
 
 def new_job_folder(site: SiteProfile, name: str) -> Path:

@@ -9,10 +9,12 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from hpcdl.config import parse_time
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
-from hpcdl.scheduler.core import SubmititScheduler, folder_state, task_log_paths
+from hpcdl.scheduler.core import SubmititScheduler, folder_state, setup_lines, task_log_paths
 from hpcdl.scheduler.live import LivePartition
+from hpcdl.script_values import chain_local_setup
 
 
 class LocalScheduler(SubmititScheduler):
@@ -48,8 +50,19 @@ class LocalScheduler(SubmititScheduler):
         import submitit
 
         ex = submitit.LocalExecutor(folder=folder, python=request.interpreter(self.site))
-        ex.update_parameters(**request.local_parameters(self.site))
+        ex.update_parameters(**self.executor_parameters(request))
         return ex
+
+    def executor_parameters(self, request: Request) -> dict[str, Any]:
+        """The submitit LocalExecutor parameters for ``request``."""
+        site = self.site
+        return {
+            "timeout_min": parse_time(request.time),
+            "tasks_per_node": request.launched_tasks_per_node,
+            "gpus_per_node": request.gpus_per_node,
+            "setup": chain_local_setup(setup_lines(request, site)),  # submitit joins them: &&
+            "signal_delay_s": site.preemption.delay_s,
+        }
 
     def _job_id(self, jobs: list[Any]) -> str:
         return str(jobs[0].job_id)  # the controller's pid: the handle's id on this machine

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.scheduler._sbatch import check_partition, slurm_parameters
 from hpcdl.scheduler.arrays import (
     ArrayPart,
     PartPlan,
@@ -75,7 +76,7 @@ class SlurmScheduler(SubmititScheduler):
 
     # -- requests --------------------------------------------------------------------------------
     def check(self, request: Request, where: str) -> None:
-        request.check_partition(self.site, where)
+        check_partition(request, self.site, where)
 
     def render(self, request: Request, folder: Path | None = None) -> str:
         from submitit.slurm.slurm import _make_sbatch_string
@@ -94,10 +95,14 @@ class SlurmScheduler(SubmititScheduler):
         notes = describe(plans, request.array or 0, site.max_array_size)
         return "\n".join([head, *notes, rest]) if notes else script
 
+    def sbatch_parameters(self, request: Request) -> dict[str, Any]:
+        """The submitit SlurmExecutor parameters ``request`` becomes on this site."""
+        return self._parameters(request)
+
     def _parameters(self, request: Request) -> dict[str, Any]:
         """The request's sbatch parameters, its dependencies on split arrays expanded to every
         part (from the registry: ``afterany:FIRST`` waits for all of them)."""
-        params = request.slurm_parameters(self.site)
+        params = slurm_parameters(request, self.site)
         if params.get("dependency"):
             split = {h.job_id: h.parts for h in load_handles() if h.parts}
             params["dependency"] = expand_dependency(params["dependency"], split)
