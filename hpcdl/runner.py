@@ -335,7 +335,7 @@ class Task:
     def _checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Delegate (to ``__submitit_checkpoint__`` first, as submitit does) and wrap the returned
         ``DelayedSubmission`` again, so the requeued task keeps this task's environment."""
-        fn = self.function
+        fn: Any = self.function  # a Checkpointable: this method is bound only for those
         hook = getattr(fn, "__submitit_checkpoint__", None) or fn.checkpoint
         delayed = hook(*self.args, **self.kwargs)  # submitit passes this task's (empty) args
         if delayed is None:

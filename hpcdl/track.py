@@ -148,7 +148,7 @@ def _start_wandb(
             id=id_file.read_text().strip(),
             resume="allow",
             dir=str(run_dir),
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # a site profile Literal, checked there
             config=config,
             group=group,
             tags=tags or None,

@@ -101,8 +101,8 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
             pairs = dict(_split_pair(v, "--env") for v in value)
             data["env"] = {**(data.get("env") or {}), **pairs}
         elif key == "sbatch":
-            pairs = dict(_sbatch_pair(v) for v in value)
-            data["sbatch"] = {**(data.get("sbatch") or {}), **pairs}
+            flags: dict[str, str | bool] = dict(_sbatch_pair(v) for v in value)
+            data["sbatch"] = {**(data.get("sbatch") or {}), **flags}
         elif key in {"setup", "dependencies"}:
             data[key] = [*(data.get(key) or []), *value]
         else:

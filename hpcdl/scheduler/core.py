@@ -57,8 +57,10 @@ class SubmititScheduler(Scheduler):
             shutil.rmtree(folder, ignore_errors=True)
             raise HpcdlError(f"submission failed: {first_error_line(exc)}") from None
         job_id = self._job_id(first)
-        script = folder / f"{job_id}_submission.sh"  # a split array's: its first part's
-        script = script if script.is_file() else next(iter(folder.glob("*_submission.sh")), None)
+        first_script = folder / f"{job_id}_submission.sh"  # a split array's: its first part's
+        script = (
+            first_script if first_script.is_file() else next(folder.glob("*_submission.sh"), None)
+        )
         handle = JobHandle(
             job_id=job_id,
             name=request.name,

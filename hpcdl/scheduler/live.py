@@ -5,6 +5,7 @@ output, compared with a site profile and drafted into one (pure functions;
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -117,7 +118,7 @@ def import_site(
             entry.update(preempt_mode=lp.preempt_mode, grace_time_s=lp.grace_time_s)
         partitions.append(entry)
     graces = [lp.grace_time_s for lp in live.values() if lp.preempt_mode == "REQUEUE"]
-    data = {
+    data: dict[str, Any] = {
         "name": name,
         "scheduler": "slurm",
         "description": "Imported from the live cluster by 'hpcdl site import'; review before use.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,7 +147,7 @@ class TrainConfig(_Strict):
         return self.batch.size // (self.batch.micro * world_size)
 
 
-def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read the YAML, apply ``key=value`` overrides, validate (one ConfigError on the first problem)."""
     where = str(path)
     data = apply_overrides(read_yaml(Path(path)), list(overrides), where)
