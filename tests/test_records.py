@@ -147,6 +147,7 @@ READERS = {
     "submissions.jsonl (sweep status)": (submissions, ["100", "101", "102"]),
     "events.jsonl (sweep status)": (events, ["decision 0", "decision 1", "decision 2"]),
     "workers/TASK.jsonl (lifecycle, bench hpo)": (journals, [0, 1, 2]),
+    "registry.jsonl (status, clean)": (registry, ["100", "101", "102"]),
     "metrics.jsonl (rewind at resume)": (metrics_rewind, [1, 2]),
     "metrics.jsonl (bench hpo set-up time)": (metrics_bench, [2.5]),
     "read_jsonl": (plain, [0, 1, 2]),
