@@ -237,3 +237,53 @@ def test_sweep_status_with_a_torn_submissions_line(tmp_path, job_root):
     said = [line for line in status.stderr.splitlines() if "torn last line" in line]
     assert len(said) == 1 and str(subs) in said[0], status.stderr
     assert any(line.startswith("workers") for line in status.stdout.splitlines()), status.stdout
+
+
+# -- slot updates under the sweep's lock -----------------------------------------------------------
+def test_slot_updates_wait_for_the_lock_and_keep_a_decision_taken_there(tmp_path, monkeypatch):
+    """A running trial's progress update (``ctx.report``) waits while another process holds the
+    sweep's lock, and an attempt that another rank ended meanwhile (marked for retry, under the
+    lock) stays ended. Before the fix the update was written at once and overwrote the
+    decision with ``running``."""
+    import optuna
+
+    from hpcdl.hpo import trial as trial_module
+    from hpcdl.hpo.protocol import BaseObjective
+    from hpcdl.hpo.spec import SweepSpec
+    from hpcdl.hpo.study import storage
+
+    paths = _sweep_paths(tmp_path)
+    seen: dict[str, Any] = {}
+
+    class Contended(BaseObjective):
+        def run(self, params, ctx):
+            held = threading.Event()
+
+            def hold() -> None:
+                with paths.lock():  # another process (a rank aborting the attempt) decides
+                    held.set()
+                    time.sleep(1.0)
+                    now = paths.read_slot(0)
+                    paths.write_slot(now.model_copy(update={"state": "retry", "error": "rank 1"}))
+
+            thread = threading.Thread(target=hold)
+            thread.start()
+            held.wait(10)
+            started = time.monotonic()
+            ctx.report(1, 0.5)
+            seen["waited"] = time.monotonic() - started
+            thread.join()
+            seen["state"] = paths.read_slot(0).state
+            return 0.5
+
+    spec = SweepSpec.model_validate({
+        "name": "lock", "objective": "tests.helpers.objectives:curve", "trials": 1,
+        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}, "final": False,
+    })  # fmt: skip
+    study = optuna.create_study(study_name="lock", storage=storage(paths.root),
+                                direction="maximize")  # fmt: skip
+    slot = trial_module.claim(paths, spec, study, 0)
+    monkeypatch.setattr(trial_module, "resolve_objective", lambda spec: Contended())
+    trial_module.run_trial(paths, spec, study, slot)
+    assert seen["waited"] > 0.8, seen  # the update waited for the lock
+    assert seen["state"] == "retry", seen  # and did not undo the decision taken under it
