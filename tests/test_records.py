@@ -358,3 +358,103 @@ def test_preemption_pickle_survives_a_full_disk(tmp_path):
         again = DelayedSubmission.load(pkl)
         assert again.function() == 101_000 and again._timeout_countdown == 2
         assert sorted(p.name for p in disk.iterdir()) == ["77_submitted.pkl"]
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def make_run(tmp: Path, synth: Path, output: Path, name: str, **changes: Any) -> Path:
+    """A run folder (under ``output``) as ``hpcdl train`` leaves it for its ranks."""
+    from hpcdl.train.config import dump_config, load_train_config, with_absolute_data
+
+    base = dict(epochs=2, batch__size=32, log__every_steps=4, log__wandb=False,
+                checkpoint__every_steps=10)  # fmt: skip
+    config = write_config(tmp / f"{name}.yaml", synth, output, **{**base, **changes})
+    run_dir = output / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(with_absolute_data(load_train_config(config))))
+    return run_dir
+
+
+def train_run(run_dir: Path) -> dict[str, Any]:
+    from hpcdl.train.trainer import Trainer
+
+    flag = SimpleNamespace(requested=False)
+    return Trainer(run_dir, flag).run()
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """The library logger as a new process has it (the trainer configures it), then as it was."""
+    logger = logging.getLogger("hpcdl")
+    handlers, level = logger.handlers[:], logger.level
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def test_checkpoint_files_are_fsynced_before_their_manifest(world1, synth, tmp_path, monkeypatch):
+    """Every file a manifest names, and its folder, is fsynced before the manifest is written;
+    the manifest and ``latest`` are durable (their folder fsynced) too. Before the fix only the
+    manifest and ``latest`` themselves were."""
+    from hpcdl.train import checkpoint as ckpt
+
+    order: list[str] = []
+    real_fsync, real_write = os.fsync, ckpt.atomic_write_text
+
+    def fsync(fd: int) -> None:
+        order.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fsync(fd)
+
+    def write(path: Path, text: str, fsync: bool = False) -> Path:
+        order.append(f"write {path}")
+        return real_write(path, text, fsync=fsync)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(ckpt, "atomic_write_text", write)
+    run_dir = make_run(tmp_path, synth, tmp_path / "runs", "synced", epochs=1)
+    assert train_run(run_dir)["status"] == "completed"
+    root = run_dir / "checkpoints"
+    for tag in ("step00000010", "step00000015"):
+        manifest = json.loads((root / tag / ckpt.MANIFEST).read_text())
+        at = order.index(f"write {root / tag / ckpt.MANIFEST}")
+        before = order[:at]
+        for rel in manifest["files"]:
+            assert f"fsync {root / tag / rel}" in before, (tag, rel)
+        assert f"fsync {root / tag}" in before and f"fsync {root}" in before
+        after = order[at:]
+        assert after.index(f"fsync {root / tag}") < after.index(f"write {root / ckpt.LATEST}")
+        assert f"fsync {root}" in after[after.index(f"write {root / ckpt.LATEST}") :]
+
+
+def test_a_full_disk_during_a_checkpoint_loses_nothing(world1, synth, tmp_path):
+    """The run folder on a 512 kB file system: the checkpoint of step 10 fits, the one of step
+    20 does not (about 300 kB each). The save fails with an error naming the checkpoint that
+    stays the newest complete one; that one still verifies; with room again (the file system
+    grown, as after freeing space) the run resumes from it and ends exactly as an uninterrupted
+    run: every step's and epoch's metrics, and the weights."""
+    from hpcdl.train.checkpoint import verify_folder
+
+    reference = make_run(tmp_path, synth, tmp_path / "ref", "ref")
+    assert train_run(reference)["status"] == "completed"
+    with small_disk(tmp_path / "disk", "512k") as disk:
+        run_dir = make_run(tmp_path, synth, disk, "full")
+        with pytest.raises(HpcdlError) as failed:
+            train_run(run_dir)
+        root = run_dir / "checkpoints"
+        message = str(failed.value)
+        assert f"checkpoint {root / 'step00000020'} not saved" in message, message
+        assert re.search(r"; \d+ kB free on its file system\)", message), message
+        assert "the newest complete checkpoint is still step00000010" in message, message
+        assert (root / "latest").read_text() == "step00000010"
+        assert verify_folder(root / "step00000010")[1] is None
+        assert not (root / "step00000020/MANIFEST.json").exists()
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True, timeout=30)
+        result = train_run(run_dir)
+        resume = [r for r in rows(run_dir, "event") if r["event"] == "resume"]
+        assert [r["checkpoint"] for r in resume] == ["step00000010"]
+        assert history(run_dir) == history(reference)
+        assert same_weights(run_dir, reference)
+        ref = json.loads((reference / "result.json").read_text())
+        same = ("status", "step", "epochs", "val_loss", "val_acc")
+        assert [result[k] for k in same] == [ref[k] for k in same]
