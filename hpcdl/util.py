@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -130,3 +130,90 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ValueError(f"{'.'.join(keys[: i + 1])} is not a mapping")
         node = nxt
     node[keys[-1]] = value
+
+
+# -- records: JSON lines that survive a kill or a full disk --------------------------------------
+_warned: set[tuple[str, str]] = set()  # (file, what): each problem is said once per process
+
+
+def _warn_once(path: Path, what: str, message: str) -> None:
+    key = (str(path), what)
+    if key not in _warned:
+        _warned.add(key)
+        logging.getLogger(f"{LOGGER_NAME}.util").warning(message)
+
+
+def _json_object(line: bytes) -> Any:
+    row = json.loads(line)
+    if not isinstance(row, dict):  # every hpcdl record is an object; callers index into it
+        raise ValueError("not a JSON object")
+    return row
+
+
+def read_jsonl(path: str | Path, parse: Callable[[bytes], Any] = _json_object) -> list[Any]:
+    """The records of a JSON-lines file (``[]`` if it does not exist), each line through
+    ``parse`` (default: a JSON object). A line ``parse`` refuses is skipped with a warning, once
+    per process and file: a torn last line (no newline: its writer was killed or the disk
+    filled mid-line) or a bad line in the middle (a torn line that another append followed)
+    costs that record, never the file. Blank lines are skipped silently."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline, as every whole line does
+    rows, bad = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse(line))
+        except ValueError:  # json's, pydantic's ValidationError and UnicodeDecodeError are
+            bad.append(number)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (
+            f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        )
+        _warn_once(path, f"bad {bad}", f"{path}: skipped unreadable line(s) {shown} (cut short "
+                   "by a crash or a full disk, or not a record)")  # fmt: skip
+    if torn.strip():
+        try:
+            rows.append(parse(torn))  # whole, just without its newline
+        except ValueError:
+            _warn_once(path, f"torn {len(lines) + 1}", f"{path}: skipped a torn last line "
+                       f"(line {len(lines) + 1}, {len(torn)} bytes without a newline: its "
+                       "writer was stopped mid-line)")  # fmt: skip
+    return rows
+
+
+def append_jsonl(path: str | Path, row: Any) -> None:
+    """Append ``row`` as one JSON line, whole: one ``write`` of the line and its newline on an
+    ``O_APPEND`` descriptor, under an exclusive ``flock`` of the file, so lines of several
+    processes (on several nodes of a shared file system, where ``O_APPEND`` alone does not
+    serialize) never interleave. A torn last line left by a killed writer first gets its
+    newline, so it stays one bad line and never swallows this one."""
+    import fcntl
+
+    line = (json.dumps(row, default=str) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # read: the tail
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:  # a regular file takes it in one write; a short one is retried, not lost
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of folder ``path`` durable (a rename or a new file in it), as a file's
+    ``fsync`` makes its content durable: needed before a record names what the folder holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -34,6 +34,7 @@ from hpcdl.util import atomic_write_text
 
 SlotStateName = Literal["running", "retry", "complete", "pruned", "failed"]
 FINISHED_SLOT = frozenset({"complete", "pruned", "failed"})  # nothing left to run for the slot
+ENDED = FINISHED_SLOT | {"retry"}  # the attempt running the slot is over
 
 
 class Slot(BaseModel):
@@ -169,6 +170,20 @@ def claim(
         return slot
 
 
+def update_slot(paths: SweepPaths, new: Slot) -> bool:
+    """Write a running trial's slot under the sweep lock, as every other slot write is (a
+    claim, an aborted attempt, ``sweep resume``): a read-modify-write outside it could undo a
+    decision taken meanwhile. A progress update of an attempt that another process has already
+    ended (an aborting rank marked it for retry or failed, under the lock) is dropped: that
+    decision stands. Returns whether the slot was written."""
+    with paths.lock():
+        now = paths.read_slot(new.slot)
+        if now and now.state in ENDED and new.state == "running" and now.attempts == new.attempts:
+            return False
+        paths.write_slot(new)
+        return True
+
+
 def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
     # Only a Slurm job or task id survives a requeue (a local worker's id is not its task's).
     me = _job_id() if "SLURM_JOB_ID" in os.environ else None
@@ -205,7 +220,7 @@ def run_trial(
         if lead:
             if tell:
                 study.tell(new.trial, **tell)
-            paths.write_slot(new)
+            update_slot(paths, new)
         return new
 
     def report(epoch: int, value: float) -> None:

@@ -18,7 +18,6 @@ next one at once, without a scheduler round trip or a start-up.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from hpcdl.hpo.trial import (
     claim,
     run_trial,
 )
-from hpcdl.util import configure_logging, get_logger
+from hpcdl.util import append_jsonl, configure_logging, get_logger, read_jsonl
 
 log = get_logger(__name__)
 
@@ -59,8 +58,7 @@ def note(paths: SweepPaths, event: str, **fields: Any) -> None:
         return
     journal_dir(paths).mkdir(exist_ok=True)
     line = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
-    with open(journal(paths), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_jsonl(journal(paths), line)
 
 
 def read_journals(paths: SweepPaths) -> dict[str, list[dict[str, Any]]]:
@@ -68,10 +66,7 @@ def read_journals(paths: SweepPaths) -> dict[str, list[dict[str, Any]]]:
     folder = journal_dir(paths)
     if not folder.is_dir():
         return {}
-    return {
-        p.stem: [json.loads(line) for line in p.read_text().splitlines() if line]
-        for p in sorted(folder.glob("*.jsonl"))
-    }
+    return {p.stem: read_jsonl(p) for p in sorted(folder.glob("*.jsonl"))}
 
 
 def started(paths: SweepPaths, task: str) -> bool:

@@ -14,7 +14,7 @@ from hpcdl.scheduler.arrays import global_index
 from hpcdl.scheduler.base import JobHandle, job_states
 from hpcdl.scheduler.states import FINISHED, summarize
 from hpcdl.site import SiteProfile, available_sites, load_site
-from hpcdl.util import atomic_write_text
+from hpcdl.util import append_jsonl, atomic_write_text, read_jsonl
 
 REGISTRY_FILE = "registry.jsonl"
 
@@ -29,8 +29,8 @@ def _locked(root: Path) -> Iterator[Path]:
 
 def record(site: SiteProfile, handle: JobHandle) -> None:
     """Append one submission to the site's registry."""
-    with _locked(site.job_root_path) as path, open(path, "a") as f:
-        f.write(handle.model_dump_json() + "\n")
+    with _locked(site.job_root_path) as path:
+        append_jsonl(path, handle.model_dump(mode="json"))  # whole line, even after a torn one
 
 
 def registry_roots() -> list[Path]:
@@ -48,14 +48,8 @@ def load_handles(roots: Iterable[Path] | None = None) -> list[JobHandle]:
     """Every recorded submission, oldest first."""
     handles: list[JobHandle] = []
     for root in roots if roots is not None else registry_roots():
-        path = root / REGISTRY_FILE
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        handles.append(JobHandle.model_validate_json(line))
-                    except ValueError:
-                        continue  # a torn line from a crashed writer
+        # a torn line from a crashed writer is skipped, and said once
+        handles += read_jsonl(root / REGISTRY_FILE, JobHandle.model_validate_json)
     handles.sort(key=lambda h: h.submitted_at)
     return handles
 
