@@ -62,7 +62,7 @@ def bind_checkpoint() -> tuple[int, Callable[[], str]] | None:
     submitit_handler: Any = handler  # its attributes are private: not typed
     # submitit's own time-limit handler in this task calls the module's _checkpoint: make it
     # write the pickle as save() below does (same signature and result, only the write differs)
-    job_environment._checkpoint = checkpoint_submission  # type: ignore[attr-defined]
+    job_environment._checkpoint = checkpoint_submission  # type: ignore[attr-defined,assignment]
 
     def save() -> str:
         delayed = submitit_handler._delayed
