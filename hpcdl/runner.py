@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from hpcdl.errors import HpcdlError
+from hpcdl.task_env import signal_of, time_limit_signal
 
 LAUNCHERS = ("srun", "torchrun")
 # What every task of a multi-task command job sees (torchrun's names and meanings).
@@ -296,11 +297,11 @@ def _checkpoint_on_preemption(preempt: PreemptCheckpoint) -> None:
     if bound is None:
         _say("not a submitit Slurm task: no checkpoint on preemption")
         return
-    usr = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    usr = time_limit_signal()
     handler = _OnPreemption(*bound, preempt.wait_s)
     for name in preempt.signals:
-        if name.upper().removeprefix("SIG") != usr:
-            signal.signal(signal.Signals[f"SIG{name.upper().removeprefix('SIG')}"], handler)
+        if signal_of(name) != usr:
+            signal.signal(signal_of(name), handler)
 
 
 @dataclass

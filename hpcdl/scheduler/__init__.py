@@ -13,6 +13,7 @@ follows the job through its handle, without the profile::
 
 from typing import Any
 
+from hpcdl.scheduler._requeue import requeue_job
 from hpcdl.scheduler.base import (
     JobHandle,
     Scheduler,
@@ -62,6 +63,7 @@ __all__ = [
     "log_tail",
     "record",
     "registry_roots",
+    "requeue_job",
     "setup_lines",
     "summarize",
 ]
