@@ -234,17 +234,18 @@ class SiteProfile(_Strict):
 def site_search_path() -> list[tuple[Path, str]]:
     """Profile folders, first match wins, each with its origin: ``$HPCDL_SITE_PATH`` (colon-separated),
     the user's (``~/.config/hpcdl/sites``), the system's (``/etc/hpcdl/sites``, ``/etc/xdg/hpcdl/sites``),
-    ``./site``, then the package's (``local`` and the examples)."""
+    then the package's (``local`` and the examples).
+
+    Never the current folder: a ``./site/NAME.yaml`` in a checkout someone else wrote would
+    silently replace the admins' profile, setup lines included. Such a file is used only when
+    named: ``--site ./site/NAME.yaml``, or its folder in ``$HPCDL_SITE_PATH``."""
     import platformdirs
 
     env = [(Path(d), "HPCDL_SITE_PATH") for d in os.environ.get("HPCDL_SITE_PATH", "").split(":")]
     system = platformdirs.site_config_dir("hpcdl", multipath=True).split(os.pathsep)
     dirs = [*env, (Path(platformdirs.user_config_dir("hpcdl")) / "sites", "user")]
     dirs += [(SYSTEM_SITE_DIR, "system")] + [(Path(d) / "sites", "system") for d in system]
-    dirs += [
-        (Path.cwd() / "site", "./site"),
-        (PACKAGE_SITE_DIR, "package"),
-    ]
+    dirs += [(PACKAGE_SITE_DIR, "package")]
     seen: dict[Path, str] = {}
     for d, label in dirs:
         if str(d) not in {"", "."}:

@@ -21,8 +21,9 @@ def list_sites() -> None:
     """Profiles on the search path and where each comes from.
 
     Searched in order, first match wins: $HPCDL_SITE_PATH, the user's folder
-    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), ./site,
-    then the package's (the built-in 'local' profile and examples)."""
+    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), then the
+    package's (the built-in 'local' profile and examples). Never ./site: a profile there is
+    used only when named (--site ./site/NAME.yaml, or the folder in $HPCDL_SITE_PATH)."""
     from hpcdl.site import default_site_name, site_origins, site_search_path
 
     origins = site_origins()
