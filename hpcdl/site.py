@@ -129,6 +129,11 @@ class SiteProfile(_Strict):
     secrets: list[str] = []
     container: Container = Container()
     job_root: str = "~/.hpcdl/jobs"
+    # Who may read what hpcdl creates (job root and folders, registry, sweeps, runs, logs,
+    # checkpoints): its user only (folders 0700, files 0600), or also ``share_group`` (0750 /
+    # 0640; the job root is given that group, set-group-ID, so what is made below inherits it).
+    share: Literal["private", "group"] = "private"
+    share_group: str | None = None
     scratch: str | None = None
     preemption: Preemption = Preemption()
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -163,6 +168,10 @@ class SiteProfile(_Strict):
             raise ValueError(f"default_account {self.default_account!r} is not in accounts")
         if self.default_qos and self.default_qos not in self.qos:
             raise ValueError(f"default_qos {self.default_qos!r} is not in qos")
+        if self.share_group is not None and self.share != "group":
+            raise ValueError("share_group needs share: group")
+        if self.share_group is not None and not _SLURM_NAME.match(self.share_group):
+            raise ValueError("share_group must be a group name (letters, digits, '_', '.', '-')")
         leaked = sorted(set(self.secrets) & set(self.env))
         if leaked:
             raise ValueError(f"secret {leaked[0]!r} must not have a value in env")

@@ -133,9 +133,9 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
+    from hpcdl.util import atomic_write_text
+
+    atomic_write_text(output, text)  # an exclusive temporary: a planted symlink is not followed
     click.echo(f"wrote {output}; review it, then 'hpcdl site check {output}'")
 
 
