@@ -203,6 +203,8 @@ def _trusted_result(folder: Path, name: str) -> bytes | None:
         real = folder.resolve(strict=True)
     except OSError:
         return None
+    if not os.path.lexists(real / name):  # before loading every profile for its job root
+        return None
     if real.parent not in {r.resolve() for r in registry_roots()}:
         return None
     try:
