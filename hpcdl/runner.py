@@ -323,6 +323,9 @@ class Task:
     launcher: str | None = None
     hostnames: Callable[[str], list[str]] | None = None
     preempt: PreemptCheckpoint | None = None  # a Checkpointable callable in a REQUEUE partition
+    # Records "success"/"error" for `hpcdl status` (the scheduler's record_outcome: JSON, so
+    # status never loads submitit's result pickle).
+    outcome: Callable[[str], None] | None = None
 
     @property
     def checkpoint(self) -> Callable[..., Any]:
@@ -347,6 +350,16 @@ class Task:
         return type(delayed)(task)  # submitit's DelayedSubmission, without importing it here
 
     def __call__(self) -> Any:
+        record = self.outcome or (lambda outcome: None)
+        try:
+            result = self._run()
+        except Exception:  # what submitit records as an error (a SystemExit is a requeue)
+            record("error")
+            raise
+        record("success")
+        return result
+
+    def _run(self) -> Any:
         os.environ.update(self.env)
         task_id = self.array_task_id
         if task_id is None and "SLURM_ARRAY_TASK_ID" in os.environ:

@@ -130,6 +130,11 @@ class SiteProfile(_Strict):
     secrets: list[str] = []
     container: Container = Container()
     job_root: OneLine = "~/.hpcdl/jobs"  # job folders' paths are written into the script
+    # Who may read what hpcdl creates (job root and folders, registry, sweeps, runs, logs,
+    # checkpoints): its user only (folders 0700, files 0600), or also ``share_group`` (0750 /
+    # 0640; the job root is given that group, set-group-ID, so what is made below inherits it).
+    share: Literal["private", "group"] = "private"
+    share_group: str | None = None
     scratch: str | None = None
     preemption: Preemption = Preemption()
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -164,6 +169,10 @@ class SiteProfile(_Strict):
             raise ValueError(f"default_account {self.default_account!r} is not in accounts")
         if self.default_qos and self.default_qos not in self.qos:
             raise ValueError(f"default_qos {self.default_qos!r} is not in qos")
+        if self.share_group is not None and self.share != "group":
+            raise ValueError("share_group needs share: group")
+        if self.share_group is not None and not _SLURM_NAME.match(self.share_group):
+            raise ValueError("share_group must be a group name (letters, digits, '_', '.', '-')")
         leaked = sorted(set(self.secrets) & set(self.env))
         if leaked:
             raise ValueError(f"secret {leaked[0]!r} must not have a value in env")
@@ -240,17 +249,18 @@ class SiteProfile(_Strict):
 def site_search_path() -> list[tuple[Path, str]]:
     """Profile folders, first match wins, each with its origin: ``$HPCDL_SITE_PATH`` (colon-separated),
     the user's (``~/.config/hpcdl/sites``), the system's (``/etc/hpcdl/sites``, ``/etc/xdg/hpcdl/sites``),
-    ``./site``, then the package's (``local`` and the examples)."""
+    then the package's (``local`` and the examples).
+
+    Never the current folder: a ``./site/NAME.yaml`` in a checkout someone else wrote would
+    silently replace the admins' profile, setup lines included. Such a file is used only when
+    named: ``--site ./site/NAME.yaml``, or its folder in ``$HPCDL_SITE_PATH``."""
     import platformdirs
 
     env = [(Path(d), "HPCDL_SITE_PATH") for d in os.environ.get("HPCDL_SITE_PATH", "").split(":")]
     system = platformdirs.site_config_dir("hpcdl", multipath=True).split(os.pathsep)
     dirs = [*env, (Path(platformdirs.user_config_dir("hpcdl")) / "sites", "user")]
     dirs += [(SYSTEM_SITE_DIR, "system")] + [(Path(d) / "sites", "system") for d in system]
-    dirs += [
-        (Path.cwd() / "site", "./site"),
-        (PACKAGE_SITE_DIR, "package"),
-    ]
+    dirs += [(PACKAGE_SITE_DIR, "package")]
     seen: dict[Path, str] = {}
     for d, label in dirs:
         if str(d) not in {"", "."}:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -71,15 +72,19 @@ def atomic_write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
     """Write ``text`` so that readers see the old file or the new one, never a mix.
 
     The temporary file sits beside the target (same file system, so ``os.replace`` is atomic)
-    and carries the pid, so two processes writing the same path never share a temporary.
-    ``fsync`` makes the content durable before the rename (checkpoint pointers need that).
+    and is created exclusively (:func:`atomic_path`). ``fsync`` makes the content durable before
+    the rename (checkpoint pointers need that).
     """
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:  # closed before the rename
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        # The descriptor from the exclusive create is not at hand here; reopening the random
+        # name with O_NOFOLLOW is safe: only a writer of this folder could have swapped it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "w") as f:  # closed before the rename
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
     return path
 
 
@@ -89,22 +94,83 @@ def atomic_write_json(path: str | Path, data: Any, fsync: bool = False) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` (``.NAME.tmp-PID``) to fill, renamed over ``path`` when
-    the block succeeds and removed (file or folder) when it fails. For content that a library
-    writes itself (an HDF5 file, a folder of copies); text and JSON have the functions above.
-    A folder can only replace a missing or empty one: remove a stale target inside the block."""
+def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
+    """A new temporary sibling of ``path`` (``.NAME.tmp-PID-RANDOM``) to fill, renamed over
+    ``path`` when the block succeeds and removed (file or folder) when it fails. For content that
+    a library writes itself (an HDF5 file, a folder of copies); text and JSON have the functions
+    above. A folder (``directory=True``) can only replace a missing or empty one: remove a stale
+    target inside the block.
+
+    The temporary exists when the block starts: an empty file (or folder) created exclusively
+    (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600; a folder 0700) under a random name, so a
+    symlink or file someone planted at a predictable name can neither redirect the write nor
+    receive it: creation fails instead of following it. Renamed into place, it has the mode
+    any new file would have under the current umask."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _create_temp(path, directory)
     try:
         yield tmp
+        # Private while being filled; in place, the mode any new file would get (the umask:
+        # 077 inside hpcdl's jobs and submissions, see :func:`share_umask`).
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temp(path: Path, directory: bool) -> Path:
+    """Create and return a fresh temporary beside ``path`` (see :func:`atomic_path`)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            if directory:
+                os.mkdir(tmp, 0o700)  # mkdir never follows a symlink at its own name
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(tmp, flags, 0o600))
+            return tmp
+        except FileExistsError:
+            continue  # a name someone took (or planted): draw another
+    raise FileExistsError(f"{path}: no free temporary name beside it")
+
+
+# What hpcdl creates is private to its user unless the site profile shares it with a group
+# (``share: group``): the umask in force while hpcdl creates job roots, job folders, sweep
+# trees, run folders and submits (sbatch hands it to the job as SLURM_UMASK).
+SHARE_UMASK = {"private": 0o077, "group": 0o027}
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set it, and a
+    set-and-restore would give other threads a wrong umask for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o077)  # no /proc: the short race is the lesser evil
+    os.umask(old)
+    return old
+
+
+@contextmanager
+def share_umask(share: str = "private") -> Iterator[int]:
+    """Run the block under the umask of ``share`` (``private``: 077, ``group``: 027) and
+    restore the previous one: everything the block creates (and every process it starts, a
+    local job, ``sbatch``) is private whatever the caller's umask. The umask is per process:
+    a library call made while another thread creates files changes theirs too."""
+    mask = SHARE_UMASK[share]
+    old = os.umask(mask)
+    try:
+        yield mask
+    finally:
+        os.umask(old)
 
 
 def sha256_file(path: str | Path, block_bytes: int = 8 << 20) -> str:
@@ -196,7 +262,8 @@ def append_jsonl(path: str | Path, row: Any) -> None:
     import fcntl
 
     line = (json.dumps(row, default=str) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # read: the tail
+    # read: the tail; never through a symlink planted at the name; the mode is the umask's
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size

@@ -21,8 +21,9 @@ def list_sites() -> None:
     """Profiles on the search path and where each comes from.
 
     Searched in order, first match wins: $HPCDL_SITE_PATH, the user's folder
-    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), ./site,
-    then the package's (the built-in 'local' profile and examples)."""
+    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), then the
+    package's (the built-in 'local' profile and examples). Never ./site: a profile there is
+    used only when named (--site ./site/NAME.yaml, or the folder in $HPCDL_SITE_PATH)."""
     from hpcdl.site import default_site_name, site_origins, site_search_path
 
     origins = site_origins()
@@ -137,9 +138,9 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
+    from hpcdl.util import atomic_write_text
+
+    atomic_write_text(output, text)  # an exclusive temporary: a planted symlink is not followed
     click.echo(f"wrote {output}; review it, then 'hpcdl site check {output}'")
 
 

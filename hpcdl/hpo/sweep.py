@@ -20,7 +20,7 @@ from hpcdl.hpo.study import open_study
 from hpcdl.hpo.trial import Slot, SweepPaths
 from hpcdl.scheduler import FINISHED, JobHandle, cancel_jobs
 from hpcdl.site import load_site
-from hpcdl.util import atomic_write_text
+from hpcdl.util import atomic_write_text, share_umask
 
 
 class Sweep:
@@ -56,6 +56,10 @@ class Sweep:
 
     def run(self) -> list[JobHandle]:
         """Validate, snapshot the base config, create the study, submit; returns at once."""
+        with share_umask(self.site.share):  # the sweep tree is private (or the site's group's)
+            return self._run()
+
+    def _run(self) -> list[JobHandle]:
         if self.paths.spec.exists():
             raise ConfigError(
                 "", "name", f"sweep {self.spec.name!r} exists already at {self.paths.root} "
@@ -75,7 +79,8 @@ class Sweep:
     def resume(self) -> list[JobHandle]:
         """Submit the trials still missing (never started, killed, cancelled) with a new final
         job; with none missing, a final job if none will run (replacing one that never can)."""
-        return self.lifecycle.resume()[1]
+        with share_umask(self.site.share):
+            return self.lifecycle.resume()[1]
 
     def missing_slots(self) -> list[int]:
         return self.lifecycle.missing_slots()
