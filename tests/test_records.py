@@ -97,7 +97,7 @@ def journals(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
 def registry(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
     from hpcdl.scheduler import registry as reg
 
-    site = SimpleNamespace(job_root_path=tmp / "jobroot")
+    site = SimpleNamespace(job_root_path=tmp / "jobroot", share="private", share_group=None)
     for i in range(3):
         reg.record(site, _handle(i))  # type: ignore[arg-type]
     path = tmp / "jobroot" / reg.REGISTRY_FILE
