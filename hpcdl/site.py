@@ -138,6 +138,11 @@ class SiteProfile(_Strict):
     # Slurm's MaxArraySize: array indices stop at max_array_size - 1, so hpcdl submits a larger
     # array as several Slurm arrays (hpcdl.scheduler.arrays). None: no limit (local sites).
     max_array_size: int | None = Field(default=None, ge=1, le=4_000_001)
+    # Tasks one array may have in all (its parts together): each task is a job record in
+    # slurmctld (MaxJobCount, shared by every user) and a pickle in the job folder, so a typo'd
+    # --array 1000000 must not reach sbatch. 10,000 is Slurm's default MaxJobCount; 'site import'
+    # writes the cluster's own. Job.array's le=1,000,000 stays as the last guard.
+    max_array_tasks: int = Field(default=10_000, ge=1)
 
     @field_validator("secrets")
     @classmethod
@@ -185,6 +190,16 @@ class SiteProfile(_Strict):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def check_array(self, tasks: int | None, where: str, field: str = "array") -> None:
+        """Raise ConfigError when an array of ``tasks`` tasks exceeds ``max_array_tasks``."""
+        if tasks is not None and tasks > self.max_array_tasks:
+            raise ConfigError(
+                where,
+                field,
+                f"an array of {tasks:,} tasks exceeds site {self.name!r} limit "
+                f"max_array_tasks {self.max_array_tasks:,}",
+            )
 
     def launcher(self, name: str) -> LauncherPreset:
         """The site's preset for a launcher (empty when the profile has none)."""

@@ -37,6 +37,7 @@ class LocalScheduler(SubmititScheduler):
             raise ConfigError(where, "partition", "the local profile has no partitions")
         if request.dependencies:
             raise ConfigError(where, "dependencies", "the local profile does not support them")
+        site.check_array(request.array, where)  # every task is a process here
 
     def render(self, request: Request, folder: Path | None = None) -> str:
         raise HpcdlError(
