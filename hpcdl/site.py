@@ -20,6 +20,7 @@ from hpcdl.config import (
     validate,
 )
 from hpcdl.containers import Container  # the `container` section (runtimes, binds)
+from hpcdl.credentials import SecretEntry, check_no_secrets
 from hpcdl.errors import ConfigError
 from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
 from hpcdl.snapshot import Snapshot  # jobs' default code snapshot (git, rsync, none)
@@ -126,7 +127,7 @@ class SiteProfile(_Strict):
     modules: list[str] = []
     setup: list[str] = []
     env: EnvVars = {}
-    secrets: list[str] = []
+    secrets: list[SecretEntry] = []  # NAME (from the environment) or {name: NAME, file: PATH}
     container: Container = Container()
     job_root: str = "~/.hpcdl/jobs"
     scratch: str | None = None
@@ -144,14 +145,6 @@ class SiteProfile(_Strict):
     # writes the cluster's own. Job.array's le=1,000,000 stays as the last guard.
     max_array_tasks: int = Field(default=10_000, ge=1)
 
-    @field_validator("secrets")
-    @classmethod
-    def _secret_names(cls, v: list[str]) -> list[str]:
-        for key in v:
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"invalid environment variable name {key!r}")
-        return v
-
     @model_validator(mode="after")
     def _consistent(self) -> SiteProfile:
         names = [p.name for p in self.partitions]
@@ -168,11 +161,13 @@ class SiteProfile(_Strict):
             raise ValueError(f"default_account {self.default_account!r} is not in accounts")
         if self.default_qos and self.default_qos not in self.qos:
             raise ValueError(f"default_qos {self.default_qos!r} is not in qos")
-        leaked = sorted(set(self.secrets) & set(self.env))
+        leaked = sorted(set(self.secret_names) & set(self.env))
         if leaked:
             raise ValueError(f"secret {leaked[0]!r} must not have a value in env")
+        if len(set(self.secret_names)) < len(self.secrets):
+            raise ValueError("a secret is listed twice")
         for name, preset in self.launchers.items():
-            leaked = sorted(set(self.secrets) & set(preset.env))
+            leaked = sorted(set(self.secret_names) & set(preset.env))
             if leaked:
                 raise ValueError(f"secret {leaked[0]!r} must not have a value in launchers.{name}")
             if preset.mpi and name != "srun":
@@ -180,6 +175,20 @@ class SiteProfile(_Strict):
         return self
 
     # -- lookups ---------------------------------------------------------------------------
+    @property
+    def secret_names(self) -> list[str]:
+        return [s.name for s in self.secrets]
+
+    def check_secrets(
+        self, env: dict[str, str], setup: list[str], command: list[str], name: str, where: str
+    ) -> None:
+        """Raise ConfigError when a job's env names a secret, or its env, setup lines, command
+        or name hold a secret's value (read now from its file, checked, or the environment)."""
+        fields = {f"env.{k}": v for k, v in env.items()}
+        fields |= {f"setup.{i}": line for i, line in enumerate(setup)}
+        fields |= {f"command.{i}": arg for i, arg in enumerate(command)} | {"name": name}
+        check_no_secrets(self.secrets, fields, where, self.name)
+
     def partition(self, name: str | None) -> Partition | None:
         """The named partition, the default one, or ``None`` on a site without partitions."""
         if not self.partitions:
@@ -226,8 +235,10 @@ class SiteProfile(_Strict):
         return lines
 
     def env_lines(self) -> list[str]:
-        """``export`` lines for the site's environment presets, safely quoted."""
-        return [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        """``export`` lines for the site's environment presets, safely quoted, then the lines
+        that read secrets from their files on the node (the script names the file only)."""
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return lines + [ln for s in self.secrets if (ln := s.shell_line())]
 
     def summary_rows(self) -> list[tuple[str, str, str, str, str, str]]:
         """(name, default, max time, max nodes, cpus, mem, gpus) rows for display."""

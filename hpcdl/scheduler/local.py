@@ -4,6 +4,7 @@ come from /proc and submitit's result files, cancelling signals the process tree
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from contextlib import suppress
 from pathlib import Path
@@ -49,7 +50,9 @@ class LocalScheduler(SubmititScheduler):
         import submitit
 
         ex = submitit.LocalExecutor(folder=folder, python=request.interpreter(self.site))
-        ex.update_parameters(**request.local_parameters(self.site))
+        params = request.local_parameters(self.site)
+        params["setup"] = setup_file(folder, params.get("setup", []))
+        ex.update_parameters(**params)
         return ex
 
     def _job_id(self, jobs: list[Any]) -> str:
@@ -89,6 +92,23 @@ class LocalScheduler(SubmititScheduler):
 
     def check_site(self) -> list[str]:
         return []  # no live cluster to disagree with
+
+
+def setup_file(folder: Path, lines: list[str]) -> list[str]:
+    """submitit's local executor runs the setup lines as ``sh -c 'L1 && L2 && python ...'``, so
+    every value in them (the site's ``export`` lines, the job's setup) would be in the command
+    line that ``ps`` shows every user of the machine. They go into ``setup.sh`` in the private
+    job folder instead (as a Slurm job's are in its script), and the command line only sources
+    it. Each line is a ``{ ...; }`` group of the same ``&&`` chain: a failing line still stops
+    the job, and a ``# comment`` ends at its own line."""
+    lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        return []
+    path = folder / "setup.sh"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(" && ".join(f"{{ {ln}\n}}" for ln in lines) + "\n")
+    return [f". {shlex.quote(str(path))}"]
 
 
 def _local_state(h: JobHandle, pid: str) -> str:
