@@ -202,3 +202,20 @@ def test_wandb_config_carries_no_env_or_setup_values():
         "job": {"env": {"A": "<redacted>", "B": "<redacted>"}, "setup": ["<redacted>"], "nodes": 2},
         "nested": [{"env": {"D": "<redacted>"}}],
     }
+
+
+@pytest.mark.slurm
+def test_a_file_secret_on_the_cluster(devcluster, secret, tmp_path, job_root):
+    """On Slurm the batch script names the file; the job on its node reads the value."""
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
+    token = tmp_path / "private" / "token"
+    data.update(name="redact-slurm", secrets=[{"name": "HPCDL_TEST_TOKEN", "file": str(token)}])
+    (tmp_path / "sites" / "redact-slurm.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "seen"
+    script = ("import hashlib, os, sys; t = os.environ['HPCDL_TEST_TOKEN']; "
+              "open(sys.argv[1], 'w').write(hashlib.sha256(t.encode()).hexdigest())")  # fmt: skip
+    handle = Job(site="redact-slurm", command=[sys.executable, "-c", script, str(out)], time="5m").submit()  # fmt: skip
+    assert handle.wait(timeout=180) == "COMPLETED", handle.log_paths()[1].read_text()
+    assert out.read_text() == hashlib.sha256(secret.encode()).hexdigest()
+    assert f'HPCDL_TEST_TOKEN="$(cat -- {token})"' in Path(handle.script).read_text()
+    assert files_holding(secret, [job_root]) == []
