@@ -219,3 +219,19 @@ def test_a_file_secret_on_the_cluster(devcluster, secret, tmp_path, job_root):
     assert out.read_text() == hashlib.sha256(secret.encode()).hexdigest()
     assert f'HPCDL_TEST_TOKEN="$(cat -- {token})"' in Path(handle.script).read_text()
     assert files_holding(secret, [job_root]) == []
+
+
+def test_a_sweeps_training_config_holding_the_secret_is_refused(secret, tmp_path, digits, capsys, job_root):  # fmt: skip
+    """Trials write their training config into the sweep's folder without a job of their own."""
+    config = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs",
+                          job__env={"OTHER": secret})  # fmt: skip
+    spec = {
+        "name": "leaky", "train": str(config),
+        "space": {"optimizer.lr": {"type": "loguniform", "low": 1e-3, "high": 3e-2}},
+        "trials": 2, "parallelism": 1, "resources": {"site": SITE, "time": "20m"},
+    }  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    line = one_line_error(capsys, main(["sweep", "run", str(tmp_path / "sweep.yaml")]))
+    assert line.startswith(f"error: {config}: job: env.OTHER: holds the value of secret"), line
+    assert secret not in line
+    assert not job_root.exists()
