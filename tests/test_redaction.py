@@ -235,3 +235,28 @@ def test_a_sweeps_training_config_holding_the_secret_is_refused(secret, tmp_path
     assert line.startswith(f"error: {config}: job: env.OTHER: holds the value of secret"), line
     assert secret not in line
     assert not job_root.exists()
+
+
+@pytest.mark.parametrize(
+    ("secrets_entry", "expected"),
+    [
+        ([{"name": "BAD-NAME", "file": "/x"}], "secrets.0.name: invalid environment variable name 'BAD-NAME'"),
+        ([{"name": "T", "path": "/x"}], "secrets.0.path: unknown field"),
+        ([{"name": "T", "file": "/x\nrm -rf ~"}], "secrets.0.file: must be a path on one line"),
+        (["T", {"name": "T", "file": "/x"}], "a secret is listed twice"),
+    ],
+    ids=["name", "unknown key", "newline", "twice"],
+)  # fmt: skip
+def test_bad_secret_entries_in_a_profile(tmp_path, capsys, secrets_entry, expected):
+    data = yaml.safe_load((REPO / "hpcdl/sites/local.yaml").read_text())
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**data, "name": "bad", "secrets": secrets_entry}))
+    line = one_line_error(capsys, main(["site", "show", str(path)]))
+    assert expected in line, line
+
+
+def test_a_secret_files_path_is_quoted_in_the_script(tmp_path):
+    from hpcdl.credentials import Secret
+
+    line = Secret(name="T", file=str(tmp_path / "it's $(x)")).shell_line()
+    assert line == f"""T="$(cat -- '{tmp_path}/it'"'"'s $(x)')" && export T"""
