@@ -167,13 +167,8 @@ class Job(Resources):
 
     def check(self, site: SiteProfile, where: str = "job") -> None:
         """Raise ConfigError if the site cannot run this request; nothing is queued before this."""
-        leaked = sorted(set(self.env) & set(site.secrets))
-        if leaked:
-            raise ConfigError(
-                where,
-                f"env.{leaked[0]}",
-                "is a secret on this site: export it in your shell instead",
-            )
+        # no secret named in env, no secret's value in env, setup, command or name
+        site.check_secrets(self.env, self.setup, self.command or [], self.name, where)
         get_scheduler(site).check(self, where)  # the back end's own limits (partitions, local)
         if site.accounts and self.account and self.account not in site.accounts:
             raise ConfigError(

@@ -20,6 +20,7 @@ from hpcdl.config import (
     validate,
 )
 from hpcdl.containers import Container  # the `container` section (runtimes, binds)
+from hpcdl.credentials import SecretEntry, check_no_secrets
 from hpcdl.errors import ConfigError
 from hpcdl.script_values import OneLine, SetupLine, SlurmName, check_one_line
 from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
@@ -127,7 +128,7 @@ class SiteProfile(_Strict):
     modules: list[OneLine] = []
     setup: list[SetupLine] = []
     env: EnvVars = {}
-    secrets: list[str] = []
+    secrets: list[SecretEntry] = []  # NAME (from the environment) or {name: NAME, file: PATH}
     container: Container = Container()
     job_root: OneLine = "~/.hpcdl/jobs"  # job folders' paths are written into the script
     # Who may read what hpcdl creates (job root and folders, registry, sweeps, runs, logs,
@@ -144,14 +145,11 @@ class SiteProfile(_Strict):
     # Slurm's MaxArraySize: array indices stop at max_array_size - 1, so hpcdl submits a larger
     # array as several Slurm arrays (hpcdl.scheduler.arrays). None: no limit (local sites).
     max_array_size: int | None = Field(default=None, ge=1, le=4_000_001)
-
-    @field_validator("secrets")
-    @classmethod
-    def _secret_names(cls, v: list[str]) -> list[str]:
-        for key in v:
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"invalid environment variable name {key!r}")
-        return v
+    # Tasks one array may have in all (its parts together): each task is a job record in
+    # slurmctld (MaxJobCount, shared by every user) and a pickle in the job folder, so a typo'd
+    # --array 1000000 must not reach sbatch. 10,000 is Slurm's default MaxJobCount; 'site import'
+    # writes the cluster's own. Job.array's le=1,000,000 stays as the last guard.
+    max_array_tasks: int = Field(default=10_000, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteProfile:
@@ -173,11 +171,13 @@ class SiteProfile(_Strict):
             raise ValueError("share_group needs share: group")
         if self.share_group is not None and not _SLURM_NAME.match(self.share_group):
             raise ValueError("share_group must be a group name (letters, digits, '_', '.', '-')")
-        leaked = sorted(set(self.secrets) & set(self.env))
+        leaked = sorted(set(self.secret_names) & set(self.env))
         if leaked:
             raise ValueError(f"secret {leaked[0]!r} must not have a value in env")
+        if len(set(self.secret_names)) < len(self.secrets):
+            raise ValueError("a secret is listed twice")
         for name, preset in self.launchers.items():
-            leaked = sorted(set(self.secrets) & set(preset.env))
+            leaked = sorted(set(self.secret_names) & set(preset.env))
             if leaked:
                 raise ValueError(f"secret {leaked[0]!r} must not have a value in launchers.{name}")
             if preset.mpi and name != "srun":
@@ -185,6 +185,20 @@ class SiteProfile(_Strict):
         return self
 
     # -- lookups ---------------------------------------------------------------------------
+    @property
+    def secret_names(self) -> list[str]:
+        return [s.name for s in self.secrets]
+
+    def check_secrets(
+        self, env: dict[str, str], setup: list[str], command: list[str], name: str, where: str
+    ) -> None:
+        """Raise ConfigError when a job's env names a secret, or its env, setup lines, command
+        or name hold a secret's value (read now from its file, checked, or the environment)."""
+        fields = {f"env.{k}": v for k, v in env.items()}
+        fields |= {f"setup.{i}": line for i, line in enumerate(setup)}
+        fields |= {f"command.{i}": arg for i, arg in enumerate(command)} | {"name": name}
+        check_no_secrets(self.secrets, fields, where, self.name)
+
     def partition(self, name: str | None) -> Partition | None:
         """The named partition, the default one, or ``None`` on a site without partitions."""
         if not self.partitions:
@@ -195,6 +209,16 @@ class SiteProfile(_Strict):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def check_array(self, tasks: int | None, where: str, field: str = "array") -> None:
+        """Raise ConfigError when an array of ``tasks`` tasks exceeds ``max_array_tasks``."""
+        if tasks is not None and tasks > self.max_array_tasks:
+            raise ConfigError(
+                where,
+                field,
+                f"an array of {tasks:,} tasks exceeds site {self.name!r} limit "
+                f"max_array_tasks {self.max_array_tasks:,}",
+            )
 
     def launcher(self, name: str) -> LauncherPreset:
         """The site's preset for a launcher (empty when the profile has none)."""
@@ -226,8 +250,10 @@ class SiteProfile(_Strict):
         return lines
 
     def env_lines(self) -> list[str]:
-        """``export`` lines for the site's environment presets, safely quoted."""
-        return [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        """``export`` lines for the site's environment presets, safely quoted, then the lines
+        that read secrets from their files on the node (the script names the file only)."""
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return lines + [ln for s in self.secrets if (ln := s.shell_line())]
 
     def summary_rows(self) -> list[tuple[str, str, str, str, str, str]]:
         """(name, default, max time, max nodes, cpus, mem, gpus) rows for display."""

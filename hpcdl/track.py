@@ -73,7 +73,7 @@ class Tracker:
         self._open = True
         if wandb and wandb_mode != "disabled":
             self._wandb = _start_wandb(
-                Path(run_dir), config, name, wandb_mode, wandb_project,
+                Path(run_dir), redacted(config), name, wandb_mode, wandb_project,
                 group=wandb_group, run_id=wandb_id, tags=wandb_tags or [],
             )  # fmt: skip
 
@@ -116,6 +116,32 @@ class Tracker:
             except Exception as exc:
                 logger.warning(f"W&B finish failed: {exc}")
             self._wandb = None
+
+
+REDACTED = "<redacted>"
+_REDACTED_KEYS = ("env", "setup")  # a job's environment and shell lines (job.env, job.setup)
+
+
+def redacted(config: Any) -> Any:
+    """``config`` for W&B (whose run config is uploaded at sync, to a service outside the site):
+    the values of every ``env`` mapping and ``setup`` list replaced by ``<redacted>`` (the
+    variable names stay), at any depth. Whatever the job's checks let through, tokens in them
+    never leave the cluster this way."""
+    if isinstance(config, dict):
+        out: dict[Any, Any] = {}
+        for key, value in config.items():
+            if key in _REDACTED_KEYS and isinstance(value, dict):
+                out[key] = {k: REDACTED for k in value}
+            elif key in _REDACTED_KEYS and isinstance(value, list | tuple):
+                out[key] = [REDACTED] * len(value)
+            elif key in _REDACTED_KEYS and isinstance(value, str):
+                out[key] = REDACTED
+            else:
+                out[key] = redacted(value)
+        return out
+    if isinstance(config, list | tuple):
+        return [redacted(v) for v in config]
+    return config
 
 
 def _line(kind: str, row: dict[str, Any]) -> str:

@@ -72,7 +72,7 @@ def show(name: str) -> None:
         "qos": ", ".join(profile.qos) or "-",
         "modules": " ".join(profile.modules) or "-",
         "env": " ".join(f"{k}={v}" for k, v in profile.env.items()) or "-",
-        "secrets (from your shell)": ", ".join(profile.secrets) or "-",
+        "secrets": ", ".join(map(str, profile.secrets)) or "-",
         "container": profile.container.runtime
         + (f" {profile.container.image}" if profile.container.image else ""),
         "job root": str(profile.job_root_path),

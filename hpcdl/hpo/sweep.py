@@ -66,6 +66,7 @@ class Sweep:
                 f"(use 'hpcdl sweep resume {self.spec.name}' or another name)"
             )  # fmt: skip
         self._check_objective()
+        self._check_array()
         sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
         check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
         self.paths.slots.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,13 @@ class Sweep:
         from hpcdl.hpo.trial import resolve_objective
 
         resolve_objective(self.spec).check(self.spec)
+
+    def _check_array(self) -> None:
+        """The first round's array against the site's ``max_array_tasks`` before the sweep's
+        folder and study exist (the array's own Job.check comes after them)."""
+        per_trial = self.lifecycle.queued and self.spec.trials_per_task == 1
+        tasks = self.spec.trials if per_trial else min(self.spec.parallelism, self.spec.trials)
+        self.site.check_array(tasks, "sweep", "trials" if per_trial else "parallelism")
 
     def submissions(self) -> list[dict[str, Any]]:
         return self.lifecycle.submissions()

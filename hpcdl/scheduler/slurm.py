@@ -76,6 +76,7 @@ class SlurmScheduler(SubmititScheduler):
 
     # -- requests --------------------------------------------------------------------------------
     def check(self, request: Request, where: str) -> None:
+        self.site.check_array(request.array, where)  # before a plan of many sbatch calls
         check_partition(request, self.site, where)
 
     def render(self, request: Request, folder: Path | None = None) -> str:
