@@ -61,8 +61,24 @@ lint: install
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 	$(BIN)/mypy  # the type checker, over hpcdl/ ([tool.mypy] in pyproject.toml)
 
-test: install cluster image lint lock-check docs wheel-check  ## everything: install, start the cluster, all tests
-	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25
+# `make test` times each phase (env/phase-time.sh) and prints the table at its end, also when
+# a phase fails (what ran; then make fails), so that a slow or flaky phase shows itself. The
+# phases run in this order and stop at the first failure, as the prerequisites they were did.
+TEST_PHASES := install cluster image lint lock-check docs wheel-check
+PHASE_TIMES ?= build/phase-times.txt
+
+test:  ## everything: install, start the cluster, all tests; then each phase's wall time
+	@mkdir -p $(dir $(PHASE_TIMES)) && : > $(PHASE_TIMES)
+	@status=0; \
+	for phase in $(TEST_PHASES); do \
+	  env/phase-time.sh $(PHASE_TIMES) $$phase $(MAKE) --no-print-directory $$phase || { status=$$?; break; }; \
+	done; \
+	if [ $$status = 0 ]; then \
+	  echo "HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25"; \
+	  HPCDL_CLUSTER_STARTED=1 env/phase-time.sh $(PHASE_TIMES) pytest $(BIN)/pytest -q --durations=25 || status=$$?; \
+	fi; \
+	env/phase-time.sh --table $(PHASE_TIMES); \
+	exit $$status
 
 test-quick: install  ## the tests that need no cluster (nor the container image)
 	$(BIN)/pytest -q -m "not slurm"

@@ -30,10 +30,30 @@ def import_deepspeed() -> Any:
     environment. Training uses the process group's all-reduce either way."""
     import deepspeed
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
+    _unpin_world_group(comm_torch.TorchBackend)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     return deepspeed
+
+
+def _unpin_world_group(backend: type) -> None:
+    """DeepSpeed's ``TorchBackend.barrier`` and ``monitored_barrier`` default to
+    ``group=GroupMember.WORLD``, a default Python evaluates once, at import: imported after
+    ``init_process_group`` (as here) it is the live world group, held for good. Then
+    ``destroy_process_group`` cannot free that group, its gloo threads outlive it, and a thread
+    that drops its last finished work while the interpreter shuts down takes the GIL, is ended
+    by Python, and aborts the process ("terminate called without an active exception"; see the
+    development notes, "Flakes"). Both methods treat ``None`` as the world group."""
+    from torch.distributed import ProcessGroup
+
+    for member in vars(backend).values():
+        defaults = getattr(member, "__defaults__", None)
+        if defaults and any(isinstance(d, ProcessGroup) for d in defaults):
+            member.__defaults__ = tuple(
+                None if isinstance(d, ProcessGroup) else d for d in defaults
+            )
 
 
 def seed_everything(seed: int) -> None:

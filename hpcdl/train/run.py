@@ -87,7 +87,10 @@ def finish_distributed() -> None:
     """Leave together: a process that exits while a peer still tears down its gloo connections
     can abort that peer (and fail the job step). The barrier brings every rank to the teardown;
     rank 0, which also hosts the rendezvous store the others' teardown still talks to, then
-    leaves last (seen once in three full test runs: rank 1 aborted as rank 0 exited)."""
+    leaves last (seen once in three full test runs: rank 1 aborted as rank 0 exited). That
+    abort's own cause was in the aborting rank: a gloo thread still alive at exit (development
+    notes, "Flakes"); destroying the group ends those threads unless something still holds
+    the group (DeepSpeed did: ``import_deepspeed`` now stops it)."""
     import time
 
     import torch.distributed as dist

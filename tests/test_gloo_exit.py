@@ -1,0 +1,39 @@
+"""A rank leaves no gloo thread running into interpreter exit: such a thread, dropping a
+finished collective's tensors while the interpreter shuts down, takes the GIL, is ended by
+Python and aborts the process ("terminate called without an active exception"; docs:
+development, "Flakes")."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import REPO
+
+HELPER = str(REPO / "tests/helpers/gloo_threads.py")
+
+
+def test_ranks_using_deepspeed_comm_end_their_gloo_threads_when_they_leave(tmp_path):
+    """DeepSpeed's comm layer, imported after the process group started (as hpcdl does), kept
+    the world group alive past destroy_process_group, and with it the group's threads."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = []
+    for rank in (0, 1):
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, HELPER, str(tmp_path / "r")],
+                                      env=rank_env, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    for proc in procs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"r.{rank}.json").read_text())
+        assert report["sum"] == 1.0
+        assert "pt_gloo_runloop" in report["during"], report  # the check sees gloo's threads
+        assert not [t for t in report["after"] if "gloo" in t], report
