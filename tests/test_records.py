@@ -47,7 +47,7 @@ def util_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 # -- every reader: a torn last line costs that line, and one warning -------------------------------
 def _sweep_paths(tmp: Path) -> Any:
-    from hpcdl.hpo.trial import SweepPaths
+    from hpcdl.hpo.folder import SweepPaths
 
     paths = SweepPaths(tmp / "sweep")
     paths.slots.mkdir(parents=True)
@@ -123,7 +123,7 @@ def metrics_rewind(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
 
 def metrics_bench(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
     from hpcdl.hpo.bench_slots import _setup_s
-    from hpcdl.hpo.trial import Slot
+    from hpcdl.hpo.folder import Slot
 
     paths = _sweep_paths(tmp)
     slot = Slot(slot=0, trial=0, params={}, run_id="r")

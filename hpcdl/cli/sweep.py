@@ -56,7 +56,7 @@ def _wait_with_progress(s: Any, timeout: float) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hpcdl.hpo.trial import FINISHED_SLOT
+    from hpcdl.hpo.folder import FINISHED_SLOT
 
     deadline = time.monotonic() + timeout
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -67,8 +67,7 @@ def _wait_with_progress(s: Any, timeout: float) -> None:
             finished = sum(x.state in FINISHED_SLOT for x in slots)
             pruned = sum(x.state == "pruned" for x in slots)
             progress.update(task, completed=finished, description=f"trials ({pruned} pruned)")
-            final_done = (s.paths.final / "result.json").exists()
-            if finished == s.spec.trials and (final_done or not s.spec.final):
+            if s.finished():
                 return
             if time.monotonic() > deadline:
                 raise HpcdlError(

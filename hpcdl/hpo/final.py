@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpcdl.hpo.folder import SweepPaths
+from hpcdl.hpo.protocol import TrialRequeued
 from hpcdl.hpo.study import open_study
-from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths, TrialRequeued
 from hpcdl.task_env import task_id
-from hpcdl.util import append_jsonl, atomic_write_json, get_logger
+from hpcdl.util import append_jsonl, get_logger
 
 log = get_logger(__name__)
 
@@ -29,13 +30,13 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
 
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
-    missing = [i for i in range(spec.trials) if not finished(paths, i)]
+    missing = paths.missing_slots(range(spec.trials))
     if missing:
         why = (f"not run: {len(missing)} trial(s) not finished (slots {missing[:10]}); the "
                "follow-up job or 'hpcdl sweep resume' runs them, then a new final job")  # fmt: skip
         log_event(paths, "final", why)
         return {"skipped": why}
-    if (paths.final / "result.json").is_file():
+    if paths.has_final_result():
         return {"skipped": "the final result is there already"}
     study = open_study(spec, paths.root)
     try:
@@ -49,11 +50,6 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
     except TrialRequeued as exc:  # checkpointed on a preemption signal: the requeued job goes on
         return {"requeued": str(exc)}
     result = {"trial": best.number, spec.metric: best.value, "params": best.params, **scores}
-    atomic_write_json(paths.final / "result.json", result)
+    paths.write_final_result(result)
     log_event(paths, "final", f"retrained trial {best.number}: result written")
     return result
-
-
-def finished(paths: SweepPaths, slot: int) -> bool:
-    s = paths.read_slot(slot)
-    return s is not None and s.state in FINISHED_SLOT

@@ -25,8 +25,8 @@ from typing import Any
 
 from hpcdl.errors import HpcdlError
 from hpcdl.hpo.final import final_main, log_event
+from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths
 from hpcdl.job import Job
 from hpcdl.scheduler import (
     FINISHED,
@@ -111,11 +111,10 @@ class Lifecycle:
         ]
 
     def missing_slots(self) -> list[int]:
-        done = {s.slot for s in self.paths.all_slots() if s.state in FINISHED_SLOT}
-        return [i for i in range(self.spec.trials) if i not in done]
+        return self.paths.missing_slots(range(self.spec.trials))
 
     def has_result(self) -> bool:
-        return (self.paths.final / "result.json").is_file()
+        return self.paths.has_final_result()
 
     # -- submission -------------------------------------------------------------------------------
     def _job(self, **fields: Any) -> Job:

@@ -13,8 +13,8 @@ from hpcdl.hpo.protocol import BaseObjective
 from hpcdl.util import set_dotted
 
 if TYPE_CHECKING:
+    from hpcdl.hpo.protocol import TrialContext
     from hpcdl.hpo.spec import SweepSpec
-    from hpcdl.hpo.trial import TrialContext
     from hpcdl.train.config import TrainConfig
     from hpcdl.train.run import Run
 
@@ -41,7 +41,7 @@ def _sample(param: Any) -> Any:
 
 def _requeued(result: dict[str, Any], what: str) -> None:
     """The run checkpointed on a preemption signal and its job was requeued: stop here."""
-    from hpcdl.hpo.trial import TrialRequeued
+    from hpcdl.hpo.protocol import TrialRequeued
 
     if result["status"] == "requeued":
         raise TrialRequeued(f"{what} requeued at step {result['step']}")

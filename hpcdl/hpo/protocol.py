@@ -8,20 +8,40 @@ wrapped in :class:`FunctionObjective` (no check, no final).
 
 Early ends are exceptions from ``ctx.report``: :class:`hpcdl.train.stop.StopTraining` with
 ``tag="pruned"`` when the pruner says so (``optuna.TrialPruned`` raised by an objective itself
-counts too); :class:`hpcdl.hpo.trial.TrialRequeued` when the trial's job was requeued.
+counts too); :class:`TrialRequeued` when the trial's job was requeued. Every objective gets a
+:class:`TrialContext`; both live here, with the protocol, not with the implementation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from hpcdl.errors import HpcdlError
+from hpcdl.hpo.folder import Slot
+from hpcdl.hpo.spec import SweepSpec
 
-if TYPE_CHECKING:
-    from hpcdl.hpo.spec import SweepSpec
-    from hpcdl.hpo.trial import TrialContext
+if TYPE_CHECKING:  # installed by the worker; no import of the trainer's modules at run time
+    from hpcdl.train.preempt import StopFlag
+
+
+class TrialRequeued(Exception):
+    """The trial checkpointed on a preemption signal and its job was requeued: tell nobody."""
+
+
+@dataclass
+class TrialContext:
+    """Handed to the objective: parameters, where to write, and how to report progress."""
+
+    spec: SweepSpec
+    slot: Slot
+    trial_dir: Path
+    report: Callable[[int, float], None]
+    # a warm worker's preemption flag, installed once for all its trials (None: the objective's
+    # run installs its own)
+    flag: StopFlag | None = None
 
 
 @runtime_checkable

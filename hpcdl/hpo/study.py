@@ -7,6 +7,7 @@ from typing import Any
 
 import optuna
 
+from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import Choice, Grid, IntRange, SweepSpec, Uniform
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -16,7 +17,7 @@ def storage(sweep_dir: Path) -> optuna.storages.JournalStorage:
     """Journal file storage: no database server, safe across nodes (SQLite on NFS/Lustre is not)."""
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    path = str(sweep_dir / "study.journal")
+    path = str(SweepPaths(sweep_dir).study)
     return optuna.storages.JournalStorage(
         JournalFileBackend(path, lock_obj=JournalFileOpenLock(path))
     )

@@ -4,7 +4,6 @@ left, or one trial per task), plus a small follow-up job that resubmits killed t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,10 @@ import optuna
 from hpcdl.config import read_yaml
 from hpcdl.containers import check_slurm_client
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.hpo.folder import Slot, SweepPaths
 from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.study import open_study
-from hpcdl.hpo.trial import Slot, SweepPaths
 from hpcdl.scheduler import FINISHED, JobHandle, cancel_jobs
 from hpcdl.site import load_site
 from hpcdl.util import atomic_write_text, share_umask
@@ -84,7 +83,11 @@ class Sweep:
             return self.lifecycle.resume()[1]
 
     def missing_slots(self) -> list[int]:
-        return self.lifecycle.missing_slots()
+        return self.paths.missing_slots(range(self.spec.trials))
+
+    def finished(self) -> bool:
+        """Nothing left to do: every trial finished, the final result written if asked for."""
+        return self.paths.finished(self.spec)
 
     def _check_objective(self) -> None:
         from hpcdl.hpo.trial import resolve_objective
@@ -182,17 +185,15 @@ class Sweep:
             self.spec.metric: trial.value,
             "params": trial.params,
         }
-        result = self.paths.final / "result.json"
-        if result.is_file():
-            out["final"] = json.loads(result.read_text())
+        final = self.paths.read_final_result()
+        if final is not None:
+            out["final"] = final
         return out
 
     def wait(self, timeout: float, poll: float = 2.0) -> None:
         """Block until every slot is finished and the final result exists (if asked for)."""
         deadline = time.monotonic() + timeout
-        while self.missing_slots() or (
-            self.spec.final and not (self.paths.final / "result.json").exists()
-        ):
+        while not self.finished():
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"sweep {self.spec.name} not finished after {timeout:.0f}s: {self.status()}"

@@ -143,7 +143,7 @@ def status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str
     stuck = sweep.lifecycle.diagnose(jobs)
     for problem in stuck:
         lines += wrap(f"stuck: {problem}", width)
-    if not stuck and not sweep.missing_slots() and (sweep.lifecycle.has_result() or not spec.final):
+    if not stuck and sweep.finished():
         lines.append("finished")
     events = sweep.lifecycle.events(3)
     if events:

@@ -8,7 +8,6 @@ same trial (same parameters, same checkpoint folder, same W&B run) instead of dr
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import json
 import os
@@ -17,16 +16,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
-from pydantic import BaseModel
 
-from hpcdl.hpo.protocol import Objective, as_objective
+from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
+from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import TrialReporter, storage, suggest
 from hpcdl.task_env import task_id
@@ -35,86 +32,6 @@ from hpcdl.util import atomic_write_text
 
 if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
     from hpcdl.train.preempt import StopFlag
-
-SlotStateName = Literal["running", "retry", "complete", "pruned", "failed"]
-FINISHED_SLOT = frozenset({"complete", "pruned", "failed"})  # nothing left to run for the slot
-ENDED = FINISHED_SLOT | {"retry"}  # the attempt running the slot is over
-
-
-class Slot(BaseModel):
-    """What a sweep knows about one trial slot."""
-
-    slot: int
-    trial: int  # the Optuna trial's number
-    params: dict[str, Any]
-    run_id: str
-    state: SlotStateName = "running"
-    attempts: int = 1
-    value: float | None = None
-    epochs: int = 0
-    node: str | None = None
-    job: str | None = None
-    error: str | None = None
-
-
-class TrialRequeued(Exception):
-    """The trial checkpointed on a preemption signal and its job was requeued: tell nobody."""
-
-
-@dataclass
-class TrialContext:
-    """Handed to the objective: parameters, where to write, and how to report progress."""
-
-    spec: SweepSpec
-    slot: Slot
-    trial_dir: Path
-    report: Callable[[int, float], None]
-    # a warm worker's preemption flag, installed once for all its trials (None: the objective's
-    # run installs its own)
-    flag: StopFlag | None = None
-
-
-class SweepPaths:
-    """The sweep folder's layout (on the shared filesystem)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.spec = root / "spec.json"
-        self.slots = root / "slots"
-        self.trials = root / "trials"
-        self.submissions = root / "submissions.jsonl"
-        self.final = root / "final"
-        self.events = root / "events.jsonl"  # what the final and follow-up jobs decided
-        self.train = root / "train.yaml"  # the base training config, as of `sweep run`
-
-    def slot_file(self, slot: int) -> Path:
-        return self.slots / f"{slot}.json"
-
-    def trial_dir(self, slot: Slot) -> Path:
-        return self.trials / f"trial-{slot.trial:05d}"
-
-    def read_slot(self, slot: int) -> Slot | None:
-        path = self.slot_file(slot)
-        return Slot.model_validate_json(path.read_text()) if path.is_file() else None
-
-    def write_slot(self, slot: Slot) -> None:
-        atomic_write_text(self.slot_file(slot.slot), slot.model_dump_json(indent=1))
-
-    def all_slots(self) -> list[Slot]:
-        return sorted(
-            (Slot.model_validate_json(p.read_text()) for p in self.slots.glob("*.json")),
-            key=lambda s: s.slot,
-        )
-
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        self.slots.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".slots.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
-
-    def load_spec(self) -> SweepSpec:
-        return SweepSpec.model_validate_json(self.spec.read_text())
 
 
 def resolve_objective(spec: SweepSpec) -> Objective:
@@ -270,10 +187,6 @@ def _stop(watchdog: threading.Event | None) -> None:
 
 
 # -- multi-rank trials: an exception on any rank ends the attempt on every rank ----------------------
-def _abort_file(trial_dir: Path, attempt: int) -> Path:
-    return trial_dir / f"abort-attempt{attempt}.json"
-
-
 def abort_attempt(
     paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot, exc: BaseException
 ) -> NoReturn:
@@ -287,7 +200,7 @@ def abort_attempt(
     trial_dir = paths.trial_dir(slot)
     error = f"rank {rank}: {type(exc).__name__}: {exc}"
     (trial_dir / f"error-attempt{slot.attempts}-rank{rank}.txt").write_text(traceback.format_exc())
-    marker = _abort_file(trial_dir, slot.attempts)
+    marker = abort_file(trial_dir, slot.attempts)
     with paths.lock():
         first = not marker.exists()
         current = paths.read_slot(slot.slot) or slot
@@ -312,7 +225,7 @@ def _watch_for_abort(trial_dir: Path, attempt: int) -> threading.Event:
     """A daemon thread that ends this process when another rank aborted this attempt (it may be
     blocked in a collective the failed rank will never join). Set the event to stop it."""
     stop = threading.Event()
-    marker = _abort_file(trial_dir, attempt)
+    marker = abort_file(trial_dir, attempt)
     rank = _rank()
 
     def watch() -> None:

@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from hpcdl.hpo.folder import FINISHED_SLOT, SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import open_study
 from hpcdl.hpo.trial import (
-    FINISHED_SLOT,
-    SweepPaths,
     _broadcast_slot,
     _maybe_init_distributed,
     _rank,
@@ -47,7 +46,7 @@ log = get_logger(__name__)
 
 
 def journal_dir(paths: SweepPaths) -> Path:
-    return paths.root / "workers"
+    return paths.workers
 
 
 def journal(paths: SweepPaths, task: str | None = None) -> Path:
@@ -142,12 +141,11 @@ def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag)
     or during one that ended anyway): while the round has slots left, requeue the task so it
     comes back for them, as it would after a trial's checkpoint. A cancelled task stays
     cancelled; a task Slurm requeued itself (preemption, node failure) is left as it is."""
-    from hpcdl.hpo.final import finished
     from hpcdl.scheduler import requeue_job
     from hpcdl.train import preempt
 
     target = task_id(local=False)
-    if target is None or all(finished(paths, i) for i in slots):
+    if target is None or not paths.missing_slots(slots):
         return
     sig = preempt.received_signal(flag)
     try:
@@ -166,12 +164,12 @@ def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None
     A requeued worker (preemption, node failure) waits there for Slurm's requeue delay (about
     two minutes) only to find nothing left, and the final job, ``afterany`` on the array,
     would wait for it."""
-    from hpcdl.hpo.final import finished, log_event
+    from hpcdl.hpo.final import log_event
     from hpcdl.scheduler import get_scheduler
     from hpcdl.site import load_site
 
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array is None or not all(finished(paths, i) for i in slots):
+    if array is None or paths.missing_slots(slots):
         return
     try:
         get_scheduler(load_site(spec.resources.site)).cancel_pending(array)
@@ -204,7 +202,7 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
 def local_worker_main(sweep_dir: str) -> str:
     """One local worker process: claim free slots until none are left; the last worker to
     finish runs the final retraining."""
-    from hpcdl.hpo.final import final_main, finished
+    from hpcdl.hpo.final import final_main
 
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
@@ -212,11 +210,10 @@ def local_worker_main(sweep_dir: str) -> str:
     study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = work(paths, spec, study, None)
     with paths.lock():
-        complete = all(finished(paths, i) for i in range(spec.trials))
-        marker = paths.root / ".final-started"
-        run_final = spec.final and complete and not marker.exists()
+        complete = not paths.missing_slots(range(spec.trials))
+        run_final = spec.final and complete and not paths.final_started.exists()
         if run_final:
-            marker.touch()
+            paths.final_started.touch()
     if run_final:
         final_main(sweep_dir)
     return f"ran {len(done)} trial(s)" + (" and the final retraining" if run_final else "")

@@ -261,8 +261,7 @@ class Driver:
 
 # -- after the faults ---------------------------------------------------------------------------------
 def finished(sweep: Any) -> bool:
-    done = not sweep.missing_slots()
-    return done and (not sweep.spec.final or (sweep.paths.final / "result.json").is_file())
+    return bool(sweep.finished())  # the sweep's own answer (hpcdl.hpo.folder decides)
 
 
 def stopped(sweep: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 def check(sweep: Any) -> list[str]:
     """The invariants, as a list of what is broken (empty: all hold)."""
-    from hpcdl.hpo.trial import FINISHED_SLOT
+    from hpcdl.hpo.folder import FINISHED_SLOT
 
     spec, problems = sweep.spec, []
     slots = sweep.slots()
@@ -37,10 +37,10 @@ def check(sweep: Any) -> list[str]:
             problems.append(f"slot {s.slot} is {s.state} but trial {s.trial} is {t.state.name}")
     problems += _check_runs(sweep, slots)
     if spec.final:
-        result = sweep.paths.final / "result.json"
-        if not result.is_file():
+        result = sweep.paths.read_final_result()
+        if result is None:
             problems.append("no final result")
-        elif trials and json.loads(result.read_text())["trial"] != sweep.study().best_trial.number:
+        elif trials and result["trial"] != sweep.study().best_trial.number:
             problems.append("the final job retrained another trial than the best")
     return problems
 

@@ -1,0 +1,137 @@
+"""The sweep folder: its layout, its records and what they say, in one place.
+
+Everything a sweep keeps on the shared file system is named here and nowhere else; the sweep,
+the CLI, the lifecycle, the workers, the final job and the chaos driver ask this module::
+
+    SWEEP/spec.json            the validated spec (SweepSpec)
+    SWEEP/train.yaml           the base training config as of `sweep run`
+    SWEEP/study.journal        Optuna's journal storage (JournalFileBackend)
+    SWEEP/slots/N.json         one Slot per trial slot, written under SWEEP/.slots.lock
+    SWEEP/trials/trial-NNNNN/  a trial's run folder (and its abort-attemptK.json markers)
+    SWEEP/workers/TASK.jsonl   each warm worker's journal
+    SWEEP/submissions.jsonl    every round the lifecycle submitted
+    SWEEP/events.jsonl         what the final and follow-up jobs decided
+    SWEEP/final/result.json    the final model's scores (the sweep's last record)
+
+"Finished" is decided once: :meth:`SweepPaths.finished` (every slot finished and, when the spec
+asks for a final model, its result written).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from hpcdl.hpo.spec import SweepSpec
+from hpcdl.util import atomic_write_json, atomic_write_text
+
+SlotStateName = Literal["running", "retry", "complete", "pruned", "failed"]
+FINISHED_SLOT = frozenset({"complete", "pruned", "failed"})  # nothing left to run for the slot
+ENDED = FINISHED_SLOT | {"retry"}  # the attempt running the slot is over
+
+
+class Slot(BaseModel):
+    """What a sweep knows about one trial slot."""
+
+    slot: int
+    trial: int  # the Optuna trial's number
+    params: dict[str, Any]
+    run_id: str
+    state: SlotStateName = "running"
+    attempts: int = 1
+    value: float | None = None
+    epochs: int = 0
+    node: str | None = None
+    job: str | None = None
+    error: str | None = None
+
+
+class SweepPaths:
+    """The sweep folder's layout (on the shared filesystem) and its records."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.spec = root / "spec.json"
+        self.slots = root / "slots"
+        self.trials = root / "trials"
+        self.submissions = root / "submissions.jsonl"
+        self.final = root / "final"
+        self.events = root / "events.jsonl"  # what the final and follow-up jobs decided
+        self.train = root / "train.yaml"  # the base training config, as of `sweep run`
+        self.study = root / "study.journal"
+        self.workers = root / "workers"  # each warm worker's journal
+        self.final_started = root / ".final-started"  # the final job began (a requeue resumes)
+        self.final_result = self.final / "result.json"
+
+    # -- slots ------------------------------------------------------------------------------------
+    def slot_file(self, slot: int) -> Path:
+        return self.slots / f"{slot}.json"
+
+    def trial_dir(self, slot: Slot) -> Path:
+        return self.trials / f"trial-{slot.trial:05d}"
+
+    def read_slot(self, slot: int) -> Slot | None:
+        path = self.slot_file(slot)
+        return Slot.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def write_slot(self, slot: Slot) -> None:
+        atomic_write_text(self.slot_file(slot.slot), slot.model_dump_json(indent=1))
+
+    def all_slots(self) -> list[Slot]:
+        return sorted(
+            (Slot.model_validate_json(p.read_text()) for p in self.slots.glob("*.json")),
+            key=lambda s: s.slot,
+        )
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        self.slots.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".slots.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def load_spec(self) -> SweepSpec:
+        return SweepSpec.model_validate_json(self.spec.read_text())
+
+    # -- what the records say ---------------------------------------------------------------------
+    def slot_finished(self, slot: int) -> bool:
+        s = self.read_slot(slot)
+        return s is not None and s.state in FINISHED_SLOT
+
+    def missing_slots(self, slots: Iterable[int]) -> list[int]:
+        """Those of ``slots`` with something left to run (``range(spec.trials)``: the sweep's)."""
+        done = {s.slot for s in self.all_slots() if s.state in FINISHED_SLOT}
+        return [i for i in slots if i not in done]
+
+    def finished_count(self) -> int:
+        return sum(s.state in FINISHED_SLOT for s in self.all_slots())
+
+    def has_final_result(self) -> bool:
+        return self.final_result.is_file()
+
+    def read_final_result(self) -> dict[str, Any] | None:
+        if not self.final_result.is_file():
+            return None
+        result: dict[str, Any] = json.loads(self.final_result.read_text())
+        return result
+
+    def write_final_result(self, result: dict[str, Any]) -> None:
+        self.final.mkdir(exist_ok=True)
+        atomic_write_json(self.final_result, result)
+
+    def finished(self, spec: SweepSpec) -> bool:
+        """The sweep has nothing left to do: every slot finished and, when ``spec.final`` asks
+        for a final model, its result is written."""
+        missing = self.missing_slots(range(spec.trials))
+        return not missing and (not spec.final or self.has_final_result())
+
+
+def abort_file(trial_dir: Path, attempt: int) -> Path:
+    """The marker of a multi-rank trial's attempt that one rank ended for all."""
+    return trial_dir / f"abort-attempt{attempt}.json"
