@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import HpcdlError
+from hpcdl.hpo.decide import Round, RoundKind, follow_up, needs_final, stopped_slots
 from hpcdl.hpo.final import final_main, log_event
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import SweepSpec
@@ -206,9 +207,8 @@ class Lifecycle:
     def ensure_final(self, jobs: list[SweepJob]) -> JobHandle | None:
         """With every slot finished: submit a final job unless one is live or the result is
         there. ``None`` when nothing was needed."""
-        if not self.spec.final or self.has_result() or self.missing_slots():
-            return None
-        if any(j.live for j in jobs if j.kind in self.final_kinds):
+        live = any(j.live for j in jobs if j.kind in self.final_kinds)
+        if not needs_final(self.spec.final, self.has_result(), bool(self.missing_slots()), live):
             return None
         return self.submit_final()  # the callers have cancelled the wedged ones already
 
@@ -221,52 +221,25 @@ class Lifecycle:
 
     def cancelled_before_start(self, jobs: list[SweepJob]) -> list[int]:
         """Slots of the last round that someone stopped (``scancel`` of the array, ``hpcdl sweep
-        cancel``): no fault to heal. One task per slot: a task cancelled before it claimed its
-        slot. Warm workers: the round's unfinished slots when every worker was cancelled, or
-        when a worker was cancelled while pending and some of the round's slots were never
-        claimed in it."""
+        cancel``): no fault to heal (the rule: :func:`hpcdl.hpo.decide.stopped_slots`)."""
+        from hpcdl.hpo.worker import started
+
         rounds = [j for j in jobs if j.kind in ("array", "workers")]
         if not rounds:
             return []
         last = rounds[-1]
+        tasks = {t: s.state for t, s in last.tasks.items()}
+        if "CANCELLED" not in tasks.values():
+            return []
         # A task cancelled while it was starting (imports, process group) ran: a fault to heal.
         # Asked of sacct only when a task was cancelled: nothing else here needs it.
-        cancelled = any(t.state == "CANCELLED" for t in last.tasks.values())
-        ran = tasks_that_ran([last.handle.job_id]) if cancelled else set()
-        if last.kind == "workers":
-            return self._workers_stopped(last, ran)
-        if last.tasks and all(t.state == "CANCELLED" for t in last.tasks.values()):  # whole array
-            return [i for i in last.slots if i in set(self.missing_slots())]
-        out = []
-        for i, slot_no in enumerate(last.slots):
-            task = f"{last.handle.job_id}_{i}"
-            status = last.tasks.get(task)
-            slot = self.paths.read_slot(slot_no)
-            claimed = slot is not None and slot.job == task
-            if (
-                status is not None
-                and status.state == "CANCELLED"
-                and not claimed
-                and task not in ran
-            ):
-                out.append(slot_no)
-        return out
-
-    def _workers_stopped(self, last: SweepJob, ran: set[str]) -> list[int]:
-        from hpcdl.hpo.worker import started
-
-        cancelled = [t for t, s in last.tasks.items() if s.state == "CANCELLED"]
-        if not cancelled:
-            return []
-        missing = set(self.missing_slots())
-        unfinished = [i for i in last.slots if i in missing]
-        if len(cancelled) == len(last.tasks):  # the whole array: the user stopped the sweep
-            return unfinished
-        jid = last.handle.job_id  # a round of one worker is a plain job: its tasks are `jid`
-        unclaimed = [i for i in unfinished
-                     if not ((s := self.paths.read_slot(i)) and (s.job or "").split("_")[0] == jid)]  # fmt: skip
-        pending = [t for t in cancelled if not started(self.paths, t) and t not in ran]
-        return unclaimed if pending else []
+        ran = tasks_that_ran([last.handle.job_id])
+        claims = {s.slot: s.job for s in self.paths.all_slots() if s.slot in last.slots}
+        kind: RoundKind = "workers" if last.kind == "workers" else "array"
+        began = {t for t, s in tasks.items()
+                 if s == "CANCELLED" and kind == "workers" and started(self.paths, t)}  # fmt: skip
+        view = Round(kind, last.handle.job_id, tuple(last.slots), tasks)
+        return stopped_slots(view, self.missing_slots(), claims, ran, began)
 
     def diagnose(self, jobs: list[SweepJob]) -> list[str]:
         """What, if anything, keeps the sweep from finishing, and what to do about it."""
@@ -330,16 +303,17 @@ def _follow_up(life: Lifecycle) -> str:
 def _follow_up_decision(life: Lifecycle, jobs: list[SweepJob]) -> str:
     missing = life.missing_slots()
     name = life.spec.name
-    if missing:
-        stopped = life.cancelled_before_start(jobs)
-        if stopped:
-            return (f"{len(missing)} trial(s) missing, but the sweep was stopped (tasks cancelled "
-                    f"before they ran {len(stopped)} of them): 'hpcdl sweep resume {name}' "
-                    "continues it")  # fmt: skip
-        rounds = sum(1 for j in jobs if j.kind in ("array", "workers"))
-        if rounds > life.spec.max_retries:
-            return (f"{len(missing)} trial(s) missing after {rounds} rounds; giving up: "
-                    f"'hpcdl sweep resume {name}' tries again")  # fmt: skip
+    stopped = life.cancelled_before_start(jobs) if missing else []
+    rounds = sum(1 for j in jobs if j.kind in ("array", "workers"))
+    action = follow_up(missing, stopped, rounds, life.spec.max_retries)
+    if action == "stopped":
+        return (f"{len(missing)} trial(s) missing, but the sweep was stopped (tasks cancelled "
+                f"before they ran {len(stopped)} of them): 'hpcdl sweep resume {name}' "
+                "continues it")  # fmt: skip
+    if action == "give_up":
+        return (f"{len(missing)} trial(s) missing after {rounds} rounds; giving up: "
+                f"'hpcdl sweep resume {name}' tries again")  # fmt: skip
+    if action == "resume":
         text, handles = life.resume()
         return f"{text}: " + ", ".join(h.job_id for h in handles)
     handle = life.ensure_final(jobs)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 
+from hpcdl.hpo import decide
 from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
 from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
 from hpcdl.hpo.spec import SweepSpec
@@ -62,16 +63,20 @@ def claim(
             if slot_no is None:
                 return None
         slot = paths.read_slot(slot_no)
-        if slot is not None and slot.state in FINISHED_SLOT:
+        if slot is None:
+            action = decide.claim(None, 0, None, task_id(), spec.max_retries)
+        else:
+            action = decide.claim(slot.state, slot.attempts, slot.job, task_id(), spec.max_retries)
+        if action == "skip":
             return None
-        requeued = slot is not None and slot.state == "running" and slot.job == task_id()
-        if slot is not None and not requeued and slot.attempts > spec.max_retries:
+        if action == "fail":
+            assert slot is not None
             study.tell(slot.trial, state=optuna.trial.TrialState.FAIL)
             paths.write_slot(
                 slot.model_copy(update={"state": "failed", "error": "retries exhausted"})
             )
             return None
-        if slot is None:
+        if slot is None:  # "new"
             trial = study.ask()
             slot = Slot(
                 slot=slot_no,
@@ -79,7 +84,7 @@ def claim(
                 params=suggest(trial, spec),
                 run_id=f"{spec.name}-t{trial.number:05d}",
             )
-        elif not requeued:  # a Slurm requeue (preemption) of the same task is not a new attempt
+        elif action == "retry":  # a Slurm requeue of the same task ("resume") is no new attempt
             slot = slot.model_copy(update={"attempts": slot.attempts + 1, "state": "running"})
         slot = slot.model_copy(
             update={
@@ -107,15 +112,9 @@ def update_slot(paths: SweepPaths, new: Slot) -> bool:
 
 def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
     # Only a Slurm job or task id survives a requeue (a local worker's id is not its task's).
-    me = task_id(local=False)
-    mine, free = None, None
-    for i in slots:
-        s = paths.read_slot(i)
-        if s is not None and s.state == "running" and me is not None and s.job == me:
-            mine = i if mine is None else mine
-        elif free is None and (s is None or s.state == "retry"):
-            free = i
-    return mine if mine is not None else free
+    seen = [(i, s.state if s else None, s.job if s else None)
+            for i in slots for s in [paths.read_slot(i)]]  # fmt: skip
+    return decide.next_slot(seen, task_id(local=False))
 
 
 def run_trial(

@@ -1,0 +1,128 @@
+"""The sweep's decisions as pure functions: what the lifecycle and the claim do, given what Slurm
+said (task states, which tasks ran) and what the sweep folder holds (slots, journals).
+
+Nothing here reads a file or asks Slurm: :mod:`hpcdl.hpo.lifecycle` and :mod:`hpcdl.hpo.trial`
+gather the facts and act on the answer, so every rule is tested by tables in milliseconds
+(``tests/unit/test_decide.py``) and the cluster tests prove only the wiring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from hpcdl.hpo.folder import FINISHED_SLOT
+
+RoundKind = Literal["array", "workers"]
+FollowUp = Literal["stopped", "give_up", "resume", "final"]
+Claim = Literal["new", "resume", "retry", "fail", "skip"]
+
+
+@dataclass(frozen=True)
+class Round:
+    """The last round of a sweep as the follow-up job sees it.
+
+    ``kind``: ``array`` (task i runs slot i) or ``workers`` (warm workers claim slots);
+    ``tasks``: each task's state (``JOB_I`` for array tasks; a one-worker round is the plain
+    job ``JOB``)."""
+
+    kind: RoundKind
+    job_id: str
+    slots: tuple[int, ...]
+    tasks: Mapping[str, str]
+
+
+def stopped_slots(
+    last: Round,
+    missing: Iterable[int],
+    claims: Mapping[int, str | None],
+    ran: Iterable[str] = (),
+    started: Iterable[str] = (),
+) -> list[int]:
+    """Slots of the last round that someone stopped (``scancel`` of the array, ``hpcdl sweep
+    cancel``), as opposed to faults to heal: the follow-up job leaves those to ``sweep resume``.
+
+    ``missing``: slots with something left to run; ``claims``: each slot's task (``Slot.job``);
+    ``ran``: tasks sacct says ran (a task cancelled while starting ran: a fault); ``started``:
+    workers whose journal has a start line.
+
+    - every task cancelled (the whole array): the round's missing slots;
+    - one task per slot: the slots whose task was cancelled before it claimed its slot or ran;
+    - warm workers: the round's unclaimed missing slots when a worker was cancelled while still
+      pending (never started, never ran); a worker cancelled while running is a fault.
+    """
+    missing_set, ran_set = set(missing), set(ran)
+    cancelled = [t for t, s in last.tasks.items() if s == "CANCELLED"]
+    if not cancelled:
+        return []
+    unfinished = [i for i in last.slots if i in missing_set]
+    if len(cancelled) == len(last.tasks):  # the whole array: the user stopped the sweep
+        return unfinished
+    if last.kind == "workers":
+        mine = [i for i in unfinished if (claims.get(i) or "").split("_")[0] == last.job_id]
+        unclaimed = [i for i in unfinished if i not in mine]
+        started_set = set(started)
+        pending = [t for t in cancelled if t not in started_set and t not in ran_set]
+        return unclaimed if pending else []
+    out = []
+    for i, slot_no in enumerate(last.slots):
+        task = f"{last.job_id}_{i}"
+        if (
+            last.tasks.get(task) == "CANCELLED"
+            and claims.get(slot_no) != task
+            and task not in ran_set
+        ):
+            out.append(slot_no)
+    return out
+
+
+def follow_up(
+    missing: Sequence[int], stopped: Sequence[int], rounds: int, max_retries: int
+) -> FollowUp:
+    """What the follow-up job does after a round: nothing left to run → make sure a ``final``
+    job will run; the user stopped the round → ``stopped`` (``sweep resume`` continues); more
+    rounds than retries → ``give_up``; else ``resume`` the missing slots in a new round."""
+    if not missing:
+        return "final"
+    if stopped:
+        return "stopped"
+    if rounds > max_retries:
+        return "give_up"
+    return "resume"
+
+
+def needs_final(final: bool, has_result: bool, missing: bool, final_live: bool) -> bool:
+    """Whether a final job must be submitted: the spec asks for one, every slot finished, no
+    result yet, and no final job (or final-running worker) is queued or running."""
+    return final and not has_result and not missing and not final_live
+
+
+def claim(
+    state: str | None, attempts: int, job: str | None, me: str | None, max_retries: int
+) -> Claim:
+    """What a claim does with a slot (``state`` None: never claimed): ``new`` asks the study
+    for a trial; ``resume`` continues this very task's trial after a Slurm requeue (not a new
+    attempt); ``retry`` starts attempt ``attempts + 1`` of the same trial; ``fail`` marks it
+    failed (retries used up); ``skip`` leaves a finished slot alone."""
+    if state is None:
+        return "new"
+    if state in FINISHED_SLOT:
+        return "skip"
+    if state == "running" and job == me:  # outside any job both are None: the same process
+        return "resume"
+    if attempts > max_retries:
+        return "fail"
+    return "retry"
+
+
+def next_slot(slots: Sequence[tuple[int, str | None, str | None]], me: str | None) -> int | None:
+    """Which slot a warm worker claims among ``(slot, state, job)``: first the one this task
+    was running (a requeued worker resumes its trial before anything else; only a Slurm task id
+    survives a requeue, so ``me`` is None on the local profile), then the first free or
+    retry-marked slot; None when none is left."""
+    mine = next((i for i, state, job in slots
+                 if state == "running" and me is not None and job == me), None)  # fmt: skip
+    if mine is not None:
+        return mine
+    return next((i for i, state, _ in slots if state in (None, "retry")), None)
