@@ -130,6 +130,7 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     import yaml
 
     from hpcdl.scheduler import import_site
+    from hpcdl.util import atomic_write_text
 
     if output is not None and output.exists() and not force:
         raise ConfigError(str(output), "", "exists already (use --force to overwrite)")
@@ -137,10 +138,23 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
+    make_private_dirs(output.parent)  # ~/.config/hpcdl/sites on a new machine
+    atomic_write_text(output, text)
     click.echo(f"wrote {output}; review it, then 'hpcdl site check {output}'")
+
+
+def make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and any missing parent, each readable by its owner only (0700, as
+    ~/.config should be); folders that exist keep their mode."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
 
 
 def register(cli: click.Group) -> None:
