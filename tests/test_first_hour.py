@@ -54,3 +54,98 @@ def test_site_import_creates_the_missing_folder_private(devcluster, tmp_path):
     for folder in (tmp_path / "config", tmp_path / "config/hpcdl", target.parent):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     assert [p.name for p in target.parent.iterdir()] == ["mysite.yaml"]  # no temporary left
+
+
+# -- 2: a sweep the site refuses leaves nothing behind; resume takes the fix ------------------------
+@pytest.mark.slurm
+def test_a_refused_sweep_writes_nothing_and_runs_once_fixed(devcluster, tmp_path, job_root, capsys):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({**TOY, "final": False, "parallelism": 1,
+                                    "resources": {"site": devcluster, "time": "5m"}}))  # fmt: skip
+    for bad, expected in (
+        ("resources.time=2-00:00:00", "time: 2-00:00:00 exceeds partition 'cpu' limit"),
+        ("resources.nodes=9", "nodes: 9 exceeds partition 'cpu' limit 4"),
+    ):
+        assert main(["sweep", "run", str(spec), bad]) == 2
+        assert not (job_root / "sweeps").exists()  # no folder, no spec, no study, no slots
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {spec}: resources: "), err
+        assert expected in err and len(err.splitlines()) == 1, err
+    assert run_cli("sweep", "list").stdout == ""
+    proc = run_cli("sweep", "run", str(spec), "resources.partition=low")
+    assert proc.returncode == 0, proc.stderr
+    sweep = Sweep.load("first")
+    try:
+        sweep.wait(timeout=180)
+        wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
+        # resume with a fix the site refuses: nothing changes, nothing is queued
+        before, subs = sweep.paths.spec.read_text(), sweep.submissions()
+        assert main(["sweep", "resume", "first", "resources.time=2-00:00:00"]) == 2
+        err = capsys.readouterr().err
+        assert "time: 2-00:00:00 exceeds partition 'low' limit" in err, err
+        assert sweep.paths.spec.read_text() == before and sweep.submissions() == subs
+    finally:
+        sweep.cancel()
+
+
+def test_resume_takes_resource_overrides_and_refuses_changes_of_meaning(tmp_path, capsys):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({**TOY, "name": "fixme", "final": False}))
+    assert main(["sweep", "run", str(spec)]) == 0
+    sweep = Sweep.load("fixme")
+    sweep.wait(timeout=120)
+    wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
+    capsys.readouterr()
+    for key in ("space.x.low=0.5", "metric=val_loss", "direction=minimize", "sampler.seed=3",
+                "trials=9"):  # fmt: skip
+        assert main(["sweep", "resume", "fixme", key]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {sweep.paths.spec}: {key.split('=')[0]}: a resumed sweep keeps what it studies"), err  # fmt: skip
+        assert "name=NEW" in err[0]
+    # a resources override is accepted and saved (nothing is missing: no round to submit)
+    assert main(["sweep", "resume", "fixme", "resources.time=20m", "parallelism=1"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    saved = SweepSpec.model_validate_json(sweep.paths.spec.read_text())
+    assert (saved.resources.time, saved.parallelism) == ("20m", 1)
+
+
+# -- 3: resume never repeats a trial's parameters ------------------------------------------------
+def test_resuming_twice_never_repeats_parameters(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.3")  # a trial: 4 epochs, about 1.2 s
+    spec = SweepSpec.model_validate({**TOY, "name": "again", "trials": 6, "final": False})
+    sweep = Sweep(spec)
+    sweep.run()
+    done: list[int] = []
+    for _ in range(2):  # stop it after one more trial finished, then resume
+        wait_until(lambda: len(_finished(sweep)) > (done[-1] if done else 0), 120, sweep.status)
+        sweep.cancel()
+        wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
+        done.append(len(_finished(sweep)))
+        assert done[-1] < 6, "the sweep finished before it could be stopped"
+        sweep.resume()
+    sweep.wait(timeout=180)
+    params = [t.params["x"] for t in sweep.study().trials]
+    assert len(params) >= 6
+    assert len(set(params)) == len(params), sorted(params)
+    assert (sweep.paths.root / "round").read_text().strip() == "3"
+
+
+def _finished(sweep: Sweep) -> list[int]:
+    return [s.slot for s in sweep.slots() if s.state == "complete"]
+
+
+# -- 4: a second sweep of the same name ------------------------------------------------------------
+def test_same_name_says_how_to_rename_and_offers_resume_only_when_unfinished(job_root, capsys):
+    spec = SweepSpec.model_validate({**TOY, "name": "twice"})
+    sweep = Sweep(spec)
+    sweep.run()
+    sweep.wait(timeout=120)
+    wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
+    with pytest.raises(Exception, match="exists already") as finished:
+        Sweep(spec).run()
+    assert "name=NEW" in str(finished.value) and "resume" not in str(finished.value)
+    (sweep.paths.final / "result.json").unlink()  # as if its final job had died
+    with pytest.raises(Exception, match="exists already") as unfinished:
+        Sweep(spec).run()
+    assert "name=NEW" in str(unfinished.value)
+    assert "'hpcdl sweep resume twice'" in str(unfinished.value)
