@@ -121,6 +121,10 @@ def test_resuming_twice_never_repeats_parameters(tmp_path, monkeypatch):
         sweep.cancel()
         wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
         done.append(len(_finished(sweep)))
+        held = sum(s.state == "running" for s in sweep.slots())  # by the cancelled workers
+        shown = status_text(sweep, 200, False, str)
+        assert not any("  running  " in line for line in shown), shown
+        assert sum("  cancelled  " in line for line in shown) == held, shown
         assert done[-1] < 6, "the sweep finished before it could be stopped"
         sweep.resume()
     sweep.wait(timeout=180)
@@ -149,3 +153,97 @@ def test_same_name_says_how_to_rename_and_offers_resume_only_when_unfinished(job
         Sweep(spec).run()
     assert "name=NEW" in str(unfinished.value)
     assert "'hpcdl sweep resume twice'" in str(unfinished.value)
+
+
+# -- 5: short flags mean what they mean to sbatch ---------------------------------------------------
+def _sbatch_short_flags() -> dict[str, str]:
+    """``{"-n": "--ntasks", ...}`` from this machine's ``sbatch --help``."""
+    import re
+    import subprocess
+
+    text = subprocess.run(["sbatch", "--help"], capture_output=True, text=True, timeout=30).stdout
+    return dict(re.findall(r"^\s+(-[A-Za-z]), (--[a-z][a-z-]*)", text, re.MULTILINE))
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("command", ["submit", "render"])
+def test_every_short_flag_shared_with_sbatch_means_the_same(command):
+    from hpcdl.cli.jobs import render, submit
+
+    sbatch = _sbatch_short_flags()
+    assert sbatch["-n"] == "--ntasks" and len(sbatch) > 20, sbatch
+    cmd = {"submit": submit, "render": render}[command]
+    ours = {opt: p.opts for p in cmd.params for opt in p.opts if len(opt) == 2}
+    ours.pop("-h", None)  # help, in both
+    for flag, opts in ours.items():
+        assert flag in sbatch, f"{flag} ({opts}) is not an sbatch flag"
+        assert sbatch[flag] in opts, f"{flag} is sbatch's {sbatch[flag]}, ours is {opts}"
+
+
+@pytest.mark.slurm
+def test_ntasks_and_gpus_are_totals_and_old_meanings_are_named(devcluster, tmp_path, capsys):
+    def script(*args: str) -> str:
+        assert main(["render", "--site", devcluster, *args, "--", "true"]) == 0
+        return capsys.readouterr().out
+
+    assert "--ntasks-per-node=2" in script("-N", "2", "-n", "4")
+    assert "--ntasks-per-node=3" in script("-n", "3")
+    assert "--ntasks-per-node=2" in script("-N", "2", "--ntasks-per-node", "2")
+    assert "--ntasks-per-node=2" in script("-N", "2", "--tasks-per-node", "2")
+    assert "--gpus-per-node=1" in script("-p", "gpu", "-N", "2", "-G", "2")
+    # -N 2 -n 2 meant 4 ranks before: it now means 2, and says so
+    assert main(["render", "--site", devcluster, "-N", "2", "-n", "2", "--", "true"]) == 0
+    out = capsys.readouterr()
+    assert "--ntasks-per-node=1" in out.out
+    assert "note: -n 2 means 2 tasks in all, 1 per node, as in sbatch" in out.err
+    assert "--ntasks-per-node 2" in out.err
+    for args, line in (
+        (["-N", "2", "-n", "3"], "error: command line: -n/--ntasks: 3 tasks in all do not split "
+         "evenly over 2 node(s) (-N/--nodes 2): give a multiple of 2, or --ntasks-per-node N"),
+        (["-N", "2", "-n", "4", "--ntasks-per-node", "1"], "error: command line: -n/--ntasks: 4 "
+         "tasks in all over 2 node(s) is 2 per node, but --ntasks-per-node (or tasks_per_node in "
+         "the job file) says 1"),
+        (["-p", "gpu", "-N", "2", "-G", "3"], "error: command line: -G/--gpus: 3 GPUs in all do "
+         "not split evenly over 2 node(s)"),
+        (["-s", devcluster], "sbatch's -s is --oversubscribe: give the site as --site NAME"),
+        (["-e", "A=1"], "sbatch's -e is --error: give environment variables as --env KEY=VALUE"),
+    ):  # fmt: skip
+        assert main(["render", "--site", devcluster, *args, "--", "true"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and line in err, err
+
+
+@pytest.mark.slurm
+def test_two_nodes_n_two_runs_two_ranks(devcluster, tmp_path):
+    from conftest import REPORT
+
+    from hpcdl.scheduler import find_handle
+
+    proc = run_cli("submit", "--site", devcluster, "--parsable", "-N", "2", "-n", "2", "-t", "5m",
+                   "--", sys.executable, REPORT, str(tmp_path / "rank"), "SLURM_NTASKS")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    handle = find_handle(proc.stdout.strip())
+    try:
+        state = handle.wait(timeout=120)
+        assert state == "COMPLETED", handle.log_paths(0)[1].read_text()
+    finally:
+        handle.cancel()
+    reports = [json.loads(p.read_text()) for p in tmp_path.glob("rank.*.json")]
+    assert sorted(r["procid"] for r in reports) == ["0", "1"]
+    assert len({r["node"] for r in reports}) == 2  # one rank on each node
+    assert {r["env"]["SLURM_NTASKS"] for r in reports} == {"2"}
+
+
+# -- 6: --test-only says when and where ------------------------------------------------------------
+@pytest.mark.slurm
+def test_test_only_prints_when_and_where(devcluster):
+    from hpcdl.scheduler import find_handle
+
+    proc = run_cli("submit", "--site", devcluster, "--test-only", "-t", "1m", "--", "true")
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split()[2]
+    find_handle(job_id).cancel()
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    answer = next(line for line in lines if line.startswith("sbatch --test-only: "))
+    assert answer.startswith("sbatch --test-only: would start at 20"), proc.stdout
+    assert " on nodes node" in answer and "in partition cpu" in answer, answer

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from hpcdl.cli.flags import NOT_HPCDL, per_node, when_where
 from hpcdl.errors import ConfigError, HpcdlError
 
 # Extra sbatch options (hpcdl.slurm_options): checked against the partition's site policy.
@@ -36,14 +37,26 @@ SBATCH_OPTIONS = [
 ]
 
 _RESOURCE_OPTIONS = [
-    click.option(
-        "--site", "-s", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."
-    ),
-    click.option("--name", "-J", help="Job name."),
+    # Short flags mean what they mean to sbatch (-n total tasks, -G total GPUs); sbatch's -s
+    # (--oversubscribe) and -e (--error) are not hpcdl's --site and --env (tests/test_first_hour.py)
+    click.option("--site", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."),
+    click.option("--name", "--job-name", "-J", "name", help="Job name."),
     click.option("--partition", "-p"),
     click.option("--nodes", "-N", type=int),
-    click.option("--tasks-per-node", "-n", "tasks_per_node", type=int),
-    click.option("--gpus-per-node", "-G", "gpus_per_node", type=int),
+    click.option(
+        "--ntasks",
+        "-n",
+        type=int,
+        help="Tasks (ranks) in all, as sbatch -n; a multiple of --nodes, spread evenly.",
+    ),
+    click.option("--ntasks-per-node", "--tasks-per-node", "tasks_per_node", type=int),
+    click.option(
+        "--gpus",
+        "-G",
+        type=int,
+        help="GPUs in all, as sbatch -G; a multiple of --nodes, spread evenly.",
+    ),
+    click.option("--gpus-per-node", "gpus_per_node", type=int),
     click.option("--cpus-per-task", "-c", "cpus_per_task", type=int),
     click.option("--mem", help="Memory per node, e.g. 16G."),
     click.option("--time", "-t", help="Time limit, e.g. 30m, 02:00:00, 1-00:00:00."),
@@ -51,7 +64,7 @@ _RESOURCE_OPTIONS = [
     click.option("--qos", "-q"),
     click.option("--array", type=int, help="Array size: tasks 0..N-1."),
     click.option("--throttle", type=int, help="At most this many array tasks at once."),
-    click.option("--env", "-e", "env", multiple=True, help="KEY=VALUE (repeatable)."),
+    click.option("--env", "env", multiple=True, help="KEY=VALUE (repeatable)."),
     click.option("--setup", multiple=True, help="Shell line run before the tasks (repeatable)."),
     click.option("--after", "dependencies", multiple=True, help="Start after this job succeeds."),
     click.option("--container", help="Container image (site's runtime)."),
@@ -94,6 +107,7 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
         data = apply_overrides(data, list(args[1:]), where)
     else:
         where, data = "command line", {"command": list(args)}
+    totals = {key: options.pop(key, None) for key in ("ntasks", "gpus")}
     for key, value in options.items():
         if value in (None, ()):
             continue
@@ -107,6 +121,9 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
             data[key] = [*(data.get(key) or []), *value]
         else:
             data[key] = value
+    for key, total in totals.items():
+        if total is not None:
+            per_node(data, key, total, where)
     return Job.from_dict(data, where), where
 
 
@@ -125,7 +142,9 @@ class JobCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as exc:
-            hint = "hpcdl's options go before '--', the command and its own options after it"
+            hint = NOT_HPCDL.get(exc.option_name) or (
+                "hpcdl's options go before '--', the command and its own options after it"
+            )
             raise click.UsageError(f"{exc.format_message()} ({hint})", ctx) from None
 
 
@@ -145,18 +164,25 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
 
     \b
     hpcdl submit configs/hello.yaml nodes=2 env.MSG=hi
-    hpcdl submit --site devcluster -N 2 -n 2 -- python train.py --lr 0.1
-    hpcdl submit --site devcluster -N 2 -n 2 --launcher torchrun -- python ddp.py
+    hpcdl submit --site devcluster -N 2 -n 4 -- python train.py --lr 0.1
+    hpcdl submit --site devcluster -N 2 --ntasks-per-node 2 --launcher torchrun -- python ddp.py
     """
+    from hpcdl.scheduler import get_scheduler
+
     job, where = build_job(args, options)
     site = job.resolve_site()
     job.check(site, where)
-    handle = job.submit(site, test_only=test_only)
+    answer = get_scheduler(site).test_only(job) if test_only else None
+    handle = job.submit(site)
     if parsable:
         click.echo(handle.job_id)
+        if answer:
+            click.echo(when_where(answer), err=True)
         return
     kind = f"array of {handle.array}" if handle.array else "job"
     click.echo(f"Submitted {kind} {handle.job_id} ({handle.name}) on {handle.site}")
+    if answer:
+        click.echo(f"  {when_where(answer)}")
     if handle.parts:  # over the site's max_array_size: one job, several Slurm arrays
         ids = ", ".join(p.job_id for p in handle.parts)
         click.echo(f"  as {len(handle.parts)} Slurm arrays (one job for hpcdl): {ids}")
