@@ -247,3 +247,65 @@ def test_test_only_prints_when_and_where(devcluster):
     answer = next(line for line in lines if line.startswith("sbatch --test-only: "))
     assert answer.startswith("sbatch --test-only: would start at 20"), proc.stdout
     assert " on nodes node" in answer and "in partition cpu" in answer, answer
+
+
+# -- 7: the smaller ones ----------------------------------------------------------------------------
+class Picky(BaseObjective):
+    """An objective whose check refuses the spec without naming a file (as objectives do)."""
+
+    def check(self, spec) -> None:
+        raise ConfigError("", "space.x", "must stay below 0.9 for this objective")
+
+
+def test_site_profiles_say_what_they_hold_and_what_is_wrong(tmp_path, capsys):
+    local = yaml.safe_load((REPO / "hpcdl/sites/local.yaml").read_text())
+    other = tmp_path / "mysite.yaml"  # name: local inside
+    other.write_text(yaml.safe_dump({**local, "setup": ["module load cuda/12.4"],
+                                     "launchers": {"torchrun": {"env": {"LOGLEVEL": "WARNING"}}}}))  # fmt: skip
+    assert main(["site", "check", str(other)]) == 0
+    out = capsys.readouterr()
+    assert out.err.strip() == (
+        f"hpcdl: warning: {other}: name: 'local' differs from the file name 'mysite': rename one "
+        "(installed on the search path it would be refused)"
+    )
+    assert main(["site", "check", str(REPO / "hpcdl/sites/local.yaml")]) == 0
+    assert capsys.readouterr().err == ""  # name and file agree: no warning
+    assert main(["site", "show", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "  setup: module load cuda/12.4\n" in out
+    assert "  launchers: torchrun LOGLEVEL=WARNING\n" in out
+
+
+def _local_job(name: str = "speaker") -> str:
+    from hpcdl.scheduler import find_handle
+
+    proc = run_cli("submit", "--site", "local", "--name", name, "--parsable", "--",
+                   sys.executable, "-c", "print('the program speaks')")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    assert find_handle(job_id).wait(timeout=120) == "COMPLETED"
+    return job_id
+
+
+def test_status_piped_at_80_columns_keeps_each_job_on_one_line():
+    name = "a-rather-long-job-name-that-would-wrap-" + "x" * 30
+    job_id = _local_job(name)
+    status = run_cli("status", env={"COLUMNS": "80"}).stdout
+    row = next(line for line in status.splitlines() if job_id in line)
+    assert name in row and "COMPLETED" in row, status  # one line per job, no cell wrapped
+
+
+def test_logs_show_the_program_without_submitit_unless_all():
+    job_id = _local_job()
+    assert run_cli("logs", job_id).stdout == "the program speaks\n"
+    everything = run_cli("logs", job_id, "--all").stdout
+    assert "submitit INFO (" in everything and "the program speaks\n" in everything
+
+
+def test_sweep_errors_name_the_spec_file(tmp_path, capsys, job_root):
+    spec = tmp_path / "picky.yaml"
+    spec.write_text(yaml.safe_dump({**TOY, "objective": "tests.test_first_hour:Picky"}))
+    assert main(["sweep", "run", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {spec}: space.x: must stay below 0.9 for this objective"
+    assert not (job_root / "sweeps").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -210,7 +212,9 @@ def status(job_id: str | None, last: int) -> None:
 
     from hpcdl.scheduler import find_handle, job_statuses, load_handles
 
-    console = Console()
+    # Piped (a file, grep, a pager): rows stay whole lines whatever $COLUMNS says, never a
+    # cell wrapped over two lines; a terminal gets rich's fitting.
+    console = Console() if sys.stdout.isatty() else Console(width=10_000)
     if job_id:
         handle = find_handle(job_id)
         console.print(_task_table(handle, job_statuses([handle])[handle.job_id]))
@@ -292,8 +296,10 @@ def _styled(state: str) -> str:
 @click.option("--task", default=0, show_default=True, help="Task (rank) within the job.")
 @click.option("--err", "stderr", is_flag=True, help="Show stderr instead of stdout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
-def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
-    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task)."""
+@click.option("--all", "show_all", is_flag=True, help="Also submitit's own INFO lines.")
+def logs(job_id: str, task: int, stderr: bool, follow: bool, show_all: bool) -> None:
+    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task): the program's output,
+    without submitit's INFO lines (--all shows them; its warnings and errors always show)."""
     from hpcdl.scheduler import FINISHED, find_task
 
     handle, array_task = find_task(job_id)  # a split array's task: its global index
@@ -302,23 +308,38 @@ def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
     if task >= handle.tasks:
         raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{handle.tasks - 1}")
     path = handle.log_paths(task, array_task)[1 if stderr else 0]
-    pos = 0
+    pos, held = 0, ""  # held: a last line still being written (filtered once it is whole)
+
+    def show(chunk: str, last: bool) -> None:
+        nonlocal held
+        if show_all:
+            click.echo(chunk, nl=False)
+            return
+        lines = (held + chunk).split("\n")
+        held = "" if last else lines.pop()
+        kept = [line for line in lines if not _SUBMITIT_INFO.match(line)]
+        click.echo("\n".join(kept) + ("" if last or not kept else "\n"), nl=False)
+
     while True:
         if path.is_file():
             with open(path, errors="replace") as f:
                 f.seek(pos)
                 chunk = f.read()
                 pos = f.tell()
-            click.echo(chunk, nl=False)
+            show(chunk, last=not follow)
         elif not follow:
             raise HpcdlError(f"no log yet at {path} (job {handle.job_id}: {handle.state()})")
         if not follow or handle.state() in FINISHED:
             if follow and path.is_file():  # print what arrived between the last read and the end
                 with open(path, errors="replace") as f:
                     f.seek(pos)
-                    click.echo(f.read(), nl=False)
+                    show(f.read(), last=True)
             return
         time.sleep(1.0)
+
+
+#: submitit's own progress lines in a task's log ("submitit INFO (2026-...) - Loading pickle").
+_SUBMITIT_INFO = re.compile(r"submitit (INFO|DEBUG) \(\d{4}-\d\d-\d\d [\d:,.]+\) - ")
 
 
 @click.command()

@@ -70,6 +70,8 @@ def show(name: str) -> None:
         "accounts": ", ".join(profile.accounts) or "-",
         "qos": ", ".join(profile.qos) or "-",
         "modules": " ".join(profile.modules) or "-",
+        "setup": "; ".join(profile.setup) or "-",
+        "launchers": "; ".join(_launcher(k, v) for k, v in profile.launchers.items()) or "-",
         "env": " ".join(f"{k}={v}" for k, v in profile.env.items()) or "-",
         "secrets (from your shell)": ", ".join(profile.secrets) or "-",
         "container": profile.container.runtime
@@ -81,6 +83,12 @@ def show(name: str) -> None:
     }
     for key, value in facts.items():
         console.print(f"  {key}: {value}", markup=False)
+
+
+def _launcher(name: str, preset: Any) -> str:
+    """``srun --mpi=pmi2``, ``torchrun LOGLEVEL=WARNING``: what the site adds to a launcher."""
+    parts = [f"--mpi={preset.mpi}"] if preset.mpi else []
+    return " ".join([name, *parts, *(f"{k}={v}" for k, v in preset.env.items())])
 
 
 def _partition_rules(profile: Any) -> list[str]:
@@ -107,6 +115,12 @@ def check(name: str) -> None:
     from hpcdl.site import load_site
 
     profile = load_site(name)
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")) and path.stem != profile.name:
+        # In a sites folder it would be refused; by path it loads, so say it before it is installed
+        click.echo(f"hpcdl: warning: {name}: name: {profile.name!r} differs from the file name "
+                   f"{path.stem!r}: rename one (installed on the search path it would be "
+                   "refused)", err=True)  # fmt: skip
     if not get_scheduler(profile).queued:  # no batch system behind the profile
         click.echo(f"{profile.name}: local profile, nothing to compare")
         return

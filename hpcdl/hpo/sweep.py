@@ -185,6 +185,7 @@ class Sweep:
                     "epochs": s.epochs if s else 0,
                     "attempts": s.attempts if s else 0,
                     "node": s.node if s else None,
+                    "job": s.job if s else None,  # the task that holds (or held) the slot
                     "wandb_run": s.run_id if s else None,
                     "error": s.error if s else None,
                 }
