@@ -102,11 +102,20 @@ def test_resume_takes_resource_overrides_and_refuses_changes_of_meaning(tmp_path
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {sweep.paths.spec}: {key.split('=')[0]}: a resumed sweep keeps what it studies"), err  # fmt: skip
         assert "name=NEW" in err[0]
-    # a resources override is accepted and saved (nothing is missing: no round to submit)
-    assert main(["sweep", "resume", "fixme", "resources.time=20m", "parallelism=1"]) == 2
+    assert main(["sweep", "resume", "fixme", "resources.site=devcluster"]) == 2
+    assert "a sweep stays on the site it was started on" in capsys.readouterr().err
+    # finished: nothing to resume, and the override is not saved either
+    before = sweep.paths.spec.read_text()
+    assert main(["sweep", "resume", "fixme", "resources.time=20m"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    assert sweep.paths.spec.read_text() == before
+    # a missing trial: the resources override is accepted, saved, and the round runs
+    sweep.paths.slot_file(1).unlink()
+    assert main(["sweep", "resume", "fixme", "resources.time=20m", "parallelism=1"]) == 0
     saved = SweepSpec.model_validate_json(sweep.paths.spec.read_text())
     assert (saved.resources.time, saved.parallelism) == ("20m", 1)
+    Sweep.load("fixme").wait(timeout=120)
+    wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
 
 
 # -- 3: resume never repeats a trial's parameters ------------------------------------------------

@@ -298,8 +298,10 @@ def _styled(state: str) -> str:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 @click.option("--all", "show_all", is_flag=True, help="Also submitit's own INFO lines.")
 def logs(job_id: str, task: int, stderr: bool, follow: bool, show_all: bool) -> None:
-    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task): the program's output,
-    without submitit's INFO lines (--all shows them; its warnings and errors always show)."""
+    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task).
+
+    The program's output, without submitit's own INFO lines (--all shows them; its warnings and
+    errors always show)."""
     from hpcdl.scheduler import FINISHED, find_task
 
     handle, array_task = find_task(job_id)  # a split array's task: its global index

@@ -215,7 +215,7 @@ class Lifecycle:
         if not missing:
             handle = self.ensure_final(jobs)
             if handle is None:
-                raise HpcdlError(self._nothing_to_resume(jobs))
+                raise HpcdlError(self.nothing_to_resume(jobs))
             return f"submitted the final job {handle.job_id}", [handle]
         self.check_round(missing, where)  # before any slot or job changes
         with self.paths.lock():
@@ -228,7 +228,7 @@ class Lifecycle:
         handles = self.submit(missing, where)
         return f"resubmitted {len(missing)} trial(s)", handles
 
-    def _nothing_to_resume(self, jobs: list[SweepJob]) -> str:
+    def nothing_to_resume(self, jobs: list[SweepJob]) -> str:
         if not self.spec.final or self.has_result():
             return f"sweep {self.spec.name!r} has finished: no missing trials, nothing to resume"
         live = [j.handle.job_id for j in jobs if j.kind in self.final_kinds and j.live]

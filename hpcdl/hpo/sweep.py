@@ -104,7 +104,10 @@ class Sweep:
         if overrides:
             self.spec = resumed_spec(self.spec, overrides, self.source)
             life = self.lifecycle
-            life.refuse_active(life.jobs())
+            jobs = life.jobs()
+            life.refuse_active(jobs)
+            if not life.missing_slots() and (not self.spec.final or life.has_result()):
+                raise HpcdlError(life.nothing_to_resume(jobs))  # and the spec stays as it was
             with _named(self.source):
                 life.check_round(life.missing_slots() or [0], f"{self.source}: resources")
             atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
@@ -233,6 +236,9 @@ def resumed_spec(spec: SweepSpec, overrides: list[str], where: str) -> SweepSpec
 
     for item in overrides:
         key = item.partition("=")[0]
+        if key == "resources.site":  # the folder lives under the site's job root
+            raise ConfigError(where, key, "a sweep stays on the site it was started on "
+                              f"(start a new sweep for another: 'hpcdl sweep run SPEC {item}')")  # fmt: skip
         if key.split(".")[0] not in RESUME_KEYS:
             raise ConfigError(
                 where, key, "a resumed sweep keeps what it studies; resume takes "
