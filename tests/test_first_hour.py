@@ -78,7 +78,8 @@ def test_a_refused_sweep_writes_nothing_and_runs_once_fixed(devcluster, tmp_path
     try:
         sweep.wait(timeout=180)
         wait_until(lambda: jobs_gone(sweep), 60, sweep.jobs)
-        # resume with a fix the site refuses: nothing changes, nothing is queued
+        # resume (a trial missing) with a fix the site refuses: nothing changes, nothing queued
+        sweep.paths.slot_file(1).unlink()
         before, subs = sweep.paths.spec.read_text(), sweep.submissions()
         assert main(["sweep", "resume", "first", "resources.time=2-00:00:00"]) == 2
         err = capsys.readouterr().err
