@@ -319,3 +319,35 @@ def test_sweep_errors_name_the_spec_file(tmp_path, capsys, job_root):
     err = capsys.readouterr().err.strip()
     assert err == f"error: {spec}: space.x: must stay below 0.9 for this objective"
     assert not (job_root / "sweeps").exists()
+
+
+# -- issue item 5 (part): a policy default is named where a job is previewed or fails ---------------
+@pytest.mark.slurm
+def test_policy_defaults_are_named_in_render_test_only_and_sbatch_errors(
+    devcluster, tmp_path, capsys
+):
+    from hpcdl.scheduler import find_handle
+
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
+    data["name"] = "intelsite"
+    cpu = next(p for p in data["partitions"] if p["name"] == "cpu")
+    cpu["policy"] = {"defaults": {"constraint": "intel"}}  # node1-2 only, of 4
+    site = tmp_path / "intelsite.yaml"
+    site.write_text(yaml.safe_dump(data))
+    added = "site policy for partition 'cpu' added --constraint=intel"
+    assert main(["render", "--site", str(site), "--", "true"]) == 0
+    assert capsys.readouterr().err == f"note: {added}\n"
+    assert main(["render", "--site", str(site), "-C", "amd", "--", "true"]) == 0
+    assert capsys.readouterr().err == ""  # the job chose its nodes: nothing added
+    proc = run_cli(
+        "submit", "--site", str(site), "--test-only", "-N", "3", "-t", "1m", "--", "true"
+    )
+    assert proc.returncode == 2, proc.stdout
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: sbatch --test-only rejected the job: "), err
+    assert err[0].endswith(f"({added})"), err
+    proc = run_cli("submit", "--site", str(site), "--test-only", "-t", "1m", "--", "true")
+    assert proc.returncode == 0, proc.stderr
+    find_handle(proc.stdout.split()[2]).cancel()
+    line = next(x for x in proc.stdout.splitlines() if "sbatch --test-only: " in x)
+    assert line.endswith(f"in partition cpu ({added})"), line

@@ -54,3 +54,22 @@ def when_where(answer: str) -> str:
     without the job id, which no job will ever have (nothing was queued by the test)."""
     text = re.sub(r"^(sbatch: )?Job \d+ to start", "would start", answer.strip())
     return f"sbatch --test-only: {text}"
+
+
+def policy_added(job: Any, site: Any) -> str | None:
+    """``site policy for partition 'cpu' added --constraint=intel``: the options the partition's
+    policy adds to this job (what it did not set itself), or None. Said wherever a job is
+    previewed or fails, since a default the user never typed can be why Slurm refuses it."""
+    from hpcdl.scheduler import get_scheduler
+
+    if not get_scheduler(site).queued:
+        return None
+    part = site.partition(job.partition)
+    if part is None:
+        return None
+    own = job.sbatch_options()
+    added = {k: v for k, v in part.policy.defaults.items() if k not in own and v is not False}
+    if not added:
+        return None
+    flags = " ".join(f"--{k}" + ("" if v is True else f"={v}") for k, v in added.items())
+    return f"site policy for partition {part.name!r} added {flags}"

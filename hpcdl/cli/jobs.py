@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from hpcdl.cli.flags import NOT_HPCDL, per_node, when_where
+from hpcdl.cli.flags import NOT_HPCDL, per_node, policy_added, when_where
 from hpcdl.errors import ConfigError, HpcdlError
 
 # Extra sbatch options (hpcdl.slurm_options): checked against the partition's site policy.
@@ -174,8 +174,14 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
     job, where = build_job(args, options)
     site = job.resolve_site()
     job.check(site, where)
-    answer = get_scheduler(site).test_only(job) if test_only else None
-    handle = job.submit(site)
+    added = policy_added(job, site)
+    try:
+        answer = get_scheduler(site).test_only(job) if test_only else None
+        handle = job.submit(site)
+    except HpcdlError as exc:
+        if added is None or isinstance(exc, ConfigError):  # hpcdl's own checks name the field
+            raise
+        raise HpcdlError(f"{exc} ({added})") from None
     if parsable:
         click.echo(handle.job_id)
         if answer:
@@ -184,7 +190,7 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
     kind = f"array of {handle.array}" if handle.array else "job"
     click.echo(f"Submitted {kind} {handle.job_id} ({handle.name}) on {handle.site}")
     if answer:
-        click.echo(f"  {when_where(answer)}")
+        click.echo(f"  {when_where(answer)}" + (f" ({added})" if added else ""))
     if handle.parts:  # over the site's max_array_size: one job, several Slurm arrays
         ids = ", ".join(p.job_id for p in handle.parts)
         click.echo(f"  as {len(handle.parts)} Slurm arrays (one job for hpcdl): {ids}")
@@ -200,6 +206,9 @@ def render(args: tuple[str, ...], **options: Any) -> None:
     site = job.resolve_site()
     job.check(site, where)
     click.echo(job.render(site), nl=False)
+    added = policy_added(job, site)
+    if added:
+        click.echo(f"note: {added}", err=True)
 
 
 @click.command()
