@@ -323,7 +323,7 @@ def on_two_nodes(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> d
         mp.setenv("HPCDL_JOB_ROOT", jobs[""])
         for name, (options, script, args, _) in SCRIPTS.items():
             prefix = root / name
-            job_id = _submit("--site", devcluster, "-N", "2", "-n", "2", "-t", "10m", *options,
+            job_id = _submit("--site", devcluster, "-N", "2", "-n", "4", "-t", "10m", *options,
                              "--", sys.executable, script, str(prefix), *args)  # fmt: skip
             jobs[name] = (job_id, prefix)
     yield jobs

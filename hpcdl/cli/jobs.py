@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import click
 
+from hpcdl.cli.flags import NOT_HPCDL, per_node, policy_added, when_where
 from hpcdl.errors import ConfigError, HpcdlError
 
 # Extra sbatch options (hpcdl.slurm_options): checked against the partition's site policy.
@@ -36,14 +39,26 @@ SBATCH_OPTIONS = [
 ]
 
 _RESOURCE_OPTIONS = [
-    click.option(
-        "--site", "-s", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."
-    ),
-    click.option("--name", "-J", help="Job name."),
+    # Short flags mean what they mean to sbatch (-n total tasks, -G total GPUs); sbatch's -s
+    # (--oversubscribe) and -e (--error) are not hpcdl's --site and --env (tests/test_first_hour.py)
+    click.option("--site", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."),
+    click.option("--name", "--job-name", "-J", "name", help="Job name."),
     click.option("--partition", "-p"),
     click.option("--nodes", "-N", type=int),
-    click.option("--tasks-per-node", "-n", "tasks_per_node", type=int),
-    click.option("--gpus-per-node", "-G", "gpus_per_node", type=int),
+    click.option(
+        "--ntasks",
+        "-n",
+        type=int,
+        help="Tasks (ranks) in all, as sbatch -n; a multiple of --nodes, spread evenly.",
+    ),
+    click.option("--ntasks-per-node", "--tasks-per-node", "tasks_per_node", type=int),
+    click.option(
+        "--gpus",
+        "-G",
+        type=int,
+        help="GPUs in all, as sbatch -G; a multiple of --nodes, spread evenly.",
+    ),
+    click.option("--gpus-per-node", "gpus_per_node", type=int),
     click.option("--cpus-per-task", "-c", "cpus_per_task", type=int),
     click.option("--mem", help="Memory per node, e.g. 16G."),
     click.option("--time", "-t", help="Time limit, e.g. 30m, 02:00:00, 1-00:00:00."),
@@ -51,7 +66,7 @@ _RESOURCE_OPTIONS = [
     click.option("--qos", "-q"),
     click.option("--array", type=int, help="Array size: tasks 0..N-1."),
     click.option("--throttle", type=int, help="At most this many array tasks at once."),
-    click.option("--env", "-e", "env", multiple=True, help="KEY=VALUE (repeatable)."),
+    click.option("--env", "env", multiple=True, help="KEY=VALUE (repeatable)."),
     click.option("--setup", multiple=True, help="Shell line run before the tasks (repeatable)."),
     click.option("--after", "dependencies", multiple=True, help="Start after this job succeeds."),
     click.option("--container", help="Container image (site's runtime)."),
@@ -94,6 +109,7 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
         data = apply_overrides(data, list(args[1:]), where)
     else:
         where, data = "command line", {"command": list(args)}
+    totals = {key: options.pop(key, None) for key in ("ntasks", "gpus")}
     for key, value in options.items():
         if value in (None, ()):
             continue
@@ -107,6 +123,9 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
             data[key] = [*(data.get(key) or []), *value]
         else:
             data[key] = value
+    for key, total in totals.items():
+        if total is not None:
+            per_node(data, key, total, where)
     return Job.from_dict(data, where), where
 
 
@@ -125,7 +144,9 @@ class JobCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as exc:
-            hint = "hpcdl's options go before '--', the command and its own options after it"
+            hint = NOT_HPCDL.get(exc.option_name) or (
+                "hpcdl's options go before '--', the command and its own options after it"
+            )
             raise click.UsageError(f"{exc.format_message()} ({hint})", ctx) from None
 
 
@@ -145,18 +166,31 @@ def submit(args: tuple[str, ...], test_only: bool, parsable: bool, **options: An
 
     \b
     hpcdl submit configs/hello.yaml nodes=2 env.MSG=hi
-    hpcdl submit --site devcluster -N 2 -n 2 -- python train.py --lr 0.1
-    hpcdl submit --site devcluster -N 2 -n 2 --launcher torchrun -- python ddp.py
+    hpcdl submit --site devcluster -N 2 -n 4 -- python train.py --lr 0.1
+    hpcdl submit --site devcluster -N 2 --ntasks-per-node 2 --launcher torchrun -- python ddp.py
     """
+    from hpcdl.scheduler import get_scheduler
+
     job, where = build_job(args, options)
     site = job.resolve_site()
     job.check(site, where)
-    handle = job.submit(site, test_only=test_only)
+    added = policy_added(job, site)
+    try:
+        answer = get_scheduler(site).test_only(job) if test_only else None
+        handle = job.submit(site)
+    except HpcdlError as exc:
+        if added is None or isinstance(exc, ConfigError):  # hpcdl's own checks name the field
+            raise
+        raise HpcdlError(f"{exc} ({added})") from None
     if parsable:
         click.echo(handle.job_id)
+        if answer:
+            click.echo(when_where(answer), err=True)
         return
     kind = f"array of {handle.array}" if handle.array else "job"
     click.echo(f"Submitted {kind} {handle.job_id} ({handle.name}) on {handle.site}")
+    if answer:
+        click.echo(f"  {when_where(answer)}" + (f" ({added})" if added else ""))
     if handle.parts:  # over the site's max_array_size: one job, several Slurm arrays
         ids = ", ".join(p.job_id for p in handle.parts)
         click.echo(f"  as {len(handle.parts)} Slurm arrays (one job for hpcdl): {ids}")
@@ -172,6 +206,9 @@ def render(args: tuple[str, ...], **options: Any) -> None:
     site = job.resolve_site()
     job.check(site, where)
     click.echo(job.render(site), nl=False)
+    added = policy_added(job, site)
+    if added:
+        click.echo(f"note: {added}", err=True)
 
 
 @click.command()
@@ -184,7 +221,9 @@ def status(job_id: str | None, last: int) -> None:
 
     from hpcdl.scheduler import find_handle, job_statuses, load_handles
 
-    console = Console()
+    # Piped (a file, grep, a pager): rows stay whole lines whatever $COLUMNS says, never a
+    # cell wrapped over two lines; a terminal gets rich's fitting.
+    console = Console() if sys.stdout.isatty() else Console(width=10_000)
     if job_id:
         handle = find_handle(job_id)
         console.print(_task_table(handle, job_statuses([handle])[handle.job_id]))
@@ -266,8 +305,12 @@ def _styled(state: str) -> str:
 @click.option("--task", default=0, show_default=True, help="Task (rank) within the job.")
 @click.option("--err", "stderr", is_flag=True, help="Show stderr instead of stdout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
-def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
-    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task)."""
+@click.option("--all", "show_all", is_flag=True, help="Also submitit's own INFO lines.")
+def logs(job_id: str, task: int, stderr: bool, follow: bool, show_all: bool) -> None:
+    """Print a job's log (JOB_ID or ARRAYID_TASK for one array task).
+
+    The program's output, without submitit's own INFO lines (--all shows them; its warnings and
+    errors always show)."""
     from hpcdl.scheduler import FINISHED, find_task
 
     handle, array_task = find_task(job_id)  # a split array's task: its global index
@@ -276,23 +319,38 @@ def logs(job_id: str, task: int, stderr: bool, follow: bool) -> None:
     if task >= handle.tasks:
         raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{handle.tasks - 1}")
     path = handle.log_paths(task, array_task)[1 if stderr else 0]
-    pos = 0
+    pos, held = 0, ""  # held: a last line still being written (filtered once it is whole)
+
+    def show(chunk: str, last: bool) -> None:
+        nonlocal held
+        if show_all:
+            click.echo(chunk, nl=False)
+            return
+        lines = (held + chunk).split("\n")
+        held = "" if last else lines.pop()
+        kept = [line for line in lines if not _SUBMITIT_INFO.match(line)]
+        click.echo("\n".join(kept) + ("" if last or not kept else "\n"), nl=False)
+
     while True:
         if path.is_file():
             with open(path, errors="replace") as f:
                 f.seek(pos)
                 chunk = f.read()
                 pos = f.tell()
-            click.echo(chunk, nl=False)
+            show(chunk, last=not follow)
         elif not follow:
             raise HpcdlError(f"no log yet at {path} (job {handle.job_id}: {handle.state()})")
         if not follow or handle.state() in FINISHED:
             if follow and path.is_file():  # print what arrived between the last read and the end
                 with open(path, errors="replace") as f:
                     f.seek(pos)
-                    click.echo(f.read(), nl=False)
+                    show(f.read(), last=True)
             return
         time.sleep(1.0)
+
+
+#: submitit's own progress lines in a task's log ("submitit INFO (2026-...) - Loading pickle").
+_SUBMITIT_INFO = re.compile(r"submitit (INFO|DEBUG) \(\d{4}-\d\d-\d\d [\d:,.]+\) - ")
 
 
 @click.command()

@@ -71,6 +71,8 @@ def show(name: str) -> None:
         "accounts": ", ".join(profile.accounts) or "-",
         "qos": ", ".join(profile.qos) or "-",
         "modules": " ".join(profile.modules) or "-",
+        "setup": "; ".join(profile.setup) or "-",
+        "launchers": "; ".join(_launcher(k, v) for k, v in profile.launchers.items()) or "-",
         "env": " ".join(f"{k}={v}" for k, v in profile.env.items()) or "-",
         "secrets": ", ".join(map(str, profile.secrets)) or "-",
         "container": profile.container.runtime
@@ -82,6 +84,12 @@ def show(name: str) -> None:
     }
     for key, value in facts.items():
         console.print(f"  {key}: {value}", markup=False)
+
+
+def _launcher(name: str, preset: Any) -> str:
+    """``srun --mpi=pmi2``, ``torchrun LOGLEVEL=WARNING``: what the site adds to a launcher."""
+    parts = [f"--mpi={preset.mpi}"] if preset.mpi else []
+    return " ".join([name, *parts, *(f"{k}={v}" for k, v in preset.env.items())])
 
 
 def _partition_rules(profile: Any) -> list[str]:
@@ -108,6 +116,12 @@ def check(name: str) -> None:
     from hpcdl.site import load_site
 
     profile = load_site(name)
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")) and path.stem != profile.name:
+        # In a sites folder it would be refused; by path it loads, so say it before it is installed
+        click.echo(f"hpcdl: warning: {name}: name: {profile.name!r} differs from the file name "
+                   f"{path.stem!r}: rename one (installed on the search path it would be "
+                   "refused)", err=True)  # fmt: skip
     if not get_scheduler(profile).queued:  # no batch system behind the profile
         click.echo(f"{profile.name}: local profile, nothing to compare")
         return
@@ -131,6 +145,7 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     import yaml
 
     from hpcdl.scheduler import import_site
+    from hpcdl.util import atomic_write_text
 
     if output is not None and output.exists() and not force:
         raise ConfigError(str(output), "", "exists already (use --force to overwrite)")
@@ -138,10 +153,24 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    from hpcdl.util import atomic_write_text
 
+    make_private_dirs(output.parent)  # ~/.config/hpcdl/sites on a new machine
     atomic_write_text(output, text)  # an exclusive temporary: a planted symlink is not followed
     click.echo(f"wrote {output}; review it, then 'hpcdl site check {output}'")
+
+
+def make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and any missing parent, each readable by its owner only (0700, as
+    ~/.config should be); folders that exist keep their mode."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
 
 
 def register(cli: click.Group) -> None:

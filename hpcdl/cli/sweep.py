@@ -28,9 +28,7 @@ def run(spec: Path, overrides: tuple[str, ...], wait: bool, timeout: float) -> N
     """Validate SPEC (configs/*.yaml), submit the array and return at once."""
     from hpcdl.hpo import Sweep
 
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise HpcdlError(f"override {bad[0]!r} must look like key=value")
+    _check_overrides(overrides)
     s = Sweep(spec, list(overrides))
     handles = s.run()
     click.echo(
@@ -49,6 +47,12 @@ def run(spec: Path, overrides: tuple[str, ...], wait: bool, timeout: float) -> N
 
     png, page = write_report(s)
     click.echo(f"report: {png} and {page}")
+
+
+def _check_overrides(overrides: tuple[str, ...]) -> None:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise HpcdlError(f"override {bad[0]!r} must look like key=value")
 
 
 def _wait_with_progress(s: Any, timeout: float) -> None:
@@ -143,12 +147,18 @@ def report(name: str, output: Path | None) -> None:
 
 @sweep.command()
 @click.argument("name")
-def resume(name: str) -> None:
+@click.argument("overrides", nargs=-1)
+def resume(name: str, overrides: tuple[str, ...]) -> None:
     """Submit the trials still missing (never started, killed, cancelled) with a new final
-    job; with none missing, a final job if none will run (replacing one that never can)."""
+    job; with none missing, a final job if none will run (replacing one that never can).
+
+    OVERRIDES (KEY=VALUE, as for 'sweep run') fix how the rest runs, e.g.
+    resources.partition=cpu or resources.time=30m; what the sweep studies (space, metric,
+    direction, sampler, trials) stays."""
     from hpcdl.hpo import Sweep
 
-    text, handles = Sweep.load(name).lifecycle.resume()
+    _check_overrides(overrides)
+    text, handles = Sweep.load(name).resume_why(list(overrides))
     click.echo(f"{name}: {text}: " + ", ".join(f"{h.name} {h.job_id}" for h in handles))
 
 

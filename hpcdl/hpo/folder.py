@@ -12,6 +12,7 @@ the CLI, the lifecycle, the workers, the final job and the chaos driver ask this
     SWEEP/submissions.jsonl    every round the lifecycle submitted
     SWEEP/events.jsonl         what the final and follow-up jobs decided
     SWEEP/final/result.json    the final model's scores (the sweep's last record)
+    SWEEP/round                how many rounds were submitted (part of the sampler seeds)
 
 "Finished" is decided once: :meth:`SweepPaths.finished` (every slot finished and, when the spec
 asks for a final model, its result written).
@@ -68,6 +69,7 @@ class SweepPaths:
         self.workers = root / "workers"  # each warm worker's journal
         self.final_started = root / ".final-started"  # the final job began (a requeue resumes)
         self.final_result = self.final / "result.json"
+        self.round = root / "round"  # how many rounds were submitted (a sampler seed part)
 
     # -- slots ------------------------------------------------------------------------------------
     def slot_file(self, slot: int) -> Path:

@@ -28,6 +28,7 @@ from hpcdl.hpo.decide import Round, RoundKind, follow_up, needs_final, stopped_s
 from hpcdl.hpo.final import final_main, log_event
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import SweepSpec
+from hpcdl.hpo.study import read_round
 from hpcdl.job import Job
 from hpcdl.scheduler import (
     FINISHED,
@@ -40,7 +41,7 @@ from hpcdl.scheduler import (
 )
 from hpcdl.scheduler.accounting import tasks_that_ran
 from hpcdl.site import SiteProfile
-from hpcdl.util import append_jsonl, get_logger, read_jsonl
+from hpcdl.util import append_jsonl, atomic_write_text, get_logger, read_jsonl
 
 log = get_logger(__name__)
 # Pending reasons after which Slurm will never start the job.
@@ -123,70 +124,95 @@ class Lifecycle:
         base = {k: v for k, v in r.model_dump().items() if v is not None}
         return Job(**{**base, "name": f"sweep-{self.spec.name}", **fields})
 
-    def submit(self, slots: list[int]) -> list[JobHandle]:
-        """One round: the array for ``slots`` (warm workers, or one task per slot), the final job
-        and the follow-up job."""
+    def round_jobs(self, slots: list[int], after: str = "1") -> dict[str, Job]:
+        """The jobs of one round for ``slots`` by kind (array or workers, final, follow), the
+        final and follow-up jobs ``afterany`` on job ``after``."""
         from hpcdl.hpo.worker import array_task_main, local_worker_main, worker_task_main
 
         root, workers = str(self.paths.root), min(self.spec.parallelism, len(slots))
         if not self.queued:  # no queue: worker processes claim the slots, the last runs the final
-            handle = self._job(function=local_worker_main, args=(root,), array=workers).submit(
-                self.site
-            )
-            self._record("workers", handle, slots)
-            return [handle]
+            return {"workers": self._job(function=local_worker_main, args=(root,), array=workers)}
+        jobs: dict[str, Job] = {}
         if self.spec.trials_per_task == 1:
-            array = self._job(function=array_task_main, args=(root, slots), array=len(slots),
-                              throttle=workers, requeue=True).submit(self.site)  # fmt: skip
-            self._record("array", array, slots)
+            jobs["array"] = self._job(function=array_task_main, args=(root, slots),
+                                      array=len(slots), throttle=workers, requeue=True)  # fmt: skip
         else:  # warm workers: each claims the round's slots until none is left
-            array = self._job(function=worker_task_main, args=(root, slots), array=workers,
-                              requeue=True).submit(self.site)  # fmt: skip
-            self._record("workers", array, slots)
-        handles = [array]
+            jobs["workers"] = self._job(function=worker_task_main, args=(root, slots),
+                                        array=workers, requeue=True)  # fmt: skip
         if self.spec.final:  # afterany: it starts whatever happens to the tasks, then checks
-            handles.append(self.submit_final(after=array.job_id))
-        follow = Job(
+            jobs["final"] = self._final_job(after)
+        jobs["follow"] = Job(
             site=self.site.name,
             name=f"sweep-{self.spec.name}-follow",
             function=follow_up_main,
             args=(root,),
             time="00:10:00",
-            dependencies=[f"afterany:{array.job_id}"],
+            dependencies=[f"afterany:{after}"],
             # where the sweep's jobs may run (a partition may require a constraint), and the code
             # later rounds run (the sweep's snapshot)
             **self.spec.resources.model_dump(include=FOLLOW_UP_FIELDS, exclude_none=True),
-        ).submit(self.site)
+        )
+        return jobs
+
+    def check_round(self, slots: list[int], where: str) -> None:
+        """Raise ``ConfigError`` if the site would refuse any job of a round (partition, its
+        policy, time limit ...): callers check before they write or queue anything."""
+        for job in self.round_jobs(slots).values():
+            job.check(self.site, where)
+
+    def submit(self, slots: list[int], where: str = "sweep") -> list[JobHandle]:
+        """One round: the array for ``slots`` (warm workers, or one task per slot), the final job
+        and the follow-up job; every one checked against the site before the first is queued."""
+        self.check_round(slots, where)
+        # A new round draws with new sampler seeds (hpcdl.hpo.study.open_study).
+        atomic_write_text(self.paths.round, f"{read_round(self.paths.root) + 1}\n")
+        jobs = self.round_jobs(slots)
+        kind = next(iter(jobs))  # array or workers
+        array = jobs[kind].submit(self.site)
+        self._record(kind, array, slots)
+        if not self.queued:
+            return [array]
+        handles = [array]
+        if self.spec.final:
+            handles.append(self.submit_final(after=array.job_id))
+        follow = self.round_jobs(slots, after=array.job_id)["follow"].submit(self.site)
         self._record("follow", follow, [])
         return [*handles, follow]
 
-    def submit_final(self, after: str | None = None) -> JobHandle:
-        final = self._job(
+    def _final_job(self, after: str | None) -> Job:
+        return self._job(
             name=f"sweep-{self.spec.name}-final",
             function=final_main,
             args=(str(self.paths.root),),
             dependencies=[f"afterany:{after}"] if after else [],
-        ).submit(self.site)
+        )
+
+    def submit_final(self, after: str | None = None) -> JobHandle:
+        final = self._final_job(after).submit(self.site)
         self._record("final", final, [])
         return final
 
     # -- decisions --------------------------------------------------------------------------------
-    def resume(self) -> tuple[str, list[JobHandle]]:
-        """Submit the missing slots (a new round), else a final job if none will run."""
-        jobs = self.jobs()
+    def refuse_active(self, jobs: list[SweepJob]) -> None:
         active = [j.handle.job_id for j in jobs if j.kind in ("array", "workers") and j.live]
         if active:
             raise HpcdlError(
                 f"sweep {self.spec.name!r} still has jobs queued or running ({', '.join(active)}); "
                 f"wait, or 'hpcdl sweep cancel {self.spec.name}' first"
             )
+
+    def resume(self, where: str = "sweep") -> tuple[str, list[JobHandle]]:
+        """Submit the missing slots (a new round), else a final job if none will run."""
+        jobs = self.jobs()
+        self.refuse_active(jobs)
         self.cancel_wedged(jobs)
         missing = self.missing_slots()
         if not missing:
             handle = self.ensure_final(jobs)
             if handle is None:
-                raise HpcdlError(self._nothing_to_resume(jobs))
+                raise HpcdlError(self.nothing_to_resume(jobs))
             return f"submitted the final job {handle.job_id}", [handle]
+        self.check_round(missing, where)  # before any slot or job changes
         with self.paths.lock():
             for slot in self.paths.all_slots():
                 if slot.slot in missing and slot.state == "running":
@@ -194,10 +220,10 @@ class Lifecycle:
         # A final job still queued would start after its (old) array and race the new round.
         _cancel([j.handle for j in jobs if j.kind == "final" and j.state != "RUNNING" and
                  j.state not in FINISHED and not j.never_starts])  # fmt: skip
-        handles = self.submit(missing)
+        handles = self.submit(missing, where)
         return f"resubmitted {len(missing)} trial(s)", handles
 
-    def _nothing_to_resume(self, jobs: list[SweepJob]) -> str:
+    def nothing_to_resume(self, jobs: list[SweepJob]) -> str:
         if not self.spec.final or self.has_result():
             return f"sweep {self.spec.name!r} has finished: no missing trials, nothing to resume"
         live = [j.handle.job_id for j in jobs if j.kind in self.final_kinds and j.live]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,43 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. Random-drawing samplers get one seed per worker process (seed +
-    worker), or concurrent workers would draw identical parameters; the grid sampler keeps one
-    seed, since it maps trial numbers to grid points through its seeded order."""
+def make_sampler(
+    spec: SweepSpec, worker: int = 0, draw: tuple[int, ...] = ()
+) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. Random-drawing samplers get one seed per worker process, or
+    concurrent workers would draw identical parameters; ``draw`` names the process's place in
+    the sweep's history (``(round, trials so far)``, :func:`open_study`), so that a resumed or
+    requeued worker with the same index does not replay the draws of the one before it. The
+    grid sampler keeps one seed, since it maps trial numbers to grid points through its seeded
+    order."""
     s = spec.sampler
     if s.name == "grid":
         space = {k: list(p.values) for k, p in spec.space.items() if isinstance(p, Grid | Choice)}
         return _GridSampler(space, seed=s.seed)
-    s = s.model_copy(update={"seed": None if s.seed is None else s.seed + worker})
+    s = s.model_copy(update={"seed": None if s.seed is None else worker_seed(s.seed, worker, draw)})
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
     return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+
+
+def worker_seed(seed: int, worker: int, draw: tuple[int, ...] = ()) -> int:
+    """``seed + worker`` for the first round's workers (as before resumes existed); later
+    draws hash every part, since sums collide (round 1's worker 0 = round 0's worker 1)."""
+    if not any(draw):
+        return seed + worker
+    text = ":".join(str(x) for x in (seed, worker, *draw))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+
+
+def read_round(sweep_dir: Path) -> int:
+    try:
+        return int(SweepPaths(sweep_dir).round.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -62,12 +86,24 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: SweepSpec, sweep_dir: Path, worker: int = 0) -> optuna.Study:
-    """Create or load the sweep's study (same name, same storage: every array task shares it)."""
+def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> optuna.Study:
+    """Create or load the sweep's study (same name, same storage: every array task shares it).
+
+    ``worker``: the index of a process that will draw trials; its sampler's seed also depends
+    on the sweep's round and on how many trials the study holds, so no two processes of the
+    sweep (resumed, requeued) replay the same draws."""
+    journal = storage(sweep_dir)
+    draw: tuple[int, ...] = ()
+    if worker is not None:
+        try:
+            drawn = journal.get_n_trials(journal.get_study_id_from_name(spec.name))
+        except KeyError:  # the study is created below
+            drawn = 0
+        draw = (read_round(sweep_dir), drawn)
     return optuna.create_study(
         study_name=spec.name,
-        storage=storage(sweep_dir),
-        sampler=make_sampler(spec, worker),
+        storage=journal,
+        sampler=make_sampler(spec, worker or 0, draw),
         pruner=make_pruner(spec),
         direction=spec.direction,
         load_if_exists=True,

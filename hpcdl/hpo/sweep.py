@@ -5,6 +5,8 @@ left, or one trial per task), plus a small follow-up job that resubmits killed t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,14 @@ class Sweep:
     >>> sweep.status(), sweep.best()
     """
 
-    def __init__(self, spec: SweepSpec | str | Path, overrides: list[str] | None = None):
+    def __init__(
+        self, spec: SweepSpec | str | Path, overrides: list[str] | None = None, source: str = ""
+    ):
         if not isinstance(spec, SweepSpec):
+            source = source or str(spec)
             spec = load_spec(Path(spec), overrides)
         self.spec = spec
+        self.source = source or f"sweep {spec.name}"  # how errors name the sweep (its file)
         self.site = load_site(spec.resources.site)
         self.paths = SweepPaths(self.site.job_root_path / "sweeps" / spec.name)
 
@@ -45,7 +51,8 @@ class Sweep:
         for root in registry_roots():
             spec_file = root / "sweeps" / name / "spec.json"
             if spec_file.is_file():
-                return cls(SweepSpec.model_validate_json(spec_file.read_text()))
+                spec = SweepSpec.model_validate_json(spec_file.read_text())
+                return cls(spec, source=str(spec_file))
         raise HpcdlError(f"no sweep named {name!r} (see 'hpcdl sweep list')")
 
     # -- submission -----------------------------------------------------------------------------
@@ -54,33 +61,62 @@ class Sweep:
         return Lifecycle(self.spec, self.paths, self.site)
 
     def run(self) -> list[JobHandle]:
-        """Validate, snapshot the base config, create the study, submit; returns at once."""
+        """Validate, snapshot the base config, create the study, submit; returns at once.
+        Nothing is written before every check (the objective, each job of the round against
+        the site) has passed: a refused sweep leaves no folder behind."""
         with share_umask(self.site.share):  # the sweep tree is private (or the site's group's)
             return self._run()
 
     def _run(self) -> list[JobHandle]:
         if self.paths.spec.exists():
-            raise ConfigError(
-                "", "name", f"sweep {self.spec.name!r} exists already at {self.paths.root} "
-                f"(use 'hpcdl sweep resume {self.spec.name}' or another name)"
-            )  # fmt: skip
-        self._check_objective()
-        self._check_array()
-        sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
-        check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
+            raise ConfigError(self.source, "name", self._exists_already())
+        with _named(self.source):
+            self._check_objective()
+            self._check_array()
+            sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
+            check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
+            self.lifecycle.check_round(list(range(self.spec.trials)), f"{self.source}: resources")
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
         if self.spec.train is not None:
             self.spec = snapshot_train_config(self.spec, self.paths)
         atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
         open_study(self.spec, self.paths.root)
-        return self.lifecycle.submit(list(range(self.spec.trials)))
+        return self.lifecycle.submit(list(range(self.spec.trials)), f"{self.source}: resources")
 
-    def resume(self) -> list[JobHandle]:
+    def _exists_already(self) -> str:
+        """The answer to a second ``run`` with the same name: another name, and resume only
+        when there is something left to resume."""
+        name, text = self.spec.name, f"sweep {self.spec.name!r} exists already at {self.paths.root}"
+        old = Sweep(self.paths.load_spec(), source=str(self.paths.spec))
+        life = old.lifecycle
+        unfinished = life.missing_slots() or (old.spec.final and not life.has_result())
+        resume = f", or continue it: 'hpcdl sweep resume {name}'" if unfinished else ""
+        return f"{text}: give the new one another name (name=NEW after the spec){resume}"
+
+    def resume(self, overrides: list[str] | None = None) -> list[JobHandle]:
+        """Submit the trials still missing, with ``overrides`` (:meth:`resume_why`)."""
+        return self.resume_why(overrides)[1]
+
+    def resume_why(self, overrides: list[str] | None = None) -> tuple[str, list[JobHandle]]:
         """Submit the trials still missing (never started, killed, cancelled) with a new final
-        job; with none missing, a final job if none will run (replacing one that never can)."""
-        with share_umask(self.site.share):
-            return self.lifecycle.resume()[1]
+        job; with none missing, a final job if none will run (replacing one that never can).
+
+        ``overrides`` (``KEY=VALUE``, as for ``run``) change how the rest of the sweep runs
+        (``resources.*``, parallelism, retries), never what it studies; they are checked
+        against the site and saved in the sweep's spec before anything is queued."""
+        with share_umask(self.site.share):  # the sweep tree stays private
+            if overrides:
+                self.spec = resumed_spec(self.spec, overrides, self.source)
+                life = self.lifecycle
+                jobs = life.jobs()
+                life.refuse_active(jobs)
+                if not life.missing_slots() and (not self.spec.final or life.has_result()):
+                    raise HpcdlError(life.nothing_to_resume(jobs))  # the spec stays as it was
+                with _named(self.source):
+                    life.check_round(life.missing_slots() or [0], f"{self.source}: resources")
+                atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
+            return self.lifecycle.resume(f"{self.source}: resources")
 
     def missing_slots(self) -> list[int]:
         return self.paths.missing_slots(range(self.spec.trials))
@@ -168,6 +204,7 @@ class Sweep:
                     "epochs": s.epochs if s else 0,
                     "attempts": s.attempts if s else 0,
                     "node": s.node if s else None,
+                    "job": s.job if s else None,  # the task that holds (or held) the slot
                     "wandb_run": s.run_id if s else None,
                     "error": s.error if s else None,
                 }
@@ -200,6 +237,41 @@ class Sweep:
                     f"\nstuck: {self.diagnose()}\nevents: {self.lifecycle.events(20)}"
                 )
             time.sleep(poll)
+
+
+#: What ``sweep resume KEY=VALUE`` may change: how the rest of the sweep runs, not what it studies.
+RESUME_KEYS = ("resources", "parallelism", "max_retries", "collective_timeout_s")
+
+
+def resumed_spec(spec: SweepSpec, overrides: list[str], where: str) -> SweepSpec:
+    """``spec`` with ``overrides`` applied, refusing any that would change what the study
+    means (space, metric, direction, sampler, trials, objective ...)."""
+    from hpcdl.config import apply_overrides, validate
+
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key == "resources.site":  # the folder lives under the site's job root
+            raise ConfigError(where, key, "a sweep stays on the site it was started on "
+                              f"(start a new sweep for another: 'hpcdl sweep run SPEC {item}')")  # fmt: skip
+        if key.split(".")[0] not in RESUME_KEYS:
+            raise ConfigError(
+                where, key, "a resumed sweep keeps what it studies; resume takes "
+                + ", ".join(f"{k}.*" if k == "resources" else k for k in RESUME_KEYS)
+                + f" (start a new sweep for this: 'hpcdl sweep run SPEC name=NEW {item}')",
+            )  # fmt: skip
+    data = apply_overrides(spec.model_dump(mode="json"), overrides, where)
+    return validate(SweepSpec, data, where)
+
+
+@contextmanager
+def _named(source: str) -> Iterator[None]:
+    """Name the sweep's file in errors that name no file (as training errors do)."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.where:
+            raise
+        raise ConfigError(source, exc.field, exc.problem) from None
 
 
 def snapshot_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:

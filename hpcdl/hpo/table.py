@@ -62,7 +62,36 @@ def grid(headers: list[str], rows: list[list[str]], width: int, keep: int = 1) -
     return lines
 
 
-def trial_table(sweep: Sweep, width: int, wide: bool) -> list[str]:
+def ended_tasks(jobs: list[SweepJob]) -> dict[str, str]:
+    """``{task: state}`` of the sweep's tasks that have ended, by Slurm task id and, for local
+    workers, by process id (what a slot's ``job`` holds)."""
+    from hpcdl.scheduler import FINISHED
+
+    out: dict[str, str] = {}
+    for j in jobs:
+        local = j.handle.local_ids or []
+        for i, (task, status) in enumerate(j.tasks.items()):
+            if status.state in FINISHED:
+                out[task] = status.state
+                if i < len(local):
+                    out[str(local[i])] = status.state
+    return out
+
+
+def shown_rows(sweep: Sweep, jobs: list[SweepJob]) -> list[dict[str, Any]]:
+    """``sweep.status()`` with a "running" slot whose task has ended (``sweep cancel``, a killed
+    worker) shown as ``cancelled`` or ``stopped``: it runs again on ``sweep resume``."""
+    ended = ended_tasks(jobs)
+    rows = sweep.status()
+    for r in rows:
+        if r["state"] == "running" and r.get("job") in ended:
+            r["state"] = "cancelled" if ended[r["job"]] == "CANCELLED" else "stopped"
+    return rows
+
+
+def trial_table(
+    sweep: Sweep, width: int, wide: bool, rows_in: list[dict[str, Any]] | None = None
+) -> list[str]:
     spec = sweep.spec
     keys = list(spec.space)
     names = {k: k for k in keys} if wide else short_names(keys)
@@ -71,7 +100,7 @@ def trial_table(sweep: Sweep, width: int, wide: bool) -> list[str]:
     if wide:
         headers += ["node", "W&B run", "error"]
     rows = []
-    for r in sweep.status():
+    for r in sweep.status() if rows_in is None else rows_in:
         row = [str(r["slot"]), fmt(r["trial"]), r["state"], fmt(r[spec.metric], 4)]
         row += [str(r["epochs"]), str(r["attempts"])]
         row += [fmt(r["params"].get(k)) for k in keys]
@@ -132,12 +161,13 @@ def status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str
         f"time, {spec.metric} ({spec.direction})",
         width,
     )
-    lines += ["", *trial_table(sweep, width, wide)]
+    jobs = sweep.jobs()
+    rows = shown_rows(sweep, jobs)
+    lines += ["", *trial_table(sweep, width, wide, rows)]
     counts: dict[str, int] = {}
-    for r in sweep.status():
+    for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     lines += ["", ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
-    jobs = sweep.jobs()
     if jobs:
         lines += ["", "jobs:", *job_lines(jobs, width)]
     stuck = sweep.lifecycle.diagnose(jobs)
@@ -154,7 +184,8 @@ def status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str
 
 
 def _colored(line: str, color: Callable[[str], str]) -> str:
-    for state in ("complete", "running", "pruned", "failed", "retry", "pending"):
+    for state in ("complete", "running", "pruned", "failed", "retry", "pending", "cancelled",
+                  "stopped"):  # fmt: skip
         token = f"{GAP}{state}{GAP}"
         if token in line:
             return line.replace(token, f"{GAP}{color(state)}{GAP}", 1)

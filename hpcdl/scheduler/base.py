@@ -169,6 +169,11 @@ class Scheduler(ABC):
     def submit(self, request: Request, test_only: bool = False) -> JobHandle:
         """Queue the (checked) request, record it in the registry, return at once."""
 
+    def test_only(self, request: Request) -> str:
+        """Ask the scheduler whether and when it would start the request, queueing nothing;
+        its answer (Slurm: ``sbatch --test-only``)."""
+        raise HpcdlError("--test-only needs a Slurm site")
+
     # -- existing jobs ---------------------------------------------------------------------------
     @abstractmethod
     def statuses(self, handles: list[JobHandle]) -> dict[str, dict[str, TaskStatus]]:

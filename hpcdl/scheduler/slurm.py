@@ -113,7 +113,10 @@ class SlurmScheduler(SubmititScheduler):
         if shutil.which("sbatch") is None:
             raise HpcdlError(f"site {self.site.name!r} uses Slurm but 'sbatch' is not on PATH")
         if test_only:
-            sbatch_test_only(self.render(request))
+            self.test_only(request)
+
+    def test_only(self, request: Request) -> str:
+        return sbatch_test_only(self.render(request))
 
     def _executor(self, request: Request, folder: Path) -> Any:
         ex = _executor_class()(  # time-limit requeues: Checkpointable callables only
