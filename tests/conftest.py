@@ -188,6 +188,12 @@ USER_A, USER_B, OPERATOR = "hpcdl-alice", "hpcdl-bob", "hpcdl-op"
 USERS_GROUP = "hpcdl-users"
 VENV_BIN = Path(sys.executable).parent
 RUNUSER = "/usr/sbin/runuser"  # an absolute path: the users' PATH has no sbin
+# `scontrol` for what only a Slurm administrator may do (a node's state): as is for root, else
+# through sudo as the operator, hpcdl-op (devcluster.sh gives the test users that one rule), so
+# the tests that set a node DOWN run as an unprivileged user too.
+OPERATOR_SCONTROL = (
+    ["scontrol"] if os.geteuid() == 0 else ["sudo", "-n", "-u", OPERATOR, "scontrol"]
+)
 
 
 class AsUser:

@@ -29,7 +29,7 @@ HOSTS_MARKER='# hpcdl devcluster nodes'
 NODES=(node1 node2 node3 node4)
 DB_USER=slurm
 DB_PASS=${DEVCLUSTER_DB_PASS:-hpcdl-devcluster}
-PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod acl)
+PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod acl sudo)
 # Unprivileged users, as on a real site: the tests submit as USERS[0] and try to reach its
 # files as USERS[1]. They share one primary group, the harsher case (a group-readable file is
 # readable by the other user), as on sites that give a project one group. OPERATOR is a Slurm
@@ -39,6 +39,7 @@ USERS=(hpcdl-alice hpcdl-bob)
 OPERATOR=hpcdl-op
 GROUP=hpcdl-users
 ACCOUNT=hpcdl
+SUDOERS=/etc/sudoers.d/hpcdl-devcluster
 
 CHANGED=0          # set to 1 by every action `up` takes
 STARTED_AT=$SECONDS
@@ -402,6 +403,22 @@ ensure_users() {
     done
 }
 
+# ensure_sudoers: the test users may run scontrol as the operator, and nothing else: tests
+# that run as a user set a node DOWN that way (sudo -n -u hpcdl-op scontrol update NodeName=...).
+ensure_sudoers() {
+    local users new
+    users=$(IFS=,; echo "${USERS[*]}")
+    new="$MARKER
+$users ALL=($OPERATOR) NOPASSWD: $(command -v scontrol)"
+    [[ -r $SUDOERS && $(cat "$SUDOERS") == "$new" ]] && return 0
+    (umask 077 && printf '%s\n' "$new" >"$SUDOERS.devcluster.tmp")
+    chmod 440 "$SUDOERS.devcluster.tmp"
+    visudo -cqf "$SUDOERS.devcluster.tmp" || { rm -f "$SUDOERS.devcluster.tmp"; die "visudo rejected $SUDOERS"; }
+    mv -f "$SUDOERS.devcluster.tmp" "$SUDOERS"
+    CHANGED=1
+    say "wrote $SUDOERS (${USERS[*]} may run scontrol as $OPERATOR)"
+}
+
 # ensure_user_accounting: an account for the test users and their associations, and the
 # operator's admin level. Jobs of users without an association are accepted while
 # AccountingStorageEnforce is unset (as here), but a site that enforces it needs them, and
@@ -516,6 +533,7 @@ cmd_up() {
     start_slurmdbd
     ensure_accounting
     ensure_users
+    ensure_sudoers
     ensure_user_accounting
     start_slurmctld
     start_slurmds
