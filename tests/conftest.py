@@ -272,7 +272,7 @@ def check_usable_by(user: AsUser) -> None:
 
 
 @pytest.fixture(scope="session")
-def users(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AsUser]]:
+def users(devcluster: str) -> Iterator[dict[str, AsUser]]:
     """``{"a": alice, "b": bob}``: two unprivileged users of one group, each with a work folder
     of its own (mode 0755, as a site's scratch folders often are: only the modes hpcdl gives its
     files protect them) under one sticky, world-writable folder in /tmp; removed at the end."""
@@ -281,6 +281,10 @@ def users(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     import shutil
     import tempfile
 
+    if os.geteuid() != 0:
+        pytest.fail(f"two users need root (runuser to {USER_A} and {USER_B}); this runs as uid "
+                    f"{os.geteuid()}: run this module as root, not through tests/run_as_user.sh",
+                    pytrace=False)  # fmt: skip
     for name in (USER_A, USER_B):
         try:
             pwd.getpwnam(name)
@@ -293,11 +297,9 @@ def users(devcluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     for key, name in (("a", USER_A), ("b", USER_B)):
         work = base / name
         work.mkdir(mode=0o755)
-        if os.geteuid() == 0:
-            os.chown(work, pwd.getpwnam(name).pw_uid, grp.getgrnam(USERS_GROUP).gr_gid)
+        os.chown(work, pwd.getpwnam(name).pw_uid, grp.getgrnam(USERS_GROUP).gr_gid)
         made[key] = AsUser(name, work)
     for user in made.values():
-        if os.geteuid() in (0, user.uid):
-            check_usable_by(user)
+        check_usable_by(user)
     yield made
     shutil.rmtree(base, ignore_errors=True)
