@@ -220,8 +220,9 @@ def _plant(b: AsUser, shared: Path, marker: Path) -> dict[str, str]:
     """As B, in ``shared`` (a job root B made, 0777): a registry with a line whose folder holds
     a result pickle that touches ``marker`` when loaded, a line for a world-writable folder of
     B's with a successful result and a file, a line whose folder is a symlink into B's own
-    files, and a sweep tree whose submissions and journal point at the payload. Returns the
-    planted job ids."""
+    files; a sweep tree ``planted`` whose submission and journal name the payload, and one,
+    ``plantedreal``, whose submission is a failed job of B's (Slurm knows its state: nothing
+    to unpickle). Returns the planted job ids."""
     code = textwrap.dedent("""
         import json, os, pickle, sys, time
         from pathlib import Path
@@ -260,23 +261,32 @@ def _plant(b: AsUser, shared: Path, marker: Path) -> dict[str, str]:
                  for k, d in (("payload", evil), ("writable", writable), ("symlink", link))]
         (shared / "registry.jsonl").write_text("\\n".join(lines) + "\\n")
         os.chmod(shared / "registry.jsonl", 0o666)
-        tree = shared / "sweeps" / "planted"
-        (tree / "workers").mkdir(parents=True)
-        spec = SweepSpec.model_validate({
-            "name": "planted", "objective": "tests.helpers.objectives:curve",
-            "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}, "trials": 2,
-            "parallelism": 1, "final": False, "resources": {"site": "devcluster", "time": "5m"}})
-        (tree / "spec.json").write_text(spec.model_dump_json())
-        sub = json.loads(lines[0])
-        (tree / "submissions.jsonl").write_text(json.dumps(
-            {"kind": "workers", "slots": [0, 1], **sub}) + "\\n")
-        (tree / "workers" / f"{ids['payload']}_0.jsonl").write_text(json.dumps(
-            {"event": "trial", "slot": 0, "pid": 1, "claimed": 0, "ended": 0}) + "\\n")
-        for p in [tree, *tree.rglob("*")]:
-            os.chmod(p, 0o777 if p.is_dir() else 0o666)
+        def sweep_tree(name, submission):
+            tree = shared / "sweeps" / name
+            (tree / "workers").mkdir(parents=True)
+            spec = SweepSpec.model_validate({
+                "name": name, "objective": "tests.helpers.objectives:curve",
+                "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}, "trials": 2,
+                "parallelism": 1, "final": False, "resources": {"site": "devcluster", "time": "5m"}})
+            (tree / "spec.json").write_text(spec.model_dump_json())
+            (tree / "submissions.jsonl").write_text(json.dumps(
+                {"kind": "workers", "slots": [0, 1], **submission}) + "\\n")
+            (tree / "workers" / f"{submission['job_id']}_0.jsonl").write_text(json.dumps(
+                {"event": "trial", "slot": 0, "pid": 1, "claimed": 0, "ended": 0}) + "\\n")
+            for p in [tree, *tree.rglob("*")]:
+                os.chmod(p, 0o777 if p.is_dir() else 0o666)
+
+        sweep_tree("planted", json.loads(lines[0]))  # its submission: the payload
+        real = JobHandle(job_id=sys.argv[4], name="sweep-plantedreal", site="devcluster",
+                         scheduler="slurm", folder=str(evil), submitted_at=old)
+        sweep_tree("plantedreal", real.model_dump())  # a job Slurm knows: FAILED, no pickle read
         print(json.dumps(ids))
     """)
-    return json.loads(_ok(b.python(code, str(shared), str(marker), str(b.work))).stdout)
+    failed = b.run("sbatch", "--parsable", "--wait", "-t", "1", "-o", "/dev/null", "--wrap", "false",
+                   timeout=120)  # fmt: skip
+    job = failed.stdout.strip()
+    assert job.isdigit(), failed.stdout + failed.stderr
+    return json.loads(_ok(b.python(code, str(shared), str(marker), str(b.work), job)).stdout)
 
 
 @pytest.fixture()
@@ -306,16 +316,18 @@ def test_a_status_and_clean_ignore_what_b_planted_in_a_shared_job_root(users, pl
     assert not problems, "\n".join(problems) + "\n" + said
 
 
-def test_a_sweep_resume_ignores_a_sweep_tree_b_planted(users, planted):
+@pytest.mark.parametrize("name", ["planted", "plantedreal"])
+def test_a_sweep_resume_ignores_a_sweep_tree_b_planted(users, planted, name):
     """A sweep tree B wrote in a job root A uses: A's ``sweep status`` and ``sweep resume``
-    neither load B's pickle (through the planted submission line) nor submit a job for it."""
+    neither load B's pickle (through the planted submission line) nor submit a job for it (the
+    job would run what B's spec names, as A)."""
     a = users["a"]
     shared, marker, _ids = planted
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    status = a.hpcdl("sweep", "status", "planted", HPCDL_JOB_ROOT=str(shared), COLUMNS="200")
-    resume = a.hpcdl("sweep", "resume", "planted", HPCDL_JOB_ROOT=str(shared))
+    status = a.hpcdl("sweep", "status", name, HPCDL_JOB_ROOT=str(shared), COLUMNS="200")
+    resume = a.hpcdl("sweep", "resume", name, HPCDL_JOB_ROOT=str(shared))
     said = f"status: {status.stdout}{status.stderr}\nresume: {resume.stdout}{resume.stderr}"
-    names = "sweep-planted,sweep-planted-follow,sweep-planted-final"
+    names = f"sweep-{name},sweep-{name}-follow,sweep-{name}-final"
     time.sleep(2)  # accounting lags the submission a little
     acct = subprocess.run(["sacct", "-n", "-X", "-P", "-u", a.user, f"--name={names}", "-S",
                            "now-1hour", "-o", "JobID,Submit"], capture_output=True, text=True,
