@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,21 +64,36 @@ def _mode(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def alice_work(users: dict[str, AsUser]) -> dict[str, object]:
+def alice_work(users: dict[str, AsUser]) -> Iterator[dict[str, object]]:
     """A's job (``hpcdl submit``), a one-epoch training run (``hpcdl train``, W&B offline,
     checkpoints) and a two-trial sweep (``hpcdl sweep run``), submitted together as
     ``hpcdl-alice`` and finished; returns where each landed."""
     a = users["a"]
+    sweep = f"mu-{secrets.token_hex(3)}"  # the names of A's jobs here start with it
     _ok(a.python(textwrap.dedent(f"""
         from pathlib import Path
         from tests.helpers.train_setup import write_config, write_digits
         work = Path({str(a.work)!r})
         digits = write_digits(work / "digits")
-        write_config(work / "train.yaml", digits, work / "runs", name="mu", epochs=1,
+        write_config(work / "train.yaml", digits, work / "runs", name={sweep!r}, epochs=1,
                      checkpoint__every_steps=10, checkpoint__keep=1, job__tasks_per_node=1,
                      log__every_steps=5)
     """)))  # fmt: skip
-    sweep = f"mu-{secrets.token_hex(3)}"
+    try:
+        yield _submit_and_wait(a, sweep)
+    finally:  # nothing of A's is left in the queue, even when a wait failed
+        out = subprocess.run(["squeue", "-h", "-u", a.user, "-o", "%A %j"], capture_output=True,
+                             text=True, timeout=30).stdout  # fmt: skip
+        mine = [
+            ln.split()[0]
+            for ln in out.splitlines()
+            if ln.split()[-1].startswith((sweep, f"sweep-{sweep}"))
+        ]
+        if mine:
+            subprocess.run(["scancel", *mine], timeout=30)
+
+
+def _submit_and_wait(a: AsUser, sweep: str) -> dict[str, object]:
     (a.work / "sweep.yaml").write_text(
         json.dumps(
             {
@@ -93,7 +109,7 @@ def alice_work(users: dict[str, AsUser]) -> dict[str, object]:
         )
     )
     job = _ok(a.hpcdl("submit", "--site", "devcluster", "-t", "5m", "--parsable", "--name",
-                      "mu-job", "--", "sh", "-c", "echo private output; echo private >&2"))  # fmt: skip
+                      f"{sweep}-job", "--", "sh", "-c", "echo private output; echo private >&2"))  # fmt: skip
     job_id = job.stdout.strip()
     train = _ok(a.hpcdl("train", str(a.work / "train.yaml"), "--site", "devcluster"))
     run_dir = Path(next(ln.split(": ", 1)[1] for ln in train.stdout.splitlines()
