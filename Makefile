@@ -59,6 +59,7 @@ lint: install
 	$(BIN)/ruff check hpcdl tests docs/hooks
 	$(BIN)/ruff format --check hpcdl tests docs/hooks
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml
+	$(BIN)/mypy  # the type checker, over hpcdl/ ([tool.mypy] in pyproject.toml)
 
 test: install cluster image lint lock-check docs wheel-check  ## everything: install, start the cluster, all tests
 	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25

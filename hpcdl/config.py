@@ -14,9 +14,9 @@ from hpcdl.util import set_dotted
 
 M = TypeVar("M", bound=BaseModel)
 
-_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
-_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<u>s|m|min|h|d)$", re.IGNORECASE)
-_MEM_RE = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?$", re.IGNORECASE)
+_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})\Z")
+_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<u>s|m|min|h|d)\Z", re.IGNORECASE)
+_MEM_RE = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?\Z", re.IGNORECASE)
 
 
 def parse_time(value: str | int) -> int | None:
@@ -114,12 +114,87 @@ Memory = Annotated[str, AfterValidator(_memory)]
 """A Slurm memory size (``500M``, ``16G``), validated by :func:`parse_mem`."""
 
 
+# Bounds on YAML input (configs, sweep specs, site profiles, ``key=value`` overrides): a few
+# hundred bytes of nested aliases expand to millions of nodes (a 368-byte file took 14 s and
+# 1.2 GB in `hpcdl render`), and 20,000 nested brackets overflow Python's stack (a RecursionError
+# traceback). Real configs are small, shallow and use an anchor a few times at most.
+MAX_YAML_BYTES = 1024 * 1024  # a config file larger than 1 MiB is refused unread
+MAX_YAML_DEPTH = 100  # nesting levels (mappings, lists)
+MAX_ALIAS_NODES = 10_000  # nodes the aliases of one document add once expanded
+
+
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """A YAML document over one of the bounds above (depth, alias expansion)."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that checks the bounds while it composes the node graph, before any
+    Python object is built: each node's expanded size (aliases counted as the nodes they stand
+    for) is known when the node is complete, so an alias bomb is refused at the first alias
+    past the budget, whatever the size it would reach."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._alias_nodes = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes once expanded; complete nodes only
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # undefined aliases: the composer's own error
+                size = self._sizes.get(id(target))
+                if size is None:  # an alias inside the node it names: a cycle
+                    problem = f"alias *{event.anchor} refers to a node containing it"
+                    raise self._limit(event, problem)
+                self._alias_nodes += size
+                if self._alias_nodes > MAX_ALIAS_NODES:
+                    raise self._limit(
+                        event, f"aliases expand to more than {MAX_ALIAS_NODES:,} nodes"
+                    )
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise self._limit(event, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        self._sizes[id(node)] = 1 + sum(self._sizes[id(c)] for c in children)
+        return node
+
+    @staticmethod
+    def _limit(event: yaml.Event, problem: str) -> YAMLLimitError:
+        return YAMLLimitError(None, None, problem, event.start_mark)
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document within the bounds (``YAMLLimitError``, a ``yaml.YAMLError``, if not)."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file, a syntax error or a non-mapping is a ConfigError."""
+    """Read a YAML mapping; a missing file, a file over 1 MiB, a syntax error, YAML over the
+    depth or alias bounds or a non-mapping is a ConfigError (``FILE[:LINE]: problem``)."""
     if not path.is_file():
         raise ConfigError(str(path), "", "file not found")
+    with open(path, "rb") as f:  # at most one byte past the bound is read
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(
+            str(path), "", f"larger than {MAX_YAML_BYTES // 2**20} MiB, the limit for a YAML file"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(raw.decode())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -166,7 +241,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> d
         if not sep or not key or any(not p for p in key.split(".")):
             raise ConfigError(where, item, "override must look like key=value or a.b=value")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = load_yaml(raw) if raw else ""
+        except YAMLLimitError as exc:  # not a plain string either: refused
+            raise ConfigError(where, key, f"invalid YAML value: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw
         try:

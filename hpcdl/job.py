@@ -21,21 +21,22 @@ from pydantic import (
 )
 
 from hpcdl import containers
-from hpcdl.config import JobTime, Memory, format_minutes, parse_mem, parse_time, validation_error
+from hpcdl.config import JobTime, Memory, validation_error
 from hpcdl.errors import ConfigError
 from hpcdl.runner import LAUNCHERS, Task, torchrun_argv
-from hpcdl.scheduler import JobHandle, get_scheduler, hostnames
+from hpcdl.scheduler import JobHandle, get_scheduler, hostnames, setup_lines
 from hpcdl.scheduler.preemption import preempt_checkpoint
+from hpcdl.script_values import OneLine, SetupLine, SlurmName
 from hpcdl.site import SiteProfile, load_site
-from hpcdl.slurm_options import SbatchOptions, check_job_options
+from hpcdl.slurm_options import SbatchOptions
 from hpcdl.snapshot import Snapshot, stage
 from hpcdl.snapshot import check as check_snapshot
 
-__all__ = ["Job", "JobHandle", "Resources", "slurm_job_name"]
+__all__ = ["Job", "JobHandle", "Resources"]
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _DEPENDENCY = re.compile(
-    r"^(?:(?P<kind>after|afterok|afterany|afternotok|aftercorr):)?(?P<id>\d+(?:_\d+)?)$"
+    r"^(?:(?P<kind>after|afterok|afterany|afternotok|aftercorr):)?(?P<id>\d+(?:_\d+)?)\Z"
 )
 SUBMIT_PYTHON = sys.executable  # the interpreter that unpickles tasks (outside containers)
 
@@ -47,15 +48,15 @@ class Resources(SbatchOptions):
     model_config = ConfigDict(extra="forbid")
 
     site: str | None = None
-    partition: str | None = None
+    partition: SlurmName | None = None
     nodes: int = Field(default=1, ge=1)
     tasks_per_node: int | None = Field(default=None, ge=1)
     gpus_per_node: int = Field(default=0, ge=0)
     cpus_per_task: int = Field(default=1, ge=1)
     mem: Memory | None = None
     time: JobTime = "01:00:00"
-    account: str | None = None
-    qos: str | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
     snapshot: Snapshot | None = None  # the code tasks run (git, rsync, none); None: the site's
 
     @property
@@ -72,20 +73,20 @@ class Job(Resources):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    name: str = "hpcdl-job"
+    name: OneLine = "hpcdl-job"
     launcher: str = "srun"  # before command: command's validator reads it
     command: list[str] | None = None
     function: Callable[..., Any] | None = Field(default=None, exclude=True)
     args: tuple[Any, ...] = Field(default=(), exclude=True)
     kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True)
     env: dict[str, str] = Field(default_factory=dict)
-    setup: list[str] = Field(default_factory=list)
-    container: str | None = None
+    setup: list[SetupLine] = Field(default_factory=list)
+    container: OneLine | None = None
     dependencies: list[str] = Field(default_factory=list)
     array: int | None = Field(default=None, ge=1, le=1_000_000)
     throttle: int | None = Field(default=None, ge=1)
     requeue: bool = False
-    cwd: str | None = None
+    cwd: OneLine | None = None
 
     @field_validator("launcher")
     @classmethod
@@ -166,13 +167,8 @@ class Job(Resources):
 
     def check(self, site: SiteProfile, where: str = "job") -> None:
         """Raise ConfigError if the site cannot run this request; nothing is queued before this."""
-        leaked = sorted(set(self.env) & set(site.secrets))
-        if leaked:
-            raise ConfigError(
-                where,
-                f"env.{leaked[0]}",
-                "is a secret on this site: export it in your shell instead",
-            )
+        # no secret named in env, no secret's value in env, setup, command or name
+        site.check_secrets(self.env, self.setup, self.command or [], self.name, where)
         get_scheduler(site).check(self, where)  # the back end's own limits (partitions, local)
         if site.accounts and self.account and self.account not in site.accounts:
             raise ConfigError(
@@ -185,131 +181,9 @@ class Job(Resources):
         if self.command is not None and site.container.runtime == "none" and not self.container:
             _check_program(self.command, self.cwd, where)
 
-    def check_partition(self, site: SiteProfile, where: str) -> None:
-        """Raise ConfigError if the request exceeds its partition's limits (Slurm sites)."""
-        try:
-            part = site.partition(self.partition)
-        except KeyError:
-            names = ", ".join(p.name for p in site.partitions)
-            raise ConfigError(
-                where,
-                "partition",
-                f"unknown partition {self.partition!r} on site {site.name!r} (available: {names})",
-            ) from None
-        assert part is not None
-        minutes = parse_time(self.time)
-        if part.max_minutes is not None and minutes is not None and minutes > part.max_minutes:
-            raise ConfigError(
-                where,
-                "time",
-                f"{self.time} exceeds partition {part.name!r} limit "
-                f"{format_minutes(part.max_minutes)}",
-            )
-        if part.max_nodes is not None and self.nodes > part.max_nodes:
-            raise ConfigError(
-                where,
-                "nodes",
-                f"{self.nodes} exceeds partition {part.name!r} limit {part.max_nodes}",
-            )
-        if self.gpus_per_node and not part.gpus_per_node:
-            raise ConfigError(
-                where,
-                "gpus_per_node",
-                f"partition {part.name!r} has no GPUs "
-                f"(GPU partitions: {', '.join(p.name for p in site.partitions if p.gpus_per_node) or 'none'})",
-            )
-        if self.gpus_per_node > part.gpus_per_node:
-            raise ConfigError(
-                where,
-                "gpus_per_node",
-                f"{self.gpus_per_node} exceeds partition {part.name!r} limit {part.gpus_per_node}",
-            )
-        cpus = self.cpus_per_task * self.ntasks_per_node
-        if cpus > part.cpus_per_node:
-            raise ConfigError(
-                where,
-                "tasks_per_node",
-                f"{self.ntasks_per_node} tasks x {self.cpus_per_task} cpus "
-                f"= {cpus} exceeds partition {part.name!r} limit of {part.cpus_per_node} cpus per node",
-            )
-        if self.mem is not None and part.mem_mib is not None and parse_mem(self.mem) > part.mem_mib:
-            raise ConfigError(
-                where,
-                "mem",
-                f"{self.mem} exceeds partition {part.name!r} limit {part.mem_per_node}",
-            )
-        check_job_options(self, part, where)  # gpus_per_task, the partition's policy, features
-
-    # -- rendering -----------------------------------------------------------------------------
-    def slurm_parameters(self, site: SiteProfile) -> dict[str, Any]:
-        """The submitit SlurmExecutor parameters for this job on ``site``."""
-        part = site.partition(self.partition)
-        assert part is not None
-        per_node = self.launched_tasks_per_node  # torchrun: one task with every rank's CPUs
-        params: dict[str, Any] = {
-            "job_name": slurm_job_name(self.name),
-            "partition": part.name,
-            "time": parse_time(self.time),
-            "nodes": self.nodes,
-            "ntasks_per_node": per_node,
-            "cpus_per_task": self.cpus_per_task * self.ntasks_per_node // per_node,
-            "signal_delay_s": site.preemption.delay_s,
-            "wckey": None,
-            "setup": self.setup_lines(site),
-            # the job's extra sbatch options after the partition's policy (defaults added)
-            "additional_parameters": {"export": "ALL", **check_job_options(self, part, "job")},
-        }
-        if self.gpus_per_node:
-            kind = f"{part.gpu_type}:" if part.gpu_type else ""
-            if part.gres == "gpu":
-                params["gpus_per_node"] = f"{kind}{self.gpus_per_node}"
-            else:
-                params["gres"] = f"{part.gres}:{kind}{self.gpus_per_node}"
-        if self.mem:
-            params["mem"] = f"{parse_mem(self.mem)}M"
-        account = self.account or site.default_account
-        if account:
-            params["account"] = account
-        qos = self.qos or site.default_qos
-        if qos:
-            params["qos"] = qos
-        if self.dependencies:
-            params["dependency"] = ",".join(
-                d if ":" in d else f"afterok:{d}" for d in self.dependencies
-            )
-        if self.throttle:
-            params["array_parallelism"] = self.throttle
-        if self.requeue:
-            params["additional_parameters"]["requeue"] = True
-        if site.preemption.signal != "USR2":
-            params["additional_parameters"]["signal"] = (
-                f"{site.preemption.signal}@{site.preemption.delay_s}"
-            )
-        mpi = site.launcher(self.launcher).mpi if self.command is not None else None
-        srun = [f"--mpi={mpi}"] if mpi else []
-        # pyxis: srun enters the image for commands and callables alike
-        srun += containers.srun_args(site.container, self.image(site))
-        if srun:
-            params["srun_args"] = srun
-        return params
-
-    def local_parameters(self, site: SiteProfile) -> dict[str, Any]:
-        """The submitit LocalExecutor parameters for this job on ``site``."""
-        return {
-            "timeout_min": parse_time(self.time),
-            "tasks_per_node": self.launched_tasks_per_node,
-            "gpus_per_node": self.gpus_per_node,
-            "setup": [ln for ln in self.setup_lines(site) if not ln.startswith("#")],  # && chain
-            "signal_delay_s": site.preemption.delay_s,
-        }
-
     def setup_lines(self, site: SiteProfile) -> list[str]:
         """Shell lines run before the tasks start: modules, site setup and env presets, job setup."""
-        lines = site.module_lines() + list(site.setup) + site.env_lines()
-        lines += containers.setup_lines(site.container)
-        if site.preemption.signal != "USR2":
-            lines.append(f"export SUBMITIT_PREEMPT_SIGNAL={site.preemption.signal}")
-        return lines + list(self.setup)
+        return setup_lines(self, site)
 
     def task(self, site: SiteProfile, array_task_id: int | None = None) -> Task:
         """The pickled payload each task runs."""
@@ -383,8 +257,3 @@ def _check_program(argv: list[str], cwd: str | None, where: str) -> None:
     is_script = Path(prog).name.startswith("python") and len(argv) > 1 and argv[1].endswith(".py")
     if is_script and not (base / argv[1]).is_file():
         raise ConfigError(where, "command", f"script {argv[1]!r} does not exist")
-
-
-def slurm_job_name(name: str) -> str:
-    """Slurm's job name: control characters (newlines) become spaces; the real name stays in env."""
-    return re.sub(r"[\x00-\x1f\x7f]", " ", name)[:200] or "hpcdl-job"

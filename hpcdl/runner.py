@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from hpcdl.errors import HpcdlError
+from hpcdl.task_env import signal_of, time_limit_signal
 
 LAUNCHERS = ("srun", "torchrun")
 # What every task of a multi-task command job sees (torchrun's names and meanings).
@@ -33,7 +34,7 @@ TORCH_VARS = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
-_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?\Z")
 
 
 class CommandFailed(RuntimeError):
@@ -296,11 +297,11 @@ def _checkpoint_on_preemption(preempt: PreemptCheckpoint) -> None:
     if bound is None:
         _say("not a submitit Slurm task: no checkpoint on preemption")
         return
-    usr = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    usr = time_limit_signal()
     handler = _OnPreemption(*bound, preempt.wait_s)
     for name in preempt.signals:
-        if name.upper().removeprefix("SIG") != usr:
-            signal.signal(signal.Signals[f"SIG{name.upper().removeprefix('SIG')}"], handler)
+        if signal_of(name) != usr:
+            signal.signal(signal_of(name), handler)
 
 
 @dataclass
@@ -322,6 +323,9 @@ class Task:
     launcher: str | None = None
     hostnames: Callable[[str], list[str]] | None = None
     preempt: PreemptCheckpoint | None = None  # a Checkpointable callable in a REQUEUE partition
+    # Records "success"/"error" for `hpcdl status` (the scheduler's record_outcome: JSON, so
+    # status never loads submitit's result pickle).
+    outcome: Callable[[str], None] | None = None
 
     @property
     def checkpoint(self) -> Callable[..., Any]:
@@ -335,7 +339,7 @@ class Task:
     def _checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Delegate (to ``__submitit_checkpoint__`` first, as submitit does) and wrap the returned
         ``DelayedSubmission`` again, so the requeued task keeps this task's environment."""
-        fn = self.function
+        fn: Any = self.function  # a Checkpointable: this method is bound only for those
         hook = getattr(fn, "__submitit_checkpoint__", None) or fn.checkpoint
         delayed = hook(*self.args, **self.kwargs)  # submitit passes this task's (empty) args
         if delayed is None:
@@ -346,6 +350,16 @@ class Task:
         return type(delayed)(task)  # submitit's DelayedSubmission, without importing it here
 
     def __call__(self) -> Any:
+        record = self.outcome or (lambda outcome: None)
+        try:
+            result = self._run()
+        except Exception:  # what submitit records as an error (a SystemExit is a requeue)
+            record("error")
+            raise
+        record("success")
+        return result
+
+    def _run(self) -> Any:
         os.environ.update(self.env)
         task_id = self.array_task_id
         if task_id is None and "SLURM_ARRAY_TASK_ID" in os.environ:

@@ -20,11 +20,13 @@ from hpcdl.config import (
     validate,
 )
 from hpcdl.containers import Container  # the `container` section (runtimes, binds)
+from hpcdl.credentials import SecretEntry, check_no_secrets
 from hpcdl.errors import ConfigError
+from hpcdl.script_values import OneLine, SetupLine, SlurmName, check_one_line
 from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
 from hpcdl.snapshot import Snapshot  # jobs' default code snapshot (git, rsync, none)
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _env_names(v: dict[str, str]) -> dict[str, str]:
@@ -36,7 +38,7 @@ def _env_names(v: dict[str, str]) -> dict[str, str]:
 
 # Environment variables a profile sets: names a shell accepts, values as strings.
 EnvVars = Annotated[dict[str, str], AfterValidator(_env_names)]
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+\Z")
 PACKAGE_SITE_DIR = Path(__file__).resolve().parent / "sites"  # shipped in the wheel
 SYSTEM_SITE_DIR = Path("/etc/hpcdl/sites")
 
@@ -117,18 +119,23 @@ class SiteProfile(_Strict):
     scheduler: Literal["slurm", "local"]
     description: str = ""
     partitions: list[Partition] = []
-    accounts: list[str] = []
-    default_account: str | None = None
-    qos: list[str] = []
-    default_qos: str | None = None
-    module_init: str | None = None
-    module_paths: list[str] = []
-    modules: list[str] = []
-    setup: list[str] = []
+    accounts: list[SlurmName] = []
+    default_account: SlurmName | None = None
+    qos: list[SlurmName] = []
+    default_qos: SlurmName | None = None
+    module_init: OneLine | None = None
+    module_paths: list[OneLine] = []
+    modules: list[OneLine] = []
+    setup: list[SetupLine] = []
     env: EnvVars = {}
-    secrets: list[str] = []
+    secrets: list[SecretEntry] = []  # NAME (from the environment) or {name: NAME, file: PATH}
     container: Container = Container()
-    job_root: str = "~/.hpcdl/jobs"
+    job_root: OneLine = "~/.hpcdl/jobs"  # job folders' paths are written into the script
+    # Who may read what hpcdl creates (job root and folders, registry, sweeps, runs, logs,
+    # checkpoints): its user only (folders 0700, files 0600), or also ``share_group`` (0750 /
+    # 0640; the job root is given that group, set-group-ID, so what is made below inherits it).
+    share: Literal["private", "group"] = "private"
+    share_group: str | None = None
     scratch: str | None = None
     preemption: Preemption = Preemption()
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -138,14 +145,11 @@ class SiteProfile(_Strict):
     # Slurm's MaxArraySize: array indices stop at max_array_size - 1, so hpcdl submits a larger
     # array as several Slurm arrays (hpcdl.scheduler.arrays). None: no limit (local sites).
     max_array_size: int | None = Field(default=None, ge=1, le=4_000_001)
-
-    @field_validator("secrets")
-    @classmethod
-    def _secret_names(cls, v: list[str]) -> list[str]:
-        for key in v:
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"invalid environment variable name {key!r}")
-        return v
+    # Tasks one array may have in all (its parts together): each task is a job record in
+    # slurmctld (MaxJobCount, shared by every user) and a pickle in the job folder, so a typo'd
+    # --array 1000000 must not reach sbatch. 10,000 is Slurm's default MaxJobCount; 'site import'
+    # writes the cluster's own. Job.array's le=1,000,000 stays as the last guard.
+    max_array_tasks: int = Field(default=10_000, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteProfile:
@@ -163,11 +167,17 @@ class SiteProfile(_Strict):
             raise ValueError(f"default_account {self.default_account!r} is not in accounts")
         if self.default_qos and self.default_qos not in self.qos:
             raise ValueError(f"default_qos {self.default_qos!r} is not in qos")
-        leaked = sorted(set(self.secrets) & set(self.env))
+        if self.share_group is not None and self.share != "group":
+            raise ValueError("share_group needs share: group")
+        if self.share_group is not None and not _SLURM_NAME.match(self.share_group):
+            raise ValueError("share_group must be a group name (letters, digits, '_', '.', '-')")
+        leaked = sorted(set(self.secret_names) & set(self.env))
         if leaked:
             raise ValueError(f"secret {leaked[0]!r} must not have a value in env")
+        if len(set(self.secret_names)) < len(self.secrets):
+            raise ValueError("a secret is listed twice")
         for name, preset in self.launchers.items():
-            leaked = sorted(set(self.secrets) & set(preset.env))
+            leaked = sorted(set(self.secret_names) & set(preset.env))
             if leaked:
                 raise ValueError(f"secret {leaked[0]!r} must not have a value in launchers.{name}")
             if preset.mpi and name != "srun":
@@ -175,6 +185,20 @@ class SiteProfile(_Strict):
         return self
 
     # -- lookups ---------------------------------------------------------------------------
+    @property
+    def secret_names(self) -> list[str]:
+        return [s.name for s in self.secrets]
+
+    def check_secrets(
+        self, env: dict[str, str], setup: list[str], command: list[str], name: str, where: str
+    ) -> None:
+        """Raise ConfigError when a job's env names a secret, or its env, setup lines, command
+        or name hold a secret's value (read now from its file, checked, or the environment)."""
+        fields = {f"env.{k}": v for k, v in env.items()}
+        fields |= {f"setup.{i}": line for i, line in enumerate(setup)}
+        fields |= {f"command.{i}": arg for i, arg in enumerate(command)} | {"name": name}
+        check_no_secrets(self.secrets, fields, where, self.name)
+
     def partition(self, name: str | None) -> Partition | None:
         """The named partition, the default one, or ``None`` on a site without partitions."""
         if not self.partitions:
@@ -186,6 +210,16 @@ class SiteProfile(_Strict):
                 return p
         raise KeyError(name)
 
+    def check_array(self, tasks: int | None, where: str, field: str = "array") -> None:
+        """Raise ConfigError when an array of ``tasks`` tasks exceeds ``max_array_tasks``."""
+        if tasks is not None and tasks > self.max_array_tasks:
+            raise ConfigError(
+                where,
+                field,
+                f"an array of {tasks:,} tasks exceeds site {self.name!r} limit "
+                f"max_array_tasks {self.max_array_tasks:,}",
+            )
+
     def launcher(self, name: str) -> LauncherPreset:
         """The site's preset for a launcher (empty when the profile has none)."""
         return self.launchers.get(name, LauncherPreset())  # type: ignore[call-overload]
@@ -194,7 +228,12 @@ class SiteProfile(_Strict):
     def job_root_path(self) -> Path:
         """Where job folders and the registry live (``$HPCDL_JOB_ROOT`` overrides the profile)."""
         root = os.environ.get("HPCDL_JOB_ROOT") or self.job_root
-        return Path(os.path.expandvars(os.path.expanduser(root)))
+        path = os.path.expandvars(os.path.expanduser(root))
+        try:  # a job folder's path is written into the batch script (--output, --error)
+            check_one_line(path)
+        except ValueError as exc:
+            raise ConfigError("HPCDL_JOB_ROOT or job_root", "", str(exc)) from None
+        return Path(path)
 
     @property
     def scratch_path(self) -> str | None:
@@ -211,8 +250,10 @@ class SiteProfile(_Strict):
         return lines
 
     def env_lines(self) -> list[str]:
-        """``export`` lines for the site's environment presets, safely quoted."""
-        return [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        """``export`` lines for the site's environment presets, safely quoted, then the lines
+        that read secrets from their files on the node (the script names the file only)."""
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return lines + [ln for s in self.secrets if (ln := s.shell_line())]
 
     def summary_rows(self) -> list[tuple[str, str, str, str, str, str]]:
         """(name, default, max time, max nodes, cpus, mem, gpus) rows for display."""
@@ -234,17 +275,18 @@ class SiteProfile(_Strict):
 def site_search_path() -> list[tuple[Path, str]]:
     """Profile folders, first match wins, each with its origin: ``$HPCDL_SITE_PATH`` (colon-separated),
     the user's (``~/.config/hpcdl/sites``), the system's (``/etc/hpcdl/sites``, ``/etc/xdg/hpcdl/sites``),
-    ``./site``, then the package's (``local`` and the examples)."""
+    then the package's (``local`` and the examples).
+
+    Never the current folder: a ``./site/NAME.yaml`` in a checkout someone else wrote would
+    silently replace the admins' profile, setup lines included. Such a file is used only when
+    named: ``--site ./site/NAME.yaml``, or its folder in ``$HPCDL_SITE_PATH``."""
     import platformdirs
 
     env = [(Path(d), "HPCDL_SITE_PATH") for d in os.environ.get("HPCDL_SITE_PATH", "").split(":")]
     system = platformdirs.site_config_dir("hpcdl", multipath=True).split(os.pathsep)
     dirs = [*env, (Path(platformdirs.user_config_dir("hpcdl")) / "sites", "user")]
     dirs += [(SYSTEM_SITE_DIR, "system")] + [(Path(d) / "sites", "system") for d in system]
-    dirs += [
-        (Path.cwd() / "site", "./site"),
-        (PACKAGE_SITE_DIR, "package"),
-    ]
+    dirs += [(PACKAGE_SITE_DIR, "package")]
     seen: dict[Path, str] = {}
     for d, label in dirs:
         if str(d) not in {"", "."}:

@@ -185,9 +185,9 @@ def _inside(path: Path, root: Path) -> PurePosixPath | None:
 def git_state(src: Source) -> tuple[str | None, str, int]:
     """(commit or None before the first commit, ``git diff HEAD``, untracked file count)."""
     if src.parent is not None:  # a copy of a copy: what the first one recorded
-        diff = src.parent / DIFF
+        recorded = src.parent / DIFF
         commit = json.loads((src.parent / RECORD).read_text()).get("commit")
-        return commit, diff.read_text() if diff.is_file() else "", 0
+        return commit, recorded.read_text() if recorded.is_file() else "", 0
     if not src.git:
         return None, "", 0
     proc = _run(["git", "rev-parse", "--verify", "-q", "HEAD"], src.root)
@@ -304,10 +304,10 @@ def stage(
     when ``copy`` is false, as for ``render``): the task's working directory in the copy and the
     setup lines that start there."""
     src = source(spec, Path(cwd or Path.cwd()))
-    cwd = workdir_in(src, folder)
+    task_cwd = workdir_in(src, folder)
     if copy:
         take(spec, src, folder)
-        name = missing(argv, cwd)
+        name = missing(argv, task_cwd)
         if name is not None:
             why = "untracked: git add it" if spec.mode == "git" else "excluded"
             raise ConfigError(
@@ -315,4 +315,4 @@ def stage(
                 "snapshot",
                 f"{name!r} is not in the {spec.mode} snapshot ({why}, or change snapshot.exclude)",
             )
-    return cwd, setup_lines(spec, src, folder)
+    return task_cwd, setup_lines(spec, src, folder)

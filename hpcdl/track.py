@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcdl.util import atomic_write_text, configure_logging, get_logger
+from hpcdl.util import (
+    append_jsonl,
+    atomic_write_text,
+    configure_logging,
+    get_logger,
+    read_jsonl,
+)
 
 logger = get_logger(__name__)
 
@@ -29,18 +35,14 @@ def rewind_jsonl(path: Path, step: int, epoch: int | None = None) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut by a kill
-            continue
+    for row in read_jsonl(path):  # a line cut by a kill or a full disk is dropped (and said)
         kind, at = row.get("kind"), row.get("step", 0)
         if kind == "step" and at > step:
             continue
         if kind == "epoch" and (at >= step if epoch is None else row.get("epoch", 0) >= epoch):
             continue
-        kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        kept.append(row)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept), fsync=True)
 
 
 class Tracker:
@@ -62,16 +64,16 @@ class Tracker:
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = None
+        self._open = False
         self._wandb: Any = None
         if not enabled:
             return
         # The metric lines below are the job's terminal output; its warnings belong there too.
         configure_logging(logging.WARNING)
-        self._file = open(self.path, "a")  # noqa: SIM115  (closed in close())
+        self._open = True
         if wandb and wandb_mode != "disabled":
             self._wandb = _start_wandb(
-                Path(run_dir), config, name, wandb_mode, wandb_project,
+                Path(run_dir), redacted(config), name, wandb_mode, wandb_project,
                 group=wandb_group, run_id=wandb_id, tags=wandb_tags or [],
             )  # fmt: skip
 
@@ -80,9 +82,8 @@ class Tracker:
         if not self.enabled:
             return
         full = {"kind": kind, **row, "time": round(time.time(), 3)}
-        assert self._file is not None
-        self._file.write(json.dumps(full) + "\n")
-        self._file.flush()
+        assert self._open
+        append_jsonl(self.path, full)  # one whole line per write, as every hpcdl journal
         if echo:
             print(_line(kind, row), flush=True)
         if self._wandb is not None and kind != "event":
@@ -108,15 +109,39 @@ class Tracker:
                 logger.warning(f"W&B tag not written: {exc}")
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._open = False
         if self._wandb is not None:
             try:
                 self._wandb.finish()
             except Exception as exc:
                 logger.warning(f"W&B finish failed: {exc}")
             self._wandb = None
+
+
+REDACTED = "<redacted>"
+_REDACTED_KEYS = ("env", "setup")  # a job's environment and shell lines (job.env, job.setup)
+
+
+def redacted(config: Any) -> Any:
+    """``config`` for W&B (whose run config is uploaded at sync, to a service outside the site):
+    the values of every ``env`` mapping and ``setup`` list replaced by ``<redacted>`` (the
+    variable names stay), at any depth. Whatever the job's checks let through, tokens in them
+    never leave the cluster this way."""
+    if isinstance(config, dict):
+        out: dict[Any, Any] = {}
+        for key, value in config.items():
+            if key in _REDACTED_KEYS and isinstance(value, dict):
+                out[key] = {k: REDACTED for k in value}
+            elif key in _REDACTED_KEYS and isinstance(value, list | tuple):
+                out[key] = [REDACTED] * len(value)
+            elif key in _REDACTED_KEYS and isinstance(value, str):
+                out[key] = REDACTED
+            else:
+                out[key] = redacted(value)
+        return out
+    if isinstance(config, list | tuple):
+        return [redacted(v) for v in config]
+    return config
 
 
 def _line(kind: str, row: dict[str, Any]) -> str:
@@ -148,7 +173,7 @@ def _start_wandb(
             id=id_file.read_text().strip(),
             resume="allow",
             dir=str(run_dir),
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # a site profile Literal, checked there
             config=config,
             group=group,
             tags=tags or None,

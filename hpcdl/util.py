@@ -9,9 +9,10 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,15 +72,19 @@ def atomic_write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
     """Write ``text`` so that readers see the old file or the new one, never a mix.
 
     The temporary file sits beside the target (same file system, so ``os.replace`` is atomic)
-    and carries the pid, so two processes writing the same path never share a temporary.
-    ``fsync`` makes the content durable before the rename (checkpoint pointers need that).
+    and is created exclusively (:func:`atomic_path`). ``fsync`` makes the content durable before
+    the rename (checkpoint pointers need that).
     """
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:  # closed before the rename
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        # The descriptor from the exclusive create is not at hand here; reopening the random
+        # name with O_NOFOLLOW is safe: only a writer of this folder could have swapped it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "w") as f:  # closed before the rename
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
     return path
 
 
@@ -89,22 +94,83 @@ def atomic_write_json(path: str | Path, data: Any, fsync: bool = False) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` (``.NAME.tmp-PID``) to fill, renamed over ``path`` when
-    the block succeeds and removed (file or folder) when it fails. For content that a library
-    writes itself (an HDF5 file, a folder of copies); text and JSON have the functions above.
-    A folder can only replace a missing or empty one: remove a stale target inside the block."""
+def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
+    """A new temporary sibling of ``path`` (``.NAME.tmp-PID-RANDOM``) to fill, renamed over
+    ``path`` when the block succeeds and removed (file or folder) when it fails. For content that
+    a library writes itself (an HDF5 file, a folder of copies); text and JSON have the functions
+    above. A folder (``directory=True``) can only replace a missing or empty one: remove a stale
+    target inside the block.
+
+    The temporary exists when the block starts: an empty file (or folder) created exclusively
+    (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600; a folder 0700) under a random name, so a
+    symlink or file someone planted at a predictable name can neither redirect the write nor
+    receive it: creation fails instead of following it. Renamed into place, it has the mode
+    any new file would have under the current umask."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _create_temp(path, directory)
     try:
         yield tmp
+        # Private while being filled; in place, the mode any new file would get (the umask:
+        # 077 inside hpcdl's jobs and submissions, see :func:`share_umask`).
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temp(path: Path, directory: bool) -> Path:
+    """Create and return a fresh temporary beside ``path`` (see :func:`atomic_path`)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            if directory:
+                os.mkdir(tmp, 0o700)  # mkdir never follows a symlink at its own name
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(tmp, flags, 0o600))
+            return tmp
+        except FileExistsError:
+            continue  # a name someone took (or planted): draw another
+    raise FileExistsError(f"{path}: no free temporary name beside it")
+
+
+# What hpcdl creates is private to its user unless the site profile shares it with a group
+# (``share: group``): the umask in force while hpcdl creates job roots, job folders, sweep
+# trees, run folders and submits (sbatch hands it to the job as SLURM_UMASK).
+SHARE_UMASK = {"private": 0o077, "group": 0o027}
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set it, and a
+    set-and-restore would give other threads a wrong umask for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o077)  # no /proc: the short race is the lesser evil
+    os.umask(old)
+    return old
+
+
+@contextmanager
+def share_umask(share: str = "private") -> Iterator[int]:
+    """Run the block under the umask of ``share`` (``private``: 077, ``group``: 027) and
+    restore the previous one: everything the block creates (and every process it starts, a
+    local job, ``sbatch``) is private whatever the caller's umask. The umask is per process:
+    a library call made while another thread creates files changes theirs too."""
+    mask = SHARE_UMASK[share]
+    old = os.umask(mask)
+    try:
+        yield mask
+    finally:
+        os.umask(old)
 
 
 def sha256_file(path: str | Path, block_bytes: int = 8 << 20) -> str:
@@ -130,3 +196,91 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ValueError(f"{'.'.join(keys[: i + 1])} is not a mapping")
         node = nxt
     node[keys[-1]] = value
+
+
+# -- records: JSON lines that survive a kill or a full disk --------------------------------------
+_warned: set[tuple[str, str]] = set()  # (file, what): each problem is said once per process
+
+
+def _warn_once(path: Path, what: str, message: str) -> None:
+    key = (str(path), what)
+    if key not in _warned:
+        _warned.add(key)
+        logging.getLogger(f"{LOGGER_NAME}.util").warning(message)
+
+
+def _json_object(line: bytes) -> Any:
+    row = json.loads(line)
+    if not isinstance(row, dict):  # every hpcdl record is an object; callers index into it
+        raise ValueError("not a JSON object")
+    return row
+
+
+def read_jsonl(path: str | Path, parse: Callable[[bytes], Any] = _json_object) -> list[Any]:
+    """The records of a JSON-lines file (``[]`` if it does not exist), each line through
+    ``parse`` (default: a JSON object). A line ``parse`` refuses is skipped with a warning, once
+    per process and file: a torn last line (no newline: its writer was killed or the disk
+    filled mid-line) or a bad line in the middle (a torn line that another append followed)
+    costs that record, never the file. Blank lines are skipped silently."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline, as every whole line does
+    rows, bad = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse(line))
+        except ValueError:  # json's, pydantic's ValidationError and UnicodeDecodeError are
+            bad.append(number)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (
+            f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        )
+        _warn_once(path, f"bad {bad}", f"{path}: skipped unreadable line(s) {shown} (cut short "
+                   "by a crash or a full disk, or not a record)")  # fmt: skip
+    if torn.strip():
+        try:
+            rows.append(parse(torn))  # whole, just without its newline
+        except ValueError:
+            _warn_once(path, f"torn {len(lines) + 1}", f"{path}: skipped a torn last line "
+                       f"(line {len(lines) + 1}, {len(torn)} bytes without a newline: its "
+                       "writer was stopped mid-line)")  # fmt: skip
+    return rows
+
+
+def append_jsonl(path: str | Path, row: Any) -> None:
+    """Append ``row`` as one JSON line, whole: one ``write`` of the line and its newline on an
+    ``O_APPEND`` descriptor, under an exclusive ``flock`` of the file, so lines of several
+    processes (on several nodes of a shared file system, where ``O_APPEND`` alone does not
+    serialize) never interleave. A torn last line left by a killed writer first gets its
+    newline, so it stays one bad line and never swallows this one."""
+    import fcntl
+
+    line = (json.dumps(row, default=str) + "\n").encode()
+    # read: the tail; never through a symlink planted at the name; the mode is the umask's
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:  # a regular file takes it in one write; a short one is retried, not lost
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of folder ``path`` durable (a rename or a new file in it), as a file's
+    ``fsync`` makes its content durable: needed before a record names what the folder holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from hpcdl import Job
 from hpcdl.cli import main
 from hpcdl.launch import discover
 from hpcdl.runner import TORCH_VARS, launcher_env, torchrun_argv
-from hpcdl.scheduler import find_handle
+from hpcdl.scheduler import LocalScheduler, SlurmScheduler, find_handle
 from hpcdl.scheduler.hostlist import expand_hostlist
 from hpcdl.site import load_site
 
@@ -170,24 +170,26 @@ def test_torchrun_job_runs_one_task_per_node_with_all_its_cpus():
     site = load_site("devcluster")
     job = Job(command=["python3", DDP, "x"], nodes=2, tasks_per_node=2, cpus_per_task=1,
               launcher="torchrun", site="devcluster")  # fmt: skip
-    params = job.slurm_parameters(site)
+    params = SlurmScheduler(site).sbatch_parameters(job)
     assert (params["nodes"], params["ntasks_per_node"], params["cpus_per_task"]) == (2, 1, 2)
     assert "srun_args" not in params  # the site's MPI setting is for srun
     task = job.task(site)
     assert task.argv[:6] == ["python3", "-m", "torch.distributed.run", "--nnodes=2",
                              "--nproc-per-node=2", "--rdzv-backend=c10d"]  # fmt: skip
     assert task.env["LOGLEVEL"] == "WARNING"  # the site's torchrun preset
-    assert job.local_parameters(site)["tasks_per_node"] == 1
+    assert LocalScheduler(site).executor_parameters(job)["tasks_per_node"] == 1
 
 
 def test_srun_jobs_use_the_sites_mpi_setting_and_presets(tmp_path):
     site = load_site("devcluster")
     job = Job(command=["python3", MPI, "x"], nodes=2, tasks_per_node=2, site="devcluster")
-    assert job.slurm_parameters(site)["srun_args"] == ["--mpi=pmi2"]
+    assert SlurmScheduler(site).sbatch_parameters(job)["srun_args"] == ["--mpi=pmi2"]
     srun = next(ln for ln in job.render(site).splitlines() if ln.startswith("srun "))
     assert " --mpi=pmi2 " in srun
     func = Job(function=print, nodes=2, tasks_per_node=2, site="devcluster")
-    assert "srun_args" not in func.slurm_parameters(site)  # hpcdl's own code discovers ranks
+    assert "srun_args" not in SlurmScheduler(site).sbatch_parameters(
+        func
+    )  # hpcdl's own code discovers ranks
     assert func.task(site).launcher is None
     gpu = load_site("example-gpu-site")
     job = Job(command=["python3", "t.py"], env={"LOGLEVEL": "INFO"}, launcher="torchrun")

@@ -31,7 +31,7 @@ def test_values_reach_the_job_intact(tmp_path, monkeypatch):
     env = {f"V{i}": v for i, v in enumerate(WEIRD)}
     out = tmp_path / "report"
     job = Job(
-        name="weird $(name)\n`x`",
+        name="weird $(name) `x`",
         command=[sys.executable, REPORT, str(out), ",".join([*env, "HPCDL_JOB_NAME"]), *WEIRD],
         env=env,
         time="5m",

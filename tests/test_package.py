@@ -23,7 +23,7 @@ def search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Pa
         "HPCDL_SITE_PATH": tmp_path / "env",
         "user": tmp_path / "config/hpcdl/sites",
         "system": tmp_path / "xdg/hpcdl/sites",
-        "./site": tmp_path / "cwd/site",
+        "./site": tmp_path / "cwd/site",  # never searched: used only when named
     }
     for d in dirs.values():
         d.mkdir(parents=True)
@@ -47,12 +47,16 @@ def test_the_package_ships_the_local_profile_and_the_examples():
 def test_search_order_first_match_wins_and_says_where(search_path):
     order = [label for _, label in site_search_path()]
     assert order[0] == "HPCDL_SITE_PATH" and order[-1] == "package"
-    assert order.index("user") < order.index("system") < order.index("./site")
+    assert order.index("user") < order.index("system") < order.index("package")
+    assert "./site" not in order  # a checkout's ./site overrides nothing (tests/test_trust.py)
     assert Path("/etc/hpcdl/sites") in [d for d, _ in site_search_path()]
-    # Only the package: `local` from there.
+    # Only the package: `local` from there, whatever ./site holds.
+    (search_path["./site"] / "local.yaml").write_text(
+        PROFILE.format(name="local", description="from ./site")
+    )
     assert site_origins()["local"] == (PACKAGE_SITE_DIR / "local.yaml", "package")
     # Each place, from the last to the first, overrides `local` in turn.
-    for origin in ["./site", "system", "user", "HPCDL_SITE_PATH"]:
+    for origin in ["system", "user", "HPCDL_SITE_PATH"]:
         path = search_path[origin] / "local.yaml"
         path.write_text(PROFILE.format(name="local", description=f"from {origin}"))
         assert site_origins()["local"] == (path.resolve(), origin)

@@ -24,6 +24,7 @@ from test_trainer_units import make_run, train_run
 from train_setup import history, rows, same_weights
 
 from hpcdl.errors import HpcdlError
+from hpcdl.scheduler import _requeue
 from hpcdl.train import preempt
 from hpcdl.train.trainer import Trainer
 
@@ -183,12 +184,12 @@ def test_a_cancelled_job_is_not_requeued_after_its_sigterm_checkpoint(monkeypatc
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
     requeued: list[str] = []
     monkeypatch.setattr(SlurmScheduler, "requeue", lambda self, target: requeued.append(target))
-    monkeypatch.setattr(preempt, "cancelled", lambda target: True)
+    monkeypatch.setattr(_requeue, "cancelled", lambda target: True)
     with pytest.raises(HpcdlError, match=r"job 77 was cancelled \(SIGTERM at step 5\)"):
         preempt.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM")
     assert requeued == []
     assert preempt.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGUSR2") == "77"
-    monkeypatch.setattr(preempt, "cancelled", lambda target: False)
+    monkeypatch.setattr(_requeue, "cancelled", lambda target: False)
     assert preempt.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM") == "77"
     assert requeued == ["77", "77"]
 
@@ -200,17 +201,17 @@ def test_a_job_slurm_already_requeued_is_not_an_error(monkeypatch):
 
     monkeypatch.setenv("SLURM_JOB_ID", "78")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    monkeypatch.setattr(preempt, "cancelled", lambda target: False)
+    monkeypatch.setattr(_requeue, "cancelled", lambda target: False)
     answer = {"why": "Job is pending execution"}
 
     def refuse(self, target):
         raise HpcdlError(f"scontrol requeue {target} failed: {answer['why']} for job {target}")
 
     monkeypatch.setattr(SlurmScheduler, "requeue", refuse)
-    monkeypatch.setattr(preempt, "requeued_by_slurm", lambda target: False)
+    monkeypatch.setattr(_requeue, "requeued_by_slurm", lambda target: False)
     assert preempt.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM") == "78"
     answer["why"] = "Requested operation is presently disabled"
     with pytest.raises(HpcdlError, match="presently disabled for job 78; resubmit with run_dir="):
         preempt.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM")
-    monkeypatch.setattr(preempt, "requeued_by_slurm", lambda target: True)  # sacct says so
+    monkeypatch.setattr(_requeue, "requeued_by_slurm", lambda target: True)  # sacct says so
     assert preempt.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM") == "78"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from conftest import REPO
+from pydantic import ValidationError
 
 from hpcdl import Job, load_site
 
@@ -22,11 +24,14 @@ def test_gpu_job_gets_one_task_per_gpu_and_site_presets():
     assert "LR" not in job.render(), "job env travels in the pickle, not the script"
 
 
-def test_name_with_newline_stays_one_header_line():
-    script = Job(site="devcluster", name="a\nb $(x) 'q'", command=["true"]).render()
+def test_name_with_newline_is_refused_and_quotes_stay_one_header_line():
+    """A job name is written into the script: one line (issue 19), refused otherwise rather than
+    changed behind the user's back; shell characters stay inside one quoted directive."""
+    with pytest.raises(ValidationError, match=r"name\n.*must be one line"):
+        Job(site="devcluster", name="a\nb $(x) 'q'", command=["true"])
+    script = Job(site="devcluster", name="a b $(x) 'q'", command=["true"]).render()
     header = [ln for ln in script.splitlines() if ln.startswith("#SBATCH --job-name")]
     assert header == ["#SBATCH --job-name='a b $(x) '\"'\"'q'\"'\"''"]
-    assert "\nb $(x)" not in script
 
 
 def test_array_dependency_account_qos_and_signal(tmp_path):

@@ -122,7 +122,7 @@ def test_injection_and_secrets_on_the_cluster(devcluster, tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_API_KEY", "cluster-s3cr3t-42")
     env = {f"V{i}": v for i, v in enumerate(WEIRD)}
     out = tmp_path / "inj"
-    job = Job(site=devcluster, name="weird $(name)\n`x` 'q'", env=env, time="5m",
+    job = Job(site=devcluster, name="weird $(name) `x` 'q'", env=env, time="5m",
               command=[sys.executable, REPORT, str(out), ",".join([*env, "HPCDL_JOB_NAME"]), *WEIRD])  # fmt: skip
     handle = job.submit()
     assert handle.wait(timeout=120) == "COMPLETED", handle.log_paths()[1].read_text()

@@ -31,6 +31,7 @@ from train_setup import (
 
 from hpcdl.cli import main
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.task_env import task_id, time_limit_signal
 from hpcdl.track import Tracker, rewind_jsonl
 from hpcdl.train import preempt
 from hpcdl.train.models import build_model, loss_fn
@@ -181,25 +182,31 @@ def test_rewind_drops_rows_logged_after_the_checkpoint(tmp_path):
 
 
 # -- preemption helpers ------------------------------------------------------------------------
-def test_requeue_target_names_the_array_task(monkeypatch):
-    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+def test_the_task_id_names_the_array_task(monkeypatch):
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+                "SUBMITIT_LOCAL_JOB_ID"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
-    assert preempt.requeue_target() is None and preempt.restarts() == 0
+    assert task_id(local=False) is None and task_id() is None and preempt.restarts() == 0
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
+    assert task_id() == "4242" and task_id(local=False) is None  # a local job: no requeue
     monkeypatch.setenv("SLURM_JOB_ID", "120")
-    assert preempt.requeue_target() == "120"
+    assert task_id(local=False) == "120" == task_id()
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert preempt.requeue_target() == "100_7" and preempt.restarts() == 2
+    assert task_id(local=False) == "100_7" == task_id() and preempt.restarts() == 2
     with pytest.raises(HpcdlError, match="max_requeues=2 exhausted"):
         preempt.after_checkpoint(5, "step00000005", "/runs/x", max_requeues=2, rank=0)
 
 
 def test_preemption_signal_is_usr2_unless_the_site_says_otherwise(monkeypatch):
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
-    assert preempt.preemption_signal() == signal.SIGUSR2
+    assert time_limit_signal() == signal.SIGUSR2
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "TERM")
-    assert preempt.preemption_signal() == signal.SIGTERM
+    assert time_limit_signal() == signal.SIGTERM
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "NOPE")
+    with pytest.raises(HpcdlError, match="SUBMITIT_PREEMPT_SIGNAL='NOPE' is not a signal name"):
+        time_limit_signal()
 
 
 # -- real runs (subprocesses: each holds its own process group) ------------------------------

@@ -109,6 +109,7 @@ def synth(
         samples = parse_size(size, "--size", "size") // per_sample
         if samples == 0:
             raise ConfigError("--size", "size", f"{size} holds no sample of {per_sample} bytes")
+    assert samples is not None  # given, or derived from --size above
     _write(SynthSource(samples, dims, dtype, classes), out, **kw)
 
 

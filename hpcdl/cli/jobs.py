@@ -101,8 +101,8 @@ def build_job(args: tuple[str, ...], options: dict[str, Any]) -> Any:
             pairs = dict(_split_pair(v, "--env") for v in value)
             data["env"] = {**(data.get("env") or {}), **pairs}
         elif key == "sbatch":
-            pairs = dict(_sbatch_pair(v) for v in value)
-            data["sbatch"] = {**(data.get("sbatch") or {}), **pairs}
+            flags: dict[str, str | bool] = dict(_sbatch_pair(v) for v in value)
+            data["sbatch"] = {**(data.get("sbatch") or {}), **flags}
         elif key in {"setup", "dependencies"}:
             data[key] = [*(data.get(key) or []), *value]
         else:
@@ -188,7 +188,7 @@ def status(job_id: str | None, last: int) -> None:
     if job_id:
         handle = find_handle(job_id)
         console.print(_task_table(handle, job_statuses([handle])[handle.job_id]))
-        console.print(f"folder: {handle.folder}")
+        console.print(f"folder: {handle.folder}", markup=False)
         return
     handles = load_handles()[-last:]
     if not handles:
@@ -198,20 +198,24 @@ def status(job_id: str | None, last: int) -> None:
 
 
 def _task_table(handle: Any, statuses: dict[str, Any]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{handle.job_id} {handle.name} ({handle.site})")
+    # names, sites and Slurm's reasons are plain text to rich, never markup ('[/x]' in a name)
+    table = Table(title=escape(f"{handle.job_id} {handle.name} ({handle.site})"))
     reasons = any(s.reason for s in statuses.values())
     for col in ("task", "state", *(["reason"] if reasons else [])):
         table.add_column(col)
     for tid, s in statuses.items():
-        table.add_row(tid, _styled(s.state), *([s.reason] if reasons else []))
+        table.add_row(Text(tid), _styled(s.state), *([Text(s.reason)] if reasons else []))
     return table
 
 
 def _job_table(handles: list[Any], all_statuses: dict[str, dict[str, Any]]) -> Any:
     """One row per job; the reason column appears only when a listed job is pending."""
     from rich.table import Table
+    from rich.text import Text
 
     from hpcdl.scheduler import summarize
 
@@ -225,7 +229,8 @@ def _job_table(handles: list[Any], all_statuses: dict[str, dict[str, Any]]) -> A
         reasons = reasons or bool(reason)
         counts = _counts(states) if h.array else str(h.tasks)
         stamp = datetime.fromtimestamp(h.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
-        rows.append((h.job_id, h.name, h.site, _styled(state), counts, stamp, reason))
+        rows.append((Text(h.job_id), Text(h.name), Text(h.site), _styled(state), counts, stamp,
+                     Text(reason)))  # fmt: skip
     table = Table()
     for col in (
         "job",
@@ -251,7 +256,9 @@ def _counts(states: dict[str, str]) -> str:
 
 def _styled(state: str) -> str:
     color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(state, "red")
-    return f"[{color}]{state}[/{color}]"
+    from rich.markup import escape
+
+    return f"[{color}]{escape(state)}[/{color}]"
 
 
 @click.command()

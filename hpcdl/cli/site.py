@@ -21,8 +21,9 @@ def list_sites() -> None:
     """Profiles on the search path and where each comes from.
 
     Searched in order, first match wins: $HPCDL_SITE_PATH, the user's folder
-    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), ./site,
-    then the package's (the built-in 'local' profile and examples)."""
+    (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), then the
+    package's (the built-in 'local' profile and examples). Never ./site: a profile there is
+    used only when named (--site ./site/NAME.yaml, or the folder in $HPCDL_SITE_PATH)."""
     from hpcdl.site import default_site_name, site_origins, site_search_path
 
     origins = site_origins()
@@ -45,28 +46,33 @@ def _complete_site(ctx: click.Context, param: click.Parameter, incomplete: str) 
 def show(name: str) -> None:
     """Print a profile: partitions and their limits, accounts, modules, environment."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from hpcdl.site import load_site
 
     profile = load_site(name)
     console = Console()
-    console.print(f"[bold]{profile.name}[/bold] ({profile.scheduler}) {profile.description}")
+    # profile values are plain text to rich, never markup ('[/x]' in a description)
+    console.print(
+        f"[bold]{escape(profile.name)}[/bold] ({profile.scheduler}) {escape(profile.description)}"
+    )
     if profile.partitions:
         table = Table(title="partitions (* = default)")
         for col in ("name", "max time", "max nodes", "cpus/node", "mem/node", "gpus/node"):
             table.add_column(col)
         for row in profile.summary_rows():
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         console.print(table)
         for line in _partition_rules(profile):
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)
     facts = {
         "accounts": ", ".join(profile.accounts) or "-",
         "qos": ", ".join(profile.qos) or "-",
         "modules": " ".join(profile.modules) or "-",
         "env": " ".join(f"{k}={v}" for k, v in profile.env.items()) or "-",
-        "secrets (from your shell)": ", ".join(profile.secrets) or "-",
+        "secrets": ", ".join(map(str, profile.secrets)) or "-",
         "container": profile.container.runtime
         + (f" {profile.container.image}" if profile.container.image else ""),
         "job root": str(profile.job_root_path),
@@ -75,7 +81,7 @@ def show(name: str) -> None:
         "wandb": profile.wandb_mode,
     }
     for key, value in facts.items():
-        console.print(f"  {key}: {value}")
+        console.print(f"  {key}: {value}", markup=False)
 
 
 def _partition_rules(profile: Any) -> list[str]:
@@ -132,9 +138,9 @@ def import_(name: str, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
+    from hpcdl.util import atomic_write_text
+
+    atomic_write_text(output, text)  # an exclusive temporary: a planted symlink is not followed
     click.echo(f"wrote {output}; review it, then 'hpcdl site check {output}'")
 
 

@@ -142,8 +142,8 @@ def run_io_bench(
         return lambda: raw_read(path, m, streams, limit_seconds)
 
     def naive() -> tuple[int, float]:
-        loader = DataLoader(
-            NaiveDataset(path, m),
+        loader: DataLoader[Any] = DataLoader(
+            NaiveDataset(path, m),  # type: ignore[arg-type]  # a map-style dataset, duck-typed
             batch_size=batch_size,
             shuffle=True,
             num_workers=naive_workers,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +148,7 @@ class BlockReader:
                 files.h5[shard][f].read_direct(dest, np.s_[lo : lo + n])
                 continue
             item = self.item[f]
-            view = memoryview(dest.reshape(-1).view(np.uint8))
+            view = memoryview(dest.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             got = os.preadv(files.fds[shard], [view], int(offsets[f][unit]) + first * item)
             if got != n * item:
                 raise HpcdlError(
@@ -169,7 +169,7 @@ class BlockReader:
 
     def blocks(
         self, plan: list[np.ndarray], starts: np.ndarray, first: int, seed: list[int] | None
-    ) -> Iterator[Block]:
+    ) -> Generator[Block, None, None]:
         """Blocks ``first..`` of ``plan`` in order, with one block of read-ahead; two buffer sets
         are recycled. ``seed`` (None: no shuffle) plus the block index seeds each block's
         sample permutation."""

@@ -15,8 +15,8 @@ from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.util import atomic_write_text
 
 MANIFEST = "manifest.json"
-FORMAT = "hpcdl-shards"
-VERSION = 1
+FORMAT: Literal["hpcdl-shards"] = "hpcdl-shards"
+VERSION: Literal[1] = 1
 
 
 class FieldSpec(BaseModel):

@@ -24,7 +24,6 @@ plus the batch being assembled and, with workers, the DataLoader's prefetch queu
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
@@ -40,6 +39,7 @@ from hpcdl.data.blocks import Block, BlockReader
 from hpcdl.data.manifest import Manifest
 from hpcdl.data.remainder import Layout, SlotPlan, remaining, resplit_batches, slot_plan
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.util import append_jsonl
 
 # What the batch order is a function of: a resume state must match them, but for
 _FIXED = ("world_size", "num_workers", "batch_size", "seed", "shuffle", "block_units", "drop_last")
@@ -357,8 +357,7 @@ class ShardLoader:
         row = {"epoch": ds.epoch, "batch": self._consumed, "world_size": ds.world_size,
                "ids": ids}  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{ds.path.name}-rank{ds.rank:03d}.jsonl", "a") as out:
-            out.write(json.dumps(row) + "\n")
+        append_jsonl(folder / f"{ds.path.name}-rank{ds.rank:03d}.jsonl", row)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``; see :meth:`ShardedDataset.set_epoch`."""

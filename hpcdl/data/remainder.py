@@ -129,7 +129,9 @@ class Layout:
         segs = np.stack([units[heads], offs[heads], offs[heads] + (ends - heads)], axis=1)
         # blocks of at most block_units x chunk_samples samples: the reader's buffer size
         cap = self.block_units * self.chunk_samples
-        blocks, cur, n = [], [], 0
+        blocks: list[np.ndarray] = []
+        cur: list[np.ndarray] = []
+        n = 0
         for seg in segs:
             size = int(seg[2] - seg[1])
             if cur and n + size > cap:

@@ -44,9 +44,8 @@ def stage(
                 on_progress(total, total)
             return dest  # the manifest is copied last: its presence means the copy is complete
         try:
-            with atomic_path(dest) as tmp:  # a failed copy leaves nothing behind
-                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of this pid
-                tmp.mkdir()
+            # a failed copy leaves nothing behind; the temporary folder is new and empty
+            with atomic_path(dest, directory=True) as tmp:
                 _copy_shards(src, tmp, m, on_progress)
                 shutil.copyfile(src / MANIFEST, tmp / MANIFEST)
                 verify(tmp, checksums=checksums)

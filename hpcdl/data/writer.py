@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from hpcdl.data.manifest import MANIFEST, FieldSpec, Manifest, ShardInfo
 from hpcdl.data.parse import parse_size
@@ -182,7 +182,8 @@ class _Ranks:
 
     def __init__(self, comm: Any):
         self.comm = comm
-        self.rank, self.size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+        self.rank: int = comm.Get_rank() if comm is not None else 0
+        self.size: int = comm.Get_size() if comm is not None else 1
 
     def agree(self, error: str | None) -> None:
         """Every rank learns whether any rank failed, and all raise the same error."""
@@ -218,7 +219,7 @@ class _Ranks:
             self.comm.Barrier()
 
 
-def _check_compression(compression: str | None, level: int | None) -> str | None:
+def _check_compression(compression: str | None, level: int | None) -> Literal["gzip", "lz4"] | None:
     """``compression`` as stored in the manifest (None for none), or a ConfigError."""
     if compression == "none":
         compression = None
@@ -228,7 +229,7 @@ def _check_compression(compression: str | None, level: int | None) -> str | None
         )
     if level is not None and not (compression == "gzip" and 0 <= level <= 9):
         raise ConfigError("write_shards", "compression_level", "only for gzip, 0-9")
-    return compression
+    return "gzip" if compression == "gzip" else "lz4" if compression == "lz4" else None
 
 
 def _write_manifests(
@@ -236,7 +237,7 @@ def _write_manifests(
     source: Source,
     plans: dict[str, SplitPlan],
     done: list[tuple[str, int, ShardInfo]],
-    compression: str | None,
+    compression: Literal["gzip", "lz4"] | None,
     kwargs: dict[str, Any],
     seed: int,
 ) -> None:

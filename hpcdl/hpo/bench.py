@@ -101,7 +101,7 @@ def pruning(
         "overrides": {**base.overrides, "epochs": epochs},
         "resources": {**base.resources.model_dump(), "site": "local"},
     }
-    per_seed = []
+    per_seed: list[dict[str, Any]] = []
     for seed in seeds:
         runs = {}
         for label in SEARCHES:

@@ -17,7 +17,6 @@ For each mode the sweep runs once (no final job), then:
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from hpcdl.hpo.sweep import Sweep
 from hpcdl.hpo.worker import read_journals
 from hpcdl.scheduler import FINISHED
 from hpcdl.scheduler.accounting import task_times
+from hpcdl.util import read_jsonl
 
 MODES = {"warm workers": None, "one trial per task": 1}
 
@@ -109,10 +109,7 @@ def _setup_s(sweep: Sweep, line: dict[str, Any]) -> float | None:
     if slot is None:
         return None
     metrics = sweep.paths.trial_dir(slot) / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    for text in metrics.read_text().splitlines():
-        row = json.loads(text)
+    for row in read_jsonl(metrics):
         started = row.get("kind") == "event" and row.get("event") in ("start", "resume")
         if started and row["time"] >= line["claimed"] - 1:
             return float(row["time"] - line["claimed"])

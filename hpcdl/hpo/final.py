@@ -3,23 +3,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from hpcdl.hpo.study import open_study
-from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths, TrialRequeued, _job_id
-from hpcdl.util import atomic_write_json, get_logger
+from hpcdl.hpo.trial import FINISHED_SLOT, SweepPaths, TrialRequeued
+from hpcdl.task_env import task_id
+from hpcdl.util import append_jsonl, atomic_write_json, get_logger
 
 log = get_logger(__name__)
 
 
 def log_event(paths: SweepPaths, who: str, text: str) -> None:
     """One line of what the sweep's jobs decided (``events.jsonl``; shown by ``sweep status``)."""
-    line = {"time": time.time(), "who": who, "job": _job_id(), "text": text}
-    with open(paths.events, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    line = {"time": time.time(), "who": who, "job": task_id(), "text": text}
+    append_jsonl(paths.events, line)
     log.info("%s: %s", who, text)
 
 

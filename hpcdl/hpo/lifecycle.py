@@ -20,7 +20,6 @@ is left in the queue.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from hpcdl.scheduler import (
 )
 from hpcdl.scheduler.accounting import tasks_that_ran
 from hpcdl.site import SiteProfile
-from hpcdl.util import get_logger
+from hpcdl.util import append_jsonl, get_logger, read_jsonl
 
 log = get_logger(__name__)
 # Pending reasons after which Slurm will never start the job.
@@ -93,14 +92,10 @@ class Lifecycle:
 
     # -- records ----------------------------------------------------------------------------------
     def submissions(self) -> list[dict[str, Any]]:
-        if not self.paths.submissions.is_file():
-            return []
-        lines = self.paths.submissions.read_text().splitlines()
-        return [json.loads(line) for line in lines if line]
+        return read_jsonl(self.paths.submissions)
 
     def _record(self, kind: str, handle: JobHandle, slots: list[int]) -> None:
-        with open(self.paths.submissions, "a") as f:
-            f.write(json.dumps({"kind": kind, "slots": slots, **handle.model_dump()}) + "\n")
+        append_jsonl(self.paths.submissions, {"kind": kind, "slots": slots, **handle.model_dump()})
 
     def jobs(self, kinds: tuple[str, ...] = KINDS) -> list[SweepJob]:
         """The sweep's jobs of these kinds with their states (one batched scheduler query)."""
@@ -299,10 +294,7 @@ class Lifecycle:
         return out
 
     def events(self, last: int = 5) -> list[dict[str, Any]]:
-        if not self.paths.events.is_file():
-            return []
-        lines = self.paths.events.read_text().splitlines()[-last:]
-        return [json.loads(line) for line in lines if line]
+        return read_jsonl(self.paths.events)[-last:]
 
 
 def _cancel(handles: list[JobHandle]) -> None:

@@ -54,6 +54,7 @@ class TrainObjective(BaseObjective):
 
     def check(self, spec: SweepSpec) -> None:
         """Before submission: the base config, every parameter path, datasets and model fit."""
+        from hpcdl.site import load_site
         from hpcdl.train.config import world_size
         from hpcdl.train.preflight import preflight
 
@@ -61,6 +62,9 @@ class TrainObjective(BaseObjective):
             raise ConfigError("", "train", "the default objective needs a training config")
         sample = {k: _sample(p) for k, p in spec.space.items()}
         cfg = trial_config(spec, sample, Path("/nonexistent/trial"))  # unknown paths fail here
+        # trials write this config into their folders without a Job.check of their own
+        site = load_site(spec.resources.site)
+        site.check_secrets(cfg.job.env, cfg.job.setup, [], cfg.name, f"{spec.train}: job")
         preflight(cfg, world_size(spec.resources), spec.resources.gpus_per_node > 0, spec.train)
         metric = spec.metric.removeprefix("val_")
         if metric not in {"acc", "loss"}:

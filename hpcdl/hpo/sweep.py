@@ -20,7 +20,7 @@ from hpcdl.hpo.study import open_study
 from hpcdl.hpo.trial import Slot, SweepPaths
 from hpcdl.scheduler import FINISHED, JobHandle, cancel_jobs
 from hpcdl.site import load_site
-from hpcdl.util import atomic_write_text
+from hpcdl.util import atomic_write_text, share_umask
 
 
 class Sweep:
@@ -56,12 +56,17 @@ class Sweep:
 
     def run(self) -> list[JobHandle]:
         """Validate, snapshot the base config, create the study, submit; returns at once."""
+        with share_umask(self.site.share):  # the sweep tree is private (or the site's group's)
+            return self._run()
+
+    def _run(self) -> list[JobHandle]:
         if self.paths.spec.exists():
             raise ConfigError(
                 "", "name", f"sweep {self.spec.name!r} exists already at {self.paths.root} "
                 f"(use 'hpcdl sweep resume {self.spec.name}' or another name)"
             )  # fmt: skip
         self._check_objective()
+        self._check_array()
         sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
         check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
         self.paths.slots.mkdir(parents=True, exist_ok=True)
@@ -75,7 +80,8 @@ class Sweep:
     def resume(self) -> list[JobHandle]:
         """Submit the trials still missing (never started, killed, cancelled) with a new final
         job; with none missing, a final job if none will run (replacing one that never can)."""
-        return self.lifecycle.resume()[1]
+        with share_umask(self.site.share):
+            return self.lifecycle.resume()[1]
 
     def missing_slots(self) -> list[int]:
         return self.lifecycle.missing_slots()
@@ -84,6 +90,13 @@ class Sweep:
         from hpcdl.hpo.trial import resolve_objective
 
         resolve_objective(self.spec).check(self.spec)
+
+    def _check_array(self) -> None:
+        """The first round's array against the site's ``max_array_tasks`` before the sweep's
+        folder and study exist (the array's own Job.check comes after them)."""
+        per_trial = self.lifecycle.queued and self.spec.trials_per_task == 1
+        tasks = self.spec.trials if per_trial else min(self.spec.parallelism, self.spec.trials)
+        self.site.check_array(tasks, "sweep", "trials" if per_trial else "parallelism")
 
     def submissions(self) -> list[dict[str, Any]]:
         return self.lifecycle.submissions()

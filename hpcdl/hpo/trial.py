@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import optuna
 from pydantic import BaseModel
@@ -29,11 +29,16 @@ from pydantic import BaseModel
 from hpcdl.hpo.protocol import Objective, as_objective
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import TrialReporter, storage, suggest
+from hpcdl.task_env import task_id
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
 
+if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
+    from hpcdl.train.preempt import StopFlag
+
 SlotStateName = Literal["running", "retry", "complete", "pruned", "failed"]
 FINISHED_SLOT = frozenset({"complete", "pruned", "failed"})  # nothing left to run for the slot
+ENDED = FINISHED_SLOT | {"retry"}  # the attempt running the slot is over
 
 
 class Slot(BaseModel):
@@ -66,7 +71,7 @@ class TrialContext:
     report: Callable[[int, float], None]
     # a warm worker's preemption flag, installed once for all its trials (None: the objective's
     # run installs its own)
-    flag: Any = None
+    flag: StopFlag | None = None
 
 
 class SweepPaths:
@@ -142,7 +147,7 @@ def claim(
         slot = paths.read_slot(slot_no)
         if slot is not None and slot.state in FINISHED_SLOT:
             return None
-        requeued = slot is not None and slot.state == "running" and slot.job == _job_id()
+        requeued = slot is not None and slot.state == "running" and slot.job == task_id()
         if slot is not None and not requeued and slot.attempts > spec.max_retries:
             study.tell(slot.trial, state=optuna.trial.TrialState.FAIL)
             paths.write_slot(
@@ -162,16 +167,30 @@ def claim(
         slot = slot.model_copy(
             update={
                 "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
-                "job": _job_id(),
+                "job": task_id(),
             }
         )
         paths.write_slot(slot)
         return slot
 
 
+def update_slot(paths: SweepPaths, new: Slot) -> bool:
+    """Write a running trial's slot under the sweep lock, as every other slot write is (a
+    claim, an aborted attempt, ``sweep resume``): a read-modify-write outside it could undo a
+    decision taken meanwhile. A progress update of an attempt that another process has already
+    ended (an aborting rank marked it for retry or failed, under the lock) is dropped: that
+    decision stands. Returns whether the slot was written."""
+    with paths.lock():
+        now = paths.read_slot(new.slot)
+        if now and now.state in ENDED and new.state == "running" and now.attempts == new.attempts:
+            return False
+        paths.write_slot(new)
+        return True
+
+
 def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
     # Only a Slurm job or task id survives a requeue (a local worker's id is not its task's).
-    me = _job_id() if "SLURM_JOB_ID" in os.environ else None
+    me = task_id(local=False)
     mine, free = None, None
     for i in slots:
         s = paths.read_slot(i)
@@ -182,14 +201,12 @@ def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
     return mine if mine is not None else free
 
 
-def _job_id() -> str | None:
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-
-
 def run_trial(
-    paths: SweepPaths, spec: SweepSpec, study: optuna.Study, slot: Slot, flag: Any = None
+    paths: SweepPaths,
+    spec: SweepSpec,
+    study: optuna.Study,
+    slot: Slot,
+    flag: StopFlag | None = None,
 ) -> Slot:
     """Run the objective for a claimed slot (retrying exceptions up to ``max_retries``); rank 0
     tells the study. Multi-node trials: every rank runs this with the slot broadcast from rank 0.
@@ -205,7 +222,7 @@ def run_trial(
         if lead:
             if tell:
                 study.tell(new.trial, **tell)
-            paths.write_slot(new)
+            update_slot(paths, new)
         return new
 
     def report(epoch: int, value: float) -> None:

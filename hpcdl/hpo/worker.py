@@ -18,11 +18,10 @@ next one at once, without a scheduler round trip or a start-up.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -32,14 +31,17 @@ from hpcdl.hpo.trial import (
     FINISHED_SLOT,
     SweepPaths,
     _broadcast_slot,
-    _job_id,
     _maybe_init_distributed,
     _rank,
     _world,
     claim,
     run_trial,
 )
-from hpcdl.util import configure_logging, get_logger
+from hpcdl.task_env import task_id
+from hpcdl.util import append_jsonl, configure_logging, get_logger, read_jsonl
+
+if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
+    from hpcdl.train.preempt import StopFlag
 
 log = get_logger(__name__)
 
@@ -50,7 +52,7 @@ def journal_dir(paths: SweepPaths) -> Path:
 
 def journal(paths: SweepPaths, task: str | None = None) -> Path:
     """The journal of task ``task`` (default: this one)."""
-    return journal_dir(paths) / f"{task or _job_id() or os.getpid()}.jsonl"
+    return journal_dir(paths) / f"{task or task_id() or os.getpid()}.jsonl"
 
 
 def note(paths: SweepPaths, event: str, **fields: Any) -> None:
@@ -59,8 +61,7 @@ def note(paths: SweepPaths, event: str, **fields: Any) -> None:
         return
     journal_dir(paths).mkdir(exist_ok=True)
     line = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
-    with open(journal(paths), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_jsonl(journal(paths), line)
 
 
 def read_journals(paths: SweepPaths) -> dict[str, list[dict[str, Any]]]:
@@ -68,10 +69,7 @@ def read_journals(paths: SweepPaths) -> dict[str, list[dict[str, Any]]]:
     folder = journal_dir(paths)
     if not folder.is_dir():
         return {}
-    return {
-        p.stem: [json.loads(line) for line in p.read_text().splitlines() if line]
-        for p in sorted(folder.glob("*.jsonl"))
-    }
+    return {p.stem: read_jsonl(p) for p in sorted(folder.glob("*.jsonl"))}
 
 
 def started(paths: SweepPaths, task: str) -> bool:
@@ -84,7 +82,7 @@ def work(
     spec: SweepSpec,
     study: optuna.Study,
     slots: list[int] | None,
-    flag: Any = None,
+    flag: StopFlag | None = None,
 ) -> list[str]:
     """Claim and run the round's slots until none is left, the task is being stopped (``flag``)
     or a trial checkpointed for a requeue; every rank loops. Returns what each trial ended as."""
@@ -126,7 +124,7 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
     _maybe_init_distributed(spec.collective_timeout_s)
-    log.info("sweep worker %s started (pid %d, rank %d)", _job_id(), os.getpid(), _rank())
+    log.info("sweep worker %s started (pid %d, rank %d)", task_id(), os.getpid(), _rank())
     note(paths, "start", restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
     study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = work(paths, spec, study, slots, flag)
@@ -139,20 +137,21 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     return f"ran {len(done)} trial(s): {', '.join(done) or 'none left'}"
 
 
-def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: Any) -> None:
+def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag) -> None:
     """The worker was stopped with no trial to checkpoint (the signal fell between two trials,
     or during one that ended anyway): while the round has slots left, requeue the task so it
     comes back for them, as it would after a trial's checkpoint. A cancelled task stays
     cancelled; a task Slurm requeued itself (preemption, node failure) is left as it is."""
     from hpcdl.hpo.final import finished
+    from hpcdl.scheduler import requeue_job
     from hpcdl.train import preempt
 
-    target = preempt.requeue_target()
+    target = task_id(local=False)
     if target is None or all(finished(paths, i) for i in slots):
         return
     sig = preempt.received_signal(flag)
     try:
-        outcome = preempt.requeue_job(target, sig)
+        outcome = requeue_job(target, sig)
     except Exception as exc:  # the follow-up job or 'sweep resume' runs the slots instead
         log.warning("stopped by %s between trials; could not requeue %s: %s", sig, target, exc)
         return

@@ -13,6 +13,7 @@ follows the job through its handle, without the profile::
 
 from typing import Any
 
+from hpcdl.scheduler._requeue import requeue_job
 from hpcdl.scheduler.base import (
     JobHandle,
     Scheduler,
@@ -24,6 +25,7 @@ from hpcdl.scheduler.base import (
     job_statuses,
     log_tail,
 )
+from hpcdl.scheduler.core import setup_lines
 from hpcdl.scheduler.live import import_site as _draft_profile
 from hpcdl.scheduler.local import LocalScheduler
 from hpcdl.scheduler.registry import (
@@ -61,6 +63,8 @@ __all__ = [
     "log_tail",
     "record",
     "registry_roots",
+    "requeue_job",
+    "setup_lines",
     "summarize",
 ]
 

@@ -37,14 +37,25 @@ class TaskStatus:
 
 
 class Request(Protocol):
-    """What a back end needs of a job request (``hpcdl.job.Job`` is one)."""
+    """What a back end reads of a job request (``hpcdl.job.Job`` is one). A request is passive:
+    each back end maps these fields to its scheduler itself (``_sbatch``, ``local``)."""
 
     name: str
     nodes: int
     partition: str | None
+    time: str
+    mem: str | None
+    cpus_per_task: int
+    gpus_per_node: int
+    account: str | None
+    qos: str | None
     dependencies: list[str]
     array: int | None
     throttle: int | None
+    requeue: bool
+    launcher: str
+    command: list[str] | None
+    setup: list[str]
 
     @property
     def ntasks_per_node(self) -> int: ...
@@ -52,11 +63,12 @@ class Request(Protocol):
     @property
     def launched_tasks_per_node(self) -> int: ...
 
-    def check_partition(self, site: SiteProfile, where: str) -> None: ...
+    @property
+    def gpus_per_task_count(self) -> int: ...
 
-    def slurm_parameters(self, site: SiteProfile) -> dict[str, Any]: ...
+    def sbatch_options(self) -> dict[str, Any]: ...
 
-    def local_parameters(self, site: SiteProfile) -> dict[str, Any]: ...
+    def image(self, site: SiteProfile) -> str | None: ...
 
     def interpreter(self, site: SiteProfile) -> str: ...
 

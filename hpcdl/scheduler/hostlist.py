@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?\Z")
 
 
 def expand_hostlist(nodelist: str) -> list[str]:

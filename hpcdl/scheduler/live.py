@@ -5,6 +5,7 @@ output, compared with a site profile and drafted into one (pure functions;
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -41,6 +42,12 @@ def check_site(
         problems.append(
             f"max_array_size {profile.max_array_size} here, "
             f"{max_array_size(config)} on the cluster (MaxArraySize)"
+        )
+    jobs = max_job_count(config) if config is not None else None
+    if jobs is not None and profile.max_array_tasks > jobs:  # a lower limit is the site's choice
+        problems.append(
+            f"max_array_tasks {profile.max_array_tasks} here, above the cluster's "
+            f"MaxJobCount {jobs}"
         )
     for p in profile.partitions:
         lp = live.get(p.name)
@@ -117,7 +124,7 @@ def import_site(
             entry.update(preempt_mode=lp.preempt_mode, grace_time_s=lp.grace_time_s)
         partitions.append(entry)
     graces = [lp.grace_time_s for lp in live.values() if lp.preempt_mode == "REQUEUE"]
-    data = {
+    data: dict[str, Any] = {
         "name": name,
         "scheduler": "slurm",
         "description": "Imported from the live cluster by 'hpcdl site import'; review before use.",
@@ -131,6 +138,8 @@ def import_site(
     }
     if config is not None and max_array_size(config) is not None:
         data["max_array_size"] = max_array_size(config)
+    if config is not None and max_job_count(config) is not None:
+        data["max_array_tasks"] = max_job_count(config)
     validate(SiteProfile, data, f"imported profile {name!r}")
     return data
 
@@ -184,6 +193,13 @@ def parse_config(text: str) -> dict[str, str]:
 def max_array_size(config: dict[str, str]) -> int | None:
     """MaxArraySize from :func:`parse_config`'s mapping; None when absent or unreadable."""
     value = config.get("MaxArraySize", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def max_job_count(config: dict[str, str]) -> int | None:
+    """MaxJobCount (the jobs slurmctld holds at once, array tasks included) from
+    :func:`parse_config`'s mapping; None when absent or unreadable."""
+    value = config.get("MaxJobCount", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 

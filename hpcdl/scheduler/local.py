@@ -4,15 +4,18 @@ come from /proc and submitit's result files, cancelling signals the process tree
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from hpcdl.config import parse_time
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
-from hpcdl.scheduler.core import SubmititScheduler, folder_state, task_log_paths
+from hpcdl.scheduler.core import SubmititScheduler, folder_state, setup_lines, task_log_paths
 from hpcdl.scheduler.live import LivePartition
+from hpcdl.script_values import chain_local_setup
 
 
 class LocalScheduler(SubmititScheduler):
@@ -37,6 +40,7 @@ class LocalScheduler(SubmititScheduler):
             raise ConfigError(where, "partition", "the local profile has no partitions")
         if request.dependencies:
             raise ConfigError(where, "dependencies", "the local profile does not support them")
+        site.check_array(request.array, where)  # every task is a process here
 
     def render(self, request: Request, folder: Path | None = None) -> str:
         raise HpcdlError(
@@ -48,8 +52,21 @@ class LocalScheduler(SubmititScheduler):
         import submitit
 
         ex = submitit.LocalExecutor(folder=folder, python=request.interpreter(self.site))
-        ex.update_parameters(**request.local_parameters(self.site))
+        params = self.executor_parameters(request)
+        params["setup"] = setup_file(folder, params.get("setup", []))
+        ex.update_parameters(**params)
         return ex
+
+    def executor_parameters(self, request: Request) -> dict[str, Any]:
+        """The submitit LocalExecutor parameters for ``request``."""
+        site = self.site
+        return {
+            "timeout_min": parse_time(request.time),
+            "tasks_per_node": request.launched_tasks_per_node,
+            "gpus_per_node": request.gpus_per_node,
+            "setup": setup_lines(request, site),  # into setup.sh at submission (setup_file)
+            "signal_delay_s": site.preemption.delay_s,
+        }
 
     def _job_id(self, jobs: list[Any]) -> str:
         return str(jobs[0].job_id)  # the controller's pid: the handle's id on this machine
@@ -88,6 +105,23 @@ class LocalScheduler(SubmititScheduler):
 
     def check_site(self) -> list[str]:
         return []  # no live cluster to disagree with
+
+
+def setup_file(folder: Path, lines: list[str]) -> list[str]:
+    """submitit's local executor runs the setup lines as ``sh -c 'L1 && L2 && python ...'``, so
+    every value in them (the site's ``export`` lines, the job's setup) would be in the command
+    line that ``ps`` shows every user of the machine. They go into ``setup.sh`` in the private
+    job folder instead (as a Slurm job's are in its script), and the command line only sources
+    it. Each line is a ``{ ...; }`` group of the same ``&&`` chain: a failing line still stops
+    the job, and a ``# comment`` ends at its own line."""
+    groups = chain_local_setup([ln for ln in lines if ln.strip()])
+    if not groups:
+        return []
+    path = folder / "setup.sh"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(" && ".join(groups) + "\n")
+    return [f". {shlex.quote(str(path))}"]
 
 
 def _local_state(h: JobHandle, pid: str) -> str:

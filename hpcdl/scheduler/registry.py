@@ -3,34 +3,75 @@
 from __future__ import annotations
 
 import fcntl
+import grp
+import os
+import re
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hpcdl.errors import HpcdlError
+from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.scheduler.arrays import global_index
 from hpcdl.scheduler.base import JobHandle, job_states
 from hpcdl.scheduler.states import FINISHED, summarize
 from hpcdl.site import SiteProfile, available_sites, load_site
-from hpcdl.util import atomic_write_text
+from hpcdl.util import append_jsonl, atomic_write_text, get_logger, read_jsonl, share_umask
 
 REGISTRY_FILE = "registry.jsonl"
+# The names new_job_folder gives: STAMP-SLUG-HEX. clean deletes nothing else.
+JOB_FOLDER_NAME = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9_.-]*-?[0-9a-f]{6}")
+log = get_logger(__name__)
+
+
+def ensure_job_root(site: SiteProfile) -> Path:
+    """The site's job root, created private (0700; 0750 with ``share: group``, given the
+    profile's ``share_group`` and set-group-ID so what is made below inherits the group).
+    An existing root is left as it is: its owner or the admins chose its mode."""
+    root = site.job_root_path
+    if root.is_dir():
+        return root
+    with share_umask(site.share):
+        root.mkdir(parents=True, exist_ok=True)
+    if site.share_group is not None:
+        try:
+            gid = grp.getgrnam(site.share_group).gr_gid
+        except KeyError:
+            raise ConfigError(
+                site.name, "share_group", f"no group {site.share_group!r} on this machine"
+            ) from None
+        os.chown(root, -1, gid)
+        os.chmod(root, 0o2750)
+    return root
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open (creating 0600) a file of the registry without following a symlink at its name;
+    one an older hpcdl left readable by others is made private."""
+    fd = os.open(path, flags | os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    st = os.fstat(fd)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
 
 
 @contextmanager
 def _locked(root: Path) -> Iterator[Path]:
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(root / ".registry.lock", "a") as lock:
+    with share_umask():
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(_open_private(root / ".registry.lock", os.O_APPEND), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield root / REGISTRY_FILE
 
 
 def record(site: SiteProfile, handle: JobHandle) -> None:
-    """Append one submission to the site's registry."""
-    with _locked(site.job_root_path) as path, open(path, "a") as f:
-        f.write(handle.model_dump_json() + "\n")
+    """Append one submission to the site's registry (a private file: 0600)."""
+    ensure_job_root(site)
+    with _locked(site.job_root_path) as path:
+        os.close(_open_private(path, os.O_APPEND))  # created 0600, made so if an old one was not
+        append_jsonl(path, handle.model_dump(mode="json"))  # whole line, even after a torn one
 
 
 def registry_roots() -> list[Path]:
@@ -48,14 +89,8 @@ def load_handles(roots: Iterable[Path] | None = None) -> list[JobHandle]:
     """Every recorded submission, oldest first."""
     handles: list[JobHandle] = []
     for root in roots if roots is not None else registry_roots():
-        path = root / REGISTRY_FILE
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        handles.append(JobHandle.model_validate_json(line))
-                    except ValueError:
-                        continue  # a torn line from a crashed writer
+        # a torn line from a crashed writer is skipped, and said once
+        handles += read_jsonl(root / REGISTRY_FILE, JobHandle.model_validate_json)
     handles.sort(key=lambda h: h.submitted_at)
     return handles
 
@@ -82,24 +117,66 @@ def find_task(job_id: str) -> tuple[JobHandle, int | None]:
 
 
 def clean(older_than_days: float, dry_run: bool = False) -> list[JobHandle]:
-    """Remove folders and registry entries of finished jobs older than the given age."""
+    """Remove folders and registry entries of finished jobs older than the given age. A line
+    whose folder is not one :func:`deletable_folder` accepts is kept and named in a warning:
+    nothing is deleted for it."""
     cutoff = time.time() - older_than_days * 86400
     removed: list[JobHandle] = []
     for root in registry_roots():
         handles = load_handles([root])
         old = [h for h in handles if h.submitted_at < cutoff]
         states = job_states(old) if old else {}
-        doomed = {h.job_id for h in old if summarize(states[h.job_id]) in FINISHED}
-        if not doomed:
+        folders: dict[str, Path | None] = {}  # None: the folder is gone, only the line goes
+        for h in old:
+            if summarize(states[h.job_id]) not in FINISHED:
+                continue
+            folder = deletable_folder(root, h.folder)
+            if folder is None and not os.path.lexists(h.folder):
+                folders[h.job_id] = None
+            elif folder is None:
+                log.warning(
+                    "clean: not deleting job %s: its folder %r is not one of hpcdl's job folders "
+                    "directly in the job root %s (outside it, a symlink, or not this user's); "
+                    "registry line: %s",
+                    h.job_id, h.folder, root, h.model_dump_json(),
+                )  # fmt: skip
+                continue
+            folders[h.job_id] = folder
+        if not folders:
             continue
-        gone = [h for h in handles if h.job_id in doomed]
+        gone = [h for h in handles if h.job_id in folders]
         removed += gone
         if dry_run:
             continue
-        with _locked(root) as path:
-            keep = [h for h in load_handles([root]) if h.job_id not in doomed]
+        with _locked(root) as path, share_umask():
+            keep = [h for h in load_handles([root]) if h.job_id not in folders]
             atomic_write_text(path, "".join(h.model_dump_json() + "\n" for h in keep))
-        for h in gone:
-            if Path(h.folder).parent == root:
-                shutil.rmtree(h.folder, ignore_errors=True)
+        for folder in folders.values():
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     return removed
+
+
+def deletable_folder(root: Path, folder: str) -> Path | None:
+    """The job folder a registry line names, resolved, if ``clean`` may delete it: a real
+    folder (no symlink at its name), owned by this user, named as :data:`JOB_FOLDER_NAME`,
+    directly in the resolved job root; ``None`` for anything else (``ROOT/..``, a path outside,
+    a symlink to anywhere, the sweeps folder). The registry is text anyone with write access
+    to it can shape: its paths decide nothing on their own."""
+    path = Path(folder)
+    if not path.is_absolute():
+        return None
+    try:
+        st = os.lstat(path)
+        real_root = root.resolve(strict=True)
+    except OSError:
+        return None
+    real = path.resolve()
+    if (
+        not stat.S_ISDIR(st.st_mode)  # a symlink's lstat is a link, never a folder
+        or st.st_uid != os.geteuid()
+        or real.parent != real_root
+        or not JOB_FOLDER_NAME.fullmatch(real.name)
+    ):
+        return None
+    return real

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.scheduler._sbatch import check_partition, slurm_parameters
 from hpcdl.scheduler.arrays import (
     ArrayPart,
     PartPlan,
@@ -75,7 +76,8 @@ class SlurmScheduler(SubmititScheduler):
 
     # -- requests --------------------------------------------------------------------------------
     def check(self, request: Request, where: str) -> None:
-        request.check_partition(self.site, where)
+        self.site.check_array(request.array, where)  # before a plan of many sbatch calls
+        check_partition(request, self.site, where)
 
     def render(self, request: Request, folder: Path | None = None) -> str:
         from submitit.slurm.slurm import _make_sbatch_string
@@ -89,15 +91,19 @@ class SlurmScheduler(SubmititScheduler):
                 params["array_parallelism"] = plans[0].throttle
         folder = folder or site.job_root_path / "<job-folder>"
         command = submitit_command(request.interpreter(site), folder)
-        script = _make_sbatch_string(command=command, folder=folder, **params)
+        script = sbatch_quoting(_make_sbatch_string(command=command, folder=folder, **params))
         head, _, rest = script.partition("\n")
         notes = describe(plans, request.array or 0, site.max_array_size)
         return "\n".join([head, *notes, rest]) if notes else script
 
+    def sbatch_parameters(self, request: Request) -> dict[str, Any]:
+        """The submitit SlurmExecutor parameters ``request`` becomes on this site."""
+        return self._parameters(request)
+
     def _parameters(self, request: Request) -> dict[str, Any]:
         """The request's sbatch parameters, its dependencies on split arrays expanded to every
         part (from the registry: ``afterany:FIRST`` waits for all of them)."""
-        params = request.slurm_parameters(self.site)
+        params = slurm_parameters(request, self.site)
         if params.get("dependency"):
             split = {h.job_id: h.parts for h in load_handles() if h.parts}
             params["dependency"] = expand_dependency(params["dependency"], split)
@@ -110,9 +116,7 @@ class SlurmScheduler(SubmititScheduler):
             sbatch_test_only(self.render(request))
 
     def _executor(self, request: Request, folder: Path) -> Any:
-        import submitit
-
-        ex = submitit.SlurmExecutor(  # time-limit requeues: Checkpointable callables only
+        ex = _executor_class()(  # time-limit requeues: Checkpointable callables only
             folder=folder, python=request.interpreter(self.site), max_num_timeout=TIMEOUT_REQUEUES
         )
         params = self._parameters(request)
@@ -213,6 +217,41 @@ class SlurmScheduler(SubmititScheduler):
 
     def check_site(self) -> list[str]:
         return compare_with_live(self.site, self.live_partitions(), self.live_config())
+
+
+def sbatch_quoting(script: str) -> str:
+    """The script with its ``#SBATCH`` lines quoted for sbatch's own reader, not bash's.
+
+    submitit quotes each directive's value with ``shlex.quote`` (single quotes), which sbatch
+    reads as bash would except for one character: sbatch takes a backslash as an escape even
+    inside single quotes (``'a\\b'`` reads as ``ab``, and ``'\\'`` as an unmatched quote, which
+    fails the submission). shlex.quote adds no backslash of its own, so doubling every backslash
+    on a directive line makes sbatch read each value exactly as given."""
+    lines = script.split("\n")
+    for i, line in enumerate(lines[1:], start=1):
+        if line.strip() and not line.startswith("#"):
+            break  # sbatch reads directives up to the first line of commands
+        if line.startswith("#SBATCH") and "\\" in line:
+            lines[i] = line.replace("\\", "\\\\")
+    return "\n".join(lines)
+
+
+def _executor_class() -> type:
+    """submitit's SlurmExecutor writing its batch scripts through :func:`sbatch_quoting`
+    (made on first use: submitit is imported only when a job is submitted)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        import submitit
+
+        class _Executor(submitit.SlurmExecutor):  # type: ignore[misc]
+            def _make_submission_file_text(self, command: str, uid: str) -> str:
+                return sbatch_quoting(super()._make_submission_file_text(command, uid))
+
+        _EXECUTOR = _Executor
+    return _EXECUTOR
+
+
+_EXECUTOR: type | None = None
 
 
 def sbatch_test_only(script: str) -> str:

@@ -21,8 +21,8 @@ _SUMMARY_ORDER = (
     "RUNNING", "PENDING", "REQUEUED", "SUSPENDED", "PREEMPTED", "UNKNOWN",
     "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "FAILED", "CANCELLED",
 )  # fmt: skip
-_ARRAY_ID = re.compile(r"^(\d+)_\[([^\]]*)\]$")
-_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+_ARRAY_ID = re.compile(r"^(\d+)_\[([^\]]*)\]\Z")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?\Z")
 
 
 def normalize_state(raw: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from hpcdl.config import Memory
+from hpcdl.script_values import check_one_line
 
 OptionValue = bool | int | str
 """A value in the generic ``sbatch`` map: ``true`` is a bare flag, ``false`` leaves it out."""
@@ -67,23 +68,22 @@ RESERVED: dict[str, str] = {
     "test-only": "hpcdl submit --test-only",
     "wait": "nothing: hpcdl submit returns at once (wait on the handle instead)",
 }
-_KEY = re.compile(r"^[a-z][a-z0-9-]+$")
-_SAFE = re.compile(r"^[^\x00-\x1f\x7f]*$")  # one line: no newline can start a second #SBATCH
-_FEATURES = re.compile(r"^[A-Za-z0-9_.:&|,\[\]()*!-]+$")
+_KEY = re.compile(r"^[a-z][a-z0-9-]+\Z")
+_FEATURES = re.compile(r"^[A-Za-z0-9_.:&|,\[\]()*!-]+\Z")
 _OPERATORS = re.compile(r"[&|,\[\]()!]+")
-_HOSTLIST = re.compile(r"^[A-Za-z0-9_.\-\[\],]+$")
-_NAMES = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$")
+_HOSTLIST = re.compile(r"^[A-Za-z0-9_.\-\[\],]+\Z")
+_NAMES = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*\Z")
 _GPU_BIND = re.compile(
     r"^(verbose,)?(closest|none|single:\d+|per_task:\d+|map_gpu:[0-9,*x]+|mask_gpu:[0-9a-fA-Fx,*]+)$"
 )
-_GPUS = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?([1-9]\d*)$")
+_GPUS = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?([1-9]\d*)\Z")
 _MAIL_TYPES = (  # noqa: SIM905 (sbatch's list, as its man page prints it)
     "NONE BEGIN END FAIL REQUEUE ALL INVALID_DEPEND STAGE_OUT TIME_LIMIT TIME_LIMIT_90 "
     "TIME_LIMIT_80 TIME_LIMIT_50 ARRAY_TASKS"
 ).split()
-_MAIL_USER = re.compile(r"^[A-Za-z0-9_.+\-]+(@[A-Za-z0-9.\-]+)?$")
+_MAIL_USER = re.compile(r"^[A-Za-z0-9_.+\-]+(@[A-Za-z0-9.\-]+)?\Z")
 _BEGIN_WORDS = {"now", "today", "tomorrow", "midnight", "noon", "elevenses", "fika", "teatime"}
-_BEGIN_NOW = re.compile(r"^now\+\d+(?:(?:second|minute|hour|day|week)s?)?$", re.IGNORECASE)
+_BEGIN_NOW = re.compile(r"^now\+\d+(?:(?:second|minute|hour|day|week)s?)?\Z", re.IGNORECASE)
 _BEGIN_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%H:%M", "%H:%M:%S")
 
 
@@ -108,8 +108,13 @@ def generic_key(key: str) -> str:
 
 
 def _one_line(value: OptionValue) -> OptionValue:
-    if isinstance(value, str) and (not value.strip() or not _SAFE.match(value)):
-        raise ValueError(f"value {value!r} must be one non-empty line")
+    if isinstance(value, str):
+        try:
+            if not value.strip():
+                raise ValueError("it is empty")
+            check_one_line(value)
+        except ValueError as exc:
+            raise ValueError(f"value {value!r} must be one non-empty line ({exc})") from None
     return value
 
 
@@ -120,7 +125,7 @@ def constraint_features(expr: str) -> set[str]:
 
 
 def _begin(value: str) -> str:
-    text = value.strip()
+    text = check_one_line(value).strip()
     if text.lower() in _BEGIN_WORDS or _BEGIN_NOW.match(text):
         return text
     for fmt in _BEGIN_FORMATS:
@@ -238,7 +243,7 @@ class SbatchOptions(BaseModel):
     @field_validator("comment")
     @classmethod
     def _comment(cls, v: str | None) -> str | None:
-        if v is not None and (not _SAFE.match(v) or len(v) > 1000):
+        if v is not None and len(check_one_line(v)) > 1000:
             raise ValueError("must be one line of at most 1000 characters")
         return v
 

@@ -9,9 +9,11 @@ Layout of ``RUN/checkpoints``::
         MANIFEST.json                 written last, by rank 0: every file's size and sha256
     latest                            the newest complete tag (replaced atomically)
 
-A save: all ranks write (DeepSpeed ends with a barrier), all ranks hash a share of the files,
-rank 0 writes the manifest, then ``latest`` (temporary file + ``os.replace``), then prunes to the
-last ``keep``. A resume takes the newest checkpoint whose manifest verifies; a checkpoint with a
+A save: all ranks write (DeepSpeed ends with a barrier), all ranks fsync and hash a share of the
+files, rank 0 fsyncs the folders, writes the manifest, then ``latest`` (temporary file, fsync,
+``os.replace``, fsync of the folder), then prunes to the last ``keep``: nothing names a file
+before its data is on disk. A save that fails (a full disk) raises, naming the checkpoint that
+stays the newest complete one. A resume takes the newest checkpoint whose manifest verifies; a checkpoint with a
 missing manifest, a missing file or a wrong checksum is skipped with a warning naming it.
 
 DeepSpeed writes ``client_state`` into rank 0's model file only, which is right for the state all
@@ -21,6 +23,7 @@ ranks share; RNG states differ per rank, so each rank saves its own file beside 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -32,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from hpcdl.errors import HpcdlError
-from hpcdl.util import atomic_write_text, get_logger, sha256_file
+from hpcdl.util import atomic_write_text, fsync_dir, get_logger, sha256_file
 
 logger = get_logger(__name__)
 
@@ -125,12 +128,18 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _hash_shared(self, tag: str, files: list[str]) -> dict[str, tuple[int, str]]:
-        """``{file: (bytes, sha256)}``, every rank hashing a share; missing files are absent."""
+    def _hash_shared(
+        self, tag: str, files: list[str], fsync: bool = False
+    ) -> dict[str, tuple[int, str]]:
+        """``{file: (bytes, sha256)}``, every rank hashing a share; missing files are absent.
+        ``fsync``: each file is also made durable, so no manifest names a file whose data a
+        crash (of the node, or of the file server) could still lose."""
         mine = {}
         for i, rel in enumerate(files):
             path = self.root / tag / rel
             if i % self.world == self.rank and path.is_file():
+                if fsync:
+                    _fsync_file(path)
                 mine[rel] = (path.stat().st_size, sha256_file(path))
         parts: list[dict[str, tuple[int, str]]] = [{} for _ in range(self.world)]
         dist.all_gather_object(parts, mine)
@@ -148,18 +157,27 @@ class Checkpointer:
         if self.rank == 0 and folder.exists():  # a leftover of an interrupted save
             shutil.rmtree(folder)
         dist.barrier()
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), folder / f"rng_rank{self.rank:05d}.pt")
-        engine.save_checkpoint(
-            str(self.root), tag=tag, client_state=client_state, save_latest=False
-        )  # ends with a barrier: every rank's files are written
+        try:
+            self._write(engine, folder, client_state)
+        except Exception as exc:  # a full disk, a quota: say which save failed and what is safe
+            # torch reports a full disk as "unexpected pos": the free space says what happened
+            free = shutil.disk_usage(self.root).free // 1024
+            raise HpcdlError(
+                f"checkpoint {folder} not saved ({type(exc).__name__}: {exc}; {free} kB free on "
+                f"its file system); the newest complete checkpoint is still "
+                f"{self._latest() or 'none'}, a resume starts there"
+            ) from exc
         files = self._bcast(
             sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
             if self.rank == 0
             else None
         )
-        sums = self._hash_shared(tag, files)
+        sums = self._hash_shared(tag, files, fsync=True)  # all_gather: every rank's are synced
         if self.rank == 0:
+            # the folders' entries too (new files, the tag folder itself) before the manifest
+            for d in sorted({(folder / rel).parent for rel in files}, reverse=True):
+                fsync_dir(d)
+            fsync_dir(self.root)
             manifest = {
                 "tag": tag,
                 "step": step,
@@ -169,11 +187,28 @@ class Checkpointer:
             }
             # fsync: the manifest and the pointer must be on disk before anyone trusts them.
             atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
+            fsync_dir(folder)  # the manifest's rename
             atomic_write_text(self.root / LATEST, tag, fsync=True)
+            fsync_dir(self.root)
             self._prune(step)
         dist.barrier()
         self.last_save_s = time.monotonic() - started
         return tag
+
+    def _write(self, engine: Any, folder: Path, client_state: dict[str, Any]) -> None:
+        """This rank's files of the checkpoint in ``folder`` (its RNG states, DeepSpeed's)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), folder / f"rng_rank{self.rank:05d}.pt")
+        engine.save_checkpoint(
+            str(self.root), tag=folder.name, client_state=client_state, save_latest=False
+        )  # ends with a barrier: every rank's files are written
+
+    def _latest(self) -> str | None:
+        """The tag ``latest`` names (None without one), for messages."""
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
 
     def _prune(self, newest: int) -> None:
         """Keep the last ``keep`` complete checkpoints; drop older incomplete leftovers."""
@@ -293,6 +328,14 @@ class Checkpointer:
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         return client_state
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # fsync needs no write access (Linux)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _ds_to_universal(folder: Path, out: Path) -> None:

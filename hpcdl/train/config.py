@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcdl.config import apply_overrides, read_yaml, validate
 from hpcdl.job import Resources
+from hpcdl.script_values import SetupLine
 
 
 class _Strict(BaseModel):
@@ -101,7 +103,7 @@ class JobConfig(Resources):
     """Where and how the job runs (see ``hpcdl.Job``); ``max_requeues`` bounds preemptions."""
 
     env: dict[str, str] = Field(default_factory=dict)
-    setup: list[str] = Field(default_factory=list)
+    setup: list[SetupLine] = Field(default_factory=list)
     max_requeues: int = Field(default=3, ge=0)
 
     @property
@@ -145,7 +147,7 @@ class TrainConfig(_Strict):
         return self.batch.size // (self.batch.micro * world_size)
 
 
-def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read the YAML, apply ``key=value`` overrides, validate (one ConfigError on the first problem)."""
     where = str(path)
     data = apply_overrides(read_yaml(Path(path)), list(overrides), where)

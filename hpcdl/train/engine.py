@@ -30,7 +30,7 @@ def import_deepspeed() -> Any:
     environment. Training uses the process group's all-reduce either way."""
     import deepspeed
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     return deepspeed

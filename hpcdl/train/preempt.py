@@ -31,26 +31,18 @@ import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from hpcdl.errors import HpcdlError
+from hpcdl.task_env import signal_of, task_id, time_limit_signal
 
 
-def preemption_signal() -> signal.Signals:
-    """The site's preemption signal (``SUBMITIT_PREEMPT_SIGNAL``, as hpcdl.Job exports it), USR2
-    by default."""
-    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
-    try:
-        return signal.Signals[f"SIG{name}"]
-    except KeyError:
-        raise HpcdlError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} is not a signal name") from None
+class StopFlag(Protocol):
+    """What the trainer and a sweep's trials read of :class:`PreemptionFlag`: set once this rank
+    must stop (a preemption or time-limit signal, on this rank or, after the step's all-reduce,
+    on another)."""
 
-
-def signal_of(name: str) -> signal.Signals:
-    try:
-        return signal.Signals[f"SIG{str(name).upper().removeprefix('SIG')}"]
-    except KeyError:
-        raise HpcdlError(f"preemption signal {name!r} is not a signal name") from None
+    requested: bool
 
 
 class PreemptionFlag:
@@ -59,7 +51,7 @@ class PreemptionFlag:
     read); :func:`configure` then applies the site's list."""
 
     def __init__(self) -> None:
-        self.signum = preemption_signal()
+        self.signum = time_limit_signal()
         self.requested = False
         self.received: signal.Signals | None = None  # the first signal, and when (monotonic)
         self.received_at: float | None = None
@@ -149,15 +141,7 @@ def grace_report(flag: object, policy: Policy, last_save_s: float | None) -> dic
 def received_signal(flag: object) -> str:
     """The signal that stopped this rank (the time-limit signal if it was another rank's)."""
     received = getattr(flag, "received", None)
-    return (received or preemption_signal()).name
-
-
-def requeue_target() -> str | None:
-    """The Slurm job to requeue: ``ARRAYJOB_TASK`` inside an array, else the job id."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
+    return (received or time_limit_signal()).name
 
 
 def restarts() -> int:
@@ -165,56 +149,14 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
-def cancelled(target: str) -> bool:
-    """Whether Slurm's accounting says job ``target`` was cancelled (scancel sends SIGTERM too:
-    such a job must not come back). False when the state cannot be read."""
-    from hpcdl.scheduler.slurm import query
-
-    try:
-        return any(s.state == "CANCELLED" for s in query([target]).values())
-    except (HpcdlError, OSError):
-        return False
-
-
-def requeued_by_slurm(target: str) -> bool:
-    """Whether Slurm has already put job ``target`` back in the queue (it does so itself when
-    one of the job's nodes fails); False when the state cannot be read."""
-    from hpcdl.scheduler.slurm import query
-
-    try:
-        return any(
-            s.state in ("PENDING", "REQUEUED", "NODE_FAIL") for s in query([target]).values()
-        )
-    except (HpcdlError, OSError):
-        return False
-
-
-def requeue_job(target: str, sig: str) -> str:
-    """Put Slurm job ``target``, stopped by ``sig``, back in the queue (one process per job
-    calls this): ``"requeued"``; ``"cancelled"`` when scancel stopped it (scancel sends SIGTERM
-    too: such a job must not come back); ``"already"`` when Slurm requeued it itself (a node
-    failure). Raises :class:`HpcdlError` when the requeue fails otherwise."""
-    from hpcdl.scheduler import SlurmScheduler  # the target is a Slurm job (SLURM_JOB_ID)
-
-    if sig != preemption_signal().name and cancelled(target):
-        return "cancelled"
-    try:
-        SlurmScheduler().requeue(target)
-    except HpcdlError as exc:
-        if "pending execution" not in str(exc) and not requeued_by_slurm(target):
-            raise
-        return "already"
-    return "requeued"
-
-
 def after_checkpoint(
     step: int, tag: str, run_dir: str, max_requeues: int, rank: int, sig: str | None = None
 ) -> str:
     """Called on every rank once the preemption checkpoint is complete. Rank 0 requeues the job;
     every rank raises (so the job ends FAILED) if it cannot or must not be requeued."""
-    sig = sig or preemption_signal().name
+    sig = sig or time_limit_signal().name
     resume = f"resubmit with run_dir={run_dir} to continue from checkpoint {tag}"
-    target = requeue_target()
+    target = task_id(local=False)
     if target is None:
         raise HpcdlError(f"stopped by {sig} at step {step} (not a Slurm job, no requeue): {resume}")
     done = restarts()
@@ -224,6 +166,8 @@ def after_checkpoint(
             f"exhausted: not requeued; {resume}"
         )
     if rank == 0:
+        from hpcdl.scheduler import requeue_job  # Slurm's commands: only on the requeue path
+
         try:
             outcome = requeue_job(target, sig)
         except HpcdlError as exc:

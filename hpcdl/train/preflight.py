@@ -162,7 +162,7 @@ def scratch_dir(cfg: TrainConfig, where: str, snapshot: str | None = None) -> st
         raise ConfigError(
             where, "data.stage", f"site {site.name!r} names no node-local scratch folder"
         )
-    return site.scratch_path
+    return site.scratch_path or ""  # set: checked above
 
 
 def staged_data(cfg: TrainConfig, where: str, snapshot: str | None = None) -> tuple[str, str]:

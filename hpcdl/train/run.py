@@ -36,7 +36,7 @@ from hpcdl.train.config import (
     read_run_config,
     with_absolute_data,
 )
-from hpcdl.util import atomic_write_json, atomic_write_text, get_logger
+from hpcdl.util import atomic_write_json, atomic_write_text, get_logger, share_umask
 
 if TYPE_CHECKING:
     from hpcdl.job import Job, JobHandle
@@ -242,11 +242,19 @@ class Run:
         new = not stored.exists()
         if not new:
             _check_same_identity(read_run_config(folder), resolved, folder, self.where)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stored, dump_config(resolved))
-        atomic_write_json(folder / SITE_FILE, self._site_snapshot(resolved))
+        with share_umask(self._share()):  # the run folder is private (or the site's group's)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stored, dump_config(resolved))
+            atomic_write_json(folder / SITE_FILE, self._site_snapshot(resolved))
         self.config, self.run_dir, self.new = resolved, folder, new
         return folder
+
+    def _share(self) -> str:
+        """The site's ``share`` (private where the profile cannot be loaded: a rank elsewhere)."""
+        try:
+            return self.site.share
+        except HpcdlError:
+            return "private"
 
     def _site_snapshot(self, cfg: TrainConfig) -> dict[str, Any]:
         try:
@@ -293,7 +301,8 @@ class Run:
         runs after each validation; raising :class:`hpcdl.train.stop.StopTraining` from it
         ends the run early on every rank. ``finish=False`` keeps the process group (a sweep
         worker runs several trials in it)."""
-        with ranks(flag, finish=finish) as (flag, info):
+        # Checkpoints, metrics and W&B files are private whatever umask started this process.
+        with share_umask(self._share()), ranks(flag, finish=finish) as (flag, info):
             self.rank = info.rank
             if self.run_dir is None:
                 self._prepare_on_ranks(info)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -37,18 +37,13 @@ from hpcdl.train.engine import (
 )
 from hpcdl.train.loaders import shard_loader
 from hpcdl.train.models import build_model, loss_fn
+from hpcdl.train.preempt import StopFlag
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_json, configure_logging
 
 OnEpoch = Callable[[int, dict[str, float]], None]
-
-
-class StopFlag(Protocol):
-    """What the trainer reads of :class:`preempt.PreemptionFlag`: set once this rank must stop."""
-
-    requested: bool
 
 
 def train(run_dir: str | Path, flag: StopFlag, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
