@@ -181,3 +181,125 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     write_shards(SynthSource(600, (1, 8, 8), "uint8", 4), out, val=0.2, chunk_size="1KiB")
     return out
+
+
+# -- other users (slurm/devcluster/devcluster.sh up creates them) ---------------------------
+USER_A, USER_B, OPERATOR = "hpcdl-alice", "hpcdl-bob", "hpcdl-op"
+USERS_GROUP = "hpcdl-users"
+VENV_BIN = Path(sys.executable).parent
+RUNUSER = "/usr/sbin/runuser"  # an absolute path: the users' PATH has no sbin
+# `scontrol` for what only a Slurm administrator may do (a node's state): as is for root, else
+# through sudo as the operator, hpcdl-op (devcluster.sh gives the test users that one rule), so
+# the tests that set a node DOWN run as an unprivileged user too.
+OPERATOR_SCONTROL = (
+    ["scontrol"] if os.geteuid() == 0 else ["sudo", "-n", "-u", OPERATOR, "scontrol"]
+)
+
+
+class AsUser:
+    """Commands as another Unix user (``runuser``, so the tests must run as root, or as that
+    user itself), with a clean environment: the venv's ``bin`` first on PATH, the user's HOME,
+    this checkout on PYTHONPATH, the repo's site profiles and a job root of the user's own."""
+
+    def __init__(self, user: str, work: Path) -> None:
+        import pwd
+
+        self.user = user
+        entry = pwd.getpwnam(user)
+        self.uid, self.gid, self.home = entry.pw_uid, entry.pw_gid, Path(entry.pw_dir)
+        self.work = work  # the user's own folder (0755) in a shared, sticky place
+        self.job_root = work / "jobs"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home),
+            "USER": self.user,
+            "LOGNAME": self.user,
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": str(REPO),
+            "HPCDL_JOB_ROOT": str(self.job_root),
+            "HPCDL_SITE_PATH": str(REPO / "hpcdl/sites"),
+            "OMP_NUM_THREADS": "1",
+            "WANDB_SILENT": "true",
+        }
+        if os.environ.get("HPCDL_CLUSTER_STARTED"):
+            env["HPCDL_CLUSTER_STARTED"] = "1"
+        return {**env, **extra}
+
+    def argv(self, *cmd: str) -> list[str]:
+        if os.geteuid() == self.uid:
+            return list(cmd)
+        if os.geteuid() != 0:
+            pytest.fail(
+                f"acting as {self.user} needs root (runuser); this test runs as uid "
+                f"{os.geteuid()}: run it as root (tests/run_as_user.sh is for single-user modules)",
+                pytrace=False,
+            )
+        return [RUNUSER, "-u", self.user, "--", *cmd]
+
+    def run(
+        self, *cmd: str, timeout: float = 120, cwd: Path | None = None, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` as the user (in ``cwd``, default its work folder); output captured."""
+        return subprocess.run(self.argv(*cmd), capture_output=True, text=True, timeout=timeout,
+                              env=self.env(**env), cwd=cwd or self.work)  # fmt: skip
+
+    def python(self, code: str, *args: str, timeout: float = 300, **env: str):
+        """``python -c CODE ARGS`` as the user (the venv's interpreter)."""
+        return self.run(sys.executable, "-c", code, *args, timeout=timeout, **env)
+
+    def hpcdl(self, *args: str, timeout: float = 180, **env: str):
+        """``hpcdl ARGS`` as the user."""
+        return self.run(HPCDL, *args, timeout=timeout, **env)
+
+
+def check_usable_by(user: AsUser) -> None:
+    """Fail with what to do when ``user`` cannot run this venv's Python or import this
+    checkout's hpcdl (a parent folder it cannot cross: a pyenv under /root, a checkout in a
+    private folder)."""
+    proc = user.python("import hpcdl, sys; print(hpcdl.__file__)", timeout=120)
+    expected = str(REPO / "hpcdl" / "__init__.py")
+    if proc.returncode != 0 or proc.stdout.strip() != expected:
+        python = os.path.realpath(sys.executable)
+        pytest.fail(
+            f"{user.user} cannot run {sys.executable} (-> {python}) or import hpcdl from {REPO} "
+            f"(got {proc.stdout.strip() or proc.stderr.strip()[-300:]!r}); every parent folder "
+            f"must be crossable by group {USERS_GROUP}: as root, "
+            f"'slurm/devcluster/devcluster.sh grant {python} {REPO}'",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def users(devcluster: str) -> Iterator[dict[str, AsUser]]:
+    """``{"a": alice, "b": bob}``: two unprivileged users of one group, each with a work folder
+    of its own (mode 0755, as a site's scratch folders often are: only the modes hpcdl gives its
+    files protect them) under one sticky, world-writable folder in /tmp; removed at the end."""
+    import grp
+    import pwd
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.fail(f"two users need root (runuser to {USER_A} and {USER_B}); this runs as uid "
+                    f"{os.geteuid()}: run this module as root, not through tests/run_as_user.sh",
+                    pytrace=False)  # fmt: skip
+    for name in (USER_A, USER_B):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            pytest.fail(f"no user {name}: run 'slurm/devcluster/devcluster.sh up' as root",
+                        pytrace=False)  # fmt: skip
+    base = Path(tempfile.mkdtemp(prefix="hpcdl-users-", dir="/tmp"))
+    base.chmod(0o1777)
+    made = {}
+    for key, name in (("a", USER_A), ("b", USER_B)):
+        work = base / name
+        work.mkdir(mode=0o755)
+        os.chown(work, pwd.getpwnam(name).pw_uid, grp.getgrnam(USERS_GROUP).gr_gid)
+        made[key] = AsUser(name, work)
+    for user in made.values():
+        check_usable_by(user)
+    yield made
+    shutil.rmtree(base, ignore_errors=True)

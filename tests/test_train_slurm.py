@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HPCDL, REPO, release_requeued, run_cli
+from conftest import HPCDL, OPERATOR_SCONTROL, REPO, release_requeued, run_cli
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from train_setup import (
@@ -310,7 +310,7 @@ def test_node_down_mid_run_requeues_and_resumes_to_the_same_weights(fleet):
         assert time.monotonic() < deadline and alive, log_tail(run.handle)
         time.sleep(0.5)
     node = _nodes_of(run.handle.job_id)[-1]
-    scontrol = ["scontrol", "update", f"NodeName={node}"]
+    scontrol = [*OPERATOR_SCONTROL, "update", f"NodeName={node}"]  # admin only: maybe via sudo
     subprocess.run([*scontrol, "State=DOWN", "Reason=hpcdl-test-node-loss"], check=True, timeout=30)
     try:
         # The dev cluster returns a DOWN node to service as soon as its slurmd answers

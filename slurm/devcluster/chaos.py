@@ -65,6 +65,11 @@ def plan(seed: int, faults: int = 3, window: tuple[float, float] = (0.5, 10.0),
     return [Fault(round(t, 2), rng.choice(kinds)) for t in times]
 
 
+# A node's state is the Slurm administrator's: a user (the tests may run as hpcdl-alice) changes
+# it through sudo as the operator hpcdl-op, the one rule devcluster.sh gives the test users.
+NODE_ADMIN: tuple[str, ...] = () if os.geteuid() == 0 else ("sudo", "-n", "-u", "hpcdl-op")
+
+
 def _slurm(*argv: str, check: bool = True) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:
@@ -183,7 +188,7 @@ class Driver:
         node = self._safe_node(task)
         if node is None:
             raise RuntimeError(f"every node of {task} also runs jobs of others")
-        update = ("scontrol", "update", f"NodeName={node}")
+        update = (*NODE_ADMIN, "scontrol", "update", f"NodeName={node}")
         self.downed.append(node)
         try:
             _slurm(*update, "State=DOWN", "Reason=chaos")
@@ -204,7 +209,9 @@ class Driver:
     def resume_nodes(self) -> None:
         while self.downed:
             node = self.downed.pop()
-            _slurm("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+            _slurm(
+                *NODE_ADMIN, "scontrol", "update", f"NodeName={node}", "State=RESUME", check=False
+            )
 
     def release_requeued(self) -> None:
         """Start the sweep's requeued tasks now: Slurm holds a requeued job ~2 minutes

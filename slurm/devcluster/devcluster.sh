@@ -5,6 +5,9 @@
 #                          wait until node1..node4 are idle (idempotent)
 #   devcluster.sh down     cancel jobs, stop only the daemons that `up` started
 #   devcluster.sh status   show daemons and sinfo; exit 0 when everything is up, 1 otherwise
+#   devcluster.sh grant PATH...
+#                          let the test users reach PATH (search permission, by ACL, on every
+#                          parent directory they cannot cross), e.g. a venv under /root
 #
 # Needs root (it writes /etc/slurm, /etc/hosts and starts daemons). Works without systemd:
 # every daemon is started directly in the foreground under setsid, its PID recorded in
@@ -26,7 +29,17 @@ HOSTS_MARKER='# hpcdl devcluster nodes'
 NODES=(node1 node2 node3 node4)
 DB_USER=slurm
 DB_PASS=${DEVCLUSTER_DB_PASS:-hpcdl-devcluster}
-PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod)
+PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod acl sudo)
+# Unprivileged users, as on a real site: the tests submit as USERS[0] and try to reach its
+# files as USERS[1]. They share one primary group, the harsher case (a group-readable file is
+# readable by the other user), as on sites that give a project one group. OPERATOR is a Slurm
+# administrator (sacctmgr AdminLevel) without Unix privileges, for the test steps that change
+# node states or raise a job's time limit.
+USERS=(hpcdl-alice hpcdl-bob)
+OPERATOR=hpcdl-op
+GROUP=hpcdl-users
+ACCOUNT=hpcdl
+SUDOERS=/etc/sudoers.d/hpcdl-devcluster
 
 CHANGED=0          # set to 1 by every action `up` takes
 STARTED_AT=$SECONDS
@@ -371,6 +384,73 @@ ensure_accounting() {
     fi
 }
 
+# ensure_users: the test users and their group (homes under /home, 0700, login shell bash).
+ensure_users() {
+    local u
+    if ! getent group "$GROUP" >/dev/null; then
+        groupadd "$GROUP" || die "groupadd $GROUP failed"
+        CHANGED=1
+        say "added group $GROUP"
+    fi
+    for u in "${USERS[@]}" "$OPERATOR"; do
+        if ! getent passwd "$u" >/dev/null; then
+            useradd --create-home --home-dir "/home/$u" --shell /bin/bash --gid "$GROUP" "$u" ||
+                die "useradd $u failed"
+            CHANGED=1
+            say "added user $u (group $GROUP)"
+        fi
+        chmod 700 "/home/$u"
+    done
+}
+
+# ensure_sudoers: the test users may run scontrol as the operator, and nothing else: tests
+# that run as a user set a node DOWN that way (sudo -n -u hpcdl-op scontrol update NodeName=...).
+ensure_sudoers() {
+    local users new
+    users=$(IFS=,; echo "${USERS[*]}")
+    new="$MARKER
+$users ALL=($OPERATOR) NOPASSWD: $(command -v scontrol)"
+    [[ -r $SUDOERS && $(cat "$SUDOERS") == "$new" ]] && return 0
+    (umask 077 && printf '%s\n' "$new" >"$SUDOERS.devcluster.tmp")
+    chmod 440 "$SUDOERS.devcluster.tmp"
+    visudo -cqf "$SUDOERS.devcluster.tmp" || { rm -f "$SUDOERS.devcluster.tmp"; die "visudo rejected $SUDOERS"; }
+    mv -f "$SUDOERS.devcluster.tmp" "$SUDOERS"
+    CHANGED=1
+    say "wrote $SUDOERS (${USERS[*]} may run scontrol as $OPERATOR)"
+}
+
+# ensure_user_accounting: an account for the test users and their associations, and the
+# operator's admin level. Jobs of users without an association are accepted while
+# AccountingStorageEnforce is unset (as here), but a site that enforces it needs them, and
+# sacct/sreport then show the right account.
+ensure_user_accounting() {
+    local out u
+    out=$(timeout 10 sacctmgr -n -P list account format=account) || die "sacctmgr list account failed"
+    if ! grep -qx "$ACCOUNT" <<<"$out"; then
+        timeout 30 sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" \
+            description="hpcdl test users" organization=hpcdl >/dev/null ||
+            die "sacctmgr add account $ACCOUNT failed"
+        CHANGED=1
+        say "added account $ACCOUNT"
+    fi
+    out=$(timeout 10 sacctmgr -n -P list assoc cluster="$CLUSTER" account="$ACCOUNT" format=user) ||
+        die "sacctmgr list assoc failed"
+    for u in "${USERS[@]}" "$OPERATOR"; do
+        grep -qx "$u" <<<"$out" && continue
+        timeout 30 sacctmgr -i add user "$u" account="$ACCOUNT" cluster="$CLUSTER" >/dev/null ||
+            die "sacctmgr add user $u failed"
+        CHANGED=1
+        say "added $u to account $ACCOUNT"
+    done
+    out=$(timeout 10 sacctmgr -n -P show user "$OPERATOR" format=adminlevel) || die "sacctmgr show user failed"
+    if [[ $out != Administrator ]]; then
+        timeout 30 sacctmgr -i modify user "$OPERATOR" set adminlevel=Administrator >/dev/null ||
+            die "sacctmgr modify user $OPERATOR failed"
+        CHANGED=1
+        say "made $OPERATOR a Slurm administrator (AdminLevel=Administrator)"
+    fi
+}
+
 start_slurmctld() {
     if [[ -n $(recorded_pid slurmctld) ]]; then
         wait_for 30 slurmctld ctld_ok
@@ -452,6 +532,9 @@ cmd_up() {
     start_mariadb
     start_slurmdbd
     ensure_accounting
+    ensure_users
+    ensure_sudoers
+    ensure_user_accounting
     start_slurmctld
     start_slurmds
     wait_nodes
@@ -522,14 +605,45 @@ cmd_status() {
     return "$ok"
 }
 
+# ---------------------------------------------------------------- grant
+
+# cmd_grant PATH...: give the group of the test users search permission (x, never read: they
+# cannot list) on each parent directory of PATH they cannot cross, by an ACL entry, so that a
+# Python under /root (pyenv) or a checkout in a private folder is usable by their jobs. Paths
+# are resolved first (a venv's python is a symlink into its base interpreter).
+cmd_grant() {
+    need_root
+    (($#)) || die "grant needs at least one PATH"
+    getent group "$GROUP" >/dev/null || die "no group $GROUP: run 'devcluster.sh up' first"
+    command -v setfacl >/dev/null || die "setfacl not found (apt-get install acl)"
+    local path dir
+    local -a chain
+    for path in "$@"; do
+        path=$(realpath -e -- "$path") || die "no such path: $path"
+        dir=$path
+        [[ -d $dir ]] || dir=$(dirname -- "$dir")
+        chain=()
+        while [[ $dir != / ]]; do chain=("$dir" "${chain[@]}"); dir=$(dirname -- "$dir"); done
+        # From the top down: whether a user can cross a folder is only testable once its
+        # parents are crossable.
+        for dir in "${chain[@]}"; do
+            if ! setpriv --reuid="${USERS[0]}" --regid="$GROUP" --clear-groups test -x "$dir"; then
+                setfacl -m "g:$GROUP:--x" "$dir" || die "setfacl on $dir failed"
+                say "granted $GROUP search permission on $dir"
+            fi
+        done
+    done
+}
+
 usage() {
-    sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    grant) shift; cmd_grant "$@" ;;
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;
 esac
