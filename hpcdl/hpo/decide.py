@@ -116,6 +116,14 @@ def claim(
     return "retry"
 
 
+def told(study_state: str) -> str | None:
+    """The slot state the study already holds for a trial (its last attempt told the study,
+    then died before writing its slot, e.g. killed in Slurm's KillWait after ``sweep
+    cancel``): ``complete``, ``pruned`` or ``failed``, adopted instead of running the trial
+    again (Optuna refuses to tell a finished trial twice); None while the trial is open."""
+    return {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(study_state)
+
+
 def next_slot(slots: Sequence[tuple[int, str | None, str | None]], me: str | None) -> int | None:
     """Which slot a warm worker claims among ``(slot, state, job)``: first the one this task
     was running (a requeued worker resumes its trial before anything else; only a Slurm task id

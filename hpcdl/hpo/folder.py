@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from hpcdl.errors import HpcdlError
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.util import atomic_write_json, atomic_write_text
 
@@ -70,6 +73,24 @@ class SweepPaths:
         self.final_started = root / ".final-started"  # the final job began (a requeue resumes)
         self.final_result = self.final / "result.json"
         self.round = root / "round"  # how many rounds were submitted (a sampler seed part)
+
+    def check_owned(self) -> None:
+        """Raise HpcdlError unless the sweep folder and its spec are this user's and writable by
+        nobody else: a sweep's spec names what its jobs run, so a tree another user wrote (in a
+        shared job root) must never be resumed, cancelled or read as one's own."""
+        me = os.geteuid()
+        for path in (self.root, self.spec):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode) or st.st_uid != me or st.st_mode & 0o022:
+                raise HpcdlError(
+                    f"sweep folder {self.root} is not yours alone ({path.name}: owner uid "
+                    f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+                    f"{', a symlink' if stat.S_ISLNK(st.st_mode) else ''}): hpcdl acts only "
+                    "on sweeps its user owns and nobody else can write"
+                )
 
     # -- slots ------------------------------------------------------------------------------------
     def slot_file(self, slot: int) -> Path:

@@ -62,8 +62,6 @@ def worker_seed(seed: int, worker: int, draw: tuple[int, ...] = ()) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
-
-
 def read_round(sweep_dir: Path) -> int:
     try:
         return int(SweepPaths(sweep_dir).round.read_text())

@@ -49,8 +49,10 @@ class Sweep:
         from hpcdl.scheduler import registry_roots
 
         for root in registry_roots():
-            spec_file = root / "sweeps" / name / "spec.json"
+            paths = SweepPaths(root / "sweeps" / name)
+            spec_file = paths.spec
             if spec_file.is_file():
+                paths.check_owned()  # another user's tree names jobs that would run as us
                 spec = SweepSpec.model_validate_json(spec_file.read_text())
                 return cls(spec, source=str(spec_file))
         raise HpcdlError(f"no sweep named {name!r} (see 'hpcdl sweep list')")

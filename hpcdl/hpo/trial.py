@@ -69,6 +69,8 @@ def claim(
             action = decide.claim(slot.state, slot.attempts, slot.job, task_id(), spec.max_retries)
         if action == "skip":
             return None
+        if slot is not None and action in ("retry", "fail") and _adopt_told(paths, study, slot):
+            return None
         if action == "fail":
             assert slot is not None
             study.tell(slot.trial, state=optuna.trial.TrialState.FAIL)
@@ -94,6 +96,20 @@ def claim(
         )
         paths.write_slot(slot)
         return slot
+
+
+def _adopt_told(paths: SweepPaths, study: optuna.Study, slot: Slot) -> bool:
+    """Under the lock: when the study already ended the slot's trial (told, then the process
+    died before its slot write), record that in the slot instead of another attempt."""
+    done = optuna.trial.TrialState
+    ended = (done.COMPLETE, done.PRUNED, done.FAIL)
+    trial = next((t for t in study.get_trials(deepcopy=False, states=ended)
+                  if t.number == slot.trial), None)  # fmt: skip
+    state = decide.told(trial.state.name) if trial is not None else None
+    if trial is None or state is None:
+        return False
+    paths.write_slot(slot.model_copy(update={"state": state, "value": trial.value}))
+    return True
 
 
 def update_slot(paths: SweepPaths, new: Slot) -> bool:

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from hpcdl.hpo.decide import Round, claim, follow_up, needs_final, next_slot, stopped_slots
+from hpcdl.hpo.decide import Round, claim, follow_up, needs_final, next_slot, stopped_slots, told
 
 STATES = ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
           "PREEMPTED", "OUT_OF_MEMORY", "REQUEUED"]  # fmt: skip
@@ -165,3 +165,14 @@ NEXT = [
 @pytest.mark.parametrize(("slots", "me", "expected"), NEXT)
 def test_next_slot(slots, me, expected):
     assert next_slot(slots, me) == expected
+
+
+@pytest.mark.parametrize(("study_state", "expected"), [
+    ("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed"),
+    ("RUNNING", None), ("WAITING", None),
+])  # fmt: skip
+def test_a_trial_the_study_already_ended_is_adopted_not_rerun(study_state, expected):
+    """sweep cancel: a worker told the study COMPLETE during Slurm's KillWait and was killed
+    before its slot write; the resumed round must record that, not run the trial again (Optuna
+    refuses a second tell: the retry failed and the follow-up gave up after its rounds)."""
+    assert told(study_state) == expected
