@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ from hpcdl.util import (
 )
 
 logger = get_logger(__name__)
+# W&B's service of the process that started this one (wandb exports WANDB_SERVICE to children).
+# A run must not use it: on a cluster it is another host's (sbatch --export=ALL carries it to
+# the compute nodes), and on one host it writes this run's files with the other process's
+# umask and user. Captured at import, before this process starts a service of its own.
+_INHERITED_SERVICE = os.environ.get("WANDB_SERVICE")
 
 
 def rewind_jsonl(path: Path, step: int, epoch: int | None = None) -> None:
@@ -163,6 +169,8 @@ def _start_wandb(
     except ImportError:
         logger.warning("wandb is not installed: metrics go to metrics.jsonl only")
         return None
+    if _INHERITED_SERVICE and os.environ.get("WANDB_SERVICE") == _INHERITED_SERVICE:
+        del os.environ["WANDB_SERVICE"]  # start this process's own service
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
         id_file.write_text(run_id or secrets.token_hex(8))

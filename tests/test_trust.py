@@ -320,3 +320,29 @@ def test_a_slurm_job_under_umask_022_writes_private_files(devcluster, job_root, 
     out = handle.log_paths()[0].read_text().splitlines()
     assert "hi" in out and "0077" in out, out  # sbatch passed the umask on (SLURM_UMASK)
     assert loose(job_root) == []
+
+
+def test_a_training_run_is_private_even_beside_a_running_wandb_service(
+    job_root, tmp_path, umask022, monkeypatch
+):
+    """A W&B service started by the calling process (under umask 022) is exported to children
+    as WANDB_SERVICE; a run that used it had that service write its W&B files 0644 (and on a
+    cluster, sbatch --export=ALL would hand a compute node the login node's socket)."""
+    import wandb
+
+    sys.path.insert(0, str(REPO / "tests/helpers"))
+    from train_setup import env_with_helpers, write_config, write_digits
+
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    wandb.setup()  # the service of this process, made under umask 022
+    try:
+        assert os.environ.get("WANDB_SERVICE"), "wandb exports its service to children"
+        digits = write_digits(tmp_path / "digits")
+        config = write_config(tmp_path / "train.yaml", digits, tmp_path / "runs", epochs=1,
+                              job__tasks_per_node=1)  # fmt: skip
+        proc = run_cli("train", str(config), "--wait", env=env_with_helpers(), timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert any(p.name == "wandb" for p in (tmp_path / "runs").rglob("*"))
+        assert loose(tmp_path / "runs", job_root) == []
+    finally:
+        wandb.teardown()
