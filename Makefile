@@ -65,6 +65,12 @@ lint: install
 # a phase fails (what ran; then make fails), so that a slow or flaky phase shows itself. The
 # phases run in this order and stop at the first failure, as the prerequisites they were did.
 TEST_PHASES := install cluster image lint lock-check docs wheel-check
+# Every job the cluster tests submit is submitted by an unprivileged user (hpcdl-alice, made by
+# devcluster.sh up), as on a real site: tests/run_as_user.sh runs them. Root runs the rest: the
+# tests that need no cluster, the container tests (root's image) and those marked `root` (the
+# cluster's own script, a second user, mounts).
+ROOT_TESTS := not slurm or container or root
+USER_TESTS := slurm and not container and not root
 PHASE_TIMES ?= build/phase-times.txt
 
 test:  ## everything: install, start the cluster, all tests; then each phase's wall time
@@ -74,8 +80,10 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 	  env/phase-time.sh $(PHASE_TIMES) $$phase $(MAKE) --no-print-directory $$phase || { status=$$?; break; }; \
 	done; \
 	if [ $$status = 0 ]; then \
-	  echo "HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25"; \
-	  HPCDL_CLUSTER_STARTED=1 env/phase-time.sh $(PHASE_TIMES) pytest $(BIN)/pytest -q --durations=25 || status=$$?; \
+	  echo "HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25 -m '$(ROOT_TESTS)'"; \
+	  HPCDL_CLUSTER_STARTED=1 env/phase-time.sh $(PHASE_TIMES) pytest-root $(BIN)/pytest -q --durations=25 -m '$(ROOT_TESTS)' || status=$$?; \
+	  echo "HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)'"; \
+	  HPCDL_VENV=$(abspath $(VENV)) env/phase-time.sh $(PHASE_TIMES) pytest-as-user tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)' || status=$$?; \
 	fi; \
 	env/phase-time.sh --table $(PHASE_TIMES); \
 	exit $$status

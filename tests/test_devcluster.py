@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "devcluster" / "devcluster.sh"
 NODES = ["node1", "node2", "node3", "node4"]
 
-pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("devcluster")]
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.usefixtures("devcluster")]
 
 
 def run(*cmd: str, timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:

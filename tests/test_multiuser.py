@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import AsUser
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.root]  # it switches to two users itself
 
 TIMEOUT = 480  # for A's jobs, run and sweep together, on a shared 2-core machine
 
