@@ -333,6 +333,7 @@ def test_a_training_run_is_private_even_beside_a_running_wandb_service(
     sys.path.insert(0, str(REPO / "tests/helpers"))
     from train_setup import env_with_helpers, write_config, write_digits
 
+    wandb.teardown()  # an earlier test's service (setup() would return it, exporting nothing)
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
     wandb.setup()  # the service of this process, made under umask 022
     try:
