@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from hpcdl import runner
+from hpcdl import exit_guard, runner
 from hpcdl.runner import (
     Layout,
     in_slurm_step,
@@ -163,6 +163,7 @@ def init_distributed(timeout_s: float = 600, dist_backend: str | None = None) ->
     chosen = dist_backend or backend()
     if chosen == "nccl":
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    exit_guard.install()  # gloo's threads can outlive the group: leave safely at exit
     if not dist.is_initialized():
         dist.init_process_group(
             chosen,

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 HELPER = str(REPO / "tests/helpers/gloo_threads.py")
@@ -37,3 +38,42 @@ def test_ranks_using_deepspeed_comm_end_their_gloo_threads_when_they_leave(tmp_p
         assert report["sum"] == 1.0
         assert "pt_gloo_runloop" in report["during"], report  # the check sees gloo's threads
         assert not [t for t in report["after"] if "gloo" in t], report
+
+
+RACE = str(REPO / "tests/helpers/gloo_exit_race.py")
+
+
+def _race(tmp_path, guarded: bool, ending: str) -> subprocess.CompletedProcess:
+    """Rank 0's status and stderr from the certain abort (tests/helpers/gloo_exit_race.py)."""
+    folder = tmp_path / f"{guarded}-{ending}"
+    folder.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    argv = [sys.executable, RACE, "guard" if guarded else "plain", ending, str(folder)]
+    rank1 = subprocess.Popen(argv, env={**env, "RANK": "1", "LOCAL_RANK": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        return subprocess.run(argv, env={**env, "RANK": "0", "LOCAL_RANK": "0"}, text=True,
+                              capture_output=True, timeout=120)  # fmt: skip
+    finally:
+        rank1.wait(timeout=120)
+
+
+def test_the_abort_at_exit_happens_without_the_guard(tmp_path):
+    """The reproducer is certain: without hpcdl's exit guard the rank aborts (if this stops
+    failing, a torch or Python release changed the mechanism; docs: development, "Flakes")."""
+    proc = _race(tmp_path, guarded=False, ending="return")
+    assert proc.returncode == -6, proc.stderr[-2000:]
+    assert "terminate called without an active exception" in proc.stderr
+
+
+@pytest.mark.parametrize(("ending", "status"), [("return", 0), ("exit3", 3), ("raise", 1)])
+def test_a_rank_started_by_hpcdl_leaves_with_its_own_status(tmp_path, ending, status):
+    proc = _race(tmp_path, guarded=True, ending=ending)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    if ending == "raise":
+        assert "RuntimeError: rank 0 failed" in proc.stderr  # the traceback is still printed

@@ -42,3 +42,8 @@ report = {
 with open(f"{sys.argv[1]}.{rank}.json", "w") as f:
     json.dump(report, f)
 dist.destroy_process_group()
+# Python < 3.14 can abort a gloo rank at interpreter exit after its work is done, as long as
+# DDP/DeepSpeed/Lightning hold the group (docs: bring-your-script, "Exit status"); one line:
+from hpcdl import exit_guard  # noqa: E402
+
+exit_guard.install()
