@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli  # noqa: F401 (used by the cluster test below)
+from conftest import run_cli
 
 from hpcdl.cli import main
 from hpcdl.site import Partition, SiteProfile, default_fit_problems
@@ -105,3 +105,19 @@ def test_site_list_warns_when_a_name_differs_from_its_file_and_says_what_site_pi
     assert main(["site", "list"]) == 0
     err = capsys.readouterr().err
     assert f"'--site other' picks {sites / 'other.yaml'}; rename one" in err, err
+
+
+# -- an sbatch refusal is said once, in one line (issue 26, finding 5: "printed twice") -----------
+@pytest.mark.slurm
+@pytest.mark.parametrize("array", [[], ["--array", "2"]])  # submitit has two submission paths
+def test_an_sbatch_refusal_is_one_line_said_once(devcluster, job_root, array):
+    # 3 nodes with feature intel: the dev cluster has 2 (node1-2), hpcdl cannot know, sbatch refuses
+    proc = run_cli("submit", "--site", devcluster, "-C", "intel", "-N", "3", "-t", "1m", *array,
+                   "--", "true")  # fmt: skip
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.splitlines() == [
+        "error: submission failed: sbatch: error: Batch job submission failed: Requested node "
+        "configuration is not available"
+    ], proc.stderr
+    assert proc.stdout == ""
+    assert [p.name for p in job_root.iterdir() if p.name != "registry.jsonl"] == []  # no folder
