@@ -121,3 +121,65 @@ def test_an_sbatch_refusal_is_one_line_said_once(devcluster, job_root, array):
     ], proc.stderr
     assert proc.stdout == ""
     assert [p.name for p in job_root.iterdir() if p.name != "registry.jsonl"] == []  # no folder
+
+
+# -- a default constraint that leaves fewer nodes than max_nodes (issue 26, finding 5) -----------
+@pytest.mark.parametrize(
+    ("expr", "features", "expected"),
+    [
+        ("intel", {"intel", "ib"}, True),
+        ("intel", {"amd", "ib"}, False),
+        ("intel&ib", {"intel"}, False),
+        ("intel|amd", {"amd"}, True),
+        ("ib&(intel|amd)", {"amd", "ib"}, True),
+        ("(intel|amd)&nvlink", {"amd", "ib"}, False),
+        ("a100*2", {"a100"}, None),  # counts: for a set of nodes, sbatch's to judge
+        ("[a100|h100]", {"a100"}, None),  # matching OR: all nodes alike
+        ("intel,ib", {"intel"}, None),
+        ("intel|", {"intel"}, None),
+        ("(intel", {"intel"}, None),
+    ],
+)
+def test_which_nodes_meet_a_constraint(expr, features, expected):
+    from hpcdl.slurm_options.policy import satisfies
+
+    assert satisfies(expr, features) is expected
+
+
+def test_site_check_says_how_many_nodes_a_default_constraint_leaves():
+    from hpcdl.scheduler.live import check_site, parse_partitions
+
+    sinfo = "\n".join(f"node{i}|4|4000|(null)|{f}" for i, f in
+                      ((1, "intel,ib"), (2, "intel,ib"), (3, "amd,ib"), (4, "amd,ib")))  # fmt: skip
+    live = parse_partitions(sinfo, "PartitionName=cpu Nodes=node[1-4] Default=YES "
+                                   "MaxNodes=4 MaxTime=1-00:00:00 State=UP")  # fmt: skip
+    assert live["cpu"].node_features == [["ib", "intel"]] * 2 + [["amd", "ib"]] * 2
+
+    def problems(defaults: dict) -> list[str]:
+        cpu = {**CPU, "features": ["amd", "ib", "intel"], "policy": {"defaults": defaults}}
+        return check_site(SiteProfile(name="x", scheduler="slurm", partitions=[cpu]), live)
+
+    assert problems({"constraint": "intel"}) == [
+        "partition cpu: policy.defaults constraint 'intel' is met by 2 of its 4 nodes, fewer "
+        "than max_nodes 4: a job given this default can have at most 2 nodes"
+    ]
+    assert problems({"constraint": "ib"}) == []  # every node
+    assert problems({"constraint": "intel|amd"}) == []
+    assert problems({"constraint": "[intel|amd]"}) == []  # not read: not guessed
+
+
+@pytest.mark.slurm
+def test_site_check_on_the_cluster_names_the_nodes_a_default_constraint_leaves(
+    devcluster, tmp_path
+):
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
+    data["name"] = "intelsite"
+    data["partitions"][0]["policy"] = {"defaults": {"constraint": "intel"}}  # node1-2 of 4
+    site = tmp_path / "intelsite.yaml"
+    site.write_text(yaml.safe_dump(data))
+    proc = run_cli("site", "check", str(site))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        "intelsite: partition cpu: policy.defaults constraint 'intel' is met by 2 of its 4 nodes, "
+        "fewer than max_nodes 4: a job given this default can have at most 2 nodes"
+    ]
