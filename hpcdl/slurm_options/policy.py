@@ -144,12 +144,12 @@ def feature_problems(
         )
     elif expr and node_features:  # jobs given the default may use only the nodes that meet it
         met = [satisfies(str(expr), set(f)) for f in node_features]
-        limit = partition.max_nodes or len(node_features)
-        if None not in met and sum(met) < limit:
+        count, limit = met.count(True), partition.max_nodes or len(node_features)
+        if None not in met and count < limit:
             problems.append(
                 f"partition {partition.name}: policy.defaults constraint {expr!r} is met by "
-                f"{sum(met)} of its {len(node_features)} nodes, fewer than max_nodes {limit}: a "
-                f"job given this default can have at most {sum(met)} nodes"
+                f"{count} of its {len(node_features)} nodes, fewer than max_nodes {limit}: a "
+                f"job given this default can have at most {count} nodes"
             )
     return problems
 
