@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 BIN = str(Path(sys.executable).parent)
 NUMBER = r"-?\d[\d.:]*(?:e[-+]?\d+)?"
