@@ -260,11 +260,11 @@ def _executor_class() -> type:
                     return _Executor(folder, max_num_timeout=max_num_timeout, python=self.python)
 
                 plain = submitit_slurm.SlurmExecutor
-                submitit_slurm.SlurmExecutor = same_executor
+                setattr(submitit_slurm, "SlurmExecutor", same_executor)  # noqa: B010
                 try:
                     return super()._internal_process_submissions(delayed_submissions)
                 finally:
-                    submitit_slurm.SlurmExecutor = plain
+                    setattr(submitit_slurm, "SlurmExecutor", plain)  # noqa: B010
 
         _EXECUTOR = _Executor
     return _EXECUTOR
