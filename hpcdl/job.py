@@ -23,14 +23,14 @@ from pydantic import (
 from hpcdl import containers
 from hpcdl.config import JobTime, Memory, validation_error
 from hpcdl.errors import ConfigError
-from hpcdl.runner import LAUNCHERS, Task, torchrun_argv
-from hpcdl.scheduler import JobHandle, get_scheduler, hostnames, setup_lines
-from hpcdl.scheduler.preemption import preempt_checkpoint
+from hpcdl.scheduler import JobHandle, get_scheduler, setup_lines
+from hpcdl.scheduler.checkpointable import preempt_checkpoint
 from hpcdl.script_values import OneLine, SetupLine, SlurmName
 from hpcdl.site import SiteProfile, load_site
 from hpcdl.slurm_options import SbatchOptions
 from hpcdl.snapshot import Snapshot, stage
 from hpcdl.snapshot import check as check_snapshot
+from hpcdl.task_runner import LAUNCHERS, Task, torchrun_argv
 
 __all__ = ["Job", "JobHandle", "Resources"]
 
@@ -204,7 +204,6 @@ class Job(Resources):
             cwd=cwd,
             array_task_id=array_task_id,
             launcher=self.launcher if self.command is not None else None,
-            hostnames=hostnames if self.command is not None else None,
             preempt=preempt_checkpoint(site, self.partition, self.function),  # Checkpointable
         )
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 
-from hpcdl import exit_guard, runner
-from hpcdl.runner import (
-    Layout,
+from hpcdl import exit_guard
+from hpcdl.rendezvous import (
+    DistEnv,
     in_slurm_step,
     local_layout,
     master_port,
@@ -19,67 +18,18 @@ from hpcdl.runner import (
     tasks_per_node,
 )
 
-__all__ = ["DistEnv", "discover", "first_host", "init_distributed", "master_port", "tasks_per_node"]
+__all__ = ["DistEnv", "discover", "init_distributed", "master_port", "tasks_per_node"]
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job and how ranks find each other."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-    source: str  # slurm | submitit-local | env | mpi | single
-
-    def export(self) -> None:
-        """Set the torch.distributed / DeepSpeed environment variables."""
-        os.environ.update(
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK=str(self.local_rank),
-            LOCAL_WORLD_SIZE=str(self.local_world_size),
-            NODE_RANK=str(self.node_rank),
-            MASTER_ADDR=self.master_addr,
-            MASTER_PORT=str(self.master_port),
-        )
-
-
-def first_host(nodelist: str) -> str:
-    """The first node of an allocation: ``scontrol show hostnames`` when present (not in every
-    container), else hpcdl's own hostlist parser."""
-    from hpcdl.scheduler import hostnames
-
-    return runner.first_host(nodelist, hostnames)
-
-
-def _dist_env(layout: Layout) -> DistEnv:
-    return DistEnv(
-        rank=layout.rank,
-        world_size=layout.world_size,
-        local_rank=layout.local_rank,
-        local_world_size=layout.local_world_size,
-        node_rank=layout.node_rank,
-        master_addr=resolve(layout.master_host),
-        master_port=layout.master_port,
-        source=layout.source,
-    )
-
-
 def _from_slurm(env: os._Environ[str]) -> DistEnv:
-    """The rule command jobs get too (``hpcdl.runner.slurm_layout``)."""
-    from hpcdl.scheduler import hostnames
-
-    return _dist_env(slurm_layout(env, hostnames))
+    """The rule command jobs get too (``hpcdl.task_runner.slurm_layout``)."""
+    return slurm_layout(env).resolved()
 
 
 def _from_submitit_local(env: os._Environ[str]) -> DistEnv:
-    return _dist_env(local_layout(env))
+    return local_layout(env).resolved()
 
 
 def _from_env(env: os._Environ[str]) -> DistEnv:

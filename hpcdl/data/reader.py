@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpcdl.data.blocks import Block, BlockReader
 from hpcdl.data.manifest import Manifest
-from hpcdl.data.remainder import Layout, SlotPlan, remaining, resplit_batches, slot_plan
+from hpcdl.data.remainder import SampleLayout, SlotPlan, remaining, resplit_batches, slot_plan
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.util import append_jsonl
 
@@ -233,8 +233,8 @@ class ShardedDataset(IterableDataset):
         self._resumed_epoch = state["epoch"]
 
     # --- planning ------------------------------------------------------------------------
-    def _layout(self) -> Layout:
-        return Layout(self._unit_sizes, self.manifest.chunk_samples, self.batch_size, self.seed,
+    def _layout(self) -> SampleLayout:
+        return SampleLayout(self._unit_sizes, self.manifest.chunk_samples, self.batch_size, self.seed,
                       self.shuffle, self.block_units, self.drop_last)  # fmt: skip
 
     def _slot_plan(self, epoch: int, slot: int) -> SlotPlan:

@@ -50,7 +50,7 @@ class SlotPlan:
 
 
 @dataclass(frozen=True)
-class Layout:
+class SampleLayout:
     """The arithmetic of one dataset's epochs: its unit sizes and the loader's settings."""
 
     unit_sizes: np.ndarray
@@ -191,7 +191,7 @@ def generation(state: dict[str, Any]) -> int:
 
 
 def slot_plan(
-    layout: Layout, state: dict[str, Any], slot: int, pool: np.ndarray | None
+    layout: SampleLayout, state: dict[str, Any], slot: int, pool: np.ndarray | None
 ) -> SlotPlan:
     """Slot ``slot`` of the epoch plan of ``state`` (``pool``: its re-split remainder)."""
     epoch, world, workers = state["epoch"], state["world_size"], state["num_workers"]
@@ -200,12 +200,12 @@ def slot_plan(
     return layout.resplit(epoch, pool, world, workers, slot, generation(state))
 
 
-def pool_of(layout: Layout, state: dict[str, Any]) -> np.ndarray | None:
+def pool_of(layout: SampleLayout, state: dict[str, Any]) -> np.ndarray | None:
     """The remainder the epoch of ``state`` re-splits, or None for a normal epoch."""
     return remaining(layout, state["resized"]) if state.get("resized") else None
 
 
-def remaining(layout: Layout, state: dict[str, Any]) -> np.ndarray:
+def remaining(layout: SampleLayout, state: dict[str, Any]) -> np.ndarray:
     """Sorted stream positions that the epoch of ``state`` had still to yield after every rank
     consumed ``state["batches"]`` batches."""
     pool = pool_of(layout, state)

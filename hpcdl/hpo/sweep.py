@@ -81,7 +81,7 @@ class Sweep:
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
         if self.spec.train is not None:
-            self.spec = snapshot_train_config(self.spec, self.paths)
+            self.spec = copy_train_config(self.spec, self.paths)
         atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
         open_study(self.spec, self.paths.root)
         return self.lifecycle.submit(list(range(self.spec.trials)), f"{self.source}: resources")
@@ -276,7 +276,7 @@ def _named(source: str) -> Iterator[None]:
         raise ConfigError(source, exc.field, exc.problem) from None
 
 
-def snapshot_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:
+def copy_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:
     """Copy the base training config into the sweep folder (dataset paths made absolute) and
     point the spec at the copy: editing the original while the array is queued changes no
     trial."""

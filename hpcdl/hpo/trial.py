@@ -32,7 +32,7 @@ from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
 
 if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
-    from hpcdl.train.preempt import StopFlag
+    from hpcdl.train.stop_signals import StopFlag
 
 
 def resolve_objective(spec: SweepSpec) -> Objective:

@@ -40,7 +40,7 @@ from hpcdl.task_env import task_id
 from hpcdl.util import append_jsonl, configure_logging, get_logger, read_jsonl
 
 if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
-    from hpcdl.train.preempt import StopFlag
+    from hpcdl.train.stop_signals import StopFlag
 
 log = get_logger(__name__)
 
@@ -115,8 +115,8 @@ def _any_rank(flag: bool) -> bool:
 
 def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     """Entry point of one Slurm array task of a warm-worker round (every rank runs it)."""
-    from hpcdl.train.preempt import PreemptionFlag
     from hpcdl.train.run import finish_distributed
+    from hpcdl.train.stop_signals import PreemptionFlag
 
     flag = PreemptionFlag()  # first: a signal may come at any time
     configure_logging()  # the task's stderr is its log
@@ -142,12 +142,12 @@ def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag)
     comes back for them, as it would after a trial's checkpoint. A cancelled task stays
     cancelled; a task Slurm requeued itself (preemption, node failure) is left as it is."""
     from hpcdl.scheduler import requeue_job
-    from hpcdl.train import preempt
+    from hpcdl.train import stop_signals
 
     target = task_id(local=False)
     if target is None or not paths.missing_slots(slots):
         return
-    sig = preempt.received_signal(flag)
+    sig = stop_signals.received_signal(flag)
     try:
         outcome = requeue_job(target, sig)
     except Exception as exc:  # the follow-up job or 'sweep resume' runs the slots instead

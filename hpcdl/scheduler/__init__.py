@@ -14,7 +14,7 @@ follows the job through its handle, without the profile::
 from typing import Any
 
 from hpcdl.scheduler._requeue import requeue_job
-from hpcdl.scheduler.base import (
+from hpcdl.scheduler.interface import (
     JobHandle,
     Scheduler,
     TaskStatus,
@@ -25,7 +25,6 @@ from hpcdl.scheduler.base import (
     job_statuses,
     log_tail,
 )
-from hpcdl.scheduler.core import setup_lines
 from hpcdl.scheduler.live import import_site as _draft_profile
 from hpcdl.scheduler.local import LocalScheduler
 from hpcdl.scheduler.registry import (
@@ -36,8 +35,9 @@ from hpcdl.scheduler.registry import (
     record,
     registry_roots,
 )
-from hpcdl.scheduler.slurm import SlurmScheduler, hostnames
+from hpcdl.scheduler.slurm import SlurmScheduler
 from hpcdl.scheduler.states import FINISHED, STATES, summarize
+from hpcdl.scheduler.submission import setup_lines
 from hpcdl.site import SiteProfile
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "find_handle",
     "find_task",
     "get_scheduler",
-    "hostnames",
     "import_site",
     "job_states",
     "job_statuses",

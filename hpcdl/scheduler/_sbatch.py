@@ -9,8 +9,8 @@ from typing import Any
 from hpcdl import containers
 from hpcdl.config import format_minutes, parse_mem, parse_time
 from hpcdl.errors import ConfigError
-from hpcdl.scheduler.base import Request
-from hpcdl.scheduler.core import setup_lines
+from hpcdl.scheduler.interface import Request
+from hpcdl.scheduler.submission import setup_lines
 from hpcdl.site import SiteProfile
 from hpcdl.slurm_options import check_job_options
 

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from hpcdl.config import parse_time, validate
-from hpcdl.scheduler.hostlist import expand_hostlist
+from hpcdl.hostlist import expand_hostlist
 from hpcdl.site import SiteProfile
 from hpcdl.slurm_options import feature_problems
 

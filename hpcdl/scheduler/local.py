@@ -12,9 +12,9 @@ from typing import Any
 
 from hpcdl.config import parse_time
 from hpcdl.errors import ConfigError, HpcdlError
-from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
-from hpcdl.scheduler.core import SubmititScheduler, folder_state, setup_lines, task_log_paths
+from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import LivePartition
+from hpcdl.scheduler.submission import SubmititScheduler, folder_state, setup_lines, task_log_paths
 from hpcdl.script_values import chain_local_setup
 
 

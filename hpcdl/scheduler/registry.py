@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.scheduler.arrays import global_index
-from hpcdl.scheduler.base import JobHandle, job_states
+from hpcdl.scheduler.interface import JobHandle, job_states
 from hpcdl.scheduler.states import FINISHED, summarize
 from hpcdl.site import SiteProfile, available_sites, load_site
 from hpcdl.util import append_jsonl, atomic_write_text, get_logger, read_jsonl, share_umask

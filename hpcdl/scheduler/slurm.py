@@ -22,20 +22,19 @@ from hpcdl.scheduler.arrays import (
     locate,
     slurm_task_id,
 )
-from hpcdl.scheduler.base import JobHandle, Request, TaskStatus
-from hpcdl.scheduler.core import (
+from hpcdl.scheduler.checkpointable import TIMEOUT_REQUEUES
+from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
+from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
+from hpcdl.scheduler.live import check_site as compare_with_live
+from hpcdl.scheduler.registry import load_handles
+from hpcdl.scheduler.states import FINISHED, expand_array_id, normalize_state
+from hpcdl.scheduler.submission import (
     SubmititScheduler,
     first_error_line,
     folder_state,
     submitit_command,
     task_log_paths,
 )
-from hpcdl.scheduler.hostlist import expand_hostlist
-from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
-from hpcdl.scheduler.live import check_site as compare_with_live
-from hpcdl.scheduler.preemption import TIMEOUT_REQUEUES
-from hpcdl.scheduler.registry import load_handles
-from hpcdl.scheduler.states import FINISHED, expand_array_id, normalize_state
 from hpcdl.util import get_logger
 
 log = get_logger(__name__)
@@ -285,18 +284,6 @@ def sbatch_test_only(script: str) -> str:
         why = "sbatch not found" if proc is None else proc.stderr
         raise HpcdlError(f"sbatch --test-only rejected the job: {first_error_line(why)}")
     return proc.stderr.strip()
-
-
-def hostnames(nodelist: str) -> list[str]:
-    """The nodes of an allocation: ``scontrol show hostnames`` when present (not in every
-    container), else hpcdl's own hostlist parser (``ValueError`` if it cannot read the list)."""
-    try:
-        proc = run_command(["scontrol", "show", "hostnames", nodelist], timeout=20)
-    except HpcdlError:
-        proc = None
-    if proc is not None and proc.returncode == 0 and proc.stdout.split():
-        return proc.stdout.split()
-    return expand_hostlist(nodelist)
 
 
 # -- states ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hpcdl.data.reader import ShardLoader
 from hpcdl.errors import HpcdlError
 from hpcdl.launch import init_distributed
 from hpcdl.track import Tracker, rewind_jsonl
-from hpcdl.train import preempt
+from hpcdl.train import stop_signals
 from hpcdl.train.checkpoint import Checkpointer, tag_for
 from hpcdl.train.config import TrainConfig, read_run_config, read_site_values
 from hpcdl.train.engine import (
@@ -37,10 +37,10 @@ from hpcdl.train.engine import (
 )
 from hpcdl.train.loaders import shard_loader
 from hpcdl.train.models import build_model, loss_fn
-from hpcdl.train.preempt import StopFlag
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats
 from hpcdl.train.stop import StopTraining
+from hpcdl.train.stop_signals import StopFlag
 from hpcdl.util import atomic_write_json, configure_logging
 
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -109,7 +109,9 @@ class Trainer:
         self.run_dir, self.flag, self.on_epoch = Path(run_dir), flag, on_epoch
         self.cfg = read_run_config(self.run_dir)
         self.site_values = read_site_values(self.run_dir)  # what the site decided at submission
-        self.policy = preempt.configure(flag, self.site_values, self.cfg.job.site)  # its signals
+        self.policy = stop_signals.configure(
+            flag, self.site_values, self.cfg.job.site
+        )  # its signals
         self.state = TrainState()
         self.last_saved: int | None = None  # the step of this run's newest checkpoint
         self.last_val: tuple[float, float, int] | None = None  # the newest validation
@@ -183,7 +185,7 @@ class Trainer:
             "event": "resume" if resumed else "start",
             "step": self.state.step,
             "checkpoint": resumed,
-            "restarts": preempt.restarts(),
+            "restarts": stop_signals.restarts(),
             "world_size": self.world,
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
@@ -314,14 +316,14 @@ class Trainer:
 
     def stop_for_preemption(self) -> dict[str, Any]:
         """Some rank was signalled: all ranks checkpoint, then requeue (or fail clearly)."""
-        step, sig = self.state.step, preempt.received_signal(self.flag)
-        late = preempt.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
+        step, sig = self.state.step, stop_signals.received_signal(self.flag)
+        late = stop_signals.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
         if late:  # this rank's own view: logged by rank 0 when it was signalled
             self.tracker.log("event", {**late, "step": step})
         tag = self.save_once()
         self.tracker.log("event", {"event": "preempted", "step": step, "tag": tag, "signal": sig})
         self.tracker.close()
-        target = preempt.after_checkpoint(
+        target = stop_signals.after_checkpoint(
             step, tag, str(self.run_dir), self.cfg.job.max_requeues, self.rank, sig
         )
         return {"status": "requeued", "step": step, "job": target}
@@ -339,7 +341,7 @@ class Trainer:
             "val_loss": final_val[0],
             "val_acc": final_val[1],
             "world_size": self.world,
-            "restarts": preempt.restarts(),
+            "restarts": stop_signals.restarts(),
             "step_time_mean_s": self.meter.mean_step_time(self.state.step),
         }
         if self.rank == 0:

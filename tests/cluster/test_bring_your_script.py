@@ -18,10 +18,9 @@ from conftest import REPO, one_line_error, run_cli
 from hpcdl import Job
 from hpcdl.cli import main
 from hpcdl.launch import discover
-from hpcdl.runner import TORCH_VARS, launcher_env, torchrun_argv
 from hpcdl.scheduler import LocalScheduler, SlurmScheduler, find_handle
-from hpcdl.scheduler.hostlist import expand_hostlist
 from hpcdl.site import load_site
+from hpcdl.task_runner import TORCH_VARS, launcher_env, torchrun_argv
 
 HELPERS = REPO / "tests" / "helpers"
 DDP = str(HELPERS / "ddp_env.py")
@@ -59,7 +58,7 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None
 
 # -- the variables ------------------------------------------------------------------------------
 def test_every_srun_task_gets_torchruns_variables():
-    seen = [launcher_env("srun", _slurm_task(p), expand_hostlist) for p in range(4)]
+    seen = [launcher_env("srun", _slurm_task(p)) for p in range(4)]
     assert [s["RANK"] for s in seen] == ["0", "1", "2", "3"]
     assert [s["LOCAL_RANK"] for s in seen] == ["0", "1", "0", "1"]
     assert [s["NODE_RANK"] for s in seen] == [s["GROUP_RANK"] for s in seen] == ["0", "0", "1", "1"]
@@ -77,7 +76,7 @@ def test_launch_discover_and_lightning_agree_with_the_exported_variables(monkeyp
     SLURM_PROCID/SLURM_LOCALID/SLURM_NODEID/SLURM_NTASKS and takes MASTER_ADDR/MASTER_PORT
     from the environment when set) see the same rank layout as the exported variables."""
     task = _slurm_task(procid)
-    exported = launcher_env("srun", task, expand_hostlist)
+    exported = launcher_env("srun", task)
     _clean_environ(monkeypatch, task)
     info = discover()
     assert (info.source, str(info.rank), str(info.world_size)) == (
@@ -104,17 +103,17 @@ def test_launch_discover_and_lightning_agree_with_the_exported_variables(monkeyp
 
 
 def test_single_task_jobs_are_untouched():
-    assert launcher_env("srun", _slurm_task(0, nodes=1, per_node=1), expand_hostlist) == {}
+    assert launcher_env("srun", _slurm_task(0, nodes=1, per_node=1)) == {}
     local = {"SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0",
              "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_JOB_ID": "77"}  # fmt: skip
-    assert launcher_env("srun", local, expand_hostlist) == {}
-    assert launcher_env("srun", {}, expand_hostlist) == {}  # not inside a scheduler's task
+    assert launcher_env("srun", local) == {}
+    assert launcher_env("srun", {}) == {}  # not inside a scheduler's task
 
 
 def test_torchrun_gets_its_rendezvous_and_node_zero_hosts_the_store():
     seen = [
         launcher_env("torchrun", _slurm_task(n, per_node=1, SLURM_ARRAY_JOB_ID="4240",
-                                             SLURM_ARRAY_TASK_ID="2"), expand_hostlist)
+                                             SLURM_ARRAY_TASK_ID="2"))
         for n in range(2)
     ]  # fmt: skip
     assert {s["PET_RDZV_ID"] for s in seen} == {"4240_2"}
@@ -129,11 +128,10 @@ def test_variables_set_in_env_win(tmp_path):
     out = tmp_path / "env.json"
     code = (
         "import json, os, sys\n"
-        "from hpcdl.runner import Task\n"
-        "from hpcdl.scheduler.hostlist import expand_hostlist\n"
+        "from hpcdl.task_runner import Task\n"
         "dump = 'import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], \"w\"))'\n"
         "Task(argv=[sys.executable, '-c', dump, sys.argv[1]], env={'MASTER_PORT': '12345'},\n"
-        "     launcher='srun', hostnames=expand_hostlist)()\n"
+        "     launcher='srun')()\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(_slurm_task(3), PYTHONPATH=str(REPO))

@@ -13,7 +13,8 @@ from conftest import REPO
 
 from hpcdl import Job
 from hpcdl.errors import HpcdlError
-from hpcdl.launch import discover, first_host, master_port, tasks_per_node
+from hpcdl.launch import discover, master_port, tasks_per_node
+from hpcdl.rendezvous import first_host
 
 ALLREDUCE = str(REPO / "tests/helpers/allreduce.py")
 

@@ -243,7 +243,7 @@ def _plant(b: AsUser, shared: Path, marker: Path) -> dict[str, str]:
         import json, os, pickle, sys, time
         from pathlib import Path
         from hpcdl.hpo import SweepSpec
-        from hpcdl.scheduler.base import JobHandle
+        from hpcdl.scheduler.interface import JobHandle
         shared, marker, mine = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 
         class Payload:  # touches the marker when loaded, then reads as a failed job's result

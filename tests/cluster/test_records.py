@@ -63,7 +63,7 @@ def _lifecycle(tmp: Path) -> Any:
 
 
 def _handle(i: int) -> Any:
-    from hpcdl.scheduler.base import JobHandle
+    from hpcdl.scheduler.interface import JobHandle
 
     return JobHandle(job_id=str(100 + i), site="local", scheduler="local", name=f"j{i}", folder=f"/x/{i}",
                      submitted_at=1000.0 + i)  # fmt: skip
@@ -341,7 +341,7 @@ def test_preemption_pickle_survives_a_full_disk(tmp_path):
     ``checkpoint_submission`` by ``submitit.core.job_environment._checkpoint`` here fails)."""
     from submitit.helpers import DelayedSubmission
 
-    from hpcdl.scheduler.preemption import checkpoint_submission, write_pickle
+    from hpcdl.scheduler.checkpointable import checkpoint_submission, write_pickle
 
     with small_disk(tmp_path / "disk", "256k") as disk:
         pkl = disk / "77_submitted.pkl"

@@ -20,7 +20,7 @@ import pytest
 from hpcdl.cli import main
 from hpcdl.data import ShardedDataset, ShardLoader, write_shards
 from hpcdl.data.reader import RECORD_ENV, SAMPLE_IDS
-from hpcdl.data.remainder import Layout, consumed_per_slot, remaining, resplit_batches
+from hpcdl.data.remainder import SampleLayout, consumed_per_slot, remaining, resplit_batches
 from hpcdl.data.sources import ArraySource, load_source
 from hpcdl.errors import HpcdlError
 from hpcdl.scheduler import FINISHED, JobHandle, find_handle, log_tail
@@ -69,7 +69,9 @@ def test_remainder_plan_property_many_seeds() -> None:
     for trial in range(60):
         sizes = np.array([rng.randint(1, 9) for _ in range(rng.randint(20, 80))])
         bs = rng.randint(1, 6)
-        lay = Layout(sizes, 9, bs, trial, rng.random() < 0.8, rng.randint(1, 4), rng.random() < 0.7)
+        lay = SampleLayout(
+            sizes, 9, bs, trial, rng.random() < 0.8, rng.randint(1, 4), rng.random() < 0.7
+        )
         w0, k0 = rng.randint(1, 5), rng.choice([0, 1, 2, 3])
         slots, _, used = lay.slot_span(w0, k0)
         if used < bs:

@@ -8,9 +8,9 @@ from conftest import devcluster_profile_with, one_line_error, run_cli, sacct_fin
 
 from hpcdl.cli import main
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.hostlist import expand_hostlist
 from hpcdl.job import Job
 from hpcdl.scheduler import log_tail
-from hpcdl.scheduler.hostlist import expand_hostlist
 from hpcdl.site import load_site
 from hpcdl.slurm_options import constraint_features, feature_problems
 

@@ -18,9 +18,9 @@ from conftest import REPO, release_requeued
 
 from hpcdl import Job
 from hpcdl.cli import main
-from hpcdl.runner import Task
 from hpcdl.site import load_site
 from hpcdl.snapshot import DEFAULT_EXCLUDE, Snapshot
+from hpcdl.task_runner import Task
 from tests.helpers.checkpointable import Counter, plain, where
 
 

@@ -38,8 +38,8 @@ from train_setup import (
     write_digits,
 )
 
+from hpcdl.hostlist import expand_hostlist
 from hpcdl.scheduler import FINISHED, JobHandle, find_handle, log_tail
-from hpcdl.scheduler.hostlist import expand_hostlist
 
 pytestmark = pytest.mark.slurm
 

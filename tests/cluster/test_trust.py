@@ -123,7 +123,7 @@ def test_status_never_unpickles_a_planted_result(job_root, tmp_path):
     assert proc.stdout.count("FAILED") >= len(cases)  # local: no outcome is a failure
 
     # The same check guards every caller (a sweep's submissions.jsonl feeds the same function).
-    from hpcdl.scheduler.core import folder_state
+    from hpcdl.scheduler.submission import folder_state
 
     for folder in cases:
         assert folder_state(folder, DEAD_PID) == "UNKNOWN"
@@ -147,7 +147,7 @@ def test_an_old_folder_of_this_user_still_reads_its_pickle(job_root, tmp_path):
     """A job folder from before the JSON record: private, this user's, in the job root."""
     import pickle
 
-    from hpcdl.scheduler.core import folder_state
+    from hpcdl.scheduler.submission import folder_state
 
     job_root.mkdir(mode=0o700)
     folder = job_root / "20260101-000000-old-abcdef"

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from hpcdl.config import format_minutes, parse_mem, parse_time
 from hpcdl.errors import HpcdlError
+from hpcdl.hostlist import expand_hostlist
 from hpcdl.launch import master_port, tasks_per_node
-from hpcdl.scheduler.hostlist import expand_hostlist
 from hpcdl.scheduler.states import STATES, expand_array_id, normalize_state
 
 # -- time limits ------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ from typing import Any
 
 from hpcdl import containers
 from hpcdl.errors import HpcdlError
-from hpcdl.runner import Task
 from hpcdl.scheduler.arrays import ArrayPart, PartPlan, plan_parts
-from hpcdl.scheduler.base import JobHandle, Request, Scheduler
+from hpcdl.scheduler.interface import JobHandle, Request, Scheduler
 from hpcdl.scheduler.registry import ensure_job_root, record, registry_roots
 from hpcdl.site import SiteProfile
+from hpcdl.task_runner import Task
 from hpcdl.util import atomic_write_json, get_logger, share_umask
 
 log = get_logger(__name__)

@@ -1,24 +1,28 @@
-"""What runs inside each task of a job: the pickled payload submitit executes, and the rendezvous
-rule that turns the scheduler's variables into torch.distributed's (the same rule
-``hpcdl.launch.discover`` uses, so a command job and ``init_distributed`` agree)."""
+"""What runs inside each task of a job: the pickled payload submitit executes. A command job's
+tasks get torch.distributed's variables by :mod:`hpcdl.rendezvous`, the rule
+``hpcdl.launch.discover`` uses too, so a command job and ``init_distributed`` agree."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from hpcdl.errors import HpcdlError
+from hpcdl.rendezvous import (
+    in_slurm_step,
+    local_layout,
+    slurm_layout,
+    torch_env,
+    torchrun_rendezvous,
+)
 from hpcdl.task_env import signal_of, time_limit_signal
 
 LAUNCHERS = ("srun", "torchrun")
@@ -41,154 +45,14 @@ class CommandFailed(RuntimeError):
     """The job's command exited with a non-zero status."""
 
 
-# Derived master ports: from PORT_LOW up to Linux's default ephemeral range (ip_local_port_range).
-PORT_LOW, EPHEMERAL_LOW = 20000, 32768
-
-
-def master_port(job_id: str, array_task_id: str | None = None, restart: str | None = None) -> int:
-    """A port in 20000–32767 derived from the job (and array task), so that two jobs or two array
-    tasks sharing a node do not collide; ``HPCDL_MASTER_PORT`` overrides it. Below Linux's
-    ephemeral range (32768–60999 by default), where the kernel picks the local port of every
-    outgoing connection: a derived port in it was once taken by one, and a requeued job's rank 0
-    failed with EADDRINUSE (it was 20000–59999). A requeued job
-    (``restart``: ``SLURM_RESTART_COUNT``) gets another port: Slurm may restart it on the same
-    nodes seconds after a node failure, while a process of the previous run still holds the old
-    port, and the new ranks would rendezvous with it."""
-    if os.environ.get("HPCDL_MASTER_PORT"):
-        return int(os.environ["HPCDL_MASTER_PORT"])
-    key = f"{job_id}:{array_task_id or ''}" + (
-        f":{restart}" if restart not in (None, "", "0") else ""
-    )
-    return PORT_LOW + zlib.crc32(key.encode()) % (EPHEMERAL_LOW - PORT_LOW)
-
-
-def tasks_per_node(spec: str) -> list[int]:
-    """Slurm's ``SLURM_STEP_TASKS_PER_NODE`` form ``2(x3),1`` → ``[2, 2, 2, 1]``."""
-    counts: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise HpcdlError(f"cannot parse Slurm tasks-per-node {spec!r}")
-        counts += [int(m[1])] * int(m[2] or 1)
-    return counts
-
-
-def resolve(host: str) -> str:
-    """A node name as an IPv4 address (what torch.distributed and DeepSpeed connect to)."""
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        raise HpcdlError(
-            f"cannot resolve node {host!r} to an address (check /etc/hosts or DNS)"
-        ) from None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One task's place in its job step, read from the scheduler's variables."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node_rank: int
-    num_nodes: int
-    master_host: str  # a node name, not yet resolved
-    master_port: int
-    job_id: str
-    source: str  # slurm | submitit-local
-
-
-def first_host(nodelist: str, hostnames: Callable[[str], list[str]]) -> str:
-    """The first node of a Slurm node list, expanded by ``hostnames``."""
-    try:
-        hosts = hostnames(nodelist)
-    except ValueError:
-        hosts = []
-    if not hosts:
-        raise HpcdlError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
-    return hosts[0]
-
-
-def slurm_layout(env: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> Layout:
-    """From the variables srun gives each task (step variables first, job variables else);
-    the master is the first host of the step's node list, the port :func:`master_port`."""
-    node_rank = int(env.get("SLURM_NODEID", "0"))
-    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env["SLURM_TASKS_PER_NODE"])
-    nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-    job_id = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
-    array_task = env.get("SLURM_ARRAY_TASK_ID")
-    return Layout(
-        rank=int(env["SLURM_PROCID"]),
-        world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
-        local_rank=int(env["SLURM_LOCALID"]),
-        local_world_size=per_node[min(node_rank, len(per_node) - 1)],
-        node_rank=node_rank,
-        num_nodes=len(per_node),
-        master_host=first_host(nodelist, hostnames),
-        master_port=master_port(job_id, array_task, env.get("SLURM_RESTART_COUNT")),
-        job_id=f"{job_id}_{array_task}" if array_task else job_id,
-        source="slurm",
-    )
-
-
-def local_layout(env: Mapping[str, str]) -> Layout:
-    """From submitit's local executor (all tasks on this machine)."""
-    n = int(env["SUBMITIT_LOCAL_NTASKS"])
-    job_id = env["SUBMITIT_LOCAL_JOB_ID"]
-    return Layout(
-        rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
-        world_size=n,
-        local_rank=int(env["SUBMITIT_LOCAL_LOCALID"]),
-        local_world_size=n,
-        node_rank=0,
-        num_nodes=1,
-        master_host="127.0.0.1",
-        master_port=master_port(job_id),
-        job_id=job_id,
-        source="submitit-local",
-    )
-
-
-def in_slurm_step(env: Mapping[str, str]) -> bool:
-    return all(k in env for k in ("SLURM_PROCID", "SLURM_STEP_ID", "SLURM_JOB_ID"))
-
-
-def torch_env(layout: Layout) -> dict[str, str]:
-    """The variables torchrun gives each worker, for a task started directly by srun."""
-    return {
-        "RANK": str(layout.rank),
-        "WORLD_SIZE": str(layout.world_size),
-        "LOCAL_RANK": str(layout.local_rank),
-        "LOCAL_WORLD_SIZE": str(layout.local_world_size),
-        "NODE_RANK": str(layout.node_rank),
-        "GROUP_RANK": str(layout.node_rank),
-        "GROUP_WORLD_SIZE": str(layout.num_nodes),
-        "MASTER_ADDR": resolve(layout.master_host),
-        "MASTER_PORT": str(layout.master_port),
-    }
-
-
-def torchrun_rendezvous(layout: Layout) -> dict[str, str]:
-    """torchrun's own defaults for ``--rdzv-endpoint/--rdzv-id/--rdzv-conf`` (``PET_*``): the
-    c10d store on the first node at :func:`master_port`, hosted by node 0's torchrun."""
-    return {
-        "PET_RDZV_ENDPOINT": f"{resolve(layout.master_host)}:{layout.master_port}",
-        "PET_RDZV_ID": layout.job_id,
-        "PET_RDZV_CONF": f"is_host={'true' if layout.node_rank == 0 else 'false'}",
-    }
-
-
-def launcher_env(
-    launcher: str, env: Mapping[str, str], hostnames: Callable[[str], list[str]] | None
-) -> dict[str, str]:
+def launcher_env(launcher: str, env: Mapping[str, str]) -> dict[str, str]:
     """What a command task gets on top of its environment: torch.distributed's variables for
     ``srun`` when the step has several tasks (nothing for one task), torchrun's rendezvous for
     ``torchrun``; nothing outside a scheduler's task."""
     if "SUBMITIT_LOCAL_GLOBALID" in env:
         layout = local_layout(env)
-    elif in_slurm_step(env) and hostnames is not None:
-        layout = slurm_layout(env, hostnames)
+    elif in_slurm_step(env):
+        layout = slurm_layout(env)
     else:
         return {}
     if launcher == "torchrun":
@@ -234,7 +98,7 @@ def _pmi_fds() -> tuple[int, ...]:
     return (int(fd),)
 
 
-# The seam to submitit (hpcdl.scheduler.preemption; the runner may not import it): called in the
+# The seam to submitit (hpcdl.scheduler.checkpointable; the runner may not import it): called in the
 # task before the callable starts, it returns this task's global rank and the function that saves
 # the job's checkpoint (its path), or None outside a submitit Slurm task.
 Bind = Callable[[], tuple[int, Callable[[], str]] | None]
@@ -321,7 +185,6 @@ class Task:
     cwd: str | None = None
     array_task_id: int | None = None
     launcher: str | None = None
-    hostnames: Callable[[str], list[str]] | None = None
     preempt: PreemptCheckpoint | None = None  # a Checkpointable callable in a REQUEUE partition
     # Records "success"/"error" for `hpcdl status` (the scheduler's record_outcome: JSON, so
     # status never loads submitit's result pickle).
@@ -372,7 +235,7 @@ class Task:
             return self.function(*self.args, **self.kwargs)
         assert self.argv is not None
         if self.launcher is not None:
-            extra = launcher_env(self.launcher, os.environ, self.hostnames)
+            extra = launcher_env(self.launcher, os.environ)
             os.environ.update({k: v for k, v in extra.items() if k not in self.env})
         sys.stdout.flush()
         try:

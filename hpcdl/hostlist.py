@@ -1,5 +1,6 @@
-"""Slurm hostlists (``node[01-03,7],gpu1``) expanded in pure Python, for where ``scontrol show
-hostnames`` is missing (inside containers) and for parsing ``scontrol show partition``."""
+"""Slurm hostlists (``node[01-03,7],gpu1``) expanded in pure Python: the node lists of a task's
+variables (``SLURM_STEP_NODELIST``, read inside every task, containers included, where
+``scontrol`` may be missing) and of ``scontrol show partition``."""
 
 from __future__ import annotations
 
