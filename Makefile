@@ -46,6 +46,7 @@ wheel-check: install  ## build sdist + wheel, install the wheel in a fresh venv 
 docs: install  ## the docs site (HTML in build/docs); --strict: any warning (a broken link, ...) fails
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/docs
 
+# Built by root (debootstrap), used by unprivileged users: the container tests run as hpcdl-alice.
 image:  ## the charliecloud image of the container tests (debootstrap; cached in /var/tmp/hpcdl-images)
 	HPCDL_VENV=$(abspath $(VENV)) env/container/build-image.sh
 
@@ -66,11 +67,12 @@ lint: install
 # phases run in this order and stop at the first failure, as the prerequisites they were did.
 TEST_PHASES := install cluster image lint lock-check docs wheel-check
 # Every job the cluster tests submit is submitted by an unprivileged user (hpcdl-alice, made by
-# devcluster.sh up), as on a real site: tests/run_as_user.sh runs them. Root runs the rest: the
-# tests that need no cluster, the container tests (root's image) and those marked `root` (the
-# cluster's own script, a second user, mounts).
-ROOT_TESTS := not slurm or container or root
-USER_TESTS := slurm and not container and not root
+# devcluster.sh up), as on a real site: tests/run_as_user.sh runs them, the container tests
+# included (root builds the image, `make image`; the user runs it). Root runs the rest: the
+# tests that need no cluster and those marked `root` (the cluster's own script, a second user,
+# mounts), which submit through the AsUser fixture.
+ROOT_TESTS := not slurm or root
+USER_TESTS := slurm and not root
 PHASE_TIMES ?= build/phase-times.txt
 
 test:  ## everything: install, start the cluster, all tests; then each phase's wall time
