@@ -1,7 +1,11 @@
 """The dev cluster seen from outside: what slurm/devcluster/devcluster.sh up promises.
 
 These tests assume the cluster is up (the session fixture ``devcluster`` in conftest.py runs
-``devcluster.sh up``) and only use the ordinary Slurm clients, as a user would.
+``devcluster.sh up``) and only use the ordinary Slurm clients. The module is marked ``root``:
+``devcluster.sh`` is an administrator's tool (``up``, ``status``) and the jobs go through
+``runuser``. Every job it submits to check the cluster is submitted by the unprivileged
+hpcdl-alice (the ``users`` fixture), as on a real site; root only reads (sinfo, scontrol show,
+sacct).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import AsUser
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "devcluster" / "devcluster.sh"
@@ -32,12 +37,31 @@ def run(*cmd: str, timeout: float = 30, check: bool = True, **kw) -> subprocess.
     return proc
 
 
-def sbatch_wait(tmp_path: Path, *args: str, timeout: float = 180) -> tuple[str, str]:
-    """Submit a batch job, wait for it to end, return (job id, its output)."""
-    out = tmp_path / "slurm-%j.out"
-    proc = run("sbatch", "--parsable", "--wait", f"--output={out}", *args, timeout=timeout)
+def as_user(user: AsUser, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """``cmd`` run by ``user`` (runuser); fails with its output unless it exits 0."""
+    proc = user.run(*cmd, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{user.user}: {' '.join(cmd)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+@pytest.fixture
+def alice(users: dict[str, AsUser]) -> AsUser:
+    """hpcdl-alice, who submits every job of this module (not root, as on a real site)."""
+    return users["a"]
+
+
+def sbatch_wait(user: AsUser, tag: str, *args: str, timeout: float = 180) -> tuple[str, str]:
+    """Submit a batch job as ``user``, wait for it to end (sbatch --wait, bounded by
+    ``timeout``), return (job id, its output). The output goes to the user's work folder."""
+    out = user.work / f"devcluster-{tag}-%j.out"
+    proc = as_user(user, "sbatch", "--parsable", "--wait", "-t", "5", f"--output={out}", *args,
+                   timeout=timeout)  # fmt: skip
     job_id = proc.stdout.strip().split(";")[0]
-    return job_id, (tmp_path / f"slurm-{job_id}.out").read_text()
+    return job_id, (user.work / f"devcluster-{tag}-{job_id}.out").read_text()
 
 
 def partitions() -> dict[str, dict[str, str]]:
@@ -112,15 +136,16 @@ def test_status_exits_zero_and_lists_daemons():
     assert "devcluster: up" in proc.stdout
 
 
-def test_batch_job_is_accounted_by_sacct(tmp_path: Path):
-    job_id, out = sbatch_wait(tmp_path, "--job-name=devcluster-sacct", "--wrap", "hostname")
+def test_batch_job_is_accounted_by_sacct(alice: AsUser):
+    job_id, out = sbatch_wait(alice, "sacct", "--job-name=devcluster-sacct", "--wrap", "hostname")
     assert out.strip(), "the job printed nothing"
     # slurmdbd may lag the job's end by a moment (meanwhile it can show a placeholder
     # record named "allocation").
-    expected = [[job_id, "devcluster-sacct", "COMPLETED", "0:0"]]
+    expected = [[job_id, "devcluster-sacct", alice.user, "COMPLETED", "0:0"]]
     deadline = time.monotonic() + 30
     while True:
-        acct = run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,JobName,State,ExitCode")
+        acct = run("sacct", "-n", "-X", "-P", "-j", job_id, "-o",
+                   "JobID,JobName,User,State,ExitCode")  # fmt: skip
         rows = [line.split("|") for line in acct.stdout.splitlines() if line]
         if rows == expected or time.monotonic() > deadline:
             break
@@ -128,9 +153,12 @@ def test_batch_job_is_accounted_by_sacct(tmp_path: Path):
     assert rows == expected, acct.stdout
 
 
-def test_two_nodes_two_tasks_each(tmp_path: Path):
-    proc = run(
+def test_two_nodes_two_tasks_each(alice: AsUser):
+    proc = as_user(
+        alice,
         "srun",
+        "-t",
+        "5",
         "-N2",
         "-n4",
         "--ntasks-per-node=2",
@@ -145,9 +173,10 @@ def test_two_nodes_two_tasks_each(tmp_path: Path):
     assert len(set(nodes)) == 2 and all(nodes.count(n) == 2 for n in nodes), pairs
 
 
-def test_gpu_partition_hands_out_two_fake_gpus(tmp_path: Path):
+def test_gpu_partition_hands_out_two_fake_gpus(alice: AsUser):
     _, out = sbatch_wait(
-        tmp_path,
+        alice,
+        "gpu",
         "-p",
         "gpu",
         "--gpus-per-node=2",
