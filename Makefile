@@ -70,7 +70,8 @@ TEST_PHASES := install cluster image lint lock-check docs wheel-check
 # devcluster.sh up), as on a real site: tests/run_as_user.sh runs them, the container tests
 # included (root builds the image, `make image`; the user runs it). Root runs the rest: the
 # tests that need no cluster and those marked `root` (the cluster's own script, a second user,
-# mounts), which submit through the AsUser fixture.
+# mounts), which submit through the AsUser fixture; tests/root_jobs.py then fails the run if
+# root submitted any job during that phase (phase root-jobs).
 ROOT_TESTS := not slurm or root
 USER_TESTS := slurm and not root
 PHASE_TIMES ?= build/phase-times.txt
@@ -82,8 +83,11 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 	  env/phase-time.sh $(PHASE_TIMES) $$phase $(MAKE) --no-print-directory $$phase || { status=$$?; break; }; \
 	done; \
 	if [ $$status = 0 ]; then \
+	  since=$$(date +%Y-%m-%dT%H:%M:%S); \
 	  echo "HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25 -m '$(ROOT_TESTS)'"; \
 	  HPCDL_CLUSTER_STARTED=1 env/phase-time.sh $(PHASE_TIMES) pytest-root $(BIN)/pytest -q --durations=25 -m '$(ROOT_TESTS)' || status=$$?; \
+	  echo "$(BIN)/python tests/root_jobs.py --since $$since"; \
+	  env/phase-time.sh $(PHASE_TIMES) root-jobs $(BIN)/python tests/root_jobs.py --since $$since || status=$$?; \
 	  echo "HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)'"; \
 	  HPCDL_VENV=$(abspath $(VENV)) env/phase-time.sh $(PHASE_TIMES) pytest-as-user tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)' || status=$$?; \
 	fi; \

@@ -5,7 +5,8 @@ These tests assume the cluster is up (the session fixture ``devcluster`` in conf
 ``devcluster.sh`` is an administrator's tool (``up``, ``status``) and the jobs go through
 ``runuser``. Every job it submits to check the cluster is submitted by the unprivileged
 hpcdl-alice (the ``users`` fixture), as on a real site; root only reads (sinfo, scontrol show,
-sacct).
+sacct). ``make test`` checks after its root phase that root submitted no job
+(``tests/root_jobs.py``), which the last test here proves on a real job.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -203,3 +206,26 @@ def test_up_refuses_to_overwrite_a_foreign_config(tmp_path: Path):
     assert proc.returncode != 0
     assert "not written by devcluster" in proc.stderr
     assert (conf / "slurm.conf").read_text() == "ClusterName=somebody-elses\n"
+
+
+def test_root_jobs_check_catches_a_job_root_submits(tmp_path: Path):
+    """``tests/root_jobs.py`` (run by ``make test`` after its root phase) lists a job root
+    submitted after ``--since`` and exits 1 with its id and name; a ``root-test-`` job (a root
+    test's own, like this one) is allowed, and so make test's own check passes. A real job,
+    held and cancelled: it never runs."""
+    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    name = f"root-test-guard-{os.getpid()}"
+    job_id = run("sbatch", "--parsable", "--hold", "-t", "1", f"--job-name={name}",
+                 f"--output={tmp_path}/%j.out", "--wrap", "true").stdout.strip()  # fmt: skip
+    check = [sys.executable, str(REPO / "tests/root_jobs.py"), "--since", since]
+    try:
+        allowed = run(*check, check=False)
+        strict = run(*check, "--allow-prefix", "", check=False)
+    finally:
+        run("scancel", job_id)
+    # (not "exits 0": on a shared machine another session's root job may be listed too)
+    assert name not in allowed.stdout + allowed.stderr, allowed.stderr
+    assert strict.returncode == 1 and not strict.stdout, strict.stdout + strict.stderr
+    lines = strict.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: root submitted "), strict.stderr
+    assert f"{job_id} {name} (PENDING)" in lines[0], lines[0]
