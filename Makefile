@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 # The lock: env/requirements-cpu.txt, made by uv from pyproject.toml (every extra) and
 # env/constraints-cpu.txt (torch's CPU build). `make lock` keeps the pins it can; to move them,
-# `make lock LOCK_ARGS=--upgrade` (or `--upgrade-package NAME`). tests/test_lock.py checks it.
+# `make lock LOCK_ARGS=--upgrade` (or `--upgrade-package NAME`). tests/cluster/test_lock.py checks it.
 LOCK_FLAGS := --all-extras --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--find-links /opt/wheels --emit-find-links -c env/constraints-cpu.txt \
 	--custom-compile-command "make lock"
@@ -38,7 +38,7 @@ lock:  ## regenerate env/requirements-cpu.txt from pyproject.toml (uv pip compil
 	$(BIN)/uv pip compile --quiet $(LOCK_IN) $(LOCK_FLAGS) $(LOCK_ARGS) -o $(LOCK_OUT)
 
 lock-check: install  ## the lock agrees with pyproject.toml (and uv would write the same pins)
-	$(BIN)/pytest -q -p no:cacheprovider tests/test_lock.py
+	$(BIN)/pytest -q -p no:cacheprovider tests/cluster/test_lock.py
 
 wheel-check: install  ## build sdist + wheel, install the wheel in a fresh venv elsewhere, run the main job
 	BIN=$(abspath $(BIN)) env/wheel-check.sh
@@ -66,15 +66,22 @@ lint: install
 # a phase fails (what ran; then make fails), so that a slow or flaky phase shows itself. The
 # phases run in this order and stop at the first failure, as the prerequisites they were did.
 TEST_PHASES := install cluster image lint lock-check docs wheel-check
-# Every job the cluster tests submit is submitted by an unprivileged user (hpcdl-alice, made by
+# The tests, in two folders: tests/unit starts no process and needs no cluster (tests/conftest.py
+# refuses a process there), seconds in all; tests/cluster holds the end-to-end tests. Every job
+# the cluster tests submit is submitted by an unprivileged user (hpcdl-alice, made by
 # devcluster.sh up), as on a real site: tests/run_as_user.sh runs them, the container tests
-# included (root builds the image, `make image`; the user runs it). Root runs the rest: the
-# tests that need no cluster and those marked `root` (the cluster's own script, a second user,
-# mounts), which submit through the AsUser fixture; tests/root_jobs.py then fails the run if
-# root submitted any job during that phase (phase root-jobs).
-ROOT_TESTS := not slurm or root
+# included (root builds the image, `make image`; the user runs it). The end-to-end tests
+# that need no cluster (the local back end) run beside them, as root, their output kept in
+# LOCAL_LOG and printed after (they keep the CPUs busy while the cluster tests mostly wait for
+# Slurm). Root runs last those marked `root` (the cluster's own script, a second user, mounts),
+# which submit through the AsUser fixture. Then tests/root_jobs.py fails the run if root
+# submitted any cluster job since the first root phase (phase root-jobs).
+LOCAL_TESTS := not slurm
 USER_TESTS := slurm and not root
+ROOT_TESTS := slurm and root
 PHASE_TIMES ?= build/phase-times.txt
+LOCAL_LOG ?= build/pytest-local.log
+PYTEST_ROOT := HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -p no:cacheprovider
 
 test:  ## everything: install, start the cluster, all tests; then each phase's wall time
 	@mkdir -p $(dir $(PHASE_TIMES)) && : > $(PHASE_TIMES)
@@ -84,12 +91,18 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 	done; \
 	if [ $$status = 0 ]; then \
 	  since=$$(date +%Y-%m-%dT%H:%M:%S); \
-	  echo "HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q --durations=25 -m '$(ROOT_TESTS)'"; \
-	  HPCDL_CLUSTER_STARTED=1 env/phase-time.sh $(PHASE_TIMES) pytest-root $(BIN)/pytest -q --durations=25 -m '$(ROOT_TESTS)' || status=$$?; \
+	  echo "$(PYTEST_ROOT) tests/unit"; \
+	  env/phase-time.sh $(PHASE_TIMES) pytest-unit $(PYTEST_ROOT) tests/unit || status=$$?; \
+	  echo "$(PYTEST_ROOT) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster > $(LOCAL_LOG)  (beside the next)"; \
+	  ( env/phase-time.sh $(PHASE_TIMES) pytest-local $(PYTEST_ROOT) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster > $(LOCAL_LOG) 2>&1 ) & local=$$!; \
+	  echo "HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)' tests/cluster"; \
+	  HPCDL_VENV=$(abspath $(VENV)) env/phase-time.sh $(PHASE_TIMES) pytest-as-user tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)' tests/cluster || status=$$?; \
+	  wait $$local || status=$$?; \
+	  echo "--- $(LOCAL_LOG) (the local end-to-end tests, run beside the cluster tests):"; cat $(LOCAL_LOG); \
+	  echo "$(PYTEST_ROOT) --durations=10 -m '$(ROOT_TESTS)' tests/cluster"; \
+	  env/phase-time.sh $(PHASE_TIMES) pytest-root $(PYTEST_ROOT) --durations=10 -m '$(ROOT_TESTS)' tests/cluster || status=$$?; \
 	  echo "$(BIN)/python tests/root_jobs.py --since $$since"; \
 	  env/phase-time.sh $(PHASE_TIMES) root-jobs $(BIN)/python tests/root_jobs.py --since $$since || status=$$?; \
-	  echo "HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)'"; \
-	  HPCDL_VENV=$(abspath $(VENV)) env/phase-time.sh $(PHASE_TIMES) pytest-as-user tests/run_as_user.sh -q --durations=25 -m '$(USER_TESTS)' || status=$$?; \
 	fi; \
 	env/phase-time.sh --table $(PHASE_TIMES); \
 	exit $$status
@@ -97,8 +110,11 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 test-quick: install  ## the tests that need no cluster (nor the container image)
 	$(BIN)/pytest -q -m "not slurm"
 
+test-unit: install  ## tests/unit alone: no process, no cluster, seconds
+	$(BIN)/pytest -q tests/unit
+
 test-scale: install cluster  ## the 2,500-task array over MaxArraySize=1001 (~30 min on 2 cores; not in make test)
-	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -s -m scale --durations=5 --basetemp=/tmp/hpcdl-test-scale tests/test_array_limits.py
+	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -s -m scale --durations=5 --basetemp=/tmp/hpcdl-test-scale tests/cluster/test_split_arrays.py
 
 demo: install  ## the main job: digits shards, a 16-trial TPE+ASHA sweep and the final test score (local profile)
 	test -f data/digits/test/manifest.json || $(BIN)/hpcdl data shard digits data/digits --chunk-size 4KiB

@@ -337,3 +337,60 @@ def load_site(name_or_path: str | Path | None = None) -> SiteProfile:
             str(path), "name", f"{profile.name!r} must match the file name {path.stem!r}"
         )
     return profile
+
+
+def name_mismatch(path: Path) -> str | None:
+    """The ``name:`` of the profile file at ``path`` when it differs from the file name (None
+    when they agree or the file does not read: loading it says why)."""
+    try:
+        name = read_yaml(path).get("name")
+    except ConfigError:
+        return None
+    return str(name) if name is not None and str(name) != path.stem else None
+
+
+def default_fit_problems(profile: SiteProfile) -> list[tuple[str, str]]:
+    """(field, problem) for each partition policy default that does not fit its partition's
+    limits: every job given it there would be refused by sbatch, or could use only part of a
+    node. Only options a policy may default are here (time, mem and cpus-per-task are hpcdl's
+    own, refused in a policy when the profile loads)."""
+    out = []
+    for i, p in enumerate(profile.partitions):
+        for key, value in p.policy.defaults.items():
+            try:
+                problem = _default_fit(p, key, value)
+            except ValueError:  # a value hpcdl cannot read: sbatch judges it
+                problem = None
+            if problem:
+                out.append((f"partitions.{i}.policy.defaults.{key}", problem))
+    return out
+
+
+def _default_fit(p: Partition, key: str, value: object) -> str | None:
+    where = f"partition {p.name!r}"
+    refused = "every job given this default there is refused by sbatch"
+    if key == "time-min" and (parse_time(str(value)) or 0) > (p.max_minutes or float("inf")):
+        return f"--time-min={value} exceeds {where} max_time {p.max_time}: {refused}"
+    per_node = {"mem-per-cpu": ("CPUs", p.cpus_per_node), "mem-per-gpu": ("GPUs", p.gpus_per_node)}
+    if key in per_node and p.mem_mib is not None and per_node[key][1]:
+        unit, count = per_node[key]
+        mib = parse_mem(str(value))
+        if mib > p.mem_mib:
+            return f"--{key}={value} exceeds {where} mem_per_node {p.mem_per_node}: {refused}"
+        if mib * count > p.mem_mib:
+            return (f"--{key}={value} x {count} {unit} per node exceeds {where} mem_per_node "
+                    f"{p.mem_per_node}: a job given this default can use at most "
+                    f"{p.mem_mib // mib} of the {count} {unit} per node there")  # fmt: skip
+    if key in {"cpus-per-gpu", "mincpus"} and int(str(value)) > p.cpus_per_node:
+        return f"--{key}={value} exceeds {where} cpus_per_node {p.cpus_per_node}: {refused}"
+    if (
+        key == "cpus-per-gpu"
+        and p.gpus_per_node
+        and int(str(value)) * p.gpus_per_node > p.cpus_per_node
+    ):
+        return (f"--cpus-per-gpu={value} x {p.gpus_per_node} GPUs per node exceeds {where} "
+                f"cpus_per_node {p.cpus_per_node}: a job given this default can use at most "
+                f"{p.cpus_per_node // int(str(value))} of the {p.gpus_per_node} GPUs per node there")  # fmt: skip
+    if key == "gpus-per-task" and int(str(value).split(":")[-1]) > p.gpus_per_node:
+        return f"--gpus-per-task={value} exceeds {where} gpus_per_node {p.gpus_per_node}: {refused}"
+    return None

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 HPCDL = str(Path(sys.executable).parent / "hpcdl")
@@ -39,6 +40,24 @@ def job_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     )
     return root
+
+
+UNIT_TESTS = REPO / "tests/unit"
+
+
+def _refuse_process(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("a unit test starts no process (move it to tests/cluster)")
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """tests/unit runs in milliseconds and anywhere: any attempt to start a process fails."""
+    path = Path(str(request.node.path))
+    if UNIT_TESTS in path.parents or os.environ.get("HPCDL_TEST_REFUSE_PROCESSES"):
+        monkeypatch.setattr(subprocess.Popen, "__init__", _refuse_process)
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve"):
+            monkeypatch.setattr(os, name, _refuse_process)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -303,3 +322,58 @@ def users(devcluster: str) -> Iterator[dict[str, AsUser]]:
         check_usable_by(user)
     yield made
     shutil.rmtree(base, ignore_errors=True)
+
+
+# -- fixtures shared by a unit test file and its cluster counterpart -----------------------------
+SPLIT_SITE = "devcluster-tiny-arrays"  # the dev cluster's profile with max_array_size 4
+
+
+@pytest.fixture
+def split_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The dev cluster's profile with max_array_size 4, found first on the site search path."""
+    site_dir = tmp_path / "sites"
+    site_dir.mkdir()
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
+    data.update(name=SPLIT_SITE, max_array_size=4)
+    (site_dir / f"{SPLIT_SITE}.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("HPCDL_SITE_PATH", f"{site_dir}:{REPO / 'hpcdl/sites'}")
+    return SPLIT_SITE
+
+
+@pytest.fixture
+def no_port_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HPCDL_MASTER_PORT", raising=False)
+
+
+def devcluster_profile_with(tmp_path: Path, **policies: dict) -> Path:
+    """The dev cluster's profile with ``policy`` (and ``features``) set on some partitions."""
+    data = yaml.safe_load((REPO / "hpcdl/sites/devcluster.yaml").read_text())
+    for part in data["partitions"]:
+        part.update(policies.get(part["name"], {}))
+    path = tmp_path / "devcluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# A small valid site profile (as data) that tests change one field at a time.
+GOOD_SITE = {
+    "name": "t",
+    "scheduler": "slurm",
+    "partitions": [
+        {"name": "cpu", "default": True, "max_time": "02:00:00", "max_nodes": 4, "cpus_per_node": 4,
+         "mem_per_node": "4000M"},
+        {"name": "gpu", "max_time": "01:00:00", "max_nodes": 2, "cpus_per_node": 4,
+         "gpus_per_node": 2},
+    ],
+}  # fmt: skip
+
+
+def site_data(**changes: object) -> dict:
+    """GOOD_SITE with changes (``p0_FIELD``: a field of the first partition)."""
+    data = yaml.safe_load(yaml.safe_dump(GOOD_SITE))
+    for key, value in changes.items():
+        if key.startswith("p0_"):
+            data["partitions"][0][key[3:]] = value
+        else:
+            data[key] = value
+    return data

@@ -12,7 +12,7 @@
 #   HPCDL_TEST_USER the user (default: hpcdl-alice)
 #   KEEP_BASETEMP=1 keep the base temp folder (printed) after the run
 #
-#   tests/run_as_user.sh -q tests/test_slurm_jobs.py
+#   tests/run_as_user.sh -q tests/cluster/test_slurm_jobs.py
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -40,7 +40,7 @@ SBATCH_OPTIONS = [
 
 _RESOURCE_OPTIONS = [
     # Short flags mean what they mean to sbatch (-n total tasks, -G total GPUs); sbatch's -s
-    # (--oversubscribe) and -e (--error) are not hpcdl's --site and --env (tests/test_first_hour.py)
+    # (--oversubscribe) and -e (--error) are not hpcdl's --site and --env (tests/cluster/test_first_hour.py)
     click.option("--site", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."),
     click.option("--name", "--job-name", "-J", "name", help="Job name."),
     click.option("--partition", "-p"),

@@ -24,7 +24,7 @@ def list_sites() -> None:
     (~/.config/hpcdl/sites), the system's (/etc/hpcdl/sites, /etc/xdg/hpcdl/sites), then the
     package's (the built-in 'local' profile and examples). Never ./site: a profile there is
     used only when named (--site ./site/NAME.yaml, or the folder in $HPCDL_SITE_PATH)."""
-    from hpcdl.site import default_site_name, site_origins, site_search_path
+    from hpcdl.site import default_site_name, name_mismatch, site_origins, site_search_path
 
     origins = site_origins()
     width = max((len(name) for name in origins), default=0) + len(" (default)")
@@ -32,6 +32,14 @@ def list_sites() -> None:
         mark = " (default)" if name == default_site_name() else ""
         click.echo(f"{name + mark:<{width}}  {origin:<15}  {path}")
     click.echo("searched: " + ", ".join(str(d) for d, _ in site_search_path()), err=True)
+    for stem, (path, _) in sorted(origins.items()):
+        inner = name_mismatch(path)
+        if inner is not None:  # --site picks files by name: this one is picked and refused
+            other = origins.get(inner)
+            then = f"picks {other[0]}" if other else "finds no profile"
+            click.echo(f"hpcdl: warning: {path}: name: {inner!r} differs from the file name "
+                       f"{stem!r}: '--site {stem}' picks this file and refuses it, "
+                       f"'--site {inner}' {then}; rename one", err=True)  # fmt: skip
 
 
 def _complete_site(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
@@ -113,7 +121,7 @@ def _partition_rules(profile: Any) -> list[str]:
 def check(name: str) -> None:
     """Compare a profile with the live cluster; exit 1 and list each disagreement."""
     from hpcdl.scheduler import check_site, get_scheduler
-    from hpcdl.site import load_site
+    from hpcdl.site import default_fit_problems, load_site, site_origins
 
     profile = load_site(name)
     path = Path(name)
@@ -122,6 +130,9 @@ def check(name: str) -> None:
         click.echo(f"hpcdl: warning: {name}: name: {profile.name!r} differs from the file name "
                    f"{path.stem!r}: rename one (installed on the search path it would be "
                    "refused)", err=True)  # fmt: skip
+    file = path if name.endswith((".yaml", ".yml")) or "/" in name else site_origins()[name][0]
+    for field, problem in default_fit_problems(profile):  # the profile alone: no cluster needed
+        click.echo(f"hpcdl: warning: {file}: {field}: {problem}", err=True)
     if not get_scheduler(profile).queued:  # no batch system behind the profile
         click.echo(f"{profile.name}: local profile, nothing to compare")
         return

@@ -4,6 +4,8 @@ script). submitit is pinned in pyproject.toml because this layout is not public 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -12,6 +14,7 @@ import secrets
 import shlex
 import shutil
 import stat
+import sys
 import time
 from abc import abstractmethod
 from dataclasses import replace
@@ -54,22 +57,28 @@ class SubmititScheduler(Scheduler):
         plans = self.plan(request)
         parts: list[ArrayPart] = []
         first: list[Any] = []  # the first part's submitit jobs (the handle's id)
+        # submitit prints sbatch's error to stderr before it raises it: the error below says it
+        # once; anything printed by a submission that succeeded is passed on after it
+        printed = io.StringIO()
         try:
-            if not plans:
-                first = [executor.submit(_recorded(request.task(site)))]
-            for plan in plans:  # one batch (one Slurm array) per part; tasks keep global indices
-                if len(plans) > 1:
-                    self._configure_part(executor, request, plan, parts)
-                with executor.batch():
-                    jobs = [executor.submit(_recorded(request.task(site, plan.offset + j))) for j in range(plan.count)]  # fmt: skip
-                first = first or jobs
-                part = ArrayPart(job_id=self._job_id(jobs), offset=plan.offset, count=plan.count,
-                                 lane=plan.lane, throttle=plan.throttle)  # fmt: skip
-                parts.append(part)
+            with contextlib.redirect_stderr(printed):
+                if not plans:
+                    first = [executor.submit(_recorded(request.task(site)))]
+                # one batch (one Slurm array) per part; tasks keep global indices
+                for plan in plans:
+                    if len(plans) > 1:
+                        self._configure_part(executor, request, plan, parts)
+                    with executor.batch():
+                        jobs = [executor.submit(_recorded(request.task(site, plan.offset + j))) for j in range(plan.count)]  # fmt: skip
+                    first = first or jobs
+                    part = ArrayPart(job_id=self._job_id(jobs), offset=plan.offset, count=plan.count,
+                                     lane=plan.lane, throttle=plan.throttle)  # fmt: skip
+                    parts.append(part)
         except Exception as exc:  # submitit raises bare exceptions carrying sbatch's message
             self._abort([p.job_id for p in parts])  # no half-submitted job stays queued
             shutil.rmtree(folder, ignore_errors=True)
             raise HpcdlError(f"submission failed: {first_error_line(exc)}") from None
+        sys.stderr.write(printed.getvalue())
         job_id = self._job_id(first)
         first_script = folder / f"{job_id}_submission.sh"  # a split array's: its first part's
         script = (

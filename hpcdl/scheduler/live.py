@@ -29,6 +29,7 @@ class LivePartition(BaseModel):
     preempt_mode: str = "OFF"
     grace_time_s: int = 0
     features: list[str] = []  # every feature some node of the partition offers (sinfo %f)
+    node_features: list[list[str]] = []  # each node's features (a default constraint's nodes)
 
 
 def check_site(
@@ -92,7 +93,7 @@ def check_site(
             for field, here, there, agree in comparisons
             if not agree
         ]
-        problems += feature_problems(p, lp.features)  # node features, the policy's constraint
+        problems += feature_problems(p, lp.features, lp.node_features)  # the policy's constraint
     for name in live:
         if name not in {p.name for p in profile.partitions}:
             problems.append(f"partition {name}: on the cluster but not in the profile")
@@ -174,6 +175,7 @@ def parse_partitions(sinfo_nodes: str, scontrol_partitions: str) -> dict[str, Li
             gpus_per_node=min((gpu_count(nodes[n][2]) for n in members), default=0),
             state=kv.get("State", "UP"),
             features=sorted(set().union(*(features[n] for n in members))),
+            node_features=[sorted(features[n]) for n in members],
             preempt_mode=kv.get("PreemptMode", "OFF").split(",")[0],  # e.g. REQUEUE or GANG,SUSPEND
             grace_time_s=int(kv.get("GraceTime", "0")),
         )

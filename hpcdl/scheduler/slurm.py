@@ -245,10 +245,26 @@ def _executor_class() -> type:
     global _EXECUTOR
     if _EXECUTOR is None:
         import submitit
+        import submitit.slurm.slurm as submitit_slurm
 
         class _Executor(submitit.SlurmExecutor):  # type: ignore[misc]
             def _make_submission_file_text(self, command: str, uid: str) -> str:
                 return sbatch_quoting(super()._make_submission_file_text(command, uid))
+
+            def _internal_process_submissions(self, delayed_submissions: list[Any]) -> Any:
+                # submitit submits an array through a plain ``SlurmExecutor(folder,
+                # max_num_timeout)`` it makes itself: without this, an array lost the quoting
+                # above (a backslash reached Slurm as nothing) and the interpreter line (a
+                # container's). Submissions run in one thread, so the swap is seen by no other.
+                def same_executor(folder: Any, max_num_timeout: int) -> Any:
+                    return _Executor(folder, max_num_timeout=max_num_timeout, python=self.python)
+
+                plain = submitit_slurm.SlurmExecutor
+                setattr(submitit_slurm, "SlurmExecutor", same_executor)  # noqa: B010
+                try:
+                    return super()._internal_process_submissions(delayed_submissions)
+                finally:
+                    setattr(submitit_slurm, "SlurmExecutor", plain)  # noqa: B010
 
         _EXECUTOR = _Executor
     return _EXECUTOR

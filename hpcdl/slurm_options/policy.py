@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -120,9 +121,12 @@ def check_job_options(job: Any, partition: Any, where: str) -> dict[str, OptionV
     return merged
 
 
-def feature_problems(partition: Any, live_features: list[str]) -> list[str]:
+def feature_problems(
+    partition: Any, live_features: list[str], node_features: list[list[str]] | None = None
+) -> list[str]:
     """What ``hpcdl site check`` says about a profile partition's node features and its policy's
-    default constraint, given the features the live cluster's nodes offer."""
+    default constraint, given the features the live cluster's nodes offer (all together, and
+    ``node_features``: each node's)."""
     live = set(live_features)
     problems = []
     if partition.features is not None and set(partition.features) != live:
@@ -138,4 +142,56 @@ def feature_problems(partition: Any, live_features: list[str]) -> list[str]:
             f"partition {partition.name}: policy.defaults constraint {expr!r} needs feature "
             f"{missing[0]!r}, which no node offers (nodes offer: {', '.join(sorted(live)) or 'none'})"
         )
+    elif expr and node_features:  # jobs given the default may use only the nodes that meet it
+        met = [satisfies(str(expr), set(f)) for f in node_features]
+        count, limit = met.count(True), partition.max_nodes or len(node_features)
+        if None not in met and count < limit:
+            problems.append(
+                f"partition {partition.name}: policy.defaults constraint {expr!r} is met by "
+                f"{count} of its {len(node_features)} nodes, fewer than max_nodes {limit}: a "
+                f"job given this default can have at most {count} nodes"
+            )
     return problems
+
+
+def satisfies(expr: str, features: set[str]) -> bool | None:
+    """Whether a node with ``features`` meets constraint ``expr`` (names joined by ``&``, ``|``
+    and parentheses); None for what this does not read (counts ``*N``, matching OR ``[...]``,
+    ``!``, ``,``): whether a set of nodes meets those is sbatch's to say."""
+    tokens = re.findall(r"[A-Za-z0-9_.:-]+|[&|()]|\S", expr)
+    pos = 0
+
+    def term() -> bool:  # NAME or ( expr )
+        nonlocal pos
+        tok, pos = tokens[pos], pos + 1
+        if tok == "(":
+            value = any_of()
+            if tokens[pos] != ")":
+                raise ValueError(expr)
+            pos += 1
+            return value
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", tok):
+            raise ValueError(expr)
+        return tok in features
+
+    def all_of() -> bool:
+        nonlocal pos
+        values = [term()]
+        while pos < len(tokens) and tokens[pos] == "&":
+            pos += 1
+            values.append(term())
+        return all(values)
+
+    def any_of() -> bool:
+        nonlocal pos
+        values = [all_of()]
+        while pos < len(tokens) and tokens[pos] == "|":
+            pos += 1
+            values.append(all_of())
+        return any(values)
+
+    try:
+        value = any_of()
+    except (ValueError, IndexError):
+        return None
+    return value if pos == len(tokens) else None

@@ -215,7 +215,7 @@ class Driver:
 
     def release_requeued(self) -> None:
         """Start the sweep's requeued tasks now: Slurm holds a requeued job ~2 minutes
-        (``BeginTime``), which would only make a chaos run slow (tests/test_train_slurm.py's
+        (``BeginTime``), which would only make a chaos run slow (tests/cluster/test_train_slurm.py's
         fleet does the same). Logged as ``release``; not a fault."""
         if not self.release:
             return

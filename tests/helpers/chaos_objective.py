@@ -1,4 +1,4 @@
-"""A small, fast objective for chaos runs (``slurm/devcluster/chaos.py``, tests/test_chaos.py).
+"""A small, fast objective for chaos runs (``slurm/devcluster/chaos.py``, tests/cluster/test_chaos.py).
 
 ``params["x"]`` in [0, 1]; ``HPCDL_CHAOS_EPOCHS`` epochs (default 4) of ``HPCDL_CHAOS_EPOCH_S``
 seconds (default 0.75) each, reported to the pruner; the value peaks at x = 0.3. Every rank of a

@@ -82,3 +82,39 @@ def same_weights(a: Path, b: Path) -> bool:
 
     wa, wb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -- a run folder trained in this process (the Trainer alone, no job) -----------------------------
+class Flag:
+    """A preemption flag raised (as if this rank were signalled) once ``trainer`` is at ``at``."""
+
+    def __init__(self, at: int | None = None):
+        self.at, self.trainer = at, None
+
+    @property
+    def requested(self) -> bool:
+        return (
+            self.at is not None and self.trainer is not None and self.trainer.state.step >= self.at
+        )
+
+
+def make_run(tmp: Path, synth: Path, name: str, **changes: Any) -> Path:
+    """A run folder as ``hpcdl train`` leaves it for its ranks: the resolved config inside."""
+    base = dict(epochs=2, batch__size=32, log__every_steps=4, log__wandb=False,
+                checkpoint__every_steps=10)  # fmt: skip
+    from hpcdl.train.config import dump_config, load_train_config, with_absolute_data
+
+    config = write_config(tmp / f"{name}.yaml", synth, tmp / "runs", **{**base, **changes})
+    run_dir = tmp / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(with_absolute_data(load_train_config(config))))
+    return run_dir
+
+
+def train_run(run_dir: Path, flag: Flag | None = None, on_epoch: Any = None) -> dict[str, Any]:
+    from hpcdl.train.trainer import Trainer
+
+    flag = flag or Flag()
+    trainer = Trainer(run_dir, flag, on_epoch)
+    flag.trainer = trainer
+    return trainer.run()

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -309,6 +310,51 @@ def test_accepted_values_reach_slurm_verbatim(devcluster, site: Any) -> None:
         if accepted:
             ids = [job_id for job_id, _, _ in accepted]
             subprocess.run(["scancel", *ids], timeout=60, check=False)
+
+
+@pytest.mark.slurm
+def test_an_array_reaches_slurm_as_a_single_job_does(devcluster, site: Any) -> None:
+    """submitit submits an array through a plain executor of its own: the array must keep
+    hpcdl's quoting of directives (a backslash reached Slurm as nothing) and the interpreter
+    line the job chose (a container's, for a callable)."""
+    value = "a\\b \\' c\\"
+    ids = []
+    try:
+        for array in (None, 2):
+            job = Job(command=["true"], comment=value, array=array, sbatch={"hold": True})
+            handle = job.submit(site)
+            ids.append(handle.job_id)
+            script = Path(handle.script or "").read_text()
+            assert directives(script)["comment"] == value, script
+        out = subprocess.run(["squeue", "--json", "-j", ",".join(ids)], capture_output=True,
+                             timeout=60, check=True).stdout  # fmt: skip
+        jobs = json.loads(out.decode("utf-8"))["jobs"]  # squeue --json may list other jobs too
+        ours = [j for j in jobs if {str(j["job_id"]), str(j.get("array_job_id"))} & set(ids)]
+        assert len(ours) >= 2 and {j["comment"] for j in ours} == {value}, ours
+    finally:
+        subprocess.run(["scancel", *ids], timeout=60, check=False)
+
+
+def test_an_array_keeps_the_interpreter_its_job_chose(tmp_path, monkeypatch) -> None:
+    """The executor submitit makes for an array is hpcdl's, with the same interpreter line."""
+    from hpcdl.scheduler.slurm import _executor_class
+
+    executor_class = _executor_class()
+    ex = executor_class(folder=tmp_path, python="/opt/inside/python")
+    made = []
+
+    def record(self: Any, command: str) -> Any:
+        made.append((type(self), self.python, self._make_submission_file_text(command, "x")))
+        raise RuntimeError("stop before sbatch")
+
+    monkeypatch.setattr(executor_class, "_submit_command", record)
+    ex.update_parameters(time=5, comment="a\\b")
+    with pytest.raises(RuntimeError, match="stop before sbatch"), ex.batch():
+        for _ in range(2):
+            ex.submit(print, "x")
+    (kind, python, text) = made[0]
+    assert kind is executor_class and python == "/opt/inside/python"
+    assert "--comment='a\\\\b'" in text, text  # doubled for sbatch's reader
 
 
 def test_injection_from_the_issue_is_refused() -> None:

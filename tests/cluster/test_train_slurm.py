@@ -27,7 +27,7 @@ import pytest
 import yaml
 from conftest import HPCDL, OPERATOR_SCONTROL, REPO, release_requeued, run_cli
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 from train_setup import (
     env_with_helpers,
     history,

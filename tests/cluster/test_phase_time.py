@@ -6,6 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 SCRIPT = str(REPO / "env/phase-time.sh")
@@ -56,3 +57,19 @@ def test_make_test_prints_what_ran_when_a_phase_fails(tmp_path: Path):
     rows = [line.split()[0] for line in proc.stdout.split("phase ")[-1].splitlines()[1:]]
     assert rows == ["good", "bad", "total"], proc.stdout
     assert "FAILED (exit 2)" in proc.stdout  # make's status for the failed recipe
+
+
+def test_the_total_is_the_wall_time_when_phases_overlap(tmp_path: Path):
+    """make test runs the local end-to-end tests beside the cluster tests: the total is the
+    time from the first start to the last end, not the sum."""
+    times = tmp_path / "times.txt"
+    a = subprocess.Popen([SCRIPT, str(times), "a", "sleep", "1"])
+    b = subprocess.Popen([SCRIPT, str(times), "b", "sleep", "1"])
+    assert a.wait(timeout=60) == 0 and b.wait(timeout=60) == 0
+    rows = {line.split()[0]: line.split() for line in times.read_text().splitlines()}
+    start = min(float(rows[n][3]) for n in "ab")
+    end = max(float(rows[n][4]) for n in "ab")
+    table = _run("--table", str(times)).stdout.strip().splitlines()
+    total = table[-1].split()
+    assert total[0] == "total" and float(total[1]) == pytest.approx(end - start, abs=0.11)
+    assert float(total[1]) < float(rows["a"][1]) + float(rows["b"][1])  # not the sum

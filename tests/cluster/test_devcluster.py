@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import AsUser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "devcluster" / "devcluster.sh"
 NODES = ["node1", "node2", "node3", "node4"]
 

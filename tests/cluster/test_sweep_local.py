@@ -8,7 +8,7 @@ import pytest
 
 from hpcdl.hpo import Sweep, SweepSpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def spec(**changes) -> SweepSpec:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, REPORT, WEIRD, one_line_error
-from test_bad_inputs import _site
+from conftest import REPO, REPORT, WEIRD, one_line_error, site_data
 
 from hpcdl import Job, load_site
 from hpcdl.cli import main
@@ -144,7 +143,7 @@ BAD = [
 @pytest.mark.parametrize("label,container,expected", BAD, ids=[b[0] for b in BAD])
 def test_bad_container_section(tmp_path, capsys, label, container, expected):
     path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump(_site(container=container)))
+    path.write_text(yaml.safe_dump(site_data(container=container)))
     line = one_line_error(capsys, main(["site", "show", str(path)]))
     assert str(path) in line and expected in line, line
 

@@ -169,7 +169,7 @@ def test_persistent_workers_follow_set_epoch(ds_path: Path) -> None:
 
 def test_state_mismatch_is_a_clear_error(ds_path: Path) -> None:
     state = ShardedDataset(ds_path, 12, world_size=2, num_workers=2).state_dict(5)
-    # world_size / num_workers may change (tests/test_resize.py); the batch order's other inputs
+    # world_size / num_workers may change (tests/cluster/test_resize.py); the batch order's other inputs
     with pytest.raises(HpcdlError, match="batch_size was 12, now 10; seed was 0, now 1"):
         ShardedDataset(ds_path, 10, seed=1).load_state_dict(state)
     with pytest.raises(HpcdlError, match="outside"):

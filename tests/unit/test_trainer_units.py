@@ -22,18 +22,16 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from train_setup import history, rows, same_weights, write_config
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
+from train_setup import Flag, history, make_run, rows, same_weights, train_run
 
 from hpcdl.errors import HpcdlError
 from hpcdl.train import preempt
 from hpcdl.train.config import (
     TrainConfig,
     dump_config,
-    load_train_config,
     read_run_config,
     read_site_values,
-    with_absolute_data,
 )
 from hpcdl.train.engine import deepspeed_config, lr_factor
 from hpcdl.train.preflight import staged_data
@@ -226,37 +224,6 @@ def fresh_logging() -> Iterator[logging.Logger]:
     yield logger
     logger.handlers[:] = handlers
     logger.setLevel(level)
-
-
-class Flag:
-    """A preemption flag raised (as if this rank were signalled) once ``trainer`` is at ``at``."""
-
-    def __init__(self, at: int | None = None):
-        self.at, self.trainer = at, None
-
-    @property
-    def requested(self) -> bool:
-        return (
-            self.at is not None and self.trainer is not None and self.trainer.state.step >= self.at
-        )
-
-
-def make_run(tmp: Path, synth: Path, name: str, **changes: Any) -> Path:
-    """A run folder as ``hpcdl train`` leaves it for its ranks: the resolved config inside."""
-    base = dict(epochs=2, batch__size=32, log__every_steps=4, log__wandb=False,
-                checkpoint__every_steps=10)  # fmt: skip
-    config = write_config(tmp / f"{name}.yaml", synth, tmp / "runs", **{**base, **changes})
-    run_dir = tmp / "runs" / name
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(with_absolute_data(load_train_config(config))))
-    return run_dir
-
-
-def train_run(run_dir: Path, flag: Flag | None = None, on_epoch: Any = None) -> dict[str, Any]:
-    flag = flag or Flag()
-    trainer = Trainer(run_dir, flag, on_epoch)
-    flag.trainer = trainer
-    return trainer.run()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from hpcdl.errors import HpcdlError
 from hpcdl.scheduler import FINISHED, JobHandle, find_handle, log_tail
 from hpcdl.train.run import Run
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 from conftest import HPCDL, one_line_error
 from train_setup import env_with_helpers, last_step, rows, write_config, write_digits
 

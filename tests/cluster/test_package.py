@@ -48,7 +48,9 @@ def test_search_order_first_match_wins_and_says_where(search_path):
     order = [label for _, label in site_search_path()]
     assert order[0] == "HPCDL_SITE_PATH" and order[-1] == "package"
     assert order.index("user") < order.index("system") < order.index("package")
-    assert "./site" not in order  # a checkout's ./site overrides nothing (tests/test_trust.py)
+    assert (
+        "./site" not in order
+    )  # a checkout's ./site overrides nothing (tests/cluster/test_trust.py)
     assert Path("/etc/hpcdl/sites") in [d for d, _ in site_search_path()]
     # Only the package: `local` from there, whatever ./site holds.
     (search_path["./site"] / "local.yaml").write_text(

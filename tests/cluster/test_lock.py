@@ -12,7 +12,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCK = REPO / "env/requirements-cpu.txt"
 MAKE_LOCK = ["make", "-s", "-C", str(REPO), "lock"]
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)$")

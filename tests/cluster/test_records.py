@@ -32,7 +32,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 from train_setup import history, rows, same_weights, write_config
 
 from hpcdl.errors import HpcdlError

@@ -6,56 +6,34 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_line_error
+from conftest import GOOD_SITE, one_line_error, site_data
 
 from hpcdl.cli import main
-
-GOOD_SITE = {
-    "name": "t",
-    "scheduler": "slurm",
-    "partitions": [
-        {"name": "cpu", "default": True, "max_time": "02:00:00", "max_nodes": 4, "cpus_per_node": 4,
-         "mem_per_node": "4000M"},
-        {"name": "gpu", "max_time": "01:00:00", "max_nodes": 2, "cpus_per_node": 4,
-         "gpus_per_node": 2},
-    ],
-}  # fmt: skip
-
-
-def _site(**changes) -> dict:
-    data = yaml.safe_load(yaml.safe_dump(GOOD_SITE))
-    for key, value in changes.items():
-        if key.startswith("p0_"):
-            data["partitions"][0][key[3:]] = value
-        else:
-            data[key] = value
-    return data
-
 
 BAD_SITES = [
     ("yaml syntax", "name: [unclosed\n", "invalid YAML"),
     ("top-level list", "- a\n- b\n", "expected a mapping"),
     ("missing name", {k: v for k, v in GOOD_SITE.items() if k != "name"}, "name: Field required"),
-    ("bad scheduler", _site(scheduler="pbs"), "scheduler"),
-    ("unknown field", _site(partitons=[]), "partitons: unknown field"),
-    ("bad max_time", _site(p0_max_time="1 day"), "partitions.0.max_time: invalid time"),
-    ("zero cpus", _site(p0_cpus_per_node=0), "partitions.0.cpus_per_node"),
-    ("bad memory", _site(p0_mem_per_node="lots"), "partitions.0.mem_per_node: invalid memory"),
-    ("negative gpus", _site(p0_gpus_per_node=-1), "partitions.0.gpus_per_node"),
-    ("partition name", _site(p0_name="my part"), "partitions.0.name"),
-    ("preempt mode", _site(p0_preempt_mode="SOMETIMES"), "partitions.0.preempt_mode: Input should be 'OFF', 'REQUEUE'"),
-    ("grace time", _site(p0_grace_time_s=-5), "partitions.0.grace_time_s: Input should be greater than or equal to 0"),
-    ("two defaults", _site(partitions=[GOOD_SITE["partitions"][0],
+    ("bad scheduler", site_data(scheduler="pbs"), "scheduler"),
+    ("unknown field", site_data(partitons=[]), "partitons: unknown field"),
+    ("bad max_time", site_data(p0_max_time="1 day"), "partitions.0.max_time: invalid time"),
+    ("zero cpus", site_data(p0_cpus_per_node=0), "partitions.0.cpus_per_node"),
+    ("bad memory", site_data(p0_mem_per_node="lots"), "partitions.0.mem_per_node: invalid memory"),
+    ("negative gpus", site_data(p0_gpus_per_node=-1), "partitions.0.gpus_per_node"),
+    ("partition name", site_data(p0_name="my part"), "partitions.0.name"),
+    ("preempt mode", site_data(p0_preempt_mode="SOMETIMES"), "partitions.0.preempt_mode: Input should be 'OFF', 'REQUEUE'"),
+    ("grace time", site_data(p0_grace_time_s=-5), "partitions.0.grace_time_s: Input should be greater than or equal to 0"),
+    ("two defaults", site_data(partitions=[GOOD_SITE["partitions"][0],
                                        {**GOOD_SITE["partitions"][1], "default": True}]),
      "more than one partition is marked default"),
-    ("duplicate partition", _site(partitions=[GOOD_SITE["partitions"][0]] * 2), "listed twice"),
-    ("no partitions", _site(partitions=[]), "needs at least one partition"),
-    ("default account", _site(accounts=["a"], default_account="b"), "default_account 'b'"),
-    ("env name", _site(env={"BAD-NAME": "1"}), "env: invalid environment variable name"),
-    ("secret with value", _site(env={"TOKEN": "x"}, secrets=["TOKEN"]), "secret 'TOKEN'"),
-    ("container image", _site(container={"runtime": "apptainer"}), "needs an image"),
-    ("preemption signal", _site(preemption={"signal": "KILL"}), "preemption.signal"),
-    ("preemption delay", _site(preemption={"delay_s": 1}), "preemption.delay_s"),
+    ("duplicate partition", site_data(partitions=[GOOD_SITE["partitions"][0]] * 2), "listed twice"),
+    ("no partitions", site_data(partitions=[]), "needs at least one partition"),
+    ("default account", site_data(accounts=["a"], default_account="b"), "default_account 'b'"),
+    ("env name", site_data(env={"BAD-NAME": "1"}), "env: invalid environment variable name"),
+    ("secret with value", site_data(env={"TOKEN": "x"}, secrets=["TOKEN"]), "secret 'TOKEN'"),
+    ("container image", site_data(container={"runtime": "apptainer"}), "needs an image"),
+    ("preemption signal", site_data(preemption={"signal": "KILL"}), "preemption.signal"),
+    ("preemption delay", site_data(preemption={"delay_s": 1}), "preemption.delay_s"),
 ]  # fmt: skip
 
 

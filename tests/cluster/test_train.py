@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import HPCDL, REPO, run_cli
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 from train_setup import (
     env_with_helpers,
     history,

@@ -20,7 +20,7 @@ from hpcdl.hpo import Sweep, SweepSpec
 from hpcdl.hpo.protocol import BaseObjective
 from hpcdl.hpo.table import status_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TOY = {
     "name": "first",

@@ -19,9 +19,8 @@ import pytest
 import torch
 from conftest import HPCDL
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from test_trainer_units import make_run, train_run
-from train_setup import env_with_helpers
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
+from train_setup import env_with_helpers, make_run, train_run
 
 from hpcdl.cli import main
 from hpcdl.train.config import read_run_config
