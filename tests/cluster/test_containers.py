@@ -325,7 +325,8 @@ def test_a_job_root_in_the_users_home_is_reached_through_the_home_tree(
     site = yaml.safe_load((tmp_path / f"{ch_site}.yaml").read_text())
     site["container"]["binds"].append("/home")
     (tmp_path / f"{ch_site}.yaml").write_text(yaml.safe_dump(site))
-    mine = home / ".hpcdl" / f"test-containers-{os.getpid()}-{tmp_path.name}"
+    # a folder of its own in the home (removed after), not the user's real ~/.hpcdl
+    mine = home / f".hpcdl-test-containers-{os.getpid()}-{tmp_path.name}"
     monkeypatch.setenv("HPCDL_JOB_ROOT", str(mine / "jobs"))
     copy = mine / "marker"
     try:
