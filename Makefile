@@ -46,6 +46,7 @@ wheel-check: install  ## build sdist + wheel, install the wheel in a fresh venv 
 docs: install  ## the docs site (HTML in build/docs); --strict: any warning (a broken link, ...) fails
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/docs
 
+# Built by root (debootstrap), used by unprivileged users: the container tests run as hpcdl-alice.
 image:  ## the charliecloud image of the container tests (debootstrap; cached in /var/tmp/hpcdl-images)
 	HPCDL_VENV=$(abspath $(VENV)) env/container/build-image.sh
 
@@ -68,14 +69,16 @@ TEST_PHASES := install cluster image lint lock-check docs wheel-check
 # The tests, in two folders: tests/unit starts no process and needs no cluster (tests/conftest.py
 # refuses a process there), seconds in all; tests/cluster holds the end-to-end tests. Every job
 # the cluster tests submit is submitted by an unprivileged user (hpcdl-alice, made by
-# devcluster.sh up), as on a real site: tests/run_as_user.sh runs them. The end-to-end tests
+# devcluster.sh up), as on a real site: tests/run_as_user.sh runs them, the container tests
+# included (root builds the image, `make image`; the user runs it). The end-to-end tests
 # that need no cluster (the local back end) run beside them, as root, their output kept in
 # LOCAL_LOG and printed after (they keep the CPUs busy while the cluster tests mostly wait for
-# Slurm). Root runs last the container tests (root's image) and those marked `root` (the
-# cluster's own script, a second user, mounts).
+# Slurm). Root runs last those marked `root` (the cluster's own script, a second user, mounts),
+# which submit through the AsUser fixture. Then tests/root_jobs.py fails the run if root
+# submitted any cluster job since the first root phase (phase root-jobs).
 LOCAL_TESTS := not slurm
-USER_TESTS := slurm and not container and not root
-ROOT_TESTS := slurm and (container or root)
+USER_TESTS := slurm and not root
+ROOT_TESTS := slurm and root
 PHASE_TIMES ?= build/phase-times.txt
 LOCAL_LOG ?= build/pytest-local.log
 PYTEST_ROOT := HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -p no:cacheprovider
@@ -87,6 +90,7 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 	  env/phase-time.sh $(PHASE_TIMES) $$phase $(MAKE) --no-print-directory $$phase || { status=$$?; break; }; \
 	done; \
 	if [ $$status = 0 ]; then \
+	  since=$$(date +%Y-%m-%dT%H:%M:%S); \
 	  echo "$(PYTEST_ROOT) tests/unit"; \
 	  env/phase-time.sh $(PHASE_TIMES) pytest-unit $(PYTEST_ROOT) tests/unit || status=$$?; \
 	  echo "$(PYTEST_ROOT) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster > $(LOCAL_LOG)  (beside the next)"; \
@@ -97,6 +101,8 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 	  echo "--- $(LOCAL_LOG) (the local end-to-end tests, run beside the cluster tests):"; cat $(LOCAL_LOG); \
 	  echo "$(PYTEST_ROOT) --durations=10 -m '$(ROOT_TESTS)' tests/cluster"; \
 	  env/phase-time.sh $(PHASE_TIMES) pytest-root $(PYTEST_ROOT) --durations=10 -m '$(ROOT_TESTS)' tests/cluster || status=$$?; \
+	  echo "$(BIN)/python tests/root_jobs.py --since $$since"; \
+	  env/phase-time.sh $(PHASE_TIMES) root-jobs $(BIN)/python tests/root_jobs.py --since $$since || status=$$?; \
 	fi; \
 	env/phase-time.sh --table $(PHASE_TIMES); \
 	exit $$status

@@ -9,8 +9,15 @@
 #
 # The image is cached outside the checkout, in $HPCDL_IMAGE_ROOT/<hash of this recipe>
 # (default /var/tmp/hpcdl-images), and reused while the recipe is unchanged: a second call takes
-# well under a second. Needs root (debootstrap); apt installs debootstrap and charliecloud.
+# well under a second. Building needs root (debootstrap; apt installs debootstrap and
+# charliecloud); using it does not: the image is built for unprivileged users (`ch-run` runs as
+# the user, in a user namespace), as a site's shared image is. So the tree is world-readable,
+# the mount points' parent folders are searchable, and the cache key does not depend on who
+# asks: an unprivileged user (the tests run as hpcdl-alice) finds the image root built.
 set -euo pipefail
+# The image holds Debian's public packages only: readable by all, whatever the caller's umask
+# (under 077 every folder made here would be root's alone and ch-run could not enter it).
+umask 022
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CHECKOUT=$(cd "$HERE/../.." && pwd)
@@ -26,9 +33,11 @@ IMAGE_PACKAGES=(libssl3 libffi8 zlib1g libbz2-1.0 liblzma5 libsqlite3-0 libreadl
 VENV=${HPCDL_VENV:-$CHECKOUT/.venv}
 PY_PREFIX=$(sed -n 's/^home *= *//p' "$VENV/pyvenv.cfg" 2>/dev/null | sed 's:/bin$::')
 # Mount points for the binds a profile uses: the checkout (the venv lives in it), the Python
-# prefix, the job root, plus $HPCDL_IMAGE_MOUNTS (colon-separated). ch-run binds onto existing
-# directories only, so they are made in the image.
-MOUNTS=("$CHECKOUT" ${PY_PREFIX:+"$PY_PREFIX"} "$HOME/.hpcdl")
+# prefix, plus $HPCDL_IMAGE_MOUNTS (colon-separated). ch-run binds onto existing directories
+# only, so they are made in the image. The users' homes (the default job root is
+# $HOME/.hpcdl/jobs) need none of their own: a profile binds the home tree, /home, which the
+# image has; a mount point under the builder's $HOME (root's /root) would serve root alone.
+MOUNTS=("$CHECKOUT" ${PY_PREFIX:+"$PY_PREFIX"})
 [[ $VENV == "$CHECKOUT"/* ]] || MOUNTS+=("$VENV")
 IFS=: read -r -a EXTRA <<<"${HPCDL_IMAGE_MOUNTS:-}"
 MOUNTS+=("${EXTRA[@]}")
@@ -48,7 +57,7 @@ if [[ -f $IMAGE/etc/hpcdl-image ]]; then
     exit 0
 fi
 
-(( EUID == 0 )) || die "debootstrap needs root (run as root, or set HPCDL_IMAGE_ROOT to a built image)"
+(( EUID == 0 )) || die "no image for this recipe in $IMAGE_ROOT ($KEY), and building one needs root (debootstrap): run 'make image' as root, or set HPCDL_IMAGE_ROOT to where it was built"
 
 # Host packages, the same way slurm/devcluster/devcluster.sh installs its own: apt-get update
 # only when the install cannot work without it.
@@ -78,12 +87,24 @@ if ! debootstrap --variant=minbase --include="$include" "$SUITE" "$tmp" "$MIRROR
 fi
 rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
 for m in "${MOUNTS[@]}"; do
-    [[ -n $m ]] && mkdir -p "$tmp$m"
+    [[ -n $m ]] || continue
+    mkdir -p "$tmp$m"
+    # A user's ch-run must reach each mount point: search permission on every parent in the
+    # image (the Python prefix of a pyenv lies under /root, 0700 in the image as on the host,
+    # where `devcluster.sh grant` opens it). Never through a symlink: one with an absolute
+    # target would name a host path.
+    d=$m
+    while [[ $d != / ]]; do
+        [[ -L $tmp$d ]] || chmod a+x "$tmp$d"
+        d=$(dirname -- "$d")
+    done
 done
 # ch-run binds the host's /etc/hosts and /etc/resolv.conf over these: they must exist.
 touch "$tmp/etc/hosts" "$tmp/etc/resolv.conf"
 # The marker the tests read to prove a command ran inside (and the cache's "complete" flag).
 printf 'hpcdl-image %s\nsuite %s\n' "$KEY" "$SUITE" >"$tmp/etc/hpcdl-image"
+# mktemp made the root of the tree 0700: the image is for every user of the machine.
+chmod 755 "$tmp"
 mv "$tmp" "$IMAGE"
 trap - EXIT
 rm -f "$tmp.log"

@@ -4,13 +4,16 @@ line each), and jobs that really run inside a Charliecloud image on the dev clus
 The image is ``env/container/build-image.sh``'s (``make image``): Debian bookworm from
 debootstrap, with the checkout (and its venv) and the venv's base interpreter bound at the same
 paths, so ``python -m hpcdl...`` works inside. The cluster tests are marked ``container`` as well
-as ``slurm``: ``pytest -m "not container"`` skips them in a quick loop.
+as ``slurm``: ``pytest -m "not container"`` skips them in a quick loop. ``make test`` runs them as
+the unprivileged hpcdl-alice (``tests/run_as_user.sh``), as a site's users run an image root
+built: root builds it (``make image``), the user finds it built and runs it with ``ch-run``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +231,8 @@ def ch_site(image, tmp_path, monkeypatch) -> str:
     again inside); ``tmp_path/bound`` is bound at the image's /mnt."""
     (tmp_path / "bound").mkdir()
     binds = [str(REPO), sys.base_prefix, f"{tmp_path / 'bound'}:/mnt"]
+    if not Path(sys.prefix).is_relative_to(REPO):  # a worktree using another checkout's venv
+        binds.append(sys.prefix)  # (build-image.sh made its mount point)
     container = {
         "runtime": "charliecloud",
         "image": image,
@@ -302,3 +307,35 @@ def test_two_node_training_inside_the_image(devcluster, ch_site, image, tmp_path
     assert len(rows(run.run_dir, "epoch")) == 1
     script = next(Path(handle.folder).glob("*_submission.sh")).read_text()
     assert f"{image} -- {sys.executable} -u -m submitit.core._submit" in script
+
+
+@pytest.mark.slurm
+@pytest.mark.container
+def test_a_job_root_in_the_users_home_is_reached_through_the_home_tree(
+    devcluster, ch_site, image, tmp_path, monkeypatch
+):
+    """The default job root is ``$HOME/.hpcdl/jobs``: a callable's pickle and result live there
+    and are read and written inside the image. The image has no mount point per user (it is
+    built once, by root, for all): a profile binds the home tree, ``/home``, and every user's
+    job root is at its own path inside. Here as the user who runs the tests (hpcdl-alice in
+    ``make test``; root's home, /root, is not under /home)."""
+    home = Path.home()
+    if not home.is_relative_to("/home"):
+        pytest.skip(f"HOME {home} is not under /home: run as a user (tests/run_as_user.sh)")
+    site = yaml.safe_load((tmp_path / f"{ch_site}.yaml").read_text())
+    site["container"]["binds"].append("/home")
+    (tmp_path / f"{ch_site}.yaml").write_text(yaml.safe_dump(site))
+    # a folder of its own in the home (removed after), not the user's real ~/.hpcdl
+    mine = home / f".hpcdl-test-containers-{os.getpid()}-{tmp_path.name}"
+    monkeypatch.setenv("HPCDL_JOB_ROOT", str(mine / "jobs"))
+    copy = mine / "marker"
+    try:
+        job = Job(site=ch_site, name="ch-home", time="5m", function=shutil.copyfile,
+                  args=("/etc/hpcdl-image", str(copy)))  # fmt: skip
+        handle = job.submit()
+        assert Path(handle.folder).is_relative_to(home), handle.folder
+        _finished(handle, 120)
+        # the image's own file, copied into the home from inside: the same folder on both sides
+        assert copy.read_text().startswith(f"hpcdl-image {Path(image).name}\n")
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)

@@ -1,7 +1,12 @@
 """The dev cluster seen from outside: what slurm/devcluster/devcluster.sh up promises.
 
 These tests assume the cluster is up (the session fixture ``devcluster`` in conftest.py runs
-``devcluster.sh up``) and only use the ordinary Slurm clients, as a user would.
+``devcluster.sh up``) and only use the ordinary Slurm clients. The module is marked ``root``:
+``devcluster.sh`` is an administrator's tool (``up``, ``status``) and the jobs go through
+``runuser``. Every job it submits to check the cluster is submitted by the unprivileged
+hpcdl-alice (the ``users`` fixture), as on a real site; root only reads (sinfo, scontrol show,
+sacct). ``make test`` checks after its root phase that root submitted no job
+(``tests/root_jobs.py``), which the last test here proves on a real job.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import AsUser
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "devcluster" / "devcluster.sh"
@@ -32,12 +40,31 @@ def run(*cmd: str, timeout: float = 30, check: bool = True, **kw) -> subprocess.
     return proc
 
 
-def sbatch_wait(tmp_path: Path, *args: str, timeout: float = 180) -> tuple[str, str]:
-    """Submit a batch job, wait for it to end, return (job id, its output)."""
-    out = tmp_path / "slurm-%j.out"
-    proc = run("sbatch", "--parsable", "--wait", f"--output={out}", *args, timeout=timeout)
+def as_user(user: AsUser, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """``cmd`` run by ``user`` (runuser); fails with its output unless it exits 0."""
+    proc = user.run(*cmd, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{user.user}: {' '.join(cmd)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+@pytest.fixture
+def alice(users: dict[str, AsUser]) -> AsUser:
+    """hpcdl-alice, who submits every job of this module (not root, as on a real site)."""
+    return users["a"]
+
+
+def sbatch_wait(user: AsUser, tag: str, *args: str, timeout: float = 180) -> tuple[str, str]:
+    """Submit a batch job as ``user``, wait for it to end (sbatch --wait, bounded by
+    ``timeout``), return (job id, its output). The output goes to the user's work folder."""
+    out = user.work / f"devcluster-{tag}-%j.out"
+    proc = as_user(user, "sbatch", "--parsable", "--wait", "-t", "5", f"--output={out}", *args,
+                   timeout=timeout)  # fmt: skip
     job_id = proc.stdout.strip().split(";")[0]
-    return job_id, (tmp_path / f"slurm-{job_id}.out").read_text()
+    return job_id, (user.work / f"devcluster-{tag}-{job_id}.out").read_text()
 
 
 def partitions() -> dict[str, dict[str, str]]:
@@ -112,15 +139,16 @@ def test_status_exits_zero_and_lists_daemons():
     assert "devcluster: up" in proc.stdout
 
 
-def test_batch_job_is_accounted_by_sacct(tmp_path: Path):
-    job_id, out = sbatch_wait(tmp_path, "--job-name=devcluster-sacct", "--wrap", "hostname")
+def test_batch_job_is_accounted_by_sacct(alice: AsUser):
+    job_id, out = sbatch_wait(alice, "sacct", "--job-name=devcluster-sacct", "--wrap", "hostname")
     assert out.strip(), "the job printed nothing"
     # slurmdbd may lag the job's end by a moment (meanwhile it can show a placeholder
     # record named "allocation").
-    expected = [[job_id, "devcluster-sacct", "COMPLETED", "0:0"]]
+    expected = [[job_id, "devcluster-sacct", alice.user, "COMPLETED", "0:0"]]
     deadline = time.monotonic() + 30
     while True:
-        acct = run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,JobName,State,ExitCode")
+        acct = run("sacct", "-n", "-X", "-P", "-j", job_id, "-o",
+                   "JobID,JobName,User,State,ExitCode")  # fmt: skip
         rows = [line.split("|") for line in acct.stdout.splitlines() if line]
         if rows == expected or time.monotonic() > deadline:
             break
@@ -128,9 +156,12 @@ def test_batch_job_is_accounted_by_sacct(tmp_path: Path):
     assert rows == expected, acct.stdout
 
 
-def test_two_nodes_two_tasks_each(tmp_path: Path):
-    proc = run(
+def test_two_nodes_two_tasks_each(alice: AsUser):
+    proc = as_user(
+        alice,
         "srun",
+        "-t",
+        "5",
         "-N2",
         "-n4",
         "--ntasks-per-node=2",
@@ -145,9 +176,10 @@ def test_two_nodes_two_tasks_each(tmp_path: Path):
     assert len(set(nodes)) == 2 and all(nodes.count(n) == 2 for n in nodes), pairs
 
 
-def test_gpu_partition_hands_out_two_fake_gpus(tmp_path: Path):
+def test_gpu_partition_hands_out_two_fake_gpus(alice: AsUser):
     _, out = sbatch_wait(
-        tmp_path,
+        alice,
+        "gpu",
         "-p",
         "gpu",
         "--gpus-per-node=2",
@@ -174,3 +206,26 @@ def test_up_refuses_to_overwrite_a_foreign_config(tmp_path: Path):
     assert proc.returncode != 0
     assert "not written by devcluster" in proc.stderr
     assert (conf / "slurm.conf").read_text() == "ClusterName=somebody-elses\n"
+
+
+def test_root_jobs_check_catches_a_job_root_submits(tmp_path: Path):
+    """``tests/root_jobs.py`` (run by ``make test`` after its root phase) lists a job root
+    submitted after ``--since`` and exits 1 with its id and name; a ``root-test-`` job (a root
+    test's own, like this one) is allowed, and so make test's own check passes. A real job,
+    held and cancelled: it never runs."""
+    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    name = f"root-test-guard-{os.getpid()}"
+    job_id = run("sbatch", "--parsable", "--hold", "-t", "1", f"--job-name={name}",
+                 f"--output={tmp_path}/%j.out", "--wrap", "true").stdout.strip()  # fmt: skip
+    check = [sys.executable, str(REPO / "tests/root_jobs.py"), "--since", since]
+    try:
+        allowed = run(*check, check=False)
+        strict = run(*check, "--allow-prefix", "", check=False)
+    finally:
+        run("scancel", job_id)
+    # (not "exits 0": on a shared machine another session's root job may be listed too)
+    assert name not in allowed.stdout + allowed.stderr, allowed.stderr
+    assert strict.returncode == 1 and not strict.stdout, strict.stdout + strict.stderr
+    lines = strict.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: root submitted "), strict.stderr
+    assert f"{job_id} {name} (PENDING)" in lines[0], lines[0]
