@@ -63,7 +63,7 @@ class Sweep:
         return Lifecycle(self.spec, self.paths, self.site)
 
     def run(self) -> list[JobHandle]:
-        """Validate, snapshot the base config, create the study, submit; returns at once.
+        """Validate, copy the base config into the sweep, create the study, submit; returns at once.
         Nothing is written before every check (the objective, each job of the round against
         the site) has passed: a refused sweep leaves no folder behind."""
         with share_umask(self.site.share):  # the sweep tree is private (or the site's group's)
@@ -291,7 +291,7 @@ def copy_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:
             data["data"][key] = str(Path(value).expanduser().resolve())
     copy = paths.train
     header = (
-        f"# snapshot of {source} taken by 'hpcdl sweep run'; the sweep's trials read this copy\n"
+        f"# copy of {source} made by 'hpcdl sweep run'; the sweep's trials read this copy\n"
     )
     atomic_write_text(copy, header + yaml.safe_dump(data, sort_keys=False))
     return spec.model_copy(update={"train": str(copy)})
