@@ -3,7 +3,7 @@ said (task states, which tasks ran) and what the sweep folder holds (slots, jour
 
 Nothing here reads a file or asks Slurm: :mod:`hpcdl.hpo.lifecycle` and :mod:`hpcdl.hpo.trial`
 gather the facts and act on the answer, so every rule is tested by tables in milliseconds
-(``tests/unit/test_decide.py``) and the cluster tests prove only the wiring.
+(``tests/unit/hpo/test_decide.py``) and the cluster tests prove only the wiring.
 """
 
 from __future__ import annotations

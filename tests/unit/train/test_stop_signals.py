@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "helpers"))
 from test_trainer_units import make_run, train_run
 from train_setup import history, rows, same_weights
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "helpers"))
 from train_setup import Flag, history, make_run, rows, same_weights, train_run
 
 from hpcdl.errors import HpcdlError
