@@ -290,8 +290,6 @@ def copy_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:
         if isinstance(value, str) and value:
             data["data"][key] = str(Path(value).expanduser().resolve())
     copy = paths.train
-    header = (
-        f"# copy of {source} made by 'hpcdl sweep run'; the sweep's trials read this copy\n"
-    )
+    header = f"# copy of {source} made by 'hpcdl sweep run'; the sweep's trials read this copy\n"
     atomic_write_text(copy, header + yaml.safe_dump(data, sort_keys=False))
     return spec.model_copy(update={"train": str(copy)})
