@@ -192,7 +192,9 @@ class Walk:
             line = re.sub(r"\b1234\b", self.jobs[0], line)  # jobs.md: the page's first job
         if re.search(r"runs/digits-mlp-\d{8}-\d{6}|\bRUN\b", line):
             assert self.runs, f"{self.page}: {line!r} names a run folder before any was made"
-            line = re.sub(r"runs/digits-mlp-\d{8}-\d{6}|\bRUN\b", self.runs[-1], line)
+            mlp = [r for r in self.runs if Path(r).name.startswith("digits-mlp-")]
+            line = re.sub(r"runs/digits-mlp-\d{8}-\d{6}", (mlp or self.runs)[-1], line)
+            line = re.sub(r"\bRUN\b", self.runs[-1], line)
         # the page's /tmp/digits.pt: the user's own folder, not the machine's shared /tmp
         return line.replace("/tmp/digits", f"{self.user.home}/digits")
 
@@ -385,9 +387,11 @@ def _cancel_everything(user: User, timeout: float = 90) -> None:
             folders.append(entry["folder"])
     if not ids:
         return
-    subprocess.run(["scancel", *map(str, ids)], capture_output=True, timeout=30)
-    deadline = time.monotonic() + timeout
-    while left := _squeue([str(i) for i in ids]):
+    deadline, tries = time.monotonic() + timeout, 0
+    while tries == 0 or (left := _squeue([str(i) for i in ids])):
+        if tries % 10 == 0:  # again now and then: a trial cancelled mid-checkpoint may requeue
+            subprocess.run(["scancel", *map(str, ids)], capture_output=True, timeout=30)
+        tries += 1
         if time.monotonic() > deadline:
             logs = "".join(
                 f"--- {p}\n{p.read_text(errors='replace')[-2000:]}"
@@ -456,9 +460,14 @@ def test_getting_started_on_the_cluster_takes_the_profile_and_a_new_name(devclus
     finally:  # the walk proves the page's line is accepted; the sweep itself is tested elsewhere
         user.run("hpcdl sweep cancel digits-cluster")
     deadline = time.monotonic() + 60
-    while left := _squeue(queued):
-        assert time.monotonic() < deadline, f"the cancelled sweep's jobs are still queued:\n{left}"
-        time.sleep(1)
+    try:
+        while left := _squeue(queued):
+            assert time.monotonic() < deadline, (
+                f"the cancelled sweep's jobs are still queued:\n{left}"
+            )
+            time.sleep(1)
+    finally:  # what `sweep cancel` left (a trial that requeued itself) is not left to others
+        subprocess.run(["scancel", *queued], capture_output=True, timeout=30)
 
 
 def _squeue(job_ids: list[str]) -> str:
