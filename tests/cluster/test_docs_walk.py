@@ -1,7 +1,9 @@
-"""The docs walked as a new user types them (issue 26): the commands of Getting started, in
-order, in a fresh home (no job root, no config folder, no HPCDL_* variables), each of which
-must succeed, and whose output must still have the lines the pages show (docs/getting-started.md
-and the status sample of docs/sweeps.md)."""
+"""The docs walked as a new user types them (issue 26): every command block of getting-started,
+jobs, train, sweep-guide and site-admin, in order, in a fresh home (no job root, no config
+folder, no HPCDL_* variables); each command must succeed (or fail as the page says), and the
+sample outputs the pages show must have the shape of what the commands print (names, folders,
+columns; numbers vary). Local blocks run in `make test`'s local part, blocks on the dev cluster
+are marked slurm and cancel what they submit."""
 
 from __future__ import annotations
 
