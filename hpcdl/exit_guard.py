@@ -121,6 +121,14 @@ def _flush_like_finalization() -> None:
         with contextlib.suppress(Exception):  # leaving regardless
             mp_util._exit_function()  # joins non-daemon children, ends daemon ones
     logging.shutdown()
+    # mpi4py finalizes MPI in an exit hook that os._exit skips; under mpiexec (MPICH's hydra) a
+    # rank that leaves unfinalized is a "BAD TERMINATION" and its peers are SIGKILLed (seen:
+    # rank 0 killed before it printed the result, exit 9: docs/train.md's mpiexec line).
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        with contextlib.suppress(Exception):  # leaving regardless
+            if mpi.Is_initialized() and not mpi.Is_finalized():
+                mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
