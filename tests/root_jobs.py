@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 
 ALLOW_PREFIX = "root-test-"
@@ -57,6 +58,22 @@ def root_jobs(since: datetime) -> dict[str, tuple[str, str, str]]:
     return jobs
 
 
+def still_roots(job_ids: list[str], settle_s: float = 5.0, rounds: int = 3) -> set[str]:
+    """Of ``job_ids``, those Slurm still gives to root after a settle: slurmdbd may record a
+    job it has just heard of as root's "allocation" before its real user and name arrive (seen:
+    an hpcdl-alice job listed by ``sacct -u root`` as ``allocation`` a second after it ended)."""
+    left = set(job_ids)
+    for _ in range(rounds):
+        if not left:
+            break
+        time.sleep(settle_s)
+        rows = _rows(["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(left)),
+                      "-o", "JobID,User,JobName,State"])  # fmt: skip
+        users = {row[0]: row[1] for row in rows if len(row) > 1}
+        left = {job_id for job_id in left if users.get(job_id, "root") == "root"}
+    return left
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--since", required=True, type=datetime.fromisoformat,
@@ -74,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         for job_id, job in jobs.items()
         if not (args.allow_prefix and job[0].startswith(args.allow_prefix))
     }
+    if stray:
+        try:
+            confirmed = still_roots(list(stray))
+        except (subprocess.SubprocessError, OSError) as exc:
+            print(f"error: root_jobs: cannot read the jobs' users (sacct): {exc}", file=sys.stderr)
+            return 2
+        stray = {job_id: job for job_id, job in stray.items() if job_id in confirmed}
     if not stray:
         return 0
     listed = ", ".join(f"{job_id} {name} ({state})" for job_id, (name, _, state) in stray.items())
