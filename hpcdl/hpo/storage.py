@@ -65,7 +65,10 @@ def password(db: StudyDatabase, where: str) -> str | None:
     return read_secret_file(secret, where, field="storage.password_file")
 
 
-def _rdb(db: StudyDatabase, where: str) -> optuna.storages.RDBStorage:
+def _rdb(db: StudyDatabase, where: str, create: bool = False) -> optuna.storages.RDBStorage:
+    """This process's RDBStorage. Only ``sweep run`` (``create``) creates Optuna's tables and
+    checks their schema version against this Optuna: the workers and ``sweep status/best``
+    skip both (0.17 s and alembic's import, a fifth of ``sweep best`` on 10,000 trials)."""
     key = (db.sqlalchemy_url, db.password_file)
     if key not in _DATABASES:
         connect: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S}
@@ -82,6 +85,8 @@ def _rdb(db: StudyDatabase, where: str) -> optuna.storages.RDBStorage:
                 "max_overflow": 2,
                 "pool_pre_ping": True,
             },
+            skip_table_creation=not create,
+            skip_compatibility_check=not create,
         )
     return _DATABASES[key]
 
@@ -117,7 +122,7 @@ def check(spec: SweepSpec, where: str) -> None:
         raise ConfigError(where, "storage", "the PostgreSQL driver is not installed: "
                           "pip install 'psycopg[binary]' (or hpcdl[hpo])") from None  # fmt: skip
     try:
-        storage = _rdb(db, where)
+        storage = _rdb(db, where, create=True)
         storage.get_study_id_from_name(study_name(spec))
     except KeyError:
         return  # the study is new: what a new sweep needs
