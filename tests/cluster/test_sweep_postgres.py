@@ -284,3 +284,27 @@ def test_a_missing_driver_is_one_line(tmp_path, job_root):
         "pip install 'psycopg[binary]' (or hpcdl[hpo])"
     ]
     assert not (job_root / "sweeps" / "refused").exists()
+
+
+def test_bench_storage_prints_both_storages_at_80_columns(
+    tmp_path, job_root, postgres, password_file
+):
+    """`hpcdl bench storage`, small: every row (journal and PostgreSQL, hpcdl's path and the
+    naive one), the inspection rows, 80 columns at most, the JSON beside."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcdl", "bench", "storage", "--writers", "1,2", "--trials", "3",
+         "--naive-trials", "2", "--inspect", "20", "--postgres", postgres.url(),
+         "--password-file", str(password_file), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, proc.stdout
+    rows = json.loads((out / "bench_storage.json").read_text())
+    seen = {(r["storage"], r["path"], r["writers"]) for r in rows["writers"]}
+    assert seen == {(k, p, n) for k in ("journal", "postgresql") for p in ("hpcdl", "naive")
+                    for n in (1, 2)}  # fmt: skip
+    assert [r["storage"] for r in rows["inspect"]] == ["journal", "postgresql"]
+    assert all(r["status_s"] > 0 and r["best_s"] > 0 for r in rows["inspect"])
+    assert postgres.password not in proc.stdout + proc.stderr
