@@ -299,8 +299,8 @@ def test_bench_storage_prints_both_storages_at_80_columns(
         capture_output=True, text=True, timeout=300, env=os.environ.copy(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert max(len(line) for line in lines) <= 80, proc.stdout
+    table = [line for line in proc.stdout.splitlines() if not line.startswith("figures: ")]
+    assert max(len(line) for line in table) <= 80, proc.stdout  # the path alone may be longer
     rows = json.loads((out / "bench_storage.json").read_text())
     seen = {(r["storage"], r["path"], r["writers"]) for r in rows["writers"]}
     assert seen == {(k, p, n) for k in ("journal", "postgresql") for p in ("hpcdl", "naive")
