@@ -53,6 +53,8 @@ def resolve(spec: SweepSpec, site: SiteProfile) -> SweepSpec:
     if not chosen.journal and chosen.study is None:
         user = pwd.getpwuid(os.getuid()).pw_name
         chosen = chosen.model_copy(update={"study": f"{user}/{spec.name}/{secrets.token_hex(4)}"})
+    if chosen.password_path is not None:  # the jobs run elsewhere (another folder, a node)
+        chosen = chosen.model_copy(update={"password_file": str(chosen.password_path)})
     return spec.model_copy(update={"storage": chosen})
 
 

@@ -80,3 +80,16 @@ def test_the_spec_wins_over_the_site_then_the_journal(monkeypatch):
     assert resolve(journal, pg).storage.journal  # the spec's choice over the site's
     assert study_name(resolve(journal, pg)) == "s"
     assert SweepSpec.model_validate_json(chosen.model_dump_json()) == chosen  # spec.json round trip
+
+
+def test_the_password_file_is_saved_as_an_absolute_path(monkeypatch, tmp_path):
+    """The workers open it from another folder (or node): `sweep run` saves where it is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    site = load_site("local")
+    for given, saved in (("~/pw", tmp_path / "pw"), ("pw", tmp_path / "pw"),
+                         ("$HOME/x/pw", tmp_path / "x/pw")):  # fmt: skip
+        spec = SweepSpec.model_validate(
+            _spec({"url": "postgresql://a@db/hpo", "password_file": given})
+        )
+        assert resolve(spec, site).storage.password_file == str(saved)
