@@ -31,7 +31,18 @@ from hpcdl.hpo import Sweep, SweepSpec
 from hpcdl.hpo.folder import FINISHED_SLOT
 
 REPO = Path(__file__).resolve().parents[2]
-PG_BIN = Path(os.environ.get("HPCDL_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _pg_bin() -> Path:
+    """The newest server of Debian's ``postgresql`` package (15 on bookworm), or $HPCDL_PG_BIN."""
+    if os.environ.get("HPCDL_PG_BIN"):
+        return Path(os.environ["HPCDL_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)  # fmt: skip
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 PG_USER = "hpcdl"  # the server's superuser in the test cluster (password authentication)
 
 
@@ -308,3 +319,16 @@ def test_bench_storage_prints_both_storages_at_80_columns(
     assert [r["storage"] for r in rows["inspect"]] == ["journal", "postgresql"]
     assert all(r["status_s"] > 0 and r["best_s"] > 0 for r in rows["inspect"])
     assert postgres.password not in proc.stdout + proc.stderr
+
+
+def test_a_study_name_already_in_the_database_is_refused(
+    tmp_path, job_root, postgres, password_file, capsys
+):
+    """Two sweeps never share a study by accident: a spec that names a study the database
+    holds already (another sweep's) is refused before anything is written."""
+    storage = {"url": postgres.url(), "password_file": str(password_file), "study": "x/taken/1"}
+    first = Sweep(spec(storage, name="first", trials=2, final=False))
+    first.run()
+    first.wait(timeout=120)  # its workers end before the test does
+    line = _refused(tmp_path, job_root, capsys, json.dumps(storage))
+    assert "storage.study" in line and "'x/taken/1' exists already" in line
