@@ -81,7 +81,7 @@ USER_TESTS := slurm and not root
 ROOT_TESTS := slurm and root
 PHASE_TIMES ?= build/phase-times.txt
 LOCAL_LOG ?= build/pytest-local.log
-PYTEST_ROOT := HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -p no:cacheprovider
+PYTEST_ROOT := env HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -p no:cacheprovider
 
 test:  ## everything: install, start the cluster, all tests; then each phase's wall time
 	@mkdir -p $(dir $(PHASE_TIMES)) && : > $(PHASE_TIMES)

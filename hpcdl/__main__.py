@@ -1,7 +1,5 @@
 """``python -m hpcdl`` is the ``hpcdl`` command."""
 
-import sys
+from hpcdl.cli import console_main
 
-from hpcdl.cli import main
-
-sys.exit(main())
+console_main()

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from hpcdl import exit_guard
 from hpcdl.errors import HpcdlError
 from hpcdl.util import LOGGER_NAME
 
@@ -68,5 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> None:
+    """The ``hpcdl`` command: :func:`main`, then exit with its status; past any gloo thread a
+    training left running, without Python's finalization (:func:`hpcdl.exit_guard.leave`)."""
+    status = main()
+    exit_guard.leave(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

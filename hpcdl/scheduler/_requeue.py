@@ -4,18 +4,41 @@ trainer (after its checkpoint) and a sweep worker (between trials); the Slurm co
 
 from __future__ import annotations
 
+import re
+import time
+
 from hpcdl.errors import HpcdlError
-from hpcdl.scheduler.slurm import SlurmScheduler, query
+from hpcdl.scheduler.slurm import SlurmScheduler, query, run_command
 from hpcdl.task_env import time_limit_signal
 
 
-def cancelled(target: str) -> bool:
-    """Whether Slurm's accounting says job ``target`` was cancelled (scancel sends SIGTERM too:
-    such a job must not come back). False when the state cannot be read."""
+def cancelled(target: str, settle_s: float = 10.0) -> bool:
+    """Whether Slurm says job ``target`` was cancelled (scancel sends SIGTERM too: such a job
+    must not come back). slurmctld (``scontrol show job``) is asked first, and asked again while
+    it says COMPLETING: right after scancel a job is COMPLETING for a moment, then CANCELLED,
+    and sacct still says RUNNING; a sweep worker cancelled in its first seconds read that,
+    requeued itself and came back past `hpcdl sweep cancel` (seen on the dev cluster). A
+    preempted or timed-out job is still RUNNING when its signal comes. False when the state
+    cannot be read."""
+    deadline = time.monotonic() + settle_s
     try:
+        while True:
+            proc = run_command(["scontrol", "-o", "show", "job", target], timeout=30)
+            state = job_state(proc.stdout) if proc is not None and proc.returncode == 0 else None
+            if state == "CANCELLED":
+                return True
+            if state != "COMPLETING" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         return any(s.state == "CANCELLED" for s in query([target]).values())
     except (HpcdlError, OSError):
         return False
+
+
+def job_state(scontrol_show_job: str) -> str | None:
+    """The ``JobState=`` of ``scontrol -o show job`` output (its first job), or None."""
+    found = re.search(r"\bJobState=(\w+)", scontrol_show_job)
+    return found.group(1) if found else None
 
 
 def requeued_by_slurm(target: str) -> bool:

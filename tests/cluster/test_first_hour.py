@@ -314,7 +314,7 @@ def test_logs_show_the_program_without_submitit_unless_all():
 
 def test_sweep_errors_name_the_spec_file(tmp_path, capsys, job_root):
     spec = tmp_path / "picky.yaml"
-    spec.write_text(yaml.safe_dump({**TOY, "objective": "tests.test_first_hour:Picky"}))
+    spec.write_text(yaml.safe_dump({**TOY, "objective": "tests.cluster.test_first_hour:Picky"}))
     assert main(["sweep", "run", str(spec)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {spec}: space.x: must stay below 0.9 for this objective"

@@ -73,3 +73,39 @@ def test_the_total_is_the_wall_time_when_phases_overlap(tmp_path: Path):
     total = table[-1].split()
     assert total[0] == "total" and float(total[1]) == pytest.approx(end - start, abs=0.11)
     assert float(total[1]) < float(rows["a"][1]) + float(rows["b"][1])  # not the sum
+
+
+def test_make_test_runs_every_test_phase_with_its_selection(tmp_path: Path):
+    """The recipe's test phases, with stand-ins for pytest, python and run_as_user.sh that
+    record how they were called: each phase runs (a phase whose command cannot start failed
+    the whole run once, exit 127), with its folder, marker selection and the cluster flag."""
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env/phase-time.sh").symlink_to(SCRIPT)
+    (tmp_path / "tests").mkdir()
+    calls = tmp_path / "calls.txt"
+    record = f'#!/bin/sh\necho "$(basename "$0") C=${{HPCDL_CLUSTER_STARTED-}} $*" >> {calls}\n'
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for path in (fake_bin / "pytest", fake_bin / "python", tmp_path / "tests/run_as_user.sh"):
+        path.write_text(record)
+        path.chmod(0o755)
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
+    proc = subprocess.run(["make", "test", "TEST_PHASES=", f"BIN={fake_bin}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = calls.read_text().splitlines()
+    phases = [
+        line.split()[0] for line in (tmp_path / "build/phase-times.txt").read_text().splitlines()
+    ]
+    assert sorted(phases) == sorted(["pytest-unit", "pytest-local", "pytest-as-user", "pytest-root",
+                                     "root-jobs"])  # fmt: skip
+
+    def called(prefix: str, *words: str) -> bool:
+        return any(line.startswith(prefix) and all(w in line for w in words) for line in seen)
+
+    assert called("pytest C=1", "tests/unit"), seen
+    assert called("pytest C=1", "-m not slurm tests/cluster"), seen
+    assert called("run_as_user.sh", "-m slurm and not root tests/cluster"), seen
+    assert called("pytest C=1", "-m slurm and root tests/cluster"), seen
+    assert called("python", "tests/root_jobs.py --since"), seen

@@ -1,43 +1,37 @@
-"""hpcdl.exit_guard's pure parts: the status a guarded process leaves with, and the threads it
-looks for (the abort itself: tests/cluster/test_gloo_exit.py)."""
+"""hpcdl.exit_guard's pure parts: reading a thread from /proc and deciding it is idle (the abort
+itself and both guards: tests/cluster/test_gloo_exit.py)."""
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 
 from hpcdl import exit_guard
 
+STATUS = "Name:\tpt_gloo_runloop\nState:\t{state}\nvoluntary_ctxt_switches:\t{v}\nnonvoluntary_ctxt_switches:\t{n}\n"
+
+
+def test_a_threads_state_and_switches_are_read_from_proc_status():
+    text = STATUS.format(state="S (sleeping)", v=12, n=3)
+    assert exit_guard._state_and_switches(text) == ("S", 15)
+    assert exit_guard._state_and_switches("Name:\tx\n") == ("?", 0)
+
+
+A, B = "101", "102"
+
 
 @pytest.mark.parametrize(
-    ("uncaught", "system_exit", "status"),
+    ("samples", "idle"),
     [
-        (None, None, 0),  # the script returned
-        (None, 0, 0),
-        (None, 3, 3),  # sys.exit(3)
-        (None, 255, 255),  # submitit's sys.exit(-1), masked as the kernel does
-        (RuntimeError("x"), None, 1),  # a traceback: Python exits 1
-        (RuntimeError("x"), 3, 1),  # an exception after a caught SystemExit still fails
-        (KeyboardInterrupt(), None, 130),  # Ctrl-C
+        ([{A: ("S", 5)}] * 3, True),  # asleep, nobody switched it
+        ([{A: ("S", 5)}] * 2, False),  # too few samples to tell
+        ([{A: ("S", 5)}, {A: ("S", 6)}, {A: ("S", 6)}], False),  # it ran between samples
+        ([{A: ("S", 5)}, {A: ("S", 6)}, {A: ("S", 6)}, {A: ("S", 6)}], True),  # then settled
+        ([{A: ("R", 5)}] * 3, False),  # running
+        ([{A: ("D", 5)}] * 3, True),  # in the kernel (I/O): not waiting for the GIL
+        ([{A: ("S", 5), B: ("S", 9)}] * 3, True),
+        ([{A: ("S", 5), B: ("S", 9)}, {A: ("S", 5)}, {A: ("S", 5)}], False),  # one ended
+        ([{A: ("S", 5), B: ("R", 9)}] * 3, False),
     ],
 )
-def test_the_status_is_what_python_would_have_given(uncaught, system_exit, status):
-    assert exit_guard.leave_status(uncaught, system_exit) == status
-
-
-@pytest.mark.parametrize(("arg", "status"), [(None, 0), (0, 0), (2, 2), (-1, 255), (256, 0),
-                                             ("a message", 1), (True, 1)])  # fmt: skip
-def test_sys_exit_arguments_become_statuses_as_in_cpython(arg, status):
-    assert exit_guard._status_of(arg) == status
-
-
-def test_only_gloo_threads_are_counted():
-    done = threading.Event()
-    thread = threading.Thread(target=done.wait, name="pt_gloo_runloop")  # Python's name, not comm
-    thread.start()
-    try:
-        assert exit_guard.gloo_threads() == []  # /proc's comm is the OS name ("python")
-    finally:
-        done.set()
-        thread.join()
+def test_threads_are_idle_when_asleep_and_unswitched_over_the_last_samples(samples, idle):
+    assert exit_guard.idle(samples) is idle
