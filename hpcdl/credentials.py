@@ -80,11 +80,12 @@ SecretEntry = Annotated[Secret, BeforeValidator(_as_secret)]
 """A ``secrets:`` entry: ``NAME`` or ``{name: NAME, file: PATH}``."""
 
 
-def read_secret_file(secret: Secret, where: str) -> str:
+def read_secret_file(secret: Secret, where: str, field: str | None = None) -> str:
     """The content of a secret's file (one trailing newline dropped), refused unless it is a
     regular file owned by this user and private to them (no group or other permission bits):
-    a key others can read is no longer a secret, and one they own could be swapped."""
-    path, field = secret.path, f"secrets.{secret.name}"
+    a key others can read is no longer a secret, and one they own could be swapped. Errors
+    name ``field`` (default ``secrets.NAME``)."""
+    path, field = secret.path, field or f"secrets.{secret.name}"
     assert path is not None
     try:  # O_NOFOLLOW: the checks below are about the file opened, not a link's target
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

@@ -21,6 +21,7 @@ from hpcdl.config import (
 )
 from hpcdl.containers import Container  # the `container` section (runtimes, binds)
 from hpcdl.credentials import SecretEntry, check_no_secrets
+from hpcdl.database import StorageChoice
 from hpcdl.errors import ConfigError
 from hpcdl.script_values import OneLine, SetupLine, SlurmName, check_one_line
 from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
@@ -129,6 +130,9 @@ class SiteProfile(_Strict):
     setup: list[SetupLine] = []
     env: EnvVars = {}
     secrets: list[SecretEntry] = []  # NAME (from the environment) or {name: NAME, file: PATH}
+    # The sweeps' study storage unless a spec says `storage:`: `journal` (the default) or a
+    # PostgreSQL URL without a password, or {url, password_file} (hpcdl.database)
+    study_storage: StorageChoice | None = None
     container: Container = Container()
     job_root: OneLine = "~/.hpcdl/jobs"  # job folders' paths are written into the script
     # Who may read what hpcdl creates (job root and folders, registry, sweeps, runs, logs,

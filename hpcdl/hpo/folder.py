@@ -5,7 +5,8 @@ the CLI, the lifecycle, the workers, the final job and the chaos driver ask this
 
     SWEEP/spec.json            the validated spec (SweepSpec)
     SWEEP/train.yaml           the base training config as of `sweep run`
-    SWEEP/study.journal        Optuna's journal storage (JournalFileBackend)
+    SWEEP/study.journal        Optuna's journal storage (JournalFileBackend), unless the spec's
+                               storage is a database (hpcdl.hpo.storage)
     SWEEP/slots/N.json         one Slot per trial slot, written under SWEEP/.slots.lock
     SWEEP/trials/trial-NNNNN/  a trial's run folder (and its abort-attemptK.json markers)
     SWEEP/workers/TASK.jsonl   each warm worker's journal
@@ -73,6 +74,7 @@ class SweepPaths:
         self.final_started = root / ".final-started"  # the final job began (a requeue resumes)
         self.final_result = self.final / "result.json"
         self.round = root / "round"  # how many rounds were submitted (a sampler seed part)
+        self._slots: list[Slot] | None = None  # all_slots() as read once (one_read)
 
     def check_owned(self) -> None:
         """Raise HpcdlError unless the sweep folder and its spec are this user's and writable by
@@ -107,10 +109,23 @@ class SweepPaths:
         atomic_write_text(self.slot_file(slot.slot), slot.model_dump_json(indent=1))
 
     def all_slots(self) -> list[Slot]:
+        if self._slots is not None:
+            return list(self._slots)
         return sorted(
             (Slot.model_validate_json(p.read_text()) for p in self.slots.glob("*.json")),
             key=lambda s: s.slot,
         )
+
+    @contextmanager
+    def one_read(self) -> Iterator[None]:
+        """Within: every question about the slots (states, missing, finished) answers from one
+        read of the slot files. A status page asks three times; with 10,000 trials each read
+        took 0.34 s of the 1.6 s of 'sweep status'. Only for a view: nothing is written."""
+        self._slots = self.all_slots()
+        try:
+            yield
+        finally:
+            self._slots = None
 
     @contextmanager
     def lock(self) -> Iterator[None]:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcdl.config import JobTime, read_yaml, validate
+from hpcdl.database import StorageChoice
 from hpcdl.job import Resources as JobResources
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -106,6 +107,10 @@ class SweepSpec(_Strict):
     # module:name of an hpcdl.hpo.protocol.Objective (check, run, final) or of a plain
     # function(params, ctx) -> metric; default: hpcdl's trainer
     objective: str | None = None
+    # Where the Optuna study lives: `journal` (SWEEP/study.journal), a PostgreSQL URL without a
+    # password, or {url, password_file}; None: the site's study_storage, else the journal.
+    # `sweep run` writes its choice (and the database study's name) into the sweep's spec.
+    storage: StorageChoice | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:

@@ -1,4 +1,5 @@
-"""Optuna pieces for a sweep: journal-file storage on the shared filesystem, samplers, pruners."""
+"""Optuna pieces for a sweep: the study (journal file or database, :mod:`hpcdl.hpo.storage`),
+samplers, pruners."""
 
 from __future__ import annotations
 
@@ -10,18 +11,14 @@ import optuna
 
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import Choice, Grid, IntRange, SweepSpec, Uniform
+from hpcdl.hpo.storage import journal_storage, open_storage, study_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def storage(sweep_dir: Path) -> optuna.storages.JournalStorage:
-    """Journal file storage: no database server, safe across nodes (SQLite on NFS/Lustre is not)."""
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    path = str(SweepPaths(sweep_dir).study)
-    return optuna.storages.JournalStorage(
-        JournalFileBackend(path, lock_obj=JournalFileOpenLock(path))
-    )
+#: The journal storage on ``SWEEP/study.journal``; a sweep's own storage (journal or database)
+#: is :func:`hpcdl.hpo.storage.open_storage`.
+storage = journal_storage
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -90,17 +87,17 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> o
     ``worker``: the index of a process that will draw trials; its sampler's seed also depends
     on the sweep's round and on how many trials the study holds, so no two processes of the
     sweep (resumed, requeued) replay the same draws."""
-    journal = storage(sweep_dir)
+    store, name = open_storage(spec, sweep_dir), study_name(spec)
     draw: tuple[int, ...] = ()
     if worker is not None:
         try:
-            drawn = journal.get_n_trials(journal.get_study_id_from_name(spec.name))
+            drawn = store.get_n_trials(store.get_study_id_from_name(name))
         except KeyError:  # the study is created below
             drawn = 0
         draw = (read_round(sweep_dir), drawn)
     return optuna.create_study(
-        study_name=spec.name,
-        storage=journal,
+        study_name=name,
+        storage=store,
         sampler=make_sampler(spec, worker or 0, draw),
         pruner=make_pruner(spec),
         direction=spec.direction,
@@ -113,8 +110,9 @@ class TrialReporter:
     retried task reports to the trial an earlier process asked for, so there is no
     ``optuna.trial.Trial`` object to keep (that constructor is internal).
 
-    ``journal`` is a storage on the sweep's journal (``storage(sweep_dir)``); it and the study's
-    own storage read the same file, each catching up with the other's writes when it reads."""
+    ``journal`` is a storage of the sweep's study (``open_storage``): on the journal file it and
+    the study's own storage read the same file, each catching up with the other's writes when it
+    reads; in a database it is the process's one RDBStorage."""
 
     def __init__(self, study: optuna.Study, journal: optuna.storages.BaseStorage, number: int):
         self.study, self.number, self._journal = study, number, journal

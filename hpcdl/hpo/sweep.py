@@ -15,6 +15,7 @@ import optuna
 from hpcdl.config import read_yaml
 from hpcdl.containers import check_slurm_client
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.hpo import storage
 from hpcdl.hpo.folder import Slot, SweepPaths
 from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
 from hpcdl.hpo.spec import SweepSpec, load_spec
@@ -73,6 +74,9 @@ class Sweep:
         if self.paths.spec.exists():
             raise ConfigError(self.source, "name", self._exists_already())
         with _named(self.source):
+            # The storage first: a database sweep's spec (saved below) names its own study.
+            self.spec = storage.resolve(self.spec, self.site)
+            storage.check(self.spec, "")
             self._check_objective()
             self._check_array()
             sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None

@@ -154,6 +154,11 @@ def wrap(text: str, width: int, indent: int = 2) -> list[str]:
 
 def status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str]) -> list[str]:
     """The whole ``sweep status`` page; ``color`` styles a trial state word (after padding)."""
+    with sweep.paths.one_read():  # the slot files read once for the whole page
+        return _status_text(sweep, width, wide, color)
+
+
+def _status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str]) -> list[str]:
     spec = sweep.spec
     width = 10**6 if wide else width
     lines = wrap(

@@ -26,7 +26,8 @@ from hpcdl.hpo import decide
 from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
 from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.study import TrialReporter, storage, suggest
+from hpcdl.hpo.storage import open_storage
+from hpcdl.hpo.study import TrialReporter, suggest
 from hpcdl.task_env import task_id
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
@@ -147,7 +148,7 @@ def run_trial(
     trial_dir = paths.trial_dir(slot)
     trial_dir.mkdir(parents=True, exist_ok=True)
     lead = _rank() == 0
-    reporter = TrialReporter(study, storage(paths.root), slot.trial) if lead else None
+    reporter = TrialReporter(study, open_storage(spec, paths.root), slot.trial) if lead else None
 
     def record(new: Slot, **tell: Any) -> Slot:
         """Rank 0 writes the slot, and tells the study when the trial ends."""
