@@ -19,9 +19,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcdl.cli import bench, data, export, init, jobs, site, sweep, train
+    from hpcdl.cli import bench, bench_storage, data, export, init, jobs, site, sweep, train
 
-    for module in (init, jobs, site, train, export, data, sweep, bench):
+    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage):
         module.register(cli)
 
 
