@@ -13,7 +13,7 @@ if [ "${1-}" = --table ]; then
        { printf "%-14s %9.1f  %s\n", $1, $2, ($3 == 0 ? "ok" : "FAILED (exit " $3 ")")
          if (NR == 1 || $4 < first) first = $4
          if (NR == 1 || $5 > last) last = $5 }
-       END { printf "%-14s %9.1f  %s\n", "total", last - first, "(wall time: some phases overlap)" }' "$2"
+       END { printf "%-14s %9.1f  %s\n", "total", last - first, "(wall time, first start to last end)" }' "$2"
   exit 0
 fi
 if [ $# -lt 3 ]; then
