@@ -377,3 +377,9 @@ def site_data(**changes: object) -> dict:
         else:
             data[key] = value
     return data
+
+
+# A partition and the warning text the site-warning tests (unit and live) share.
+SITE_CPU_PARTITION = {"name": "cpu", "default": True, "max_time": "1-00:00:00", "max_nodes": 4,
+       "cpus_per_node": 4, "mem_per_node": "4000M"}  # fmt: skip
+REFUSED_DEFAULT = "every job given this default there is refused by sbatch"

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REFUSED_DEFAULT, REPO, SITE_CPU_PARTITION, run_cli
 
 from hpcdl.cli import main
 from hpcdl.site import SiteProfile, default_fit_problems
-
-CPU = {"name": "cpu", "default": True, "max_time": "1-00:00:00", "max_nodes": 4,
-       "cpus_per_node": 4, "mem_per_node": "4000M"}  # fmt: skip
-
-
-WHOLE = "every job given this default there is refused by sbatch"
 
 
 def test_site_check_warns_about_a_default_that_does_not_fit_naming_file_field_and_limit(
     tmp_path, capsys
 ):
     site = tmp_path / "fit.yaml"
-    cpu = {**CPU, "policy": {"defaults": {"mem-per-cpu": "1500M", "time-min": "2-00:00:00"}}}
+    cpu = {
+        **SITE_CPU_PARTITION,
+        "policy": {"defaults": {"mem-per-cpu": "1500M", "time-min": "2-00:00:00"}},
+    }
     site.write_text(yaml.safe_dump({"name": "fit", "scheduler": "local", "partitions": [cpu]}))
     assert main(["site", "check", str(site)]) == 0  # a warning: the profile still loads
     err = capsys.readouterr().err.splitlines()
@@ -29,7 +26,7 @@ def test_site_check_warns_about_a_default_that_does_not_fit_naming_file_field_an
         "x 4 CPUs per node exceeds partition 'cpu' mem_per_node 4000M: a job given this default "
         "can use at most 2 of the 4 CPUs per node there",
         f"hpcdl: warning: {site}: partitions.0.policy.defaults.time-min: --time-min=2-00:00:00 "
-        f"exceeds partition 'cpu' max_time 1-00:00:00: {WHOLE}",
+        f"exceeds partition 'cpu' max_time 1-00:00:00: {REFUSED_DEFAULT}",
     ]
     for shipped in ("local", "devcluster", "example-gpu-site"):  # their defaults fit
         profile = yaml.safe_load((REPO / f"hpcdl/sites/{shipped}.yaml").read_text())

@@ -3,19 +3,14 @@ said by 'site check' and 'site list'; an sbatch refusal is said once."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
+from conftest import REFUSED_DEFAULT, REPO, SITE_CPU_PARTITION
 
 from hpcdl.cli import main
 from hpcdl.site import Partition, SiteProfile, default_fit_problems
 
-REPO = Path(__file__).resolve().parents[2]
-CPU = {"name": "cpu", "default": True, "max_time": "1-00:00:00", "max_nodes": 4,
-       "cpus_per_node": 4, "mem_per_node": "4000M"}  # fmt: skip
-GPU = {**CPU, "name": "gpu", "default": False, "gpus_per_node": 2}
-WHOLE = "every job given this default there is refused by sbatch"
+GPU = {**SITE_CPU_PARTITION, "name": "gpu", "default": False, "gpus_per_node": 2}
 
 
 def _profile(partition: dict, defaults: dict) -> SiteProfile:
@@ -27,27 +22,27 @@ def _profile(partition: dict, defaults: dict) -> SiteProfile:
 @pytest.mark.parametrize(
     ("partition", "defaults", "expected"),
     [
-        (CPU, {"time-min": "2-00:00:00"},
-         f"--time-min=2-00:00:00 exceeds partition 'cpu' max_time 1-00:00:00: {WHOLE}"),
-        (CPU, {"time-min": "1-00:00:00"}, None),  # equal to the limit: fits
-        (CPU, {"mem-per-cpu": "5G"},
-         f"--mem-per-cpu=5G exceeds partition 'cpu' mem_per_node 4000M: {WHOLE}"),
-        (CPU, {"mem-per-cpu": "1500M"},
+        (SITE_CPU_PARTITION, {"time-min": "2-00:00:00"},
+         f"--time-min=2-00:00:00 exceeds partition 'cpu' max_time 1-00:00:00: {REFUSED_DEFAULT}"),
+        (SITE_CPU_PARTITION, {"time-min": "1-00:00:00"}, None),  # equal to the limit: fits
+        (SITE_CPU_PARTITION, {"mem-per-cpu": "5G"},
+         f"--mem-per-cpu=5G exceeds partition 'cpu' mem_per_node 4000M: {REFUSED_DEFAULT}"),
+        (SITE_CPU_PARTITION, {"mem-per-cpu": "1500M"},
          "--mem-per-cpu=1500M x 4 CPUs per node exceeds partition 'cpu' mem_per_node 4000M: a "
          "job given this default can use at most 2 of the 4 CPUs per node there"),
-        (CPU, {"mem-per-cpu": "1000M"}, None),  # 4 x 1000M = the node's 4000M
-        ({**CPU, "mem_per_node": None}, {"mem-per-cpu": "64G"}, None),  # no memory limit known
-        (CPU, {"mincpus": 8}, f"--mincpus=8 exceeds partition 'cpu' cpus_per_node 4: {WHOLE}"),
-        (CPU, {"mincpus": 4}, None),
+        (SITE_CPU_PARTITION, {"mem-per-cpu": "1000M"}, None),  # 4 x 1000M = the node's 4000M
+        ({**SITE_CPU_PARTITION, "mem_per_node": None}, {"mem-per-cpu": "64G"}, None),  # no memory limit known
+        (SITE_CPU_PARTITION, {"mincpus": 8}, f"--mincpus=8 exceeds partition 'cpu' cpus_per_node 4: {REFUSED_DEFAULT}"),
+        (SITE_CPU_PARTITION, {"mincpus": 4}, None),
         (GPU, {"cpus-per-gpu": 3},
          "--cpus-per-gpu=3 x 2 GPUs per node exceeds partition 'gpu' cpus_per_node 4: a job "
          "given this default can use at most 1 of the 2 GPUs per node there"),
         (GPU, {"cpus-per-gpu": 2}, None),
         (GPU, {"gpus-per-task": 3},
-         f"--gpus-per-task=3 exceeds partition 'gpu' gpus_per_node 2: {WHOLE}"),
+         f"--gpus-per-task=3 exceeds partition 'gpu' gpus_per_node 2: {REFUSED_DEFAULT}"),
         (GPU, {"gpus-per-task": 2, "mem-per-gpu": "5G"},
-         f"--mem-per-gpu=5G exceeds partition 'gpu' mem_per_node 4000M: {WHOLE}"),
-        (CPU, {"constraint": "intel", "exclusive": True}, None),  # no limit to exceed
+         f"--mem-per-gpu=5G exceeds partition 'gpu' mem_per_node 4000M: {REFUSED_DEFAULT}"),
+        (SITE_CPU_PARTITION, {"constraint": "intel", "exclusive": True}, None),  # no limit to exceed
     ],
 )  # fmt: skip
 def test_policy_defaults_that_do_not_fit_their_partition(partition, defaults, expected):
@@ -119,7 +114,11 @@ def test_site_check_says_how_many_nodes_a_default_constraint_leaves():
     assert live["cpu"].node_features == [["ib", "intel"]] * 2 + [["amd", "ib"]] * 2
 
     def problems(defaults: dict) -> list[str]:
-        cpu = {**CPU, "features": ["amd", "ib", "intel"], "policy": {"defaults": defaults}}
+        cpu = {
+            **SITE_CPU_PARTITION,
+            "features": ["amd", "ib", "intel"],
+            "policy": {"defaults": defaults},
+        }
         return check_site(SiteProfile(name="x", scheduler="slurm", partitions=[cpu]), live)
 
     assert problems({"constraint": "intel"}) == [
