@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from hpcdl.errors import HpcdlError
 from hpcdl.hostlist import expand_hostlist
+from hpcdl.preemption import slurm_task
 
 # Derived master ports: from PORT_LOW up to Linux's default ephemeral range (ip_local_port_range).
 PORT_LOW, EPHEMERAL_LOW = 20000, 32768
@@ -110,8 +111,12 @@ def slurm_layout(env: Mapping[str, str]) -> DistEnv:
     node_rank = int(env.get("SLURM_NODEID", "0"))
     per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env["SLURM_TASKS_PER_NODE"])
     nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-    job_id = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
-    array_task = env.get("SLURM_ARRAY_TASK_ID")
+    task = slurm_task(env)
+    if task is None:
+        raise KeyError("SLURM_JOB_ID")  # as any other variable srun always sets
+    job_id = task.array_job or task.job
+    array_task = None if task.array_task is None else str(task.array_task)
+    restart = str(task.restarts) if task.restarts else None
     return DistEnv(
         rank=int(env["SLURM_PROCID"]),
         world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
@@ -120,8 +125,8 @@ def slurm_layout(env: Mapping[str, str]) -> DistEnv:
         node_rank=node_rank,
         num_nodes=len(per_node),
         master_addr=first_host(nodelist),
-        master_port=master_port(job_id, array_task, env.get("SLURM_RESTART_COUNT")),
-        job_id=f"{job_id}_{array_task}" if array_task else job_id,
+        master_port=master_port(job_id, array_task, restart),
+        job_id=task.job,
         source="slurm",
     )
 

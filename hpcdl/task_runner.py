@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from hpcdl.preemption import PreemptCheckpoint, checkpoint_on_preemption, slurm_task
 from hpcdl.rendezvous import (
     in_slurm_step,
     local_layout,
@@ -23,7 +21,6 @@ from hpcdl.rendezvous import (
     torch_env,
     torchrun_rendezvous,
 )
-from hpcdl.task_env import signal_of, time_limit_signal
 
 LAUNCHERS = ("srun", "torchrun")
 # What every task of a multi-task command job sees (torchrun's names and meanings).
@@ -98,76 +95,6 @@ def _pmi_fds() -> tuple[int, ...]:
     return (int(fd),)
 
 
-# The seam to submitit (hpcdl.scheduler.checkpointable; the runner may not import it): called in the
-# task before the callable starts, it returns this task's global rank and the function that saves
-# the job's checkpoint (its path), or None outside a submitit Slurm task.
-Bind = Callable[[], tuple[int, Callable[[], str]] | None]
-
-
-@dataclass(frozen=True)
-class PreemptCheckpoint:
-    """A Checkpointable callable's job runs in a partition that Slurm preempts by requeueing
-    (``PreemptMode=REQUEUE``): ``signals`` (the site's ``preempt_signals``, SIGTERM) get the
-    callable checkpointed, then the task waits up to ``wait_s`` for Slurm's SIGKILL."""
-
-    signals: tuple[str, ...]
-    wait_s: float
-    bind: Bind
-
-
-class _OnPreemption:
-    """The handler of the site's preemption signals for a Checkpointable callable's task.
-
-    submitit binds SIGTERM to a handler that only logs it, so a callable preempted by Slurm
-    (SIGTERM, ``GraceTime``, SIGKILL, requeue) would start over. On the first signal, global rank
-    0 does what submitit does with its own signal: ``checkpoint()``, and the returned submission
-    replaces the job's ``<job id>_submitted.pkl``, which every task of the requeued job loads
-    (one per job, or per array task: that is why only rank 0 writes it). Then every rank waits
-    for the SIGKILL instead of going on (work after the checkpoint would be redone, or lost) or
-    exiting: Slurm requeues a preempted job only if it is still running when the grace time ends
-    (one that ends within it is recorded COMPLETED), so no Slurm command is needed, and a SIGTERM
-    from ``scancel`` or the time limit still ends the job. A signal that no SIGKILL follows within
-    ``wait_s`` was no preemption: the task carries on. Messages go to stderr by ``print``: a
-    signal handler must not take the logging lock the interrupted code may hold.
-    """
-
-    def __init__(self, rank: int, save: Callable[[], str], wait_s: float) -> None:
-        self.rank, self.save, self.wait_s = rank, save, wait_s
-        self.fired = False
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.fired:  # Slurm repeats SIGTERM at the end of the grace time: still waiting
-            return
-        self.fired, name = True, signal.Signals(signum).name
-        if self.rank == 0:  # raises when checkpoint() returns None: the job ends here
-            path = self.save()
-            _say(f"preempted by {name}: checkpoint saved in {path}; waiting for Slurm's requeue")
-        else:
-            _say(f"preempted by {name}: rank {self.rank} stops; rank 0 checkpoints")
-        deadline = time.monotonic() + self.wait_s
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 5.0))
-        _say(f"no SIGKILL {self.wait_s:.0f}s after {name}: not a preemption, carrying on")
-
-
-def _say(message: str) -> None:
-    print(f"hpcdl: {message}", file=sys.stderr, flush=True)
-
-
-def _checkpoint_on_preemption(preempt: PreemptCheckpoint) -> None:
-    """Install :class:`_OnPreemption` for ``preempt.signals``; the time-limit signal stays
-    submitit's (checkpoint, ``scontrol requeue``, a few times at most)."""
-    bound = preempt.bind()
-    if bound is None:
-        _say("not a submitit Slurm task: no checkpoint on preemption")
-        return
-    usr = time_limit_signal()
-    handler = _OnPreemption(*bound, preempt.wait_s)
-    for name in preempt.signals:
-        if signal_of(name) != usr:
-            signal.signal(signal_of(name), handler)
-
-
 @dataclass
 class Task:
     """Runs a command (argv, no shell) or a Python callable with extra environment variables.
@@ -225,13 +152,13 @@ class Task:
     def _run(self) -> Any:
         os.environ.update(self.env)
         task_id = self.array_task_id
-        if task_id is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-            task_id = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        if task_id is None and (slurm := slurm_task()) is not None:
+            task_id = slurm.array_task
         if task_id is not None:
             os.environ["HPCDL_ARRAY_TASK_ID"] = str(task_id)
         if self.function is not None:
             if self.preempt is not None and hasattr(self.function, "checkpoint"):
-                _checkpoint_on_preemption(self.preempt)
+                checkpoint_on_preemption(self.preempt)
             return self.function(*self.args, **self.kwargs)
         assert self.argv is not None
         if self.launcher is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.protocol import TrialRequeued
 from hpcdl.hpo.study import open_study
-from hpcdl.task_env import task_id
+from hpcdl.preemption import task_id
 from hpcdl.util import append_jsonl, get_logger
 
 log = get_logger(__name__)

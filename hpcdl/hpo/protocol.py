@@ -24,7 +24,7 @@ from hpcdl.hpo.folder import Slot
 from hpcdl.hpo.spec import SweepSpec
 
 if TYPE_CHECKING:  # installed by the worker; no import of the trainer's modules at run time
-    from hpcdl.train.stop_signals import StopFlag
+    from hpcdl.preemption import StopFlag
 
 
 class TrialRequeued(Exception):

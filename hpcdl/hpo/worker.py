@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 
+from hpcdl import preemption
 from hpcdl.hpo.folder import FINISHED_SLOT, SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import open_study
@@ -36,11 +37,8 @@ from hpcdl.hpo.trial import (
     claim,
     run_trial,
 )
-from hpcdl.task_env import task_id
+from hpcdl.preemption import StopFlag, task_id
 from hpcdl.util import append_jsonl, configure_logging, get_logger, read_jsonl
-
-if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
-    from hpcdl.train.stop_signals import StopFlag
 
 log = get_logger(__name__)
 
@@ -116,15 +114,14 @@ def _any_rank(flag: bool) -> bool:
 def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     """Entry point of one Slurm array task of a warm-worker round (every rank runs it)."""
     from hpcdl.train.run import finish_distributed
-    from hpcdl.train.stop_signals import PreemptionFlag
 
-    flag = PreemptionFlag()  # first: a signal may come at any time
+    flag = preemption.PreemptionFlag()  # first: a signal may come at any time
     configure_logging()  # the task's stderr is its log
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
     _maybe_init_distributed(spec.collective_timeout_s)
     log.info("sweep worker %s started (pid %d, rank %d)", task_id(), os.getpid(), _rank())
-    note(paths, "start", restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    note(paths, "start", restarts=preemption.restarts())
     study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = work(paths, spec, study, slots, flag)
     finish_distributed()  # the ranks leave together
@@ -141,19 +138,22 @@ def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag)
     or during one that ended anyway): while the round has slots left, requeue the task so it
     comes back for them, as it would after a trial's checkpoint. A cancelled task stays
     cancelled; a task Slurm requeued itself (preemption, node failure) is left as it is."""
-    from hpcdl.scheduler import requeue_job
-    from hpcdl.train import stop_signals
+    from hpcdl.scheduler import SlurmRequeue
 
-    target = task_id(local=False)
-    if target is None or not paths.missing_slots(slots):
-        return
-    sig = stop_signals.received_signal(flag)
+    task, sig = preemption.slurm_task(), preemption.received_signal(flag)
+    target = task.job if task else None
     try:
-        outcome = requeue_job(target, sig)
+        limit = preemption.time_limit_signal().name
+        stop = preemption.Stop("worker", sig, limit, task, _rank(),
+                               work_left=bool(paths.missing_slots(slots)))  # fmt: skip
+        step = preemption.settle(stop, SlurmRequeue())
     except Exception as exc:  # the follow-up job or 'sweep resume' runs the slots instead
-        log.warning("stopped by %s between trials; could not requeue %s: %s", sig, target, exc)
-        return
-    if outcome != "requeued":
+        step = preemption.Step("leave", "refused", str(exc))
+    if step.why == "refused":
+        log.warning(
+            "stopped by %s between trials; could not requeue %s: %s", sig, target, step.said
+        )
+    if step.action != "requeued":
         return
     note(paths, "requeued", signal=sig)
     log.info("stopped by %s between trials: requeued %s for the round's slots left", sig, target)
@@ -168,7 +168,8 @@ def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None
     from hpcdl.scheduler import get_scheduler
     from hpcdl.site import load_site
 
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    task = preemption.slurm_task()
+    array = task.array_job if task else None
     if array is None or paths.missing_slots(slots):
         return
     try:
@@ -187,7 +188,7 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
     spec = paths.load_spec()
     slot_no = slots[int(os.environ["HPCDL_ARRAY_TASK_ID"])]
     _maybe_init_distributed(spec.collective_timeout_s)
-    note(paths, "start", restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    note(paths, "start", restarts=preemption.restarts())
     study = open_study(spec, paths.root, worker=slot_no)
     slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
     if slot is None:

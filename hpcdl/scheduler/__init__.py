@@ -13,7 +13,7 @@ follows the job through its handle, without the profile::
 
 from typing import Any
 
-from hpcdl.scheduler._requeue import requeue_job
+from hpcdl.scheduler._requeue import SlurmRequeue
 from hpcdl.scheduler.interface import (
     JobHandle,
     Scheduler,
@@ -46,6 +46,7 @@ __all__ = [
     "JobHandle",
     "LocalScheduler",
     "Scheduler",
+    "SlurmRequeue",
     "SlurmScheduler",
     "TaskStatus",
     "backend_for",
@@ -62,7 +63,6 @@ __all__ = [
     "log_tail",
     "record",
     "registry_roots",
-    "requeue_job",
     "setup_lines",
     "summarize",
 ]

@@ -1,6 +1,6 @@
-"""Whether and how a job stopped by a signal goes back in the queue: one decision for the
-trainer (after its checkpoint) and a sweep worker (between trials); the Slurm commands it needs
-(sacct, scontrol requeue) stay in this package."""
+"""The Slurm commands a job stopped by a signal needs to go back in the queue (scontrol show job,
+sacct, scontrol requeue): :class:`SlurmRequeue`, which :func:`hpcdl.preemption.settle` asks
+while it carries out its decision (what to ask, and when to requeue, is decided there)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 
 from hpcdl.errors import HpcdlError
 from hpcdl.scheduler.slurm import SlurmScheduler, query, run_command
-from hpcdl.task_env import time_limit_signal
 
 
 def cancelled(target: str, settle_s: float = 10.0) -> bool:
@@ -52,18 +51,17 @@ def requeued_by_slurm(target: str) -> bool:
         return False
 
 
-def requeue_job(target: str, sig: str) -> str:
-    """Put Slurm job ``target``, stopped by ``sig``, back in the queue (one process per job
-    calls this; the trainer after its checkpoint, a sweep worker between trials):
-    ``"requeued"``; ``"cancelled"`` when scancel stopped it (scancel sends SIGTERM too: such a
-    job must not come back); ``"already"`` when Slurm requeued it itself (a node failure).
-    Raises :class:`HpcdlError` when the requeue fails otherwise."""
-    if sig != time_limit_signal().name and cancelled(target):
-        return "cancelled"
-    try:
-        SlurmScheduler().requeue(target)
-    except HpcdlError as exc:
-        if "pending execution" not in str(exc) and not requeued_by_slurm(target):
-            raise
-        return "already"
-    return "requeued"
+class SlurmRequeue:
+    """:class:`hpcdl.preemption.SlurmControl` on the live cluster (one process per job asks:
+    the trainer's rank 0 after its checkpoint, a sweep worker between trials)."""
+
+    def cancelled(self, job: str) -> bool:
+        return cancelled(job)
+
+    def requeue(self, job: str) -> None:
+        """``scontrol requeue``; HpcdlError with Slurm's answer when refused (a job Slurm
+        already requeued itself is "pending execution")."""
+        SlurmScheduler().requeue(job)
+
+    def requeued_by_slurm(self, job: str) -> bool:
+        return requeued_by_slurm(job)

@@ -1,12 +1,12 @@
 """Checkpointable callables (submitit's ``checkpoint()`` protocol) stopped early: what submitit
-does itself, and the seam through which :mod:`hpcdl.task_runner` checkpoints one when Slurm preempts
+does itself, and the seam through which :mod:`hpcdl.preemption` checkpoints one when Slurm preempts
 it (submitit only logs that signal). The only code that touches submitit's signal handler.
 
 - **Time limit**: submitit's handler of the time-limit signal (USR2) checkpoints the callable
   and requeues the job (``scontrol requeue``) at most :data:`TIMEOUT_REQUEUES` times.
 - **Preemption** (``PreemptMode=REQUEUE``: SIGTERM, ``GraceTime``, SIGKILL, Slurm's requeue):
   :func:`preempt_checkpoint` gives the task of a Checkpointable callable in such a partition
-  a :class:`~hpcdl.task_runner.PreemptCheckpoint`, and the runner calls :func:`bind_checkpoint`.
+  a :class:`~hpcdl.preemption.PreemptCheckpoint`, and the task calls :func:`bind_checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hpcdl.preemption import PreemptCheckpoint
 from hpcdl.site import SiteProfile
-from hpcdl.task_runner import PreemptCheckpoint
 from hpcdl.util import atomic_path, fsync_dir
 
 # How many times submitit requeues a Checkpointable callable that reaches its time limit

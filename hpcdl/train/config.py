@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcdl.config import apply_overrides, read_yaml, validate
+from hpcdl.errors import HpcdlError
 from hpcdl.job import Resources
 from hpcdl.script_values import SetupLine
 
@@ -165,6 +166,20 @@ def read_site_values(run_dir: str | Path) -> dict[str, Any]:
     so editing the profile while a run is queued does not change the run."""
     path = Path(run_dir) / "site.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def preemption_settings(site_values: Mapping[str, Any], site: str | None) -> dict[str, Any]:
+    """The preemption settings a run's ranks use (:func:`hpcdl.preemption.configure`): those
+    recorded in the run folder (``site.json``) first, else the live profile's, else the
+    defaults."""
+    from hpcdl.site import Preemption, load_site
+
+    recorded = site_values.get("preemption") or {}
+    try:
+        live = load_site(site_values.get("site") or site).preemption.model_dump()
+    except HpcdlError:
+        live = Preemption().model_dump()
+    return {**live, **recorded}
 
 
 def dump_config(cfg: TrainConfig) -> str:

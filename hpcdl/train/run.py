@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcdl.config import apply_overrides, validate
 from hpcdl.errors import HpcdlError
+from hpcdl.preemption import PreemptionFlag
 from hpcdl.train.config import (
     IDENTITY,
     TrainConfig,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from hpcdl.job import Job, JobHandle
     from hpcdl.launch import DistEnv
     from hpcdl.site import SiteProfile
-    from hpcdl.train.stop_signals import PreemptionFlag
 
 log = get_logger(__name__)
 
@@ -62,7 +62,6 @@ def ranks(
     ranks leave together (``finish``). After an exception nobody waits at the final barrier:
     a failed rank's peers may never reach it."""
     from hpcdl.launch import init_distributed
-    from hpcdl.train.stop_signals import PreemptionFlag
 
     flag = flag or PreemptionFlag()
     info = init_distributed()
@@ -106,8 +105,6 @@ def finish_distributed() -> None:
 def run_job(run_dir: str) -> dict[str, Any]:
     """What every task of a training job runs (also usable under mpiexec, srun or torchrun):
     train the run folder ``run_dir``, resuming from its newest valid checkpoint."""
-    from hpcdl.train.stop_signals import PreemptionFlag
-
     flag = PreemptionFlag()  # before reading the config: the signal may come at any time
     return Run.load(run_dir).execute(flag=flag)
 

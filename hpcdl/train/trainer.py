@@ -18,13 +18,19 @@ from typing import Any
 
 import torch
 
+from hpcdl import preemption
 from hpcdl.data.reader import ShardLoader
 from hpcdl.errors import HpcdlError
 from hpcdl.launch import init_distributed
+from hpcdl.preemption import StopFlag
 from hpcdl.track import Tracker, rewind_jsonl
-from hpcdl.train import stop_signals
 from hpcdl.train.checkpoint import Checkpointer, tag_for
-from hpcdl.train.config import TrainConfig, read_run_config, read_site_values
+from hpcdl.train.config import (
+    TrainConfig,
+    preemption_settings,
+    read_run_config,
+    read_site_values,
+)
 from hpcdl.train.engine import (
     DTYPES,
     build_engine,
@@ -40,7 +46,6 @@ from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats
 from hpcdl.train.stop import StopTraining
-from hpcdl.train.stop_signals import StopFlag
 from hpcdl.util import atomic_write_json, configure_logging
 
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -109,9 +114,8 @@ class Trainer:
         self.run_dir, self.flag, self.on_epoch = Path(run_dir), flag, on_epoch
         self.cfg = read_run_config(self.run_dir)
         self.site_values = read_site_values(self.run_dir)  # what the site decided at submission
-        self.policy = stop_signals.configure(
-            flag, self.site_values, self.cfg.job.site
-        )  # its signals
+        settings = preemption_settings(self.site_values, self.cfg.job.site)
+        self.policy = preemption.configure(flag, settings)  # the flag listens to its signals
         self.state = TrainState()
         self.last_saved: int | None = None  # the step of this run's newest checkpoint
         self.last_val: tuple[float, float, int] | None = None  # the newest validation
@@ -185,7 +189,7 @@ class Trainer:
             "event": "resume" if resumed else "start",
             "step": self.state.step,
             "checkpoint": resumed,
-            "restarts": stop_signals.restarts(),
+            "restarts": preemption.restarts(),
             "world_size": self.world,
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
@@ -316,16 +320,19 @@ class Trainer:
 
     def stop_for_preemption(self) -> dict[str, Any]:
         """Some rank was signalled: all ranks checkpoint, then requeue (or fail clearly)."""
-        step, sig = self.state.step, stop_signals.received_signal(self.flag)
-        late = stop_signals.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
+        from hpcdl.scheduler import SlurmRequeue  # Slurm's commands: only on the requeue path
+
+        step, sig = self.state.step, preemption.received_signal(self.flag)
+        late = preemption.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
         if late:  # this rank's own view: logged by rank 0 when it was signalled
             self.tracker.log("event", {**late, "step": step})
         tag = self.save_once()
         self.tracker.log("event", {"event": "preempted", "step": step, "tag": tag, "signal": sig})
         self.tracker.close()
-        target = stop_signals.after_checkpoint(
-            step, tag, str(self.run_dir), self.cfg.job.max_requeues, self.rank, sig
-        )
+        target = preemption.after_checkpoint(
+            step, tag, str(self.run_dir), self.cfg.job.max_requeues, self.rank, sig,
+            slurm=SlurmRequeue(),
+        )  # fmt: skip
         return {"status": "requeued", "step": step, "job": target}
 
     def finish(self) -> dict[str, Any]:
@@ -341,7 +348,7 @@ class Trainer:
             "val_loss": final_val[0],
             "val_acc": final_val[1],
             "world_size": self.world,
-            "restarts": stop_signals.restarts(),
+            "restarts": preemption.restarts(),
             "step_time_mean_s": self.meter.mean_step_time(self.state.step),
         }
         if self.rank == 0:

@@ -28,9 +28,10 @@ from conftest import REPO, release_requeued
 from submitit.core.utils import DelayedSubmission
 
 from hpcdl import Job, load_site
+from hpcdl.preemption import PreemptCheckpoint
 from hpcdl.scheduler import FINISHED, JobHandle, log_tail
 from hpcdl.scheduler.checkpointable import KILL_MARGIN_S, TIMEOUT_REQUEUES, bind_checkpoint
-from hpcdl.task_runner import PreemptCheckpoint, Task
+from hpcdl.task_runner import Task
 from tests.helpers.checkpointable import Counter, NoResume, plain
 
 

@@ -31,9 +31,9 @@ from train_setup import (
 
 from hpcdl.cli import main
 from hpcdl.errors import ConfigError, HpcdlError
-from hpcdl.task_env import task_id, time_limit_signal
+from hpcdl.preemption import after_checkpoint, restarts, task_id, time_limit_signal
+from hpcdl.scheduler import SlurmRequeue
 from hpcdl.track import Tracker, rewind_jsonl
-from hpcdl.train import stop_signals
 from hpcdl.train.models import build_model, loss_fn
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
@@ -186,7 +186,7 @@ def test_the_task_id_names_the_array_task(monkeypatch):
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
                 "SUBMITIT_LOCAL_JOB_ID"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
-    assert task_id(local=False) is None and task_id() is None and stop_signals.restarts() == 0
+    assert task_id(local=False) is None and task_id() is None and restarts() == 0
     monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
     assert task_id() == "4242" and task_id(local=False) is None  # a local job: no requeue
     monkeypatch.setenv("SLURM_JOB_ID", "120")
@@ -194,9 +194,9 @@ def test_the_task_id_names_the_array_task(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert task_id(local=False) == "100_7" == task_id() and stop_signals.restarts() == 2
+    assert task_id(local=False) == "100_7" == task_id() and restarts() == 2
     with pytest.raises(HpcdlError, match="max_requeues=2 exhausted"):
-        stop_signals.after_checkpoint(5, "step00000005", "/runs/x", max_requeues=2, rank=0)
+        after_checkpoint(5, "step00000005", "/runs/x", max_requeues=2, rank=0, slurm=SlurmRequeue())
 
 
 def test_preemption_signal_is_usr2_unless_the_site_says_otherwise(monkeypatch):

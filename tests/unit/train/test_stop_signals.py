@@ -23,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).parents[2] / "helpers"))
 from test_trainer_units import make_run, train_run
 from train_setup import history, rows, same_weights
 
+from hpcdl import preemption
 from hpcdl.errors import HpcdlError
-from hpcdl.scheduler import _requeue
-from hpcdl.train import stop_signals
+from hpcdl.scheduler import SlurmRequeue, _requeue
+from hpcdl.train.config import preemption_settings
 from hpcdl.train.trainer import Trainer
 
 TIMING = ("step_time_mean_s",)
+SLURM = SlurmRequeue()  # its sacct and scontrol calls are replaced where a test calls it
 
 
 def events(run_dir: Path) -> list[tuple[str, int]]:
@@ -103,7 +105,7 @@ def own_signals(monkeypatch) -> Iterator[None]:
 def signalled_run(run_dir: Path, at: int, signum: signal.Signals = signal.SIGTERM) -> None:
     """Train ``run_dir`` with the real flag; this process signals itself once at step ``at``
     (in the middle of a gradient-accumulation window, as a preemption comes)."""
-    flag = stop_signals.PreemptionFlag()
+    flag = preemption.PreemptionFlag()
     trainer = Trainer(run_dir, flag)
     micro_step, sent = trainer.micro_step, []
 
@@ -163,10 +165,11 @@ def test_grace_time_too_short_is_in_the_event_log(world1, synth, tmp_path, own_s
 
 
 def test_the_sites_signal_list_decides_what_the_flag_handles(own_signals, tmp_path):
-    flag = stop_signals.PreemptionFlag()  # before the config: the time-limit signal and TERM
+    flag = preemption.PreemptionFlag()  # before the config: the time-limit signal and TERM
     ours = flag._handle
     assert signal.getsignal(signal.SIGTERM) == ours and signal.getsignal(signal.SIGUSR2) == ours
-    policy = stop_signals.configure(flag, {"preemption": {"preempt_signals": ["HUP"]}}, "local")
+    settings = preemption_settings({"preemption": {"preempt_signals": ["HUP"]}}, "local")
+    policy = preemption.configure(flag, settings)
     assert policy.signals == (signal.SIGHUP,) and policy.grace_time_s == 30  # local.yaml's
     assert signal.getsignal(signal.SIGHUP) == ours and signal.getsignal(signal.SIGUSR2) == ours
     assert signal.getsignal(signal.SIGTERM) != ours  # given back
@@ -186,11 +189,17 @@ def test_a_cancelled_job_is_not_requeued_after_its_sigterm_checkpoint(monkeypatc
     monkeypatch.setattr(SlurmScheduler, "requeue", lambda self, target: requeued.append(target))
     monkeypatch.setattr(_requeue, "cancelled", lambda target: True)
     with pytest.raises(HpcdlError, match=r"job 77 was cancelled \(SIGTERM at step 5\)"):
-        stop_signals.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM")
+        preemption.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM", slurm=SLURM)
     assert requeued == []
-    assert stop_signals.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGUSR2") == "77"
+    assert (
+        preemption.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGUSR2", slurm=SLURM)
+        == "77"
+    )
     monkeypatch.setattr(_requeue, "cancelled", lambda target: False)
-    assert stop_signals.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM") == "77"
+    assert (
+        preemption.after_checkpoint(5, "step00000005", "/runs/x", 3, 0, "SIGTERM", slurm=SLURM)
+        == "77"
+    )
     assert requeued == ["77", "77"]
 
 
@@ -209,9 +218,15 @@ def test_a_job_slurm_already_requeued_is_not_an_error(monkeypatch):
 
     monkeypatch.setattr(SlurmScheduler, "requeue", refuse)
     monkeypatch.setattr(_requeue, "requeued_by_slurm", lambda target: False)
-    assert stop_signals.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM") == "78"
+    assert (
+        preemption.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM", slurm=SLURM)
+        == "78"
+    )
     answer["why"] = "Requested operation is presently disabled"
     with pytest.raises(HpcdlError, match="presently disabled for job 78; resubmit with run_dir="):
-        stop_signals.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM")
+        preemption.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM", slurm=SLURM)
     monkeypatch.setattr(_requeue, "requeued_by_slurm", lambda target: True)  # sacct says so
-    assert stop_signals.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM") == "78"
+    assert (
+        preemption.after_checkpoint(9, "step00000009", "/runs/x", 3, 0, "SIGTERM", slurm=SLURM)
+        == "78"
+    )

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[2] / "helpers"))
 from train_setup import Flag, history, make_run, rows, same_weights, train_run
 
+from hpcdl import preemption
 from hpcdl.errors import HpcdlError
-from hpcdl.train import stop_signals
 from hpcdl.train.config import (
     TrainConfig,
     dump_config,
@@ -303,8 +303,8 @@ def test_preemption_flag_checkpoints_and_stops_then_resumes_exactly(
     """The flag, raised at step 5, travels with the sync of step 8 and is seen at the next sync
     (step 10): every rank checkpoints there and stops; the resumed run equals the reference."""
     requeued: list[tuple[int, str]] = []  # what rank 0 would requeue (scontrol) after the save
-    monkeypatch.setattr(stop_signals, "after_checkpoint",
-                        lambda step, tag, *args: requeued.append((step, tag)) or "4242")  # fmt: skip
+    monkeypatch.setattr(preemption, "after_checkpoint",
+                        lambda step, tag, *args, **kw: requeued.append((step, tag)) or "4242")  # fmt: skip
     run_dir = make_run(tmp_path, synth, "cut")
     assert train_run(run_dir, Flag(at=5)) == {"status": "requeued", "step": 10, "job": "4242"}
     assert requeued == [(10, "step00000010")]
