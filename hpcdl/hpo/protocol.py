@@ -17,14 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from hpcdl.errors import HpcdlError
 from hpcdl.hpo.folder import Slot
 from hpcdl.hpo.spec import SweepSpec
-
-if TYPE_CHECKING:  # installed by the worker; no import of the trainer's modules at run time
-    from hpcdl.preemption import StopFlag
+from hpcdl.preemption import StopFlag
 
 
 class TrialRequeued(Exception):

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import optuna
 
@@ -28,12 +28,9 @@ from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_object
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.storage import open_storage
 from hpcdl.hpo.study import TrialReporter, suggest
-from hpcdl.preemption import task_id
+from hpcdl.preemption import StopFlag, task_id
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
-
-if TYPE_CHECKING:  # the flag is installed by the worker; no import at run time
-    from hpcdl.preemption import StopFlag
 
 
 def resolve_objective(spec: SweepSpec) -> Objective:
