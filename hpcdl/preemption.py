@@ -232,9 +232,11 @@ class Said:
 
 @dataclass(frozen=True)
 class Step:
+    """What :func:`decide` says comes next, and why."""
+
     action: Action
-    why: str  # a short reason, or Slurm's refusal (why == "refused": ``said``)
-    said: str = ""
+    why: str  # a short reason: "cancelled", "exhausted", "refused", "by Slurm", ...
+    said: str = ""  # Slurm's refusal, when why == "refused"
 
 
 def decide(stop: Stop, said: Said = Said()) -> Step:
