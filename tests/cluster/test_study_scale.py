@@ -222,3 +222,140 @@ def test_best_on_10000_trials_is_the_journals_answer(big_sweeps):
     root, names = big_sweeps
     answers = [json.loads(_timed(root, "sweep", "best", names[k], "--json")[2]) for k in names]
     assert answers[0] == answers[1]
+
+
+# -- sweep move-storage ---------------------------------------------------------------------------
+def _pg_studies(postgres: Postgres, like: str) -> list[str]:
+    with _sql(postgres) as conn:
+        rows = conn.execute("SELECT study_name FROM studies WHERE study_name LIKE %s", (like,))
+        return [r[0] for r in rows.fetchall()]
+
+
+def _move(name: str, url: str, *extra: str, capsys) -> tuple[int, str, str]:
+    rc = main(["sweep", "move-storage", name, url, *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_move_a_running_sweep_cancel_move_resume(job_root, postgres, password_file, monkeypatch,
+                                                 capsys):  # fmt: skip
+    """The documented way: refused while the workers run (nothing copied, spec unchanged);
+    after `sweep cancel` the study moves with every trial under its number; `sweep resume`
+    finishes the sweep in the database, each trial recorded once, the cancelled ones retried
+    under their own numbers; `sweep best` reads the database."""
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.5")  # 2 s a trial: the cancel falls mid-sweep
+    sweep = Sweep(spec("journal", name="mover", trials=10, parallelism=2, final=False))
+    sweep.run()
+    deadline = time.monotonic() + 90
+    while sweep.paths.finished_count() < 2:
+        assert time.monotonic() < deadline, sweep.status()
+        time.sleep(0.2)
+    spec_before = sweep.paths.spec.read_text()
+    rc, _, err = _move(
+        "mover", postgres.url(), "--password-file", str(password_file), capsys=capsys
+    )
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "jobs queued or running" in err and "sweep cancel mover" in err
+    assert sweep.paths.spec.read_text() == spec_before
+    assert _pg_studies(postgres, "%/mover/%") == []
+    sweep.cancel()
+    deadline = time.monotonic() + 60
+    while any(j.live for j in sweep.lifecycle.jobs()):
+        assert time.monotonic() < deadline, "the cancelled workers did not end"
+        time.sleep(0.2)
+    journal = optuna.load_study(study_name="mover", storage=_journal(sweep))
+    before = [(t.number, t.state, t.values) for t in journal.get_trials()]
+    assert any(s == TS.RUNNING for _, s, _ in before), before  # cancelled mid-trial
+    rc, out, err = _move(
+        "mover", postgres.url(), "--password-file", str(password_file), capsys=capsys
+    )
+    assert rc == 0, err
+    assert "study moved to" in out and postgres.password not in out + err
+    moved = Sweep.load("mover")
+    assert moved.spec.storage is not None and not moved.spec.storage.journal
+    study = moved.spec.storage.study
+    assert _pg_studies(postgres, "%/mover/%") == [study]
+    copied = moved.study().get_trials()
+    assert [(t.number, t.state, t.values) for t in copied] == before
+    moved.resume()
+    moved.wait(timeout=180)
+    trials = moved.study().get_trials()
+    assert sorted(t.number for t in trials) == sorted({t.number for t in trials})  # once each
+    assert {t.state for t in trials} <= {TS.COMPLETE}, [(t.number, t.state) for t in trials]
+    assert sorted(s.trial for s in moved.slots()) == sorted({s.trial for s in moved.slots()})
+    assert [s.state for s in moved.slots()] == ["complete"] * 10
+    assert len(journal.get_trials()) == len(before)  # the journal got nothing after the move
+    best = moved.best()
+    assert best["val_acc"] == max(s.value for s in moved.slots())
+
+
+def _journal_sweep(name: str, trials: list[optuna.trial.FrozenTrial]) -> Sweep:
+    s = Sweep(spec("journal", name=name, trials=len(trials), final=False))
+    s.paths.slots.mkdir(parents=True)
+    s.paths.spec.write_text(s.spec.model_dump_json(indent=1))
+    study = optuna.create_study(study_name=name, storage=_journal(s))
+    study.add_trials(trials)
+    return s
+
+
+def _journal(s: Sweep):
+    from hpcdl.hpo.storage import journal_storage
+
+    return journal_storage(s.paths.root)
+
+
+def test_a_failed_copy_leaves_the_sweep_on_its_journal(job_root, postgres, password_file, capsys):
+    """A trial the database cannot hold (a parameter name over Optuna's 512 characters, which
+    the journal takes): the copy fails after some trials went in; the partial study is deleted,
+    the spec is unchanged, one line, exit 2."""
+    long = "p" * 600
+    good = [_trial(i, float(i)) for i in range(3)]
+    bad = optuna.trial.create_trial(value=1.0, params={long: 0.5},
+                                    distributions={long: D.FloatDistribution(0, 1)})  # fmt: skip
+    s = _journal_sweep("badcopy", [*good, bad])
+    spec_before = s.paths.spec.read_text()
+    rc, _, err = _move(
+        "badcopy", postgres.url(), "--password-file", str(password_file), capsys=capsys
+    )
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert "copy to" in lines[0] and "stays on its journal" in lines[0], lines
+    assert s.paths.spec.read_text() == spec_before
+    assert _pg_studies(postgres, "%/badcopy/%") == []
+    assert len(optuna.load_study(study_name="badcopy", storage=_journal(s)).trials) == 4
+
+
+@pytest.mark.parametrize(("url", "extra", "expect"), [
+    ("postgresql://bob:s3cretpw@127.0.0.1:1/hpo", (), "holds a password (not shown)"),
+    ("journal", (), "give a postgresql:// URL"),
+    ("mysql://bob@127.0.0.1/hpo", (), "must be 'journal' or a PostgreSQL URL"),
+    ("PORT", (), "cannot use"),
+    ("URL", ("--password-file", "/nonexistent/pw"), "storage.password_file"),
+])  # fmt: skip
+def test_bad_move_input_is_one_line_and_changes_nothing(job_root, postgres, capsys, url, extra,
+                                                         expect):  # fmt: skip
+    s = _journal_sweep("stay", [_trial(i, float(i)) for i in range(2)])
+    spec_before = s.paths.spec.read_text()
+    if url == "PORT":
+        url = f"postgresql://bob@127.0.0.1:{pgtest._free_port()}/hpo"
+    elif url == "URL":
+        url = postgres.url()
+    rc, out, err = _move("stay", url, *extra, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: sweep move-storage: "), err
+    assert expect in lines[0] and "s3cretpw" not in err and "Traceback" not in err + out
+    assert s.paths.spec.read_text() == spec_before
+    assert _pg_studies(postgres, "%/stay/%") == []
+
+
+def test_a_sweep_in_a_database_already_is_refused(job_root, postgres, password_file, capsys):
+    s = _journal_sweep("twice", [_trial(0, 1.0)])
+    assert (
+        _move("twice", postgres.url(), "--password-file", str(password_file), capsys=capsys)[0] == 0
+    )
+    rc, _, err = _move(
+        "twice", postgres.url(), "--password-file", str(password_file), capsys=capsys
+    )
+    assert rc == 2 and "in a database already" in err and "only a journal moves" in err
+    assert len(_pg_studies(postgres, "%/twice/%")) == 1
+    assert Sweep.load("twice").best()["trial"] == 0 and s.paths.study.is_file()
