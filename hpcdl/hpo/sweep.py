@@ -220,6 +220,7 @@ class Sweep:
     def best(self) -> dict[str, Any]:
         """Best finished trial: number, value, parameters (and the final test result if any)."""
         db = storage.database(self.spec)
+        found: tuple[int, float | None, dict[str, Any]] | None
         if db is not None:  # one query, without opening Optuna's RDBStorage (see storage)
             found = storage.best_in_database(db, storage.study_name(self.spec), self.source)
         else:
