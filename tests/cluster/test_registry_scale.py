@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,19 +63,34 @@ def write_registry(root: Path, lines: list[dict]) -> None:
     os.chmod(root / REGISTRY_FILE, 0o600)
 
 
-def hpcdl(
-    root: Path, *args: str, timeout: float = 120
-) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Wall and CPU seconds (user + system) of ``hpcdl ARGS`` in a fresh process on job root
-    ``root``."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "hpcdl", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HPCDL_JOB_ROOT": str(root)})  # fmt: skip
-    wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc
+def run_measured(argv: list[str], env: dict[str, str], timeout: float = 120
+                 ) -> tuple[float, float, subprocess.CompletedProcess]:  # fmt: skip
+    """Wall and CPU seconds (user + system) of one process: ``os.wait4``'s usage of that child
+    alone (``RUSAGE_CHILDREN`` would also count an earlier test's worker reaped meanwhile)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+                raise TimeoutError(f"{argv} ran over {timeout} s")
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(argv, proc.returncode, out.read().decode(),
+                                           err.read().decode())  # fmt: skip
+    return wall, usage.ru_utime + usage.ru_stime, done
+
+
+def hpcdl(root: Path, *args: str, timeout: float = 120) -> tuple[float, float, subprocess.CompletedProcess]:  # fmt: skip
+    """``hpcdl ARGS`` in a fresh process on job root ``root``, measured."""
+    env = {**os.environ, "HPCDL_JOB_ROOT": str(root)}
+    return run_measured([sys.executable, "-m", "hpcdl", *args], env, timeout)
 
 
 @pytest.fixture

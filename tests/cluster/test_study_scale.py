@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ import optuna
 import psycopg
 import pytest
 import test_sweep_postgres as pgtest
+from test_registry_scale import run_measured
 
 from hpcdl.cli import main
 from hpcdl.hpo import Sweep, SweepSpec
@@ -175,14 +174,8 @@ def big_sweeps(postgres, tmp_path_factory) -> Iterator[tuple[Path, dict[str, str
 def _timed(root: Path, *args: str) -> tuple[float, float, str]:
     """Wall and CPU seconds (user + system of the process) of ``hpcdl ARGS`` and its output."""
     env = {**os.environ, "HPCDL_JOB_ROOT": str(root)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "hpcdl", *args], capture_output=True,
-                          text=True, timeout=120, env=env)  # fmt: skip
-    wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, cpu, proc = run_measured([sys.executable, "-m", "hpcdl", *args], env)
     assert proc.returncode == 0, proc.stderr
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, proc.stdout
 
 
