@@ -227,17 +227,57 @@ def read_jsonl(path: str | Path, parse: Callable[[bytes], Any] = _json_object) -
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    return _records(path, data.split(b"\n"), parse, 1)
+
+
+def read_jsonl_tail(
+    path: str | Path, n: int, parse: Callable[[bytes], Any] = _json_object, block: int = 1 << 16
+) -> list[Any]:
+    """The records of the last ``n`` lines of a JSON-lines file (blank lines not counted; a
+    torn end is one of them), as :func:`read_jsonl` reads them (bad and torn lines skipped and
+    said once), reading backwards block by block: the newest records of a large append-only
+    file without reading the rest. Without bad lines it is ``read_jsonl(path)[-n:]``."""
+    path = Path(path)
+    if n <= 0:
+        return []
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError:
+        return []
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        data = b""
+        while pos > 0 and sum(1 for x in data.split(b"\n")[1:] if x.strip()) <= n:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
     lines = data.split(b"\n")
+    if pos > 0:
+        lines = lines[1:]  # it may be the end of a longer line
+    torn = lines.pop()
+    whole = [x for x in lines if x.strip()]
+    keep = n - 1 if torn.strip() else n
+    return _records(path, [*(whole[-keep:] if keep > 0 else []), torn], parse, None)
+
+
+def _records(path: Path, lines: list[bytes], parse: Callable[[bytes], Any],
+             first: int | None) -> list[Any]:  # fmt: skip
+    """``lines`` (a file's split at newlines, from its line ``first``; None: its end, numbers
+    unknown) through ``parse``; the last element is what follows the last newline."""
     torn = lines.pop()  # b"" when the file ends with a newline, as every whole line does
     rows, bad = [], []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first or 1):
         if not line.strip():
             continue
         try:
             rows.append(parse(line))
         except ValueError:  # json's, pydantic's ValidationError and UnicodeDecodeError are
             bad.append(number)
-    if bad:
+    if bad and first is None:
+        _warn_once(path, f"bad tail {len(bad)}", f"{path}: skipped {len(bad)} unreadable "
+                   "line(s) near its end (cut short by a crash or a full disk, or not a record)")  # fmt: skip
+    elif bad:
         shown = ", ".join(map(str, bad[:10])) + (
             f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         )
@@ -247,8 +287,9 @@ def read_jsonl(path: str | Path, parse: Callable[[bytes], Any] = _json_object) -
         try:
             rows.append(parse(torn))  # whole, just without its newline
         except ValueError:
-            _warn_once(path, f"torn {len(lines) + 1}", f"{path}: skipped a torn last line "
-                       f"(line {len(lines) + 1}, {len(torn)} bytes without a newline: its "
+            where = f"line {len(lines) + 1}, " if first is not None else ""
+            _warn_once(path, f"torn {where or len(torn)}", f"{path}: skipped a torn last line "
+                       f"({where}{len(torn)} bytes without a newline: its "
                        "writer was stopped mid-line)")  # fmt: skip
     return rows
 

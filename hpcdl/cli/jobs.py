@@ -219,7 +219,7 @@ def status(job_id: str | None, last: int) -> None:
     job's reason (Priority, Resources, Dependency, ...) in its own column."""
     from rich.console import Console
 
-    from hpcdl.scheduler import find_handle, job_statuses, load_handles
+    from hpcdl.scheduler import find_handle, job_statuses, recent_handles
 
     # Piped (a file, grep, a pager): rows stay whole lines whatever $COLUMNS says, never a
     # cell wrapped over two lines; a terminal gets rich's fitting.
@@ -229,7 +229,7 @@ def status(job_id: str | None, last: int) -> None:
         console.print(_task_table(handle, job_statuses([handle])[handle.job_id]))
         console.print(f"folder: {handle.folder}", markup=False)
         return
-    handles = load_handles()[-last:]
+    handles = recent_handles(last)
     if not handles:
         console.print("no jobs yet (submit one with 'hpcdl submit')")
         return

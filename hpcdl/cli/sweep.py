@@ -183,6 +183,25 @@ def cancel(name: str) -> None:
     click.echo(f"cancelled {', '.join(ids) if ids else 'nothing (no active jobs)'}")
 
 
+@sweep.command("move-storage")
+@click.argument("name")
+@click.argument("url")
+@click.option("--password-file", help="The database password's file (yours, chmod 600); "
+              "else libpq's ~/.pgpass.")  # fmt: skip
+def move_storage(name: str, url: str, password_file: str | None) -> None:
+    """Move a sweep's study from its journal file to a PostgreSQL database (URL:
+    postgresql://USER@HOST:PORT/DB, no password in it). Refused while a job of the sweep is
+    queued or running: 'sweep cancel', move, then 'sweep resume'."""
+    from hpcdl.hpo import Sweep
+    from hpcdl.hpo.move import move
+
+    s = Sweep.load(name)
+    moved = move(s.spec, s.paths, s.site, url, password_file)
+    db = moved.storage
+    click.echo(f"sweep {name}: study moved to {db} as {db.study if db else '?'}; "
+               f"the journal stays at {s.paths.study} (no longer read)")  # fmt: skip
+
+
 @sweep.command("list")
 def list_sweeps() -> None:
     """Sweeps under every site's job root."""

@@ -219,15 +219,19 @@ class Sweep:
 
     def best(self) -> dict[str, Any]:
         """Best finished trial: number, value, parameters (and the final test result if any)."""
-        try:
-            trial = self.study().best_trial
-        except ValueError:
-            raise HpcdlError(f"sweep {self.spec.name!r} has no finished trial yet") from None
-        out: dict[str, Any] = {
-            "trial": trial.number,
-            self.spec.metric: trial.value,
-            "params": trial.params,
-        }
+        db = storage.database(self.spec)
+        found: tuple[int, float | None, dict[str, Any]] | None
+        if db is not None:  # one query, without opening Optuna's RDBStorage (see storage)
+            found = storage.best_in_database(db, storage.study_name(self.spec), self.source)
+        else:
+            try:
+                trial = self.study().best_trial
+                found = (trial.number, trial.value, trial.params)
+            except ValueError:
+                found = None
+        if found is None:
+            raise HpcdlError(f"sweep {self.spec.name!r} has no finished trial yet")
+        out: dict[str, Any] = {"trial": found[0], self.spec.metric: found[1], "params": found[2]}
         final = self.paths.read_final_result()
         if final is not None:
             out["final"] = final

@@ -32,6 +32,7 @@ from hpcdl.scheduler.registry import (
     find_handle,
     find_task,
     load_handles,
+    recent_handles,
     record,
     registry_roots,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "job_statuses",
     "load_handles",
     "log_tail",
+    "recent_handles",
     "record",
     "registry_roots",
     "setup_lines",

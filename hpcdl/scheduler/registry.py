@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import grp
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,14 @@ from hpcdl.scheduler.arrays import global_index
 from hpcdl.scheduler.interface import JobHandle, job_states
 from hpcdl.scheduler.states import FINISHED, summarize
 from hpcdl.site import SiteProfile, available_sites, load_site
-from hpcdl.util import append_jsonl, atomic_write_text, get_logger, read_jsonl, share_umask
+from hpcdl.util import (
+    append_jsonl,
+    atomic_write_text,
+    get_logger,
+    read_jsonl,
+    read_jsonl_tail,
+    share_umask,
+)
 
 REGISTRY_FILE = "registry.jsonl"
 # The names new_job_folder gives: STAMP-SLUG-HEX. clean deletes nothing else.
@@ -95,6 +103,32 @@ def load_handles(roots: Iterable[Path] | None = None) -> list[JobHandle]:
     return handles
 
 
+def recent_handles(n: int, roots: Iterable[Path] | None = None) -> list[JobHandle]:
+    """The ``n`` newest submissions, oldest first, as ``load_handles()[-n:]`` but reading only
+    the end of each registry: lines are appended as jobs are submitted, so a root's newest are
+    its last lines. At 100,000 entries parsing every line was 1.3 s of ``hpcdl status``."""
+    handles: list[JobHandle] = []
+    for root in roots if roots is not None else registry_roots():
+        handles += read_jsonl_tail(root / REGISTRY_FILE, n, JobHandle.model_validate_json)
+    handles.sort(key=lambda h: h.submitted_at)
+    return handles[-n:] if n > 0 else []
+
+
+def _parse(path: Path, lines: list[bytes]) -> list[JobHandle]:
+    """The lines' submissions; a line that is not one (torn by a crash) is skipped and said,
+    as :func:`read_jsonl` does for the whole file."""
+    out, bad = [], 0
+    for line in lines:
+        if line.strip():
+            try:
+                out.append(JobHandle.model_validate_json(line))
+            except ValueError:
+                bad += 1
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s) (cut short by a crash?)", path, bad)
+    return out
+
+
 def find_handle(job_id: str) -> JobHandle:
     """The recorded submission for ``job_id`` (``123`` or ``123_4`` for an array task; any
     part's id of a split array finds the whole job)."""
@@ -108,12 +142,29 @@ def find_task(job_id: str) -> tuple[JobHandle, int | None]:
     if task and not task.isdigit():
         raise HpcdlError(f"{job_id!r} is not a job id (ID or ARRAYID_TASK)")
     local = int(task) if task else None
-    for handle in reversed(load_handles()):
+    for handle in reversed(_mentioning(base)):
         if handle.job_id == base or base in handle.local_ids:
             return handle, local
         if any(p.job_id == base for p in handle.parts):
             return handle, global_index(handle.parts, base, local)
     raise HpcdlError(f"no job {job_id!r} in the registry (see 'hpcdl status')")
+
+
+def _mentioning(text: str) -> list[JobHandle]:
+    """Every submission whose registry line holds ``"text"`` (quoted, as ids are written),
+    oldest first: a byte search over the file, and only those lines parsed."""
+    needle = json.dumps(text).encode()
+    handles: list[JobHandle] = []
+    for root in registry_roots():
+        path = root / REGISTRY_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        lines = [line for line in data.split(b"\n") if needle in line]
+        handles += _parse(path, lines)
+    handles.sort(key=lambda h: h.submitted_at)
+    return handles
 
 
 def clean(older_than_days: float, dry_run: bool = False) -> list[JobHandle]:

@@ -315,12 +315,16 @@ def settle(driver: Driver, timeout: float) -> dict[str, Any]:
 
 # -- command line -------------------------------------------------------------------------------------
 def toy_spec(name: str, seed: int, trials: int = 8, parallelism: int = 3, nodes: int = 1,
-             pruner: str = "none", trials_per_task: int | None = None) -> Any:  # fmt: skip
+             pruner: str = "none", trials_per_task: int | None = None,
+             storage: Any = None) -> Any:  # fmt: skip
     """A sweep of the toy objective (tests/helpers/chaos_objective.py) on the dev cluster;
-    ``trials_per_task`` as the spec has it (default: the spec's, warm workers)."""
+    ``trials_per_task`` as the spec has it (default: the spec's, warm workers); ``storage`` as
+    a spec's (None: the site's choice, the journal on the dev cluster)."""
     from hpcdl.hpo import SweepSpec
 
-    extra = {} if trials_per_task is None else {"trials_per_task": trials_per_task}
+    extra: dict[str, Any] = {} if trials_per_task is None else {"trials_per_task": trials_per_task}
+    if storage is not None:
+        extra["storage"] = storage
     return SweepSpec.model_validate({**extra,
         "name": name, "objective": "tests.helpers.chaos_objective:toy",
         "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
@@ -329,6 +333,15 @@ def toy_spec(name: str, seed: int, trials: int = 8, parallelism: int = 3, nodes:
         "pruner": {"name": pruner, "min_resource": 1, "reduction_factor": 2},
         "resources": {"site": "devcluster", "time": "5m", "nodes": nodes, "tasks_per_node": 1},
     })  # fmt: skip
+
+
+def storage_setting(value: str | None) -> Any:
+    """``--storage``: None, ``journal`` or a URL as given; a file's mapping (url, password_file)."""
+    if value is None or value == "journal" or "://" in value:
+        return value
+    import yaml
+
+    return yaml.safe_load(Path(value).expanduser().read_text())
 
 
 def chaos_run(sweep: Any, seed: int, log_path: Path, faults: int = 3,
@@ -362,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "--log", type=Path, help="fault log (default: chaos-<seed>.json in the sweep folder)"
     )
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--storage", help="the study's storage: journal, a postgresql:// URL, or a "
+                   "YAML file with url and password_file (devcluster.sh postgres writes "
+                   "~hpcdl-alice/.hpcdl/study-database.yaml)")  # fmt: skip
     args = p.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     bad = sorted(set(kinds) - set(KINDS))
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = f"chaos-{args.seed}-{int(time.time())}"
     spec = toy_spec(name, args.seed, args.trials, args.parallelism, args.nodes, args.pruner,
-                    args.trials_per_task)  # fmt: skip
+                    args.trials_per_task, storage_setting(args.storage))  # fmt: skip
     sweep = Sweep(spec)
     log = args.log or sweep.paths.root.parent / f"{name}.json"
     report = chaos_run(sweep, args.seed, log, args.faults, kinds, args.timeout)

@@ -5,6 +5,9 @@
 #                          wait until node1..node4 are idle (idempotent)
 #   devcluster.sh down     cancel jobs, stop only the daemons that `up` started
 #   devcluster.sh status   show daemons and sinfo; exit 0 when everything is up, 1 otherwise
+#   devcluster.sh postgres start (idempotent) the study database: a PostgreSQL server on
+#                          127.0.0.1:$PG_PORT with a role and a database for hpcdl-alice,
+#                          the password in ~hpcdl-alice/.hpcdl/pgpassword (0600); `up` runs it
 #   devcluster.sh grant PATH...
 #                          let the test users reach PATH (search permission, by ACL, on every
 #                          parent directory they cannot cross), e.g. a venv under /root
@@ -40,6 +43,14 @@ OPERATOR=hpcdl-op
 GROUP=hpcdl-users
 ACCOUNT=hpcdl
 SUDOERS=/etc/sudoers.d/hpcdl-devcluster
+
+# The study database (issue 21): a server of its own (not Debian's 'main' cluster, which
+# listens on 5432 when started), data and socket under STATE_DIR, loopback only.
+PG_PORT=${DEVCLUSTER_PG_PORT:-5433}
+PG_DATA=$STATE_DIR/postgres/data
+PG_RUN=$STATE_DIR/postgres/run
+PG_USER=${USERS[0]}               # one role per user, as a site would; its own database
+PG_DB=hpo_${USERS[0]//-/_}
 
 CHANGED=0          # set to 1 by every action `up` takes
 STARTED_AT=$SECONDS
@@ -189,6 +200,8 @@ wait_for() {
 # ---------------------------------------------------------------- checks
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+pg_bin() { local b; b=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1); echo "${b:-/usr/lib/postgresql/15/bin}"; }
+pg_ok() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -t 2; }
 mysql_ok() { mysqladmin --connect-timeout=2 ping >/dev/null 2>&1; }
 dbd_ok() { timeout 10 sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1; }
 ctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
@@ -504,6 +517,87 @@ wait_nodes() {
     done
 }
 
+# ---------------------------------------------------------------- postgres
+
+# psql_pg SQL...: run SQL as the server's superuser over its private socket.
+psql_pg() {
+    setpriv --reuid=postgres --regid=postgres --init-groups \
+        "$(pg_bin)/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres "$@"
+}
+
+start_postgres() {
+    if pg_ok; then return 0; fi
+    local pid
+    pid=$(recorded_pid postgres)
+    [[ -z $pid ]] || fail_daemon postgres "is running (pid $pid) but does not answer"
+    mkdir -p "$PG_RUN" "$(dirname "$PG_DATA")"
+    chown postgres:postgres "$(dirname "$PG_DATA")" "$PG_RUN"
+    chmod 700 "$(dirname "$PG_DATA")"
+    if [[ ! -s $PG_DATA/PG_VERSION ]]; then
+        say "initialising $PG_DATA"
+        # Local (socket) connections: the postgres system user only (peer); TCP: passwords.
+        setpriv --reuid=postgres --regid=postgres --init-groups "$(pg_bin)/initdb" -D "$PG_DATA" \
+            -U postgres --auth-local=peer --auth-host=scram-sha-256 -E UTF8 \
+            >>"$(log_of postgres)" 2>&1 || fail_daemon postgres "initdb failed"
+        CHANGED=1
+    fi
+    # max_connections: every sweep worker holds one connection (pool_size 1) while it runs.
+    start_daemon postgres setpriv --reuid=postgres --regid=postgres --init-groups \
+        "$(pg_bin)/postgres" -D "$PG_DATA" -c listen_addresses=127.0.0.1 -p "$PG_PORT" \
+        -c unix_socket_directories="$PG_RUN" -c max_connections=300
+    wait_for 60 postgres pg_ok
+}
+
+# ensure_pg_user: the role and database of USERS[0]; the password (random once, kept) in a
+# 0600 file of that user's, and the storage setting a sweep spec can point at beside it.
+ensure_pg_user() {
+    local home dir pwfile pw
+    home=$(getent passwd "$PG_USER" | cut -d: -f6)
+    dir=$home/.hpcdl
+    pwfile=$dir/pgpassword
+    setpriv --reuid="$PG_USER" --regid="$GROUP" --init-groups mkdir -p -m 700 "$dir"
+    if [[ ! -s $pwfile ]]; then
+        (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=\n' >"$pwfile.tmp")
+        chown "$PG_USER:$GROUP" "$pwfile.tmp"
+        mv -f "$pwfile.tmp" "$pwfile"
+        CHANGED=1
+        say "wrote $pwfile (0600)"
+    fi
+    chown "$PG_USER:$GROUP" "$pwfile"
+    chmod 600 "$pwfile"
+    pw=$(head -n 1 "$pwfile")
+    # The password goes to psql on stdin (never on a command line other users can read).
+    psql_pg <<SQL || die "could not create the PostgreSQL role and database for $PG_USER"
+SELECT format('CREATE ROLE %I LOGIN', '$PG_USER') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER')\gexec
+ALTER ROLE "$PG_USER" LOGIN PASSWORD '$pw';
+SELECT format('CREATE DATABASE %I OWNER %I', '$PG_DB', '$PG_USER') WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DB')\gexec
+REVOKE ALL ON DATABASE "$PG_DB" FROM PUBLIC;
+SQL
+    local conf="url: postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB
+password_file: $pwfile"
+    if [[ $(cat "$dir/study-database.yaml" 2>/dev/null) != "$conf" ]]; then
+        printf '%s\n' "$conf" >"$dir/study-database.yaml"
+        chown "$PG_USER:$GROUP" "$dir/study-database.yaml"
+        chmod 600 "$dir/study-database.yaml"
+        CHANGED=1
+        say "wrote $dir/study-database.yaml (postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB)"
+    fi
+}
+
+# cmd_postgres: the study database alone (idempotent; `up` runs it after the users exist).
+cmd_postgres() {
+    need_root
+    make_dirs
+    exec 9>"$STATE_DIR/lock"
+    flock -w 300 9 || die "another devcluster.sh holds $STATE_DIR/lock"
+    install_packages
+    ensure_users
+    start_postgres
+    ensure_pg_user
+    say "study database: postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
+}
+
+
 cmd_up() {
     need_root
     make_dirs
@@ -538,6 +632,8 @@ cmd_up() {
     start_slurmctld
     start_slurmds
     wait_nodes
+    start_postgres
+    ensure_pg_user
 
     if ((CHANGED)); then
         say "cluster up in $((SECONDS - STARTED_AT))s: ${#NODES[@]} nodes idle (partitions cpu, gpu, low, high)"
@@ -572,6 +668,7 @@ cmd_down() {
     for n in "${NODES[@]}"; do stop_pid "slurmd-$n"; done
     stop_pid slurmctld
     stop_pid slurmdbd
+    stop_pid postgres   # only if `up` started it
     stop_pid mariadbd   # only if `up` started it
     stop_pid munged     # only if `up` started it
     say "cluster down"
@@ -591,6 +688,9 @@ cmd_status() {
     if [[ -n $pid ]] && mysql_ok; then report mariadb "running (pid $pid)"
     elif mysql_ok; then report mariadb "running (not started by devcluster)"
     else report mariadb "NOT RUNNING"; ok=1; fi
+    pid=$(recorded_pid postgres)
+    if [[ -n $pid ]] && pg_ok; then report postgres "running (pid $pid), port $PG_PORT"
+    else report postgres "NOT RUNNING"; ok=1; fi
     for key in slurmdbd slurmctld "${NODES[@]/#/slurmd-}"; do
         pid=$(recorded_pid "$key")
         if [[ -n $pid ]]; then report "$key" "running (pid $pid)"
@@ -643,6 +743,7 @@ case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    postgres) cmd_postgres ;;
     grant) shift; cmd_grant "$@" ;;
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;

@@ -8,6 +8,7 @@ slurm/devcluster/README.md ("Chaos runs")."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,35 @@ def test_sweep_keeps_its_invariants_under_chaos(devcluster, tmp_path: Path, monk
     if report["resumed"]:
         assert report["diagnosis"], text
     assert json.loads(log.read_text())["applied"] == report["applied"]
+    _check_sees_broken_invariants(sweep)
+
+
+# The dev cluster's study database (devcluster.sh postgres, run by `up`): its address and the
+# password file of the test user, who runs the cluster tests.
+STUDY_DATABASE = Path("~/.hpcdl/study-database.yaml").expanduser()
+
+
+@pytest.mark.slurm
+def test_sweep_keeps_its_invariants_under_chaos_on_postgres(devcluster, tmp_path: Path,
+                                                            monkeypatch):  # fmt: skip
+    """Seed 9 (2-node trials; scancel, SIGKILL, the follow-up cancelled: no node set DOWN) with
+    the study in the dev cluster's PostgreSQL: the same invariants as on the journal, the
+    trials in the database and no journal file in the sweep folder."""
+    if not STUDY_DATABASE.is_file():
+        pytest.fail(f"no {STUDY_DATABASE}: run 'slurm/devcluster/devcluster.sh postgres' (as root)",
+                    pytrace=False)  # fmt: skip
+    monkeypatch.setenv("HPCDL_CHAOS_EPOCH_S", "1")
+    storage = chaos.storage_setting(str(STUDY_DATABASE))
+    spec = chaos.toy_spec(f"chaospg9-{os.getpid()}", 9, 6, parallelism=3, nodes=2,
+                          storage=storage)  # fmt: skip
+    sweep = Sweep(spec)
+    report = chaos.chaos_run(sweep, 9, tmp_path / "faults.json", faults=3, timeout=150)
+    text = json.dumps(report, indent=1)
+    assert [e for e in report["applied"] if e["kind"] != "release" and "skipped" not in e], text
+    assert not report["problems"], text
+    assert sweep.spec.storage is not None and not sweep.spec.storage.journal
+    assert not sweep.paths.study.exists()  # the study is in the database, not beside
+    assert len(sweep.study().get_trials(deepcopy=False)) == 6
     _check_sees_broken_invariants(sweep)
 
 

@@ -104,6 +104,13 @@ def registry(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
     return path, lambda: [h.job_id for h in reg.load_handles([tmp / "jobroot"])]
 
 
+def registry_tail(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
+    from hpcdl.scheduler import registry as reg
+
+    path, _ = registry(tmp)
+    return path, lambda: [h.job_id for h in reg.recent_handles(20, [tmp / "jobroot"])]
+
+
 def metrics_rewind(tmp: Path) -> tuple[Path, Callable[[], list[Any]]]:
     from hpcdl.track import Tracker, rewind_jsonl
 
@@ -147,7 +154,8 @@ READERS = {
     "submissions.jsonl (sweep status)": (submissions, ["100", "101", "102"]),
     "events.jsonl (sweep status)": (events, ["decision 0", "decision 1", "decision 2"]),
     "workers/TASK.jsonl (lifecycle, bench hpo)": (journals, [0, 1, 2]),
-    "registry.jsonl (status, clean)": (registry, ["100", "101", "102"]),
+    "registry.jsonl (clean, find)": (registry, ["100", "101", "102"]),
+    "registry.jsonl tail (status)": (registry_tail, ["100", "101", "102"]),
     "metrics.jsonl (rewind at resume)": (metrics_rewind, [1, 2]),
     "metrics.jsonl (bench hpo set-up time)": (metrics_bench, [2.5]),
     "read_jsonl": (plain, [0, 1, 2]),
