@@ -330,8 +330,13 @@ def _expand(h: JobHandle, live: dict[str, TaskStatus]) -> dict[str, TaskStatus]:
     for part in _parts(h):
         for local in range(part.count):
             sid = slurm_task_id(part, local)
-            status = live.get(sid) or live.get(part.job_id)  # pending arrays: one row
-            out[f"{h.job_id}_{part.offset + local}"] = status or TaskStatus(folder_state(h.folder, sid))  # fmt: skip
+            status, whole = live.get(sid), live.get(part.job_id)  # pending arrays: one row
+            if status is None and whole is not None and whole.state in FINISHED:
+                # right after the tasks end, sacct may list only the array's own row (its last
+                # task's state) before the other tasks': their records know better
+                recorded = folder_state(h.folder, sid)
+                status = TaskStatus(recorded) if recorded != "UNKNOWN" else None
+            out[f"{h.job_id}_{part.offset + local}"] = status or whole or TaskStatus(folder_state(h.folder, sid))  # fmt: skip
     return out
 
 

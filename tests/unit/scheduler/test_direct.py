@@ -127,3 +127,22 @@ def test_a_split_arrays_parts_wait_as_on_the_python_path() -> None:
     assert plan.count > 1  # the part is a Slurm array: its tasks index from the part's offset
     text = command_body(Job(**PLAIN).task(SITE), Path("/j"), plan.offset, True)
     assert "export HPCDL_ARRAY_TASK_ID=$((1001 + SLURM_ARRAY_TASK_ID))" in text
+
+
+def test_a_task_sacct_does_not_list_yet_reads_its_record_not_the_arrays_row(tmp_path) -> None:
+    """Right after an array's quick tasks end, sacct listed only the array's own row (``4324``,
+    its last task's FAILED) for a moment: the other tasks read FAILED from it, one that had
+    succeeded included (seen on the dev cluster). A task with an outcome record reads that."""
+    import json
+
+    from hpcdl.scheduler import JobHandle, TaskStatus
+    from hpcdl.scheduler.slurm import _expand
+
+    (tmp_path / "100_0_0_outcome.json").write_text(json.dumps({"outcome": "success"}))
+    handle = JobHandle(job_id="100", name="a", site="devcluster", scheduler="slurm",
+                       folder=str(tmp_path), array=3, submitted_at=0)  # fmt: skip
+    live = {"100": TaskStatus("FAILED"), "100_1": TaskStatus("FAILED")}
+    got = {k: s.state for k, s in _expand(handle, live).items()}
+    assert got == {"100_0": "COMPLETED", "100_1": "FAILED", "100_2": "FAILED"}
+    pending = {"100": TaskStatus("PENDING", "Priority")}  # a pending array's one row
+    assert {s.state for s in _expand(handle, pending).values()} == {"PENDING"}
