@@ -12,7 +12,7 @@ from conftest import run_cli, sacct_finished
 
 pytestmark = pytest.mark.slurm
 
-N, THROTTLE = 12, 4
+N, THROTTLE = 8, 4  # two waves a path: the test stays near 30 s
 PATHS = ["raw sbatch --array --wrap", "hpcdl command (from its script)", "hpcdl callable"]
 
 

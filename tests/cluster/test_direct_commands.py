@@ -109,9 +109,10 @@ def test_a_direct_array_reads_back_as_the_python_paths(devcluster: str, tmp_path
     assert handle.wait(timeout=120) == "FAILED"
     assert handle.states() == {f"{handle.job_id}_0": "COMPLETED", f"{handle.job_id}_1": "FAILED",
                                f"{handle.job_id}_2": "FAILED"}  # fmt: skip
+    assert sorted(r["id"] for r in sacct_finished(handle.job_id, 3)) == sorted(handle.states())
     rows = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,ExitCode", "-j", handle.job_id],
                           capture_output=True, text=True, timeout=30, check=True).stdout.split()  # fmt: skip
-    assert sorted(rows) == [f"{handle.job_id}_{i}|{i}:0" for i in range(3)]
+    assert sorted(rows) == [f"{handle.job_id}_{i}|{i}:0" for i in range(3)]  # the command's own
     log = run_cli("logs", f"{handle.job_id}_2")
     assert log.stdout == "task 2 of direct-array\n", log
     err = run_cli("logs", "--err", f"{handle.job_id}_2")
