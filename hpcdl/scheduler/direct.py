@@ -41,10 +41,10 @@ OPT_OUT = "HPCDL_DIRECT_COMMANDS"
 
 def why_not_direct(request: Request, site: SiteProfile, env: dict[str, str] | None = None) -> str | None:  # fmt: skip
     """``None`` when ``request`` runs straight from its script on ``site``, else why not (for
-    ``render``'s note and the tests). ``env``: the submitting environment (default: this one)."""
-    env = os.environ if env is None else env
-    if env.get(OPT_OUT, "1").strip().lower() in {"0", "no", "false", "off"}:
-        return f"{OPT_OUT}={env[OPT_OUT]}"
+    the tests and readers of the code). ``env``: the submitting environment (default: this one)."""
+    opt_out = (os.environ if env is None else env).get(OPT_OUT, "1")
+    if opt_out.strip().lower() in {"0", "no", "false", "off"}:
+        return f"{OPT_OUT}={opt_out}"
     if request.command is None:
         return "a Python callable (its runner unpickles it)"
     if request.launcher != "srun":  # torchrun's rendezvous (PET_*) is computed per node
