@@ -20,7 +20,7 @@ def test_the_table_fits_80_columns() -> None:
     lines = render(rows, 9999, 16, "devcluster", repeat=3)
     assert lines[0] == "bench array: 9999 tasks, throttle 16, site devcluster, median of 3 rounds"
     assert all(len(line) <= 80 for line in lines), [len(line) for line in lines]
-    assert lines[-1].split()[1:] == [
+    assert lines[-1].split()[2:] == [
         "(Python",
         "runner)",
         "9999.9",
