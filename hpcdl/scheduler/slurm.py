@@ -24,7 +24,7 @@ from hpcdl.scheduler.arrays import (
     slurm_task_id,
 )
 from hpcdl.scheduler.checkpointable import TIMEOUT_REQUEUES
-from hpcdl.scheduler.direct import direct_script, why_not_direct
+from hpcdl.scheduler.direct import direct_script, why_not_direct, write_command_file
 from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
 from hpcdl.scheduler.live import check_site as compare_with_live
@@ -121,6 +121,7 @@ class SlurmScheduler(SubmititScheduler):
         self, request: Request, folder: Path, plans: list[PartPlan], parts: list[ArrayPart]
     ) -> str:
         params = self._parameters(request)
+        write_command_file(request.task(self.site), folder)  # its values: the script has none
         if not plans:
             return _sbatch_file(direct_script(request, self.site, folder, params, None), folder)
         for plan in plans:  # as _configure_part: each part after its lane's previous one

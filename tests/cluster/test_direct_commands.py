@@ -1,6 +1,8 @@
 """Command jobs run straight from their batch script (hpcdl.scheduler.direct): hostile values
-reach the program verbatim through bash, a task starts no srun step, and a failing task reads
-back as on the Python path (state, exit status, log line, outcome record)."""
+reach the program verbatim through bash from the job folder's command file while the script Slurm
+keeps holds none of them, a planted or replaced command file runs nothing, a task starts no srun
+step, and a failing task reads back as on the Python path (state, exit status, log line, outcome
+record)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpcdl import Job
-from hpcdl.scheduler.direct import why_not_direct
+from hpcdl.scheduler.direct import COMMAND_FILE, REFUSED, why_not_direct, write_command_file
 from hpcdl.site import load_site
 
 ONE_LINE = [v for v in WEIRD if "\n" not in v] + ["a\\b", "\\", "'", "${HOME}", "é日本", ""]
@@ -25,11 +27,17 @@ ONE_LINE = [v for v in WEIRD if "\n" not in v] + ["a\\b", "\\", "'", "${HOME}", 
 ECHO = "import json,os,sys; json.dump([sys.argv[1:], os.environ.get('V'), os.getcwd()], open(sys.argv[1], 'w'))"  # fmt: skip
 
 
-def _run_script_here(job: Job, folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _run_script_here(
+    job: Job, folder: Path, env: dict[str, str], command_file: bool = True
+) -> subprocess.CompletedProcess:
     """The rendered script run by bash on this machine, as the batch step would (its
-    ``#SBATCH`` lines are comments to bash)."""
+    ``#SBATCH`` lines are comments to bash), with the command file a submission writes
+    (``command_file=False``: the folder's own, left as the caller made it)."""
+    site = load_site("devcluster")
     script = folder / "script.sh"
-    script.write_text(job.render(load_site("devcluster"), folder))
+    script.write_text(job.render(site, folder))
+    if command_file:
+        write_command_file(job.task(site), folder)
     return subprocess.run(["bash", str(script)], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=30)  # fmt: skip
 
@@ -68,6 +76,43 @@ def test_a_failing_command_leaves_its_status_and_an_error_record(tmp_path: Path)
     record = json.loads((tmp_path / "9_2_0_outcome.json").read_text())
     assert record == {"outcome": "error", "job_id": "9_2", "task": 0}
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def _planted(folder: Path, how: str, marker: Path) -> None:
+    """Leave ``folder``'s command file as a planted or replaced one would be: one that runs
+    ``touch MARKER`` if the script reads it."""
+    path = folder / COMMAND_FILE
+    text = f"hpcdl_what=x\nhpcdl_cwd=/\nhpcdl_argv=(touch {marker})\n"
+    path.unlink(missing_ok=True)
+    if how == "missing":
+        return
+    if how == "fifo":
+        os.mkfifo(path, 0o600)
+        return
+    target = marker.with_name("elsewhere") if how == "symlink" else path
+    target.write_text(text)
+    target.chmod({"mode 0644": 0o644, "mode 0640": 0o640, "mode 0700": 0o700}.get(how, 0o600))
+    if how == "symlink":  # this user's own 0600 file, reached through a link: still refused
+        path.symlink_to(target)
+
+
+@pytest.mark.parametrize(
+    "how", ["missing", "mode 0644", "mode 0640", "mode 0700", "symlink", "fifo"]
+)
+def test_a_planted_or_replaced_command_file_runs_nothing(tmp_path: Path, how: str) -> None:
+    """The task fails with one line on stderr and an error record; nothing the file says runs."""
+    folder, marker = tmp_path / "job", tmp_path / "ran"
+    folder.mkdir()
+    job = Job(site="devcluster", command=["touch", str(marker)], array=2, time="5m")
+    write_command_file(job.task(load_site("devcluster")), folder)
+    _planted(folder, how, marker)
+    env = {"SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "1"}
+    proc = _run_script_here(job, folder, env, command_file=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [REFUSED % (folder / COMMAND_FILE)]
+    assert not marker.exists()
+    record = json.loads((folder / "5_1_0_outcome.json").read_text())
+    assert record == {"outcome": "error", "job_id": "5_1", "task": 0}
 
 
 def _steps(job_id: str) -> list[str]:
@@ -123,3 +168,54 @@ def test_a_direct_array_reads_back_as_the_python_paths(devcluster: str, tmp_path
     }
     assert [o["outcome"] for o in outcomes.values()] == ["success", "error", "error"]
     assert all(p.stat().st_mode & 0o077 == 0 for p in folder.iterdir() if not p.is_symlink())
+
+
+@pytest.mark.slurm
+def test_values_reach_the_program_but_not_the_script_slurm_keeps(devcluster: str, tmp_path: Path) -> None:  # fmt: skip
+    """A token in ``env`` and in argv reaches the program verbatim, and neither is in the batch
+    script Slurm stores (``scontrol write batch_script``, what the accounting database and
+    ``sacct --batch-script`` would hold) nor in the job folder's copy of it."""
+    token = "tok-5f2b9c1e-" + os.urandom(8).hex()
+    out = tmp_path / "rep"
+    env = {"MY_API_TOKEN": token, "ODD": f"{token} $(id) 'q' a\\b"}
+    job = Job(site=devcluster, name="no-values-in-script", env=env, time="5m",
+              command=[sys.executable, REPORT, str(out), ",".join(env), f"--token={token}"])  # fmt: skip
+    handle = job.submit()
+    try:
+        assert handle.wait(timeout=120) == "COMPLETED", handle.log_paths()[1].read_text()
+        got = json.loads(Path(f"{out}.0.json").read_text())
+        assert got["argv"] == [f"--token={token}"] and got["env"] == env
+        kept = subprocess.run(["scontrol", "write", "batch_script", handle.job_id, "-"],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert kept.returncode == 0 and "#SBATCH" in kept.stdout, kept.stderr
+        assert token not in kept.stdout and COMMAND_FILE in kept.stdout
+        assert token not in Path(handle.script or "").read_text()
+        command_file = Path(handle.folder) / COMMAND_FILE
+        assert command_file.stat().st_mode & 0o777 == 0o600 and token in command_file.read_text()
+    finally:
+        subprocess.run(["scancel", handle.job_id], timeout=30)
+
+
+@pytest.mark.slurm
+def test_a_command_file_replaced_before_the_job_starts_runs_nothing(devcluster: str, tmp_path: Path) -> None:  # fmt: skip
+    """A queued job whose command file is replaced by a link (to a file of this user's, 0600,
+    that would run something else) fails at its start with the one line and an error record."""
+    marker = tmp_path / "ran"
+    blocker = Job(site=devcluster, name="blocker", command=["sleep", "300"], time="10m").submit()
+    handle = None
+    try:
+        handle = Job(site=devcluster, name="replaced", command=["true"], time="5m",
+                     dependencies=[f"afterany:{blocker.job_id}"]).submit()  # fmt: skip
+        assert handle.state() == "PENDING"
+        _planted(Path(handle.folder), "symlink", marker)
+        subprocess.run(["scancel", blocker.job_id], timeout=30, check=True)
+        assert handle.wait(timeout=120) == "FAILED"
+        err = handle.log_paths()[1].read_text()
+        assert err.splitlines() == [REFUSED % (Path(handle.folder) / COMMAND_FILE)], err
+        assert not marker.exists()
+        [record] = Path(handle.folder).glob("*_outcome.json")
+        assert json.loads(record.read_text())["outcome"] == "error"
+    finally:
+        subprocess.run(
+            ["scancel", blocker.job_id, *([handle.job_id] if handle else [])], timeout=30
+        )

@@ -4,7 +4,9 @@ tests/cluster/test_direct_commands.py)."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,15 @@ import pytest
 
 from hpcdl import Job
 from hpcdl.scheduler.arrays import PartPlan
-from hpcdl.scheduler.direct import OPT_OUT, command_body, part_parameters, why_not_direct
+from hpcdl.scheduler.direct import (
+    COMMAND_FILE,
+    OPT_OUT,
+    command_body,
+    command_file,
+    part_parameters,
+    why_not_direct,
+    write_command_file,
+)
 from hpcdl.site import load_site
 
 SITE = load_site("devcluster")
@@ -58,39 +68,86 @@ def test_the_opt_out_keeps_the_python_path(value: str) -> None:
     assert why_not_direct(Job(**PLAIN), SITE, env={OPT_OUT: "1"}) is None
 
 
-def _body(job: Job, offset: int | None = None, array: bool = False) -> list[str]:
-    return command_body(job.task(SITE), Path("/jobs/it's here"), offset, array).splitlines()
+FOLDER = Path("/jobs/it's here")
+
+
+def _body(offset: int | None = None, array: bool = False) -> list[str]:
+    return command_body(FOLDER, offset, array).splitlines()
+
+
+def _values(text: str) -> dict[str, Any]:
+    """The command file's assignments as bash reads them (shlex: POSIX quoting); the argv's
+    words from inside its parentheses."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines()[1:]:
+        name, value = line.removeprefix("export ").split("=", 1)
+        if value.startswith("(") and value.endswith(")"):
+            out[name] = shlex.split(value[1:-1])
+        else:
+            [out[name]] = shlex.split(value)
+    return out
 
 
 @pytest.mark.parametrize("value", HOSTILE)
-def test_every_value_is_one_quoted_word(value: str) -> None:
-    """argv, env values and the working directory read back, through shell quoting, as given."""
-    job = Job(**{**PLAIN, "command": ["printf", "%s\\n", value, value],
-                 "env": {"V": value}, "cwd": f"/tmp/{value}"})  # fmt: skip
-    lines = _body(job)
-    run = next(ln for ln in lines if ln.startswith("cd -- "))
-    words = shlex.split(run)
-    assert words[:3] == ["cd", "--", f"/tmp/{value}"] and words[3] == "&&"
-    assert words[4:] == ["printf", "%s\\n", value, value]
-    exports = dict(shlex.split(ln)[1].split("=", 1) for ln in lines if ln.startswith("export "))
-    assert exports == {"V": value, "HPCDL_JOB_NAME": "hpcdl-job", "HPCDL_SITE": "devcluster"}
-    assert all("\n" not in ln for ln in lines)
+def test_the_script_holds_no_value_and_the_file_holds_each_quoted(value: str) -> None:
+    """Slurm keeps the batch script (scontrol write batch_script, the accounting database):
+    argv, env values, the name and the working directory go into the command file only, each
+    one word that reads back as given (bash reads it: tests/cluster/test_direct_commands.py)."""
+    secret = f"tok-{value}"
+    job = Job(**{**PLAIN, "command": ["printf", "%s\\n", secret, value], "name": f"n-{secret}",
+                 "env": {"MY_API_TOKEN": secret, "V": value}, "cwd": f"/tmp/{secret}"})  # fmt: skip
+    script = job.render(SITE, FOLDER)
+    assert "tok-" not in script.split("# command\n", 1)[1]  # the name is a directive: sbatch's
+    values = _values(command_file(job.task(SITE)))
+    assert values == {
+        "MY_API_TOKEN": secret, "V": value, "HPCDL_JOB_NAME": f"n-{secret}", "HPCDL_SITE": "devcluster",
+        "hpcdl_what": repr("printf"), "hpcdl_cwd": f"/tmp/{secret}",
+        "hpcdl_argv": ["printf", "%s\\n", secret, value],
+    }  # fmt: skip
+    assert len(command_file(job.task(SITE)).splitlines()) == len(values) + 1  # one line each
 
 
 def test_the_body_sets_the_runners_variables_and_records_the_outcome() -> None:
     job = Job(**{**PLAIN, "env": {"A": "1", "HPCDL_SITE": "mine"}, "name": "n"})
-    lines = _body(job, offset=834, array=True)
     # the runner's order: launcher preset, the job's env, then hpcdl's own names win
-    assert lines[1:4] == ["export A=1", "export HPCDL_SITE=devcluster", "export HPCDL_JOB_NAME=n"]
-    assert "export HPCDL_ARRAY_TASK_ID=$((834 + SLURM_ARRAY_TASK_ID))" in lines
+    assert command_file(job.task(SITE)).splitlines()[1:4] == [
+        "export A=1", "export HPCDL_SITE=devcluster", "export HPCDL_JOB_NAME=n"]  # fmt: skip
+    lines = _body(offset=834, array=True)
+    assert "hpcdl_file='/jobs/it'\"'\"'s here'/direct_command.sh" in lines
+    # the index after the job's env (read from the file), before the command
+    run = lines.index('  cd -- "$hpcdl_cwd" && "${hpcdl_argv[@]}"')
+    assert lines[run - 2 : run] == ['  eval "$hpcdl_values"',
+                                    "  export HPCDL_ARRAY_TASK_ID=$((834 + SLURM_ARRAY_TASK_ID))"]  # fmt: skip
     assert "hpcdl_id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" in lines
-    assert lines[-1] == "exit $hpcdl_rc"
+    assert lines[-1] == 'exit "$hpcdl_rc"'
     assert "'/jobs/it'\"'\"'s here'/\"${hpcdl_id}_0_outcome.json\"" in lines[-2]
-    single = _body(job, offset=None)
+    single = _body(offset=None)
     assert "hpcdl_id=${SLURM_JOB_ID}" in single
     assert not any("HPCDL_ARRAY_TASK_ID" in ln for ln in single)
-    one_task_part = _body(job, offset=2, array=False)  # a one-task part is a plain job
-    assert "export HPCDL_ARRAY_TASK_ID=2" in one_task_part and "hpcdl_id=${SLURM_JOB_ID}" in one_task_part  # fmt: skip
+    one_task_part = _body(offset=2, array=False)  # a one-task part is a plain job
+    assert "  export HPCDL_ARRAY_TASK_ID=2" in one_task_part and "hpcdl_id=${SLURM_JOB_ID}" in one_task_part  # fmt: skip
+
+
+def test_the_file_is_private_exclusive_and_rendering_writes_nothing(tmp_path: Path) -> None:
+    """0600 whatever the umask (a group-shared job folder too); a name someone took, a symlink
+    included, fails the submission instead of being followed or overwritten."""
+    job = Job(**{**PLAIN, "env": {"MY_API_TOKEN": "tok"}})
+    assert job.render(SITE, tmp_path) and list(tmp_path.iterdir()) == []
+    assert "<job-folder>'/direct_command.sh" in job.render(SITE)
+    old = os.umask(0o022)
+    try:
+        path = write_command_file(job.task(SITE), tmp_path)
+    finally:
+        os.umask(old)
+    assert path == tmp_path / COMMAND_FILE and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == command_file(job.task(SITE))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "target").write_text("theirs")
+    (other / COMMAND_FILE).symlink_to(other / "target")
+    with pytest.raises(FileExistsError):
+        write_command_file(job.task(SITE), other)
+    assert (other / "target").read_text() == "theirs"
 
 
 def test_part_parameters_keep_submitits_meaning() -> None:
@@ -125,8 +182,8 @@ def test_the_directives_are_the_python_paths(fields: dict[str, Any], monkeypatch
 def test_a_split_arrays_parts_wait_as_on_the_python_path() -> None:
     plan = PartPlan(offset=1001, count=1000, lane=1, throttle=3, after=None)
     assert plan.count > 1  # the part is a Slurm array: its tasks index from the part's offset
-    text = command_body(Job(**PLAIN).task(SITE), Path("/j"), plan.offset, True)
-    assert "export HPCDL_ARRAY_TASK_ID=$((1001 + SLURM_ARRAY_TASK_ID))" in text
+    text = command_body(Path("/j"), plan.offset, True)
+    assert "  export HPCDL_ARRAY_TASK_ID=$((1001 + SLURM_ARRAY_TASK_ID))" in text
 
 
 def test_a_task_sacct_does_not_list_yet_reads_its_record_not_the_arrays_row(tmp_path) -> None:
