@@ -19,9 +19,20 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcdl.cli import bench, bench_storage, data, export, init, jobs, site, sweep, train
+    from hpcdl.cli import (
+        bench,
+        bench_array,
+        bench_storage,
+        data,
+        export,
+        init,
+        jobs,
+        site,
+        sweep,
+        train,
+    )
 
-    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage):
+    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array):
         module.register(cli)
 
 

@@ -128,3 +128,20 @@ def slurm_parameters(request: Request, site: SiteProfile) -> dict[str, Any]:
 def slurm_job_name(name: str) -> str:
     """Slurm's job name: at most 200 characters (a job's name is one line: ``Job`` checks it)."""
     return name[:200] or "hpcdl-job"
+
+
+def sbatch_quoting(script: str) -> str:
+    """The script with its ``#SBATCH`` lines quoted for sbatch's own reader, not bash's.
+
+    submitit quotes each directive's value with ``shlex.quote`` (single quotes), which sbatch
+    reads as bash would except for one character: sbatch takes a backslash as an escape even
+    inside single quotes (``'a\\b'`` reads as ``ab``, and ``'\\'`` as an unmatched quote, which
+    fails the submission). shlex.quote adds no backslash of its own, so doubling every backslash
+    on a directive line makes sbatch read each value exactly as given."""
+    lines = script.split("\n")
+    for i, line in enumerate(lines[1:], start=1):
+        if line.strip() and not line.startswith("#"):
+            break  # sbatch reads directives up to the first line of commands
+        if line.startswith("#SBATCH") and "\\" in line:
+            lines[i] = line.replace("\\", "\\\\")
+    return "\n".join(lines)

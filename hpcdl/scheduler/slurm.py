@@ -7,11 +7,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import ConfigError, HpcdlError
-from hpcdl.scheduler._sbatch import check_partition, slurm_parameters
+from hpcdl.scheduler._sbatch import check_partition, sbatch_quoting, slurm_parameters
 from hpcdl.scheduler.arrays import (
     ArrayPart,
     PartPlan,
@@ -23,6 +24,7 @@ from hpcdl.scheduler.arrays import (
     slurm_task_id,
 )
 from hpcdl.scheduler.checkpointable import TIMEOUT_REQUEUES
+from hpcdl.scheduler.direct import direct_script, why_not_direct, write_command_file
 from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
 from hpcdl.scheduler.live import check_site as compare_with_live
@@ -84,13 +86,16 @@ class SlurmScheduler(SubmititScheduler):
         site = self.site
         params = self._parameters(request)
         plans = self.plan(request)
-        if plans:  # a split array's script is its first part's
-            params["map_count"] = plans[0].count
-            if plans[0].throttle:
-                params["array_parallelism"] = plans[0].throttle
         folder = folder or site.job_root_path / "<job-folder>"
-        command = submitit_command(request.interpreter(site), folder)
-        script = sbatch_quoting(_make_sbatch_string(command=command, folder=folder, **params))
+        if self.direct(request):  # a split array's script is its first part's
+            script = direct_script(request, self.site, folder, params, plans[0] if plans else None)
+        else:
+            if plans:
+                params["map_count"] = plans[0].count
+                if plans[0].throttle:
+                    params["array_parallelism"] = plans[0].throttle
+            command = submitit_command(request.interpreter(site), folder)
+            script = sbatch_quoting(_make_sbatch_string(command=command, folder=folder, **params))
         head, _, rest = script.partition("\n")
         notes = describe(plans, request.array or 0, site.max_array_size)
         return "\n".join([head, *notes, rest]) if notes else script
@@ -107,6 +112,26 @@ class SlurmScheduler(SubmititScheduler):
             split = {h.job_id: h.parts for h in load_handles() if h.parts}
             params["dependency"] = expand_dependency(params["dependency"], split)
         return params
+
+    # -- command jobs run straight from their script (hpcdl.scheduler.direct) ---------------------
+    def direct(self, request: Request) -> bool:
+        return why_not_direct(request, self.site) is None
+
+    def _submit_direct(
+        self, request: Request, folder: Path, plans: list[PartPlan], parts: list[ArrayPart]
+    ) -> str:
+        params = self._parameters(request)
+        write_command_file(request.task(self.site), folder)  # its values: the script has none
+        if not plans:
+            return _sbatch_file(direct_script(request, self.site, folder, params, None), folder)
+        for plan in plans:  # as _configure_part: each part after its lane's previous one
+            deps = [params["dependency"]] if params.get("dependency") else []
+            if plan.after is not None:
+                deps.append(f"afterany:{parts[plan.after].job_id}")
+            script = direct_script(request, self.site, folder, params, plan, ",".join(deps) or None)
+            parts.append(ArrayPart(job_id=_sbatch_file(script, folder), offset=plan.offset,
+                                   count=plan.count, lane=plan.lane, throttle=plan.throttle))  # fmt: skip
+        return parts[0].job_id
 
     def _preflight(self, request: Request, test_only: bool) -> None:
         if shutil.which("sbatch") is None:
@@ -221,23 +246,6 @@ class SlurmScheduler(SubmititScheduler):
         return compare_with_live(self.site, self.live_partitions(), self.live_config())
 
 
-def sbatch_quoting(script: str) -> str:
-    """The script with its ``#SBATCH`` lines quoted for sbatch's own reader, not bash's.
-
-    submitit quotes each directive's value with ``shlex.quote`` (single quotes), which sbatch
-    reads as bash would except for one character: sbatch takes a backslash as an escape even
-    inside single quotes (``'a\\b'`` reads as ``ab``, and ``'\\'`` as an unmatched quote, which
-    fails the submission). shlex.quote adds no backslash of its own, so doubling every backslash
-    on a directive line makes sbatch read each value exactly as given."""
-    lines = script.split("\n")
-    for i, line in enumerate(lines[1:], start=1):
-        if line.strip() and not line.startswith("#"):
-            break  # sbatch reads directives up to the first line of commands
-        if line.startswith("#SBATCH") and "\\" in line:
-            lines[i] = line.replace("\\", "\\\\")
-    return "\n".join(lines)
-
-
 def _executor_class() -> type:
     """submitit's SlurmExecutor writing its batch scripts through :func:`sbatch_quoting`
     (made on first use: submitit is imported only when a job is submitted)."""
@@ -270,6 +278,24 @@ def _executor_class() -> type:
 
 
 _EXECUTOR: type | None = None
+
+
+def _sbatch_file(script: str, folder: Path) -> str:
+    """Queue ``script`` as submitit does (a temporary name, then ``ID_submission.sh`` with the
+    temporary name left as a link to it); the job id. sbatch's refusal is raised as its own
+    message (the submission's caller turns it into one line)."""
+    tmp = folder / f".submission_file_{uuid.uuid4().hex}.sh"
+    tmp.write_text(script)
+    proc = run_command(["sbatch", "--parsable", str(tmp)], timeout=120)
+    if proc is None or proc.returncode != 0:
+        raise RuntimeError(_why(proc, "sbatch") or "sbatch failed")
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise RuntimeError(f"sbatch answered {proc.stdout.strip()!r}, not a job id")
+    final = folder / f"{job_id}_submission.sh"
+    tmp.rename(final)
+    tmp.symlink_to(final)
+    return job_id
 
 
 def sbatch_test_only(script: str) -> str:
@@ -305,8 +331,13 @@ def _expand(h: JobHandle, live: dict[str, TaskStatus]) -> dict[str, TaskStatus]:
     for part in _parts(h):
         for local in range(part.count):
             sid = slurm_task_id(part, local)
-            status = live.get(sid) or live.get(part.job_id)  # pending arrays: one row
-            out[f"{h.job_id}_{part.offset + local}"] = status or TaskStatus(folder_state(h.folder, sid))  # fmt: skip
+            status, whole = live.get(sid), live.get(part.job_id)  # pending arrays: one row
+            if status is None and whole is not None and whole.state in FINISHED:
+                # right after the tasks end, sacct may list only the array's own row (its last
+                # task's state) before the other tasks': their records know better
+                recorded = folder_state(h.folder, sid)
+                status = TaskStatus(recorded) if recorded != "UNKNOWN" else None
+            out[f"{h.job_id}_{part.offset + local}"] = status or whole or TaskStatus(folder_state(h.folder, sid))  # fmt: skip
     return out
 
 

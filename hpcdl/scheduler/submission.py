@@ -53,19 +53,23 @@ class SubmititScheduler(Scheduler):
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        executor = self._executor(request, folder)
+        direct = self.direct(request)  # a command run straight from its script (Slurm)
+        executor: Any = None if direct else self._executor(request, folder)
         plans = self.plan(request)
         parts: list[ArrayPart] = []
         first: list[Any] = []  # the first part's submitit jobs (the handle's id)
+        job_id = ""
         # submitit prints sbatch's error to stderr before it raises it: the error below says it
         # once; anything printed by a submission that succeeded is passed on after it
         printed = io.StringIO()
         try:
             with contextlib.redirect_stderr(printed):
-                if not plans:
+                if direct:
+                    job_id = self._submit_direct(request, folder, plans, parts)
+                elif not plans:
                     first = [executor.submit(_recorded(request.task(site)))]
                 # one batch (one Slurm array) per part; tasks keep global indices
-                for plan in plans:
+                for plan in [] if direct else plans:
                     if len(plans) > 1:
                         self._configure_part(executor, request, plan, parts)
                     with executor.batch():
@@ -79,7 +83,7 @@ class SubmititScheduler(Scheduler):
             shutil.rmtree(folder, ignore_errors=True)
             raise HpcdlError(f"submission failed: {first_error_line(exc)}") from None
         sys.stderr.write(printed.getvalue())
-        job_id = self._job_id(first)
+        job_id = job_id or self._job_id(first)
         first_script = folder / f"{job_id}_submission.sh"  # a split array's: its first part's
         script = (
             first_script if first_script.is_file() else next(folder.glob("*_submission.sh"), None)
@@ -105,6 +109,18 @@ class SubmititScheduler(Scheduler):
         if not request.array:
             return []
         return plan_parts(request.array, self.site.max_array_size, request.throttle)
+
+    def direct(self, request: Request) -> bool:
+        """Whether the request's tasks run straight from the batch script, without a Python
+        runner (the Slurm back end: ``hpcdl.scheduler.direct``)."""
+        return False
+
+    def _submit_direct(
+        self, request: Request, folder: Path, plans: list[PartPlan], parts: list[ArrayPart]
+    ) -> str:
+        """Queue a :meth:`direct` request (each part appended to ``parts`` once queued); the id
+        of its first Slurm job."""
+        raise HpcdlError(f"the {self.name} back end runs every task through submitit")
 
     def _configure_part(
         self, executor: Any, request: Request, plan: PartPlan, done: list[ArrayPart]

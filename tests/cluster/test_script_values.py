@@ -65,7 +65,7 @@ FIELDS: dict[str, tuple[str | None, bool]] = {
     "sbatch.wckey": ("wckey", True),
     "dependencies.0": ("dependency", False),  # afterok: added
     "setup.0": (None, True),  # a line of shell, never a directive
-    "env.X": (None, True),  # travels in the pickle, never in the script
+    "env.X": (None, True),  # the pickle or the job folder's direct_command.sh, never the script
     "cwd": (None, True),
     "container": (None, True),
 }
