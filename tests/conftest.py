@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 HPCDL = str(Path(sys.executable).parent / "hpcdl")
 sys.path.insert(0, str(REPO))  # `tests.helpers` importable here and (via PYTHONPATH) in jobs
 REPORT = str(REPO / "tests/helpers/report.py")
+
+from tests.helpers import cluster_share as cluster_share_lock  # noqa: E402  (after sys.path)
+from tests.helpers.cluster_share import ClusterShare  # noqa: E402
+
 # Values that would execute or split if they ever went through a shell.
 WEIRD = [
     "two words",
@@ -58,6 +63,40 @@ def unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pyt
         for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve"):
             monkeypatch.setattr(os, name, _refuse_process)
     yield
+
+
+_SHARE: ClusterShare | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module with cluster tests holds the dev cluster shared while it runs (its module
+    fixtures' jobs included), after the named locks it asks for: tests/helpers/cluster_share.py
+    says why and how tests run side by side (pytest-xdist)."""
+    global _SHARE
+    module = request.node
+    if not any(
+        i.get_closest_marker("slurm") for i in request.session.items if i.module is request.module
+    ):
+        yield
+        return
+    names = sorted({m.args[0] for m in module.iter_markers(name="cluster_lock")})
+    with contextlib.ExitStack() as held:
+        for name in names:  # before the share: a module waiting here holds nothing
+            held.enter_context(cluster_share_lock.named(name))
+        _SHARE = _SHARE or ClusterShare()
+        held.enter_context(_SHARE.shared())
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cluster_exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """``@pytest.mark.cluster_exclusive``: this test has the dev cluster to itself."""
+    if request.node.get_closest_marker("cluster_exclusive") is None or _SHARE is None:
+        yield
+        return
+    with _SHARE.exclusive_instead_of_shared():
+        yield
 
 
 @pytest.fixture(scope="session")

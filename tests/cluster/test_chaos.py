@@ -23,7 +23,9 @@ from hpcdl.hpo import Sweep
 # (seed, nodes per trial, trials_per_task: None = warm workers): together their schedules hit
 # every fault kind at least once.
 SEEDS = [
-    pytest.param(1, 1, None, id="seed1-sigkill-scancel-nodedown"),
+    pytest.param(
+        1, 1, None, id="seed1-sigkill-scancel-nodedown", marks=pytest.mark.cluster_exclusive
+    ),
     pytest.param(9, 2, None, id="seed9-2node-scancel-sigkill-cancelfollow"),
     pytest.param(4, 1, 1, id="seed4-pertask-requeue-scancel-scancel"),
 ]

@@ -34,6 +34,9 @@ from hpcdl.scheduler.checkpointable import KILL_MARGIN_S, TIMEOUT_REQUEUES, bind
 from hpcdl.task_runner import Task
 from tests.helpers.checkpointable import Counter, NoResume, plain
 
+# preempt: the `high` job preempts a `low` job (tests/helpers/cluster_share.py)
+pytestmark = pytest.mark.cluster_lock("preempt")
+
 
 def rows(path: Path) -> list[dict]:
     text = path.read_text() if path.exists() else ""

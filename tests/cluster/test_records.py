@@ -341,6 +341,7 @@ class Resumable:
         return DelayedSubmission(Resumable(len(self.data) + 100_000))
 
 
+@pytest.mark.root  # mounts a tmpfs: make test runs it as root
 def test_preemption_pickle_survives_a_full_disk(tmp_path):
     """The job's ``_submitted.pkl`` rewritten on preemption, on a file system with no room left:
     the write fails, the old pickle still loads and no temporary is left; once there is room,
@@ -435,6 +436,7 @@ def test_checkpoint_files_are_fsynced_before_their_manifest(world1, synth, tmp_p
         assert f"fsync {root}" in after[after.index(f"write {root / ckpt.LATEST}") :]
 
 
+@pytest.mark.root  # mounts a tmpfs: make test runs it as root
 def test_a_full_disk_during_a_checkpoint_loses_nothing(world1, synth, tmp_path):
     """The run folder on a 512 kB file system: the checkpoint of step 10 fits, the one of step
     20 does not (about 300 kB each). The save fails with an error naming the checkpoint that

@@ -41,7 +41,8 @@ from train_setup import (
 from hpcdl.hostlist import expand_hostlist
 from hpcdl.scheduler import FINISHED, JobHandle, find_handle, log_tail
 
-pytestmark = pytest.mark.slurm
+# preempt: the `high` job preempts a `low` run (tests/helpers/cluster_share.py)
+pytestmark = [pytest.mark.slurm, pytest.mark.cluster_lock("preempt")]
 
 SLOW = {  # ~660 steps of >= 60 ms: >= 45 s of training, whatever the machine
     "model": {"name": "train_models:SlowMLP", "delay_s": 0.06, "hidden": [64], "dropout": 0.1},
@@ -294,6 +295,7 @@ def _nodes_of(job_id: str) -> list[str]:
     return expand_hostlist(out) if out else []
 
 
+@pytest.mark.cluster_exclusive  # a DOWN node ends every job on it, anyone's
 def test_node_down_mid_run_requeues_and_resumes_to_the_same_weights(fleet):
     """One node of a 2-node run set DOWN, as a failing node is: Slurm ends the job (NODE_FAIL)
     and requeues it; the run resumes from its newest periodic checkpoint and ends with the

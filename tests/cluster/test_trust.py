@@ -99,6 +99,7 @@ def plant_pickle(folder: Path, marker: Path, job_id: str = DEAD_PID) -> None:
     (folder / f"{job_id}_0_result.pkl").write_bytes(pickle.dumps((payload, None)))
 
 
+@pytest.mark.root  # a folder owned by another user (chown): make test runs it as root
 def test_status_never_unpickles_a_planted_result(job_root, tmp_path):
     marker = tmp_path / "payload-ran"
     job_root.mkdir(mode=0o700)
