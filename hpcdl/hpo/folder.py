@@ -74,6 +74,9 @@ class SweepPaths:
         self.final_started = root / ".final-started"  # the final job began (a requeue resumes)
         self.final_result = self.final / "result.json"
         self.round = root / "round"  # how many rounds were submitted (a sampler seed part)
+        # a claim between the study's ask and its slot write (hpcdl.hpo.trial.claim): if it is
+        # still here at the next claim, that one died in between and left an orphan trial
+        self.asking = root / ".asking.json"
         self._slots: list[Slot] | None = None  # all_slots() as read once (one_read)
 
     def check_owned(self) -> None:

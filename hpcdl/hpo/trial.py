@@ -77,7 +77,7 @@ def claim(
             )
             return None
         if slot is None:  # "new"
-            trial = study.ask()
+            trial = _orphan_of_a_dead_claim(paths, study) or _ask(paths, study, slot_no)
             slot = Slot(
                 slot=slot_no,
                 trial=trial.number,
@@ -93,7 +93,34 @@ def claim(
             }
         )
         paths.write_slot(slot)
+        paths.asking.unlink(missing_ok=True)
         return slot
+
+
+def _ask(paths: SweepPaths, study: optuna.Study, slot_no: int) -> optuna.trial.Trial:
+    """Under the lock: a new trial, with a note first that a claim is between the study's ask
+    and its slot write (the parameters are several more writes to the study: on PostgreSQL a
+    kill there, by ``sweep cancel`` under load, was seen)."""
+    atomic_write_text(paths.asking, json.dumps({"slot": slot_no}))
+    return study.ask()
+
+
+def _orphan_of_a_dead_claim(paths: SweepPaths, study: optuna.Study) -> optuna.trial.Trial | None:
+    """Under the lock, when the last claim's note is still there (it died after asking the
+    study, before its slot write): the trial it left RUNNING that no slot names, to be claimed
+    again instead of asking another. Otherwise the study kept a trial RUNNING for ever, the
+    trial numbers had a gap, and ``sweep best``/the report counted one trial too many. Its
+    parameters already drawn are kept (Optuna returns a suggested parameter's stored value); the
+    rest are drawn now. All asks of a sweep happen under its lock, so a RUNNING trial no slot
+    names can only be such an orphan."""
+    if not paths.asking.is_file():
+        return None
+    held = {s.trial for s in paths.all_slots()}
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    orphans = sorted((t for t in running if t.number not in held), key=lambda t: t.number)
+    if not orphans:
+        return None
+    return optuna.trial.Trial(study, orphans[0]._trial_id)  # no public way from a number
 
 
 def _adopt_told(paths: SweepPaths, study: optuna.Study, slot: Slot) -> bool:
