@@ -141,9 +141,10 @@ class PreemptionFlag:
         self.requested = True
 
 
-def received_signal(flag: object) -> str:
-    """The signal that stopped this rank (the time-limit signal if it was another rank's)."""
-    received = getattr(flag, "received", None)
+def received_signal(flag: object, agreed: int | None = None) -> str:
+    """The signal that stopped this rank: ``agreed`` by the ranks when they could tell (the
+    trainer's reduction), else its own, else the time-limit signal (another rank's, unknown)."""
+    received = signal.Signals(agreed) if agreed else getattr(flag, "received", None)
     return (received or time_limit_signal()).name
 
 

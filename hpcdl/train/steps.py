@@ -115,3 +115,18 @@ class StepMeter:
     def mean_step_time(self, step: int) -> float:
         timing = self.timing(step)
         return timing["train_time_s"] / max(timing["steps"], 1)
+
+
+def agreed_stop_signal(received: int | None, device: Any) -> int | None:
+    """The signal that stopped the run, the same on every rank (call it on all of them, after a
+    reduced :class:`StepStats` said stop). The flag crosses ranks in the step's all-reduce but
+    the signal did not: a rank stopped by another's (rank 1's node got Slurm's SIGTERM first)
+    had none of its own and took the time-limit signal for it, so rank 0 logged a preemption as
+    a time limit and requeued the job itself, which Slurm was about to do. The highest signal
+    number any rank received wins (SIGTERM, 15, over the time-limit USR1/USR2, 10/12);
+    ``None`` when no rank received one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return received
+    number = torch.tensor([received or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    return int(number.item()) or None

@@ -44,7 +44,7 @@ from hpcdl.train.engine import (
 from hpcdl.train.loaders import shard_loader
 from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import preflight, staged_data
-from hpcdl.train.steps import StepMeter, StepStats
+from hpcdl.train.steps import StepMeter, StepStats, agreed_stop_signal
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_json, configure_logging
 
@@ -322,7 +322,9 @@ class Trainer:
         """Some rank was signalled: all ranks checkpoint, then requeue (or fail clearly)."""
         from hpcdl.scheduler import SlurmRequeue  # Slurm's commands: only on the requeue path
 
-        step, sig = self.state.step, preemption.received_signal(self.flag)
+        own = getattr(self.flag, "received", None)
+        agreed = agreed_stop_signal(int(own) if own else None, self.device)
+        step, sig = self.state.step, preemption.received_signal(self.flag, agreed)
         late = preemption.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
         if late:  # this rank's own view: logged by rank 0 when it was signalled
             self.tracker.log("event", {**late, "step": step})

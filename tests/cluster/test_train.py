@@ -274,6 +274,8 @@ def test_mpiexec_run_signalled_on_one_rank_resumes_exactly(
     assert f"error: stopped by {sig.name} at step" in err and f"run_dir={cut}" in err, err[-2000:]
     stop = [r for r in rows(cut, "event") if r["event"] == "preempted"]
     assert len(stop) == 1 and at < stop[0]["step"] < 66
+    # rank 0 (which logs the event) got no signal: the ranks agree on rank 1's, not a guess
+    assert stop[0]["signal"] == sig.name and err.count(f"stopped by {sig.name}") == 2, err[-2000:]
     periodic = [r["step"] for r in rows(cut, "event") if r["event"] == "checkpoint"][:-1]
     assert periodic[0] == 20 and stop[0]["step"] > max(periodic), (periodic, stop)
 
