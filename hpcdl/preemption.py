@@ -141,11 +141,11 @@ class PreemptionFlag:
         self.requested = True
 
 
-def received_signal(flag: object, agreed: int | None = None) -> str:
-    """The signal that stopped this rank: ``agreed`` by the ranks when they could tell (the
-    trainer's reduction), else its own, else the time-limit signal (another rank's, unknown)."""
+def received_signal(flag: object, agreed: int | None = None) -> str | None:
+    """The signal that stopped this rank: ``agreed`` by the ranks (the trainer's reduction), else
+    its own; None when another rank's (a guessed time-limit signal skipped decide's cancel check)."""
     received = signal.Signals(agreed) if agreed else getattr(flag, "received", None)
-    return (received or time_limit_signal()).name
+    return received.name if received else None
 
 
 # -- the site's policy ---------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class Stop:
     (a Checkpointable callable: rank 0 wrote its pickle in the handler)."""
 
     who: Who
-    signal: str  # "SIGTERM"
+    signal: str | None  # "SIGTERM"; None: another rank's, unknown here (asks as TERM does)
     time_limit: str  # the site's time-limit signal, "SIGUSR2"
     task: SlurmTask | None  # None: not a Slurm job
     rank: int = 0
@@ -306,9 +306,9 @@ def after_checkpoint(step: int, tag: str, run_dir: str, max_requeues: int, rank:
     job; every rank raises (so the job ends FAILED) if it cannot or must not be requeued.
     Returns the requeued job."""
     limit = time_limit_signal().name
-    sig = sig or limit
     task = slurm_task()
     done = settle(Stop("trainer", sig, limit, task, rank, max_requeues), slurm)
+    sig = sig or "another rank's signal"
     resume = f"resubmit with run_dir={run_dir} to continue from checkpoint {tag}"
     if task is None:
         raise HpcdlError(f"stopped by {sig} at step {step} (not a Slurm job, no requeue): {resume}")

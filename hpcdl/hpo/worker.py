@@ -149,6 +149,7 @@ def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag)
         step = preemption.settle(stop, SlurmRequeue())
     except Exception as exc:  # the follow-up job or 'sweep resume' runs the slots instead
         step = preemption.Step("leave", "refused", str(exc))
+    sig = sig or "another rank's signal"
     if step.why == "refused":
         log.warning(
             "stopped by %s between trials; could not requeue %s: %s", sig, target, step.said

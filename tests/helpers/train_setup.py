@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,11 @@ class Flag:
         return (
             self.at is not None and self.trainer is not None and self.trainer.state.step >= self.at
         )
+
+    @property
+    def received(self) -> signal.Signals | None:
+        """The signal it stands for once raised: the time-limit one (USR2 on the dev cluster)."""
+        return signal.SIGUSR2 if self.requested else None
 
 
 def make_run(tmp: Path, synth: Path, name: str, **changes: Any) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +21,9 @@ from hpcdl.preemption import (
     Said,
     SlurmTask,
     Stop,
+    after_checkpoint,
     decide,
+    received_signal,
     settle,
     signal_of,
     slurm_task,
@@ -121,6 +124,10 @@ ROWS = [
     ("worker stopped after the round's last slot was done [sweep_slurm]",
      Stop("worker", "SIGTERM", TL, ARRAY, work_left=False), Answers(),
      ("leave", "nothing left"), []),
+    ("scancel reached rank 1 first: rank 0's worker has no signal of its own, asks anyway",
+     Stop("worker", None, TL, ARRAY), Answers(cancelled=True), ("leave", "cancelled"), [C]),
+    ("a trainer whose ranks saw no signal of their own: never taken for a time limit",
+     Stop("trainer", None, TL, JOB, 0, 3), Answers(cancelled=True), ("fail", "cancelled"), [C]),
     ("sweep cancel right after sweep run (slurmctld: COMPLETING, CANCELLED) [docs_walk]",
      Stop("worker", "SIGTERM", TL, ARRAY), Answers(cancelled=True), ("leave", "cancelled"), [C]),
     ("worker whose task Slurm requeued itself (a node failed)",
@@ -228,3 +235,18 @@ def test_signal_names(name, sig):
 def test_a_bad_signal_name_is_one_error():
     with pytest.raises(HpcdlError, match="preemption signal 'NOPE' is not a signal name"):
         signal_of("NOPE")
+
+
+def test_a_rank_stopped_by_another_ranks_signal_is_not_taken_for_a_time_limit(monkeypatch):
+    """Rank 0 stopped through the step's all-reduce has no signal of its own. It used to take
+    the time-limit signal for it and so skipped the cancel check: a job scancel reached on
+    another node first was requeued. Unknown now, it asks as for TERM."""
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert received_signal(SimpleNamespace(received=None)) is None
+    assert received_signal(SimpleNamespace(received=None), int(signal.SIGTERM)) == "SIGTERM"
+    answers = Answers(cancelled=True)
+    with pytest.raises(HpcdlError, match="job 4242 was cancelled \\(another rank's signal"):
+        after_checkpoint(5, "step00000005", "/runs/x", 3, 0, None, slurm=Slurm(answers))
+    assert answers.asked == [(C, "4242")]
