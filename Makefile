@@ -81,7 +81,7 @@ ROOT_TESTS := slurm and root
 # The cluster tests run two at a time, a file per worker (pytest-xdist): most of their time is
 # spent waiting on Slurm. tests/helpers/cluster_share.py keeps apart the tests that disturb
 # jobs they do not own (a node set DOWN, preemption).
-USER_XDIST := -n 2 --dist loadfile
+USER_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 PHASE_TIMES ?= build/phase-times.txt
 PYTEST_ROOT := env HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -p no:cacheprovider
 

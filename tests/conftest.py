@@ -22,6 +22,33 @@ REPORT = str(REPO / "tests/helpers/report.py")
 from tests.helpers import cluster_share as cluster_share_lock  # noqa: E402  (after sys.path)
 from tests.helpers.cluster_share import ClusterShare  # noqa: E402
 
+pytest_plugins = ["tests.helpers.timeline"]  # HPCDL_TEST_TIMELINE=FILE: where the wall time goes
+
+# The cluster test files that take longest, longest first (measured with HPCDL_TEST_TIMELINE;
+# docs/development.md). With two xdist workers taking a file at a time (make test passes
+# --dist loadfile --no-loadscope-reorder), starting with the longest keeps one worker from
+# finishing a long file alone at the end while the other waits. test_checkpointable comes late:
+# it takes the "preempt" lock that test_train_slurm holds for its whole run.
+LONGEST_FIRST = [
+    "test_sweep_slurm.py",
+    "test_train_slurm.py",
+    "test_docs_walk.py",
+    "test_bring_your_script.py",
+    "test_chaos.py",
+    "test_sweep_train.py",
+    "test_resize.py",
+    "test_slurm_jobs.py",
+    "test_direct_commands.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order changes nothing
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file
+
+
 # Values that would execute or split if they ever went through a shell.
 WEIRD = [
     "two words",
@@ -80,7 +107,7 @@ def cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
     ):
         yield
         return
-    names = sorted({m.args[0] for m in module.iter_markers(name="cluster_lock")})
+    names = sorted({m.args[0] for m in module.iter_markers(name="cluster_lock")})  # pytestmark
     with contextlib.ExitStack() as held:
         for name in names:  # before the share: a module waiting here holds nothing
             held.enter_context(cluster_share_lock.named(name))
@@ -91,11 +118,17 @@ def cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def cluster_exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
-    """``@pytest.mark.cluster_exclusive``: this test has the dev cluster to itself."""
-    if request.node.get_closest_marker("cluster_exclusive") is None or _SHARE is None:
-        yield
-        return
-    with _SHARE.exclusive_instead_of_shared():
+    """``@pytest.mark.cluster_exclusive``: this test has the dev cluster to itself.
+    ``@pytest.mark.cluster_lock("NAME")`` on a test (not its module): held for that test only,
+    beside its module's share (after the module's own named locks, so no two wait on each other
+    in a cycle)."""
+    own = request.node.own_markers  # the test's and its parameter's marks, not the module's
+    names = sorted({m.args[0] for m in own if m.name == "cluster_lock"})
+    with contextlib.ExitStack() as held:
+        for name in names:
+            held.enter_context(cluster_share_lock.named(name))
+        if request.node.get_closest_marker("cluster_exclusive") is not None and _SHARE is not None:
+            held.enter_context(_SHARE.exclusive_instead_of_shared())
         yield
 
 

@@ -39,10 +39,12 @@ else
 fi
 
 cd "$REPO"
+extra=()  # HPCDL_TEST_TIMELINE: the timeline of the run (tests/helpers/timeline.py), if asked
+[[ -n ${HPCDL_TEST_TIMELINE:-} ]] && extra+=("HPCDL_TEST_TIMELINE=$HPCDL_TEST_TIMELINE")
 rc=0
 runuser -u "$USER_A" -- env -i \
     PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" \
     HOME="$HOME_A" USER="$USER_A" LOGNAME="$USER_A" LANG=C.UTF-8 TERM="${TERM:-dumb}" \
-    PYTHONPATH="$REPO" HPCDL_CLUSTER_STARTED=1 \
+    PYTHONPATH="$REPO" HPCDL_CLUSTER_STARTED=1 "${extra[@]}" \
     "$VENV/bin/pytest" -p no:cacheprovider --basetemp="$BASE/pytest" "$@" || rc=$?
 exit "$rc"

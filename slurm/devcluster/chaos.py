@@ -316,10 +316,12 @@ def settle(driver: Driver, timeout: float) -> dict[str, Any]:
 # -- command line -------------------------------------------------------------------------------------
 def toy_spec(name: str, seed: int, trials: int = 8, parallelism: int = 3, nodes: int = 1,
              pruner: str = "none", trials_per_task: int | None = None,
-             storage: Any = None) -> Any:  # fmt: skip
+             storage: Any = None, site: str = "devcluster",
+             partition: str | None = None) -> Any:  # fmt: skip
     """A sweep of the toy objective (tests/helpers/chaos_objective.py) on the dev cluster;
     ``trials_per_task`` as the spec has it (default: the spec's, warm workers); ``storage`` as
-    a spec's (None: the site's choice, the journal on the dev cluster)."""
+    a spec's (None: the site's choice, the journal on the dev cluster); ``site`` and
+    ``partition`` where its tasks run (None: the site's default partition)."""
     from hpcdl.hpo import SweepSpec
 
     extra: dict[str, Any] = {} if trials_per_task is None else {"trials_per_task": trials_per_task}
@@ -331,7 +333,8 @@ def toy_spec(name: str, seed: int, trials: int = 8, parallelism: int = 3, nodes:
         "sampler": {"name": "random", "seed": seed}, "trials": trials,
         "parallelism": parallelism, "max_retries": 6, "collective_timeout_s": 20,
         "pruner": {"name": pruner, "min_resource": 1, "reduction_factor": 2},
-        "resources": {"site": "devcluster", "time": "5m", "nodes": nodes, "tasks_per_node": 1},
+        "resources": {"site": site, "time": "5m", "nodes": nodes, "tasks_per_node": 1,
+                      **({"partition": partition} if partition else {})},
     })  # fmt: skip
 
 

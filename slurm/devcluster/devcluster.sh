@@ -2,7 +2,7 @@
 # hpcdl devcluster: a real Slurm 22.05 cluster on one machine, for development and tests.
 #
 #   devcluster.sh up       install packages if missing, write configs, start every daemon,
-#                          wait until node1..node4 are idle (idempotent)
+#                          wait until node1..node7 are idle (idempotent)
 #   devcluster.sh down     cancel jobs, stop only the daemons that `up` started
 #   devcluster.sh status   show daemons and sinfo; exit 0 when everything is up, 1 otherwise
 #   devcluster.sh postgres start (idempotent) the study database: a PostgreSQL server on
@@ -29,7 +29,7 @@ CONF_DIR=${DEVCLUSTER_CONF_DIR:-/etc/slurm}
 PID_DIR=$STATE_DIR/pids
 MARKER='# managed by hpcdl devcluster'
 HOSTS_MARKER='# hpcdl devcluster nodes'
-NODES=(node1 node2 node3 node4)
+NODES=(node1 node2 node3 node4 node5 node6 node7)  # node5-7: the hidden `fault` partition
 DB_USER=slurm
 DB_PASS=${DEVCLUSTER_DB_PASS:-hpcdl-devcluster}
 PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod acl sudo postgresql openssh-server chromium)  # postgresql: the study-database tests; openssh-server: remote mode and tunnels; chromium: the dashboard tests (headless)
@@ -76,7 +76,7 @@ pid_alive() {
     [[ ${stat:0:1} != Z && ${stat:0:1} != X ]]
 }
 
-# Daemon keys: munged mariadbd slurmdbd slurmctld slurmd-node1..4. The key's prefix
+# Daemon keys: munged mariadbd slurmdbd slurmctld slurmd-node1..7. The key's prefix
 # before '-' is the process command name.
 comm_of() { echo "${1%%-*}"; }
 log_of() { echo "$LOG_DIR/$1.log"; }
@@ -207,7 +207,7 @@ dbd_ok() { timeout 10 sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1
 ctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 # node_states: "NODE STATE" lines, one per node (long state names, '*' = not responding).
-node_states() { timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null | sort -u; }
+node_states() { timeout 10 sinfo -a -h -N -o '%N %T' 2>/dev/null | sort -u; }  # -a: the hidden partition's nodes too
 
 # nodes_ready: every node of the cluster is responding and usable.
 nodes_ready() {
@@ -636,7 +636,7 @@ cmd_up() {
     ensure_pg_user
 
     if ((CHANGED)); then
-        say "cluster up in $((SECONDS - STARTED_AT))s: ${#NODES[@]} nodes idle (partitions cpu, gpu, low, high)"
+        say "cluster up in $((SECONDS - STARTED_AT))s: ${#NODES[@]} nodes idle (partitions cpu, gpu, low, high; hidden: fault)"
     else
         say "cluster already up (nothing changed)"
     fi

@@ -154,9 +154,9 @@ ROWS = [
     ("case", "stop", "answers", "end", "asked"), ROWS, ids=[r[0] for r in ROWS]
 )
 def test_the_step_after_a_stop(case, stop, answers, end, asked):
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: a loaded machine stretches wall time, not this
     step = settle(stop, Slurm(answers))
-    assert time.perf_counter() - started < 0.01
+    assert time.process_time() - started < 0.01
     assert (step.action, step.why) == end, case
     job = stop.task.job if stop.task else ""
     assert answers.asked == [(q, job) for q in asked], case
