@@ -31,8 +31,9 @@ from hpcdl.errors import ConfigError, HpcdlError
 SHIPPING = {"submit", "render", "sweep", "train", "alloc", "serve", "export", "data"}
 #: Commands that run here, against the login node (they move files, not jobs).
 LOCAL = {"pull"}
-#: A ControlPath must fit a Unix socket's path (108 bytes); ssh's %C is 40 characters.
-_MAX_SOCKET_DIR = 60
+#: A ControlPath must fit a Unix socket's path (108 bytes): the folder, '/', ssh's %C (40
+#: characters) and the '.' and 16 characters ssh adds while it sets the master up.
+_MAX_SOCKET_DIR = 48
 _last: Remote | None = None  # the login node ``pull`` talks to
 
 
@@ -82,11 +83,12 @@ def login_for(argv: list[str]) -> tuple[LoginNode | None, list[str]]:
 
 def control_dir() -> Path:
     """The folder of the shared connection's socket: ``~/.hpcdl/ssh``, or, where that path is
-    too long for a socket, ``$TMPDIR/hpcdl-ssh-UID``; either is this user's alone (0700), never
-    a shared folder where another user could plant or reach a socket."""
-    home = Path.home() / ".hpcdl" / "ssh"
-    folder = home if len(str(home)) <= _MAX_SOCKET_DIR else None
-    folder = folder or Path(tempfile.gettempdir()) / f"hpcdl-ssh-{os.getuid()}"
+    too long for a socket, ``$XDG_RUNTIME_DIR/hpcdl-ssh`` or ``/tmp/hpcdl-ssh-UID``; each is this
+    user's alone (0700, checked), never a shared folder where another user could reach a socket."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")  # /run/user/UID: private, if there is one
+    choices = [Path.home() / ".hpcdl" / "ssh", *([Path(runtime) / "hpcdl-ssh"] if runtime else [])]
+    short = [c for c in choices if len(str(c)) <= _MAX_SOCKET_DIR]
+    folder = short[0] if short else Path("/tmp") / f"hpcdl-ssh-{os.getuid()}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
