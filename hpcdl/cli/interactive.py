@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from hpcdl.cli.jobs import _RESOURCE_OPTIONS, JobCommand, build_job
+from hpcdl.cli.jobs import _RESOURCE_OPTIONS, _SUBMITIT_INFO, JobCommand, build_job
 from hpcdl.cli.serve_task import KINDS
 from hpcdl.errors import ConfigError, HpcdlError
 
@@ -41,10 +41,12 @@ def _options(names: set[str]) -> Any:
     return wrap
 
 
-def _slurm_job(args: tuple[str, ...], options: dict[str, Any], what: str) -> tuple[Any, Any]:
+def _slurm_job(
+    args: tuple[str, ...], options: dict[str, Any], what: str, name: str
+) -> tuple[Any, Any]:
     """The Job for an allocation or a server, checked against the site like ``submit``."""
     options = {k: v for k, v in options.items() if k in _KEEP}
-    options["name"] = options.get("name") or what
+    options["name"] = options.get("name") or name
     job, where = build_job(args, options)
     site = job.resolve_site()
     job.check(site, where)
@@ -70,7 +72,7 @@ def alloc(command: tuple[str, ...], **options: Any) -> None:
     the shell (or the command), or at its time limit."""
     from hpcdl.scheduler.interactive import allocate
 
-    job, site = _slurm_job(tuple(command) or ("bash",), options, "alloc")
+    job, site = _slurm_job(tuple(command) or ("bash",), options, "alloc", "alloc")
     status = allocate(job, site, list(command))
     if status:
         raise click.exceptions.Exit(status)
@@ -99,7 +101,7 @@ def serve(kind: str, target: str | None, port: int, wait_s: float, **options: An
     target = _target(kind, target)
     info = _info_path(options.get("site"))
     command = (sys.executable, "-m", "hpcdl.cli.serve_task", kind, str(info), target, str(port))
-    job, site = _slurm_job(command, options, f"serve-{kind}")
+    job, site = _slurm_job(command, options, "serve", f"serve-{kind}")
     handle = job.submit(site)
     try:
         where = _wait_served(handle, info, wait_s, port)
@@ -247,7 +249,8 @@ class _Tail:
         lines = (self.held + chunk).split("\n")
         self.held = "" if last else lines.pop()
         for line in lines if lines[-1:] != [""] else lines[:-1]:
-            click.echo(self.prefix + line, err=self.err)
+            if not _SUBMITIT_INFO.match(line):  # submitit's own progress, as 'hpcdl logs'
+                click.echo(self.prefix + line, err=self.err)
 
 
 def register(cli: click.Group) -> None:

@@ -178,6 +178,8 @@ class Remote:
     def run(self, argv: list[str], workdir: str) -> int:
         """``hpcdl ARGV`` on the login node in ``workdir``: its output and exit status."""
         env = f"HPCDL_NO_REMOTE=1 HPCDL_LOGIN_SSH={shlex.quote(self.login_ssh())}"
+        if os.environ.get("HPCDL_SITE"):  # the laptop's default site is the login node's too
+            env += f" HPCDL_SITE={shlex.quote(os.environ['HPCDL_SITE'])}"
         line = (f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)} && "
                 f"{env} {self.login.hpcdl} {shlex.join(argv)}")  # fmt: skip
         tty = ["-t"] if argv[:1] == ["alloc"] and sys.stdin.isatty() else []
