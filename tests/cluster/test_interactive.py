@@ -258,3 +258,13 @@ def test_attach_follows_every_task_until_the_job_ends(devcluster):
     assert time.monotonic() - start < 110
     one = _ok(run_cli("attach", job, "--task", "1"))  # the job has ended: its output, then back
     assert one.splitlines() == [f"line{i} rank1" for i in (1, 2, 3)]
+
+
+def test_alloc_refused_by_slurm_is_one_line(devcluster):
+    """What hpcdl cannot check itself (no such reservation): salloc's reason, as one line."""
+    proc = run_cli(
+        "alloc", "--site", devcluster, "--reservation", "nosuch", "-t", "1", "--", "true"
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr == ("error: salloc refused the allocation: Job submit/allocate failed: "
+                           "Requested reservation is invalid\n")  # fmt: skip

@@ -204,3 +204,17 @@ def test_serve_dashboard_of_no_sweep(capsys, tmp_path, monkeypatch):
 def test_pull_without_a_login_node(capsys, laptop_sites):
     line = one_line_error(capsys, main(["pull", "x"]))
     assert "pull: brings files back from a login node: give --remote user@host" in line
+
+
+def test_alloc_refused_by_the_partitions_policy(tmp_path, capsys):
+    site = {
+        **GOOD_SITE,
+        "partitions": [{**GOOD_SITE["partitions"][0], "policy": {"denied": ["exclusive"]}}],
+    }
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(site))
+    line = one_line_error(capsys, main(["alloc", "--site", str(path), "--exclusive", "-t", "5"]))
+    assert (
+        line
+        == "error: command line: exclusive: partition 'cpu' does not allow --exclusive (site policy)"
+    )
