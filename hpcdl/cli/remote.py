@@ -67,7 +67,7 @@ def login_for(argv: list[str]) -> tuple[LoginNode | None, list[str]]:
     host, rest = split_remote(argv)
     name = _site_named(rest)
     profile_login = None
-    if name is not None and (host is not None or not name.endswith((".yaml", ".yml"))):
+    if name is not None:
         from hpcdl.site import load_site
 
         try:

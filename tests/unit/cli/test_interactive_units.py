@@ -109,6 +109,7 @@ ROUTES = [
     ("no site, no remote", {}, ["status"], None),
     ("site with login", {}, ["submit", "--site", "far", "--", "true"], ("alice@login1", 2222)),
     ("site= with login", {}, ["submit", "--site=far", "--", "true"], ("alice@login1", 2222)),
+    ("a profile's path", {}, ["submit", "--site", "{sites}/far.yaml"], ("alice@login1", 2222)),
     ("site without login", {}, ["submit", "--site", "near", "--", "true"], None),
     ("--site after --", {}, ["submit", "--site", "near", "--", "x", "--site", "far"], None),
     ("$HPCDL_SITE", {"HPCDL_SITE": "far"}, ["status"], ("alice@login1", 2222)),
@@ -124,7 +125,7 @@ ROUTES = [
 def test_login_for(laptop_sites, monkeypatch, label, env, argv, expected):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    login, _ = login_for(argv)
+    login, _ = login_for([a.replace("{sites}", os.environ["HPCDL_SITE_PATH"]) for a in argv])
     assert (login.host, login.port) == expected if expected else login is None
 
 
