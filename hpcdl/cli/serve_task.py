@@ -96,8 +96,9 @@ def main(argv: list[str]) -> int:
         _serve_dashboard(port, arg)
     elif kind == "jupyter":  # the token by environment, never on a command line (ps shows those)
         env = {**os.environ, "JUPYTER_TOKEN": token}
-        os.execvpe("jupyter", ["jupyter", "lab", "--no-browser", f"--ip={HOST}",
-                               f"--port={port}", f"--notebook-dir={arg}"], env)  # fmt: skip
+        # port_retries=0: jupyter would otherwise move to another port than the one announced
+        os.execvpe("jupyter", ["jupyter", "lab", "--no-browser", f"--ip={HOST}", f"--port={port}",
+                               "--ServerApp.port_retries=0", f"--notebook-dir={arg}"], env)  # fmt: skip
     elif kind == "tensorboard":
         os.execvp("tensorboard", ["tensorboard", "--logdir", arg, "--host", HOST,
                                   "--port", str(port)])  # fmt: skip

@@ -151,7 +151,7 @@ def test_remote_sweep_runs_and_reads_as_on_the_login_node(laptop):
     name = f"remote-{uuid.uuid4().hex[:6]}"
     spec = {"name": name, "objective": "tests.helpers.objectives:curve",
             "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
-            "sampler": {"name": "random", "seed": 0}, "trials": 2, "parallelism": 2,
+            "sampler": {"name": "random", "seed": 0}, "trials": 2, "parallelism": 1,
             "final": False, "resources": {"site": "devcluster", "time": "5m"}}  # fmt: skip
     (laptop.work / "sweep.yaml").write_text(yaml.safe_dump(spec))
     out = _ok(laptop.cli("sweep", "run", "sweep.yaml", "--wait", "--timeout", "240", timeout=300))
