@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 import urllib.error
@@ -99,9 +100,11 @@ def serve(kind: str, target: str | None, port: int, wait_s: float, **options: An
     hpcdl serve files [DIR] --site devcluster         # a folder (e.g. reports), token-protected
     The job ends at its time limit or with 'hpcdl cancel JOB'."""
     target = _target(kind, target)
-    info = _info_path(options.get("site"))
-    command = (sys.executable, "-m", "hpcdl.cli.serve_task", kind, str(info), target, str(port))
-    job, site = _slurm_job(command, options, "serve", f"serve-{kind}")
+    info = Path(f"serve-{uuid.uuid4().hex}.json")  # under the job root, once the job is checked
+    command = [sys.executable, "-m", "hpcdl.cli.serve_task", kind, "INFO", target, str(port)]
+    job, site = _slurm_job(tuple(command), options, "serve", f"serve-{kind}")
+    info = _serve_folder(site) / info
+    job = job.model_copy(update={"command": [*command[:4], str(info), *command[5:]]})
     handle = job.submit(site)
     try:
         where = _wait_served(handle, info, wait_s, port)
@@ -130,13 +133,19 @@ def _target(kind: str, target: str | None) -> str:
     return str(folder)
 
 
-def _info_path(site_name: str | None) -> Path:
-    """A new file in a private folder under the job root, where the task writes its port."""
-    from hpcdl.site import load_site
+def _serve_folder(site: Any) -> Path:
+    """A folder only this user can enter, under the job root, for the files the servers' tasks
+    write their port and token to (never a command line: ``ps`` shows those to everyone)."""
+    from hpcdl.scheduler.registry import ensure_job_root
+    from hpcdl.util import share_umask
 
-    folder = load_site(site_name).job_root_path / "serve"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder / f"{uuid.uuid4().hex}.json"
+    folder = ensure_job_root(site) / "serve"
+    with share_umask():
+        folder.mkdir(exist_ok=True, mode=0o700)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise HpcdlError(f"{folder}: not a private folder of yours (mode 0700); remove it")
+    return folder
 
 
 def _wait_served(handle: Any, info: Path, wait_s: float, port: int) -> dict[str, Any]:

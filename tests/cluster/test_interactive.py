@@ -186,6 +186,11 @@ def test_served_folder_answers_through_an_ssh_tunnel(laptop):
     try:
         assert f"-p {laptop.sshd.port} {USER}@127.0.0.1" in out, out
         token = re.search(r"token:\s+(\S+)", out).group(1)
+        # the token is in the 0600 file the task wrote, and in no script, command file or log
+        files = [f for f in laptop.login_jobs.rglob("*") if f.is_file()]
+        holders = [f for f in files if token in f.read_text(errors="replace")]
+        assert [f.parent.name for f in holders] == ["serve"], holders
+        assert holders[0].stat().st_mode & 0o777 == 0o600
         local = _free_port()
         tunnel = _tunnel(laptop.sshd, next(ln for ln in out.splitlines() if "tunnel:" in ln), local)
         try:

@@ -219,3 +219,10 @@ def test_alloc_refused_by_the_partitions_policy(tmp_path, capsys):
         line
         == "error: command line: exclusive: partition 'cpu' does not allow --exclusive (site policy)"
     )
+
+
+def test_serve_refused_writes_nothing(capsys, job_root, tmp_path):
+    line = one_line_error(capsys, main(["serve", "files", str(tmp_path), "--site", "devcluster",
+                                        "-p", "gpu", "-t", "5h"]))  # fmt: skip
+    assert line == "error: command line: time: 5h exceeds partition 'gpu' limit 04:00:00"
+    assert not job_root.exists()
