@@ -134,8 +134,17 @@ def test_bad_remote_is_one_line(laptop_sites, capsys):
     assert line.startswith("error: --remote: host: ") and "is not user@host" in line
 
 
-def test_ssh_options_check_host_keys_and_keep_one_connection(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+@pytest.fixture()
+def short_home():
+    """A home whose path is short enough for the socket (pytest's tmp_path may not be)."""
+    home = tempfile.mkdtemp(prefix="h", dir="/tmp")
+    yield home
+    shutil.rmtree(home)
+
+
+def test_ssh_options_check_host_keys_and_keep_one_connection(short_home, monkeypatch):
+    tmp_path = Path(short_home)
+    monkeypatch.setenv("HOME", short_home)
     login = LoginNode(host="a@h", port=2222, identity_file="~/k", known_hosts="~/kh")
     opts = Remote(login).ssh_options()
     joined = " ".join(opts)
@@ -144,14 +153,6 @@ def test_ssh_options_check_host_keys_and_keep_one_connection(tmp_path, monkeypat
     assert f"ControlPath={control_dir()}/%C" in joined
     assert f"UserKnownHostsFile={tmp_path}/kh" in joined and f"-i {tmp_path}/k" in joined
     assert Remote(login).login_ssh() == "-p 2222 a@h"
-
-
-@pytest.fixture()
-def short_home():
-    """A home whose path is short enough for the socket (pytest's tmp_path may not be)."""
-    home = tempfile.mkdtemp(prefix="h", dir="/tmp")
-    yield home
-    shutil.rmtree(home)
 
 
 def test_control_dir_is_private(short_home, monkeypatch):
