@@ -151,7 +151,10 @@ class Remote:
         if shutil.which("rsync") is None:
             raise ConfigError("", "--remote", "rsync is not installed here: apt install rsync")
         ssh = shlex.join(["ssh", *self.ssh_options()])
-        argv = ["rsync", "-a", "--protect-args", "--mkpath", "-e", ssh, *args]
+        # the copy is private on the login node whatever the modes here (--chmod), like job folders
+        # and so are the folders --mkpath makes (the login shell's umask would leave them 0755)
+        argv = ["rsync", "-a", "--chmod=go-rwx", "--protect-args", "--mkpath", "-e", ssh,
+                "--rsync-path=umask 077 && rsync", *args]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -180,7 +183,7 @@ class Remote:
         env = f"HPCDL_NO_REMOTE=1 HPCDL_LOGIN_SSH={shlex.quote(self.login_ssh())}"
         if os.environ.get("HPCDL_SITE"):  # the laptop's default site is the login node's too
             env += f" HPCDL_SITE={shlex.quote(os.environ['HPCDL_SITE'])}"
-        line = (f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)} && "
+        line = (f"umask 077 && mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)} && "
                 f"{env} {self.login.hpcdl} {shlex.join(argv)}")  # fmt: skip
         tty = ["-t"] if argv[:1] == ["alloc"] and sys.stdin.isatty() else []
         proc = subprocess.run(["ssh", *self.ssh_options(), *tty, "--", self.login.host, line])

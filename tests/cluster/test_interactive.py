@@ -162,6 +162,8 @@ def test_remote_sweep_runs_and_reads_as_on_the_login_node(laptop):
     assert not (laptop.home / "laptop-jobs").exists()
     copies = list((Path.home() / ".hpcdl/remote").glob("work-*/sweep.yaml"))
     assert any(yaml.safe_load(c.read_text())["name"] == name for c in copies)
+    for path in (copies[0], copies[0].parent, copies[0].parent.parent):  # private there
+        assert path.stat().st_mode & 0o077 == 0, path
     control = laptop.control()
     assert control.stat().st_mode & 0o777 == 0o700 and control.stat().st_uid == os.getuid()
     # results back on request
