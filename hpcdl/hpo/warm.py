@@ -14,14 +14,14 @@ before anything is written: a mismatch is one line naming the spec and ``warm_st
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 
-from hpcdl.config import read_yaml
+from hpcdl.config import MAX_YAML_BYTES, load_yaml
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo.conditions import active, draw_order, possible
 from hpcdl.hpo.pareto import WARM
@@ -137,7 +137,12 @@ def _from_file(path: Path, spec: SweepSpec) -> list[WarmTrial]:
     ``values`` has every objective and constraint, or is left out (the trial is run)."""
     if not path.is_file():
         raise HpcdlError(f"no file {path}")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else read_yaml(path)
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise HpcdlError(f"{path} is over {MAX_YAML_BYTES} bytes")
+    try:  # JSON is YAML; the bounded loader refuses alias bombs and deep nesting
+        data = load_yaml(path.read_text())
+    except (yaml.YAMLError, ValueError) as exc:
+        raise HpcdlError(f"{path}: not JSON or YAML ({str(exc).splitlines()[0]})") from None
     items = data.get("trials") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise HpcdlError(f"{path}: give a list of trials ({{params: ..., values: ...}})")
