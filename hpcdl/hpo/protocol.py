@@ -66,7 +66,7 @@ class BaseObjective:
     def check(self, spec: SweepSpec) -> None:
         return None
 
-    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float | dict[str, float]:
         raise NotImplementedError
 
     def final(self, params: dict[str, Any], spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
@@ -76,11 +76,15 @@ class BaseObjective:
 class FunctionObjective(BaseObjective):
     """A plain ``function(params, ctx) -> float`` as an :class:`Objective`."""
 
-    def __init__(self, function: Callable[[dict[str, Any], TrialContext], float], name: str):
+    def __init__(
+        self,
+        function: Callable[[dict[str, Any], TrialContext], float | dict[str, float]],
+        name: str,
+    ):
         self.function = function
         self.name = name
 
-    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float | dict[str, float]:
         return self.function(params, ctx)
 
 

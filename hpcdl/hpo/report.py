@@ -84,7 +84,8 @@ def _pareto_png(sweep: Sweep, out_dir: Path) -> Path:
             targets=(lambda t: tuple(t.values[:shown])) if len(spec.metrics) > shown else None,
             target_names=[f"{m} ({d})" for m, d in zip(spec.metrics, directions, strict=False)],
         )
-    fig = ax.get_figure()
+    fig = ax.figure
+    assert isinstance(fig, plt.Figure)
     fig.suptitle(f"sweep {spec.name}: Pareto front")
     png = out_dir / "report.png"
     fig.savefig(png, dpi=110)

@@ -91,11 +91,14 @@ class Pruner(_Strict):
     warmup_epochs: int = Field(default=1, ge=0)
 
 
+Direction = Literal["maximize", "minimize"]
+
+
 class ObjectiveName(_Strict):
     """One objective of a multi-objective sweep: a metric the trial records, and its direction."""
 
     name: str
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Direction = "maximize"
 
 
 class Resources(JobResources):
@@ -168,7 +171,7 @@ class SweepSpec(_Strict):
         return [o.name for o in self.objectives] if self.objectives else [self.metric]
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives] if self.objectives else [self.direction]
 
     @property

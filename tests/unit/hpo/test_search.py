@@ -134,7 +134,7 @@ def test_a_conditional_parameter_is_drawn_exactly_when_its_condition_holds(sampl
     spec = SweepSpec.model_validate({**BASE, "sampler": {"name": sampler, "n_startup_trials": 2}})
     study = optuna.create_study(sampler=make_sampler(spec), directions=spec.directions)
     seen = set()
-    for i in range(8):
+    for i in range(6):
         trial = study.ask()
         params = suggest(trial, spec)
         assert ("momentum" in params) == (params["opt"] == "sgd"), params
