@@ -251,3 +251,25 @@ MISFIT = [
 @pytest.mark.parametrize("params,expected", MISFIT)
 def test_misfit(params, expected):
     assert misfit(params, SPACE) == expected
+
+
+def test_a_retry_adopts_a_multi_objective_trial_the_study_completed(tmp_path, monkeypatch):
+    """As test_claim_adopt for one objective: the study was told, the slot write was lost.
+    ``FrozenTrial.value`` raises on a multi-objective trial; the slot takes the first value."""
+    from hpcdl.hpo.folder import Slot, SweepPaths
+    from hpcdl.hpo.study import open_study
+    from hpcdl.hpo.trial import claim
+
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4243")  # another task than the dead one
+    spec = SweepSpec.model_validate({**BASE, **TWO, "name": "adopt2"})
+    paths = SweepPaths(tmp_path / "adopt2")
+    paths.slots.mkdir(parents=True)
+    study = open_study(spec, paths.root)
+    trial = study.ask()
+    study.tell(trial, [0.75, 3.0])
+    paths.write_slot(Slot(slot=0, trial=trial.number, params={}, run_id="r0", job="4242"))
+    assert claim(paths, spec, study, 0) is None
+    slot = paths.read_slot(0)
+    assert slot is not None and (slot.state, slot.value) == ("complete", 0.75)
