@@ -5,6 +5,7 @@ drawn by GPSampler, extending a finished sweep, warm start from a sweep and from
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import optuna
@@ -70,6 +71,14 @@ def test_two_objectives_with_a_constraint_status_best_report(capsys):
     assert png.stat().st_size > 10_000 and "Pareto front: trial" in html.read_text()
 
 
+def _ended(sweep: Sweep, timeout: float = 60) -> None:
+    """Until no worker of the sweep is alive; fail with the jobs and the sweep's state."""
+    deadline = time.monotonic() + timeout
+    while live := [f"{j.kind} {j.handle.job_id} {j.state}" for j in sweep.jobs() if j.live]:
+        assert time.monotonic() < deadline, f"still alive: {live}\n{sweep.status()}"
+        time.sleep(0.2)
+
+
 def sweep_report(sweep: Sweep) -> tuple[Path, Path]:
     from hpcdl.hpo.report import write_report
 
@@ -95,6 +104,7 @@ def test_conditional_space_with_gp_and_a_constraint_then_extend():
     assert first["final"]["trial"] == first["trial"]
 
     # extend the finished sweep: 3 more trials on the same study, a new final result
+    _ended(sweep)  # the worker that ran the final exits a moment after writing its result
     text, _ = sweep.extend(3)
     assert text.startswith("8 trials (3 more): resubmitted 3 trial(s)"), text
     sweep.wait(timeout=180)
@@ -161,6 +171,18 @@ def test_warm_start_from_a_sweep_and_from_a_file(tmp_path, capsys):
     assert main(["sweep", "run", str(other)]) == 2
     assert "warm_start: sweep 'old' optimises val_acc (maximize), this one val_loss (minimize)" \
         in capsys.readouterr().err  # fmt: skip
+
+    # a sweep folder someone else could write is never read as one's own (Sweep.load's check)
+    mode = old.paths.root.stat().st_mode & 0o777
+    old.paths.root.chmod(mode | 0o020)
+    try:
+        again = tmp_path / "again.yaml"
+        again.write_text(yaml.safe_dump({**_yaml_spec("again"), "warm_start": "old"}))
+        assert main(["sweep", "run", str(again)]) == 2
+        err = capsys.readouterr().err
+        assert "warm_start: sweep folder" in err and "is not yours alone" in err, err
+    finally:
+        old.paths.root.chmod(mode)
 
 
 def _yaml_spec(name: str) -> dict:

@@ -273,3 +273,50 @@ def test_a_retry_adopts_a_multi_objective_trial_the_study_completed(tmp_path, mo
     assert claim(paths, spec, study, 0) is None
     slot = paths.read_slot(0)
     assert slot is not None and (slot.state, slot.value) == ("complete", 0.75)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef", strict=True)
+)
+WARM_FILES = [
+    ("alias bomb", BOMB, "aliases expand to more than 10,000 nodes"),
+    ("too big", "#" * (1024 * 1024 + 1), "is over 1048576 bytes"),
+    ("not a list", "params: {x: 1}", "give a list of trials"),
+    ("no params", "- {values: {val_acc: 1}}", "trial 0 has no `params` mapping"),
+    ("values without an objective", "- {params: {opt: adam, lr: 0.1}, values: {acc: 1}}",
+     "trial 0: `values` has no number for 'val_acc'"),
+    ("a misfit", "- {params: {opt: adam, lr: 0.1, momentum: 0.5}}",
+     "trial 0 has 'momentum', which this space draws only when opt='sgd'"),
+    ("more to run than trials", "[" + ", ".join(["{params: {opt: adam, lr: 0.1}}"] * 5) + "]",
+     "5 parameter sets to run but trials is 4"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("label,text,words", WARM_FILES, ids=[w[0] for w in WARM_FILES])
+def test_warm_start_files_are_refused_in_one_line(tmp_path, label, text, words):
+    from hpcdl.hpo.warm import load_warm
+
+    prior = tmp_path / "prior.yaml"
+    prior.write_text(text)
+    spec = SweepSpec.model_validate({**BASE, "warm_start": str(prior)})
+    with pytest.raises(ConfigError) as exc:
+        load_warm(spec, "sweep.yaml")
+    assert (exc.value.where, exc.value.field) == ("sweep.yaml", "warm_start")
+    assert words in exc.value.problem and "\n" not in str(exc.value), str(exc.value)
+
+
+def test_a_warm_start_file_of_measured_and_unmeasured_trials(tmp_path):
+    from hpcdl.hpo.warm import apply, load_warm
+
+    prior = tmp_path / "prior.json"
+    prior.write_text('{"trials": [{"params": {"opt": "sgd", "lr": 0.01, "momentum": 0.9},'
+                     ' "values": {"val_acc": 0.8, "mem": -1}}, {"params": {"opt": "adam", "lr": 0.1}}]}')  # fmt: skip
+    spec = SweepSpec.model_validate({**BASE, "constraints": ["mem"], "warm_start": str(prior)})
+    study = optuna.create_study(directions=spec.directions)
+    apply(study, spec, load_warm(spec, "sweep.yaml"))
+    added, queued = study.trials
+    assert (added.state.name, added.values, added.constraints) == ("COMPLETE", [0.8], {"mem": -1.0})
+    assert added.user_attrs[WARM] == str(prior)
+    assert queued.state.name == "WAITING"
+    trial = study.ask()  # the enqueued parameters are this sweep's first trial
+    assert suggest(trial, spec) == {"opt": "adam", "lr": 0.1}
