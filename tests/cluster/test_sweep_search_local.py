@@ -36,7 +36,7 @@ TWO_GOALS = {
     "objectives": [{"name": "acc"}, {"name": "latency", "direction": "minimize"}],
     "constraints": ["mem"],
     "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
-    "trials": 8,
+    "trials": 6,
 }
 
 
@@ -45,7 +45,7 @@ def test_two_objectives_with_a_constraint_status_best_report(capsys):
     sweep.run()
     sweep.wait(timeout=120)
     slots = sweep.slots()
-    assert [s.state for s in slots] == ["complete"] * 8
+    assert [s.state for s in slots] == ["complete"] * 6
     assert all(set(s.values) == {"acc", "latency", "mem"} for s in slots)
     study = sweep.study()
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE,
@@ -122,12 +122,12 @@ def test_conditional_space_with_gp_and_a_constraint_then_extend():
 
 
 def test_warm_start_from_a_sweep_and_refusals(tmp_path, capsys):
-    old = Sweep(spec(name="old", trials=2, final=False))
+    old = Sweep(spec(name="old", trials=2, parallelism=1, final=False))
     old.run()
     old.wait(timeout=120)
     old_trials = old.study().trials
 
-    new = Sweep(spec(name="new", trials=2, final=False, warm_start="old",
+    new = Sweep(spec(name="new", trials=2, parallelism=1, final=False, warm_start="old",
                      sampler={"name": "tpe", "seed": 1, "n_startup_trials": 2}))  # fmt: skip
     new.run()
     new.wait(timeout=120)
