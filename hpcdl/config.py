@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from hpcdl.errors import ConfigError
 from hpcdl.util import set_dotted
@@ -263,3 +263,54 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
+
+
+# ``user@host`` for ssh: no leading '-' anywhere (it would be read as an ssh option), no spaces,
+# no shell characters (the same string is part of an rsync ``-e`` and of printed ssh lines).
+_LOGIN_HOST = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*\Z")
+_PERSIST = re.compile(r"^\d+[smh]?\Z")
+
+
+def _login_host(value: str) -> str:
+    if not _LOGIN_HOST.match(value):
+        raise ValueError(f"{value!r} is not user@host or host (letters, digits, '.', '-', '_')")
+    return value
+
+
+def _login_entry(value: object) -> object:
+    return {"host": value} if isinstance(value, str) else value  # `login: user@host`
+
+
+def _no_newline(value: str) -> str:
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ValueError("must be one line")
+    return value
+
+
+class LoginNode(BaseModel):
+    """A site profile's ``login:`` entry: the login node that remote mode runs commands on over
+    SSH (``login: user@host``, or a mapping with the fields below). Keys and passwords stay in
+    ssh's own files (``identity_file`` names one); nothing secret is written here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: Annotated[str, AfterValidator(_login_host)]
+    port: int | None = Field(default=None, ge=1, le=65535)
+    identity_file: Annotated[str, AfterValidator(_no_newline)] | None = None
+    # ssh's UserKnownHostsFile: host keys are always checked (never StrictHostKeyChecking=no)
+    known_hosts: Annotated[str, AfterValidator(_no_newline)] | None = None
+    # the hpcdl command on the login node: a shell word list run by the login shell there
+    hpcdl: Annotated[str, AfterValidator(_no_newline)] = "hpcdl"
+    # where code snapshots go on the login node, relative to its home
+    workdir: Annotated[str, AfterValidator(_no_newline)] = ".hpcdl/remote"
+    persist: Annotated[str, AfterValidator(lambda v: _checked(_PERSIST, v, "e.g. 10m"))] = "10m"
+
+
+def _checked(pattern: re.Pattern[str], value: str, allowed: str) -> str:
+    if not pattern.match(value):
+        raise ValueError(f"{value!r}: {allowed}")
+    return value
+
+
+LoginEntry = Annotated[LoginNode, BeforeValidator(_login_entry)]
+"""``login: user@host`` or ``login: {host: user@host, port: 2222, ...}``."""

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hpcdl.config import (
+    LoginEntry,
     Memory,
     SlurmTime,
     format_minutes,
@@ -154,6 +155,7 @@ class SiteProfile(_Strict):
     # --array 1000000 must not reach sbatch. 10,000 is Slurm's default MaxJobCount; 'site import'
     # writes the cluster's own. Job.array's le=1,000,000 stays as the last guard.
     max_array_tasks: int = Field(default=10_000, ge=1)
+    login: LoginEntry | None = None  # remote mode: run the CLI there over SSH (hpcdl.cli.remote)
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteProfile:
@@ -217,12 +219,8 @@ class SiteProfile(_Strict):
     def check_array(self, tasks: int | None, where: str, field: str = "array") -> None:
         """Raise ConfigError when an array of ``tasks`` tasks exceeds ``max_array_tasks``."""
         if tasks is not None and tasks > self.max_array_tasks:
-            raise ConfigError(
-                where,
-                field,
-                f"an array of {tasks:,} tasks exceeds site {self.name!r} limit "
-                f"max_array_tasks {self.max_array_tasks:,}",
-            )
+            raise ConfigError(where, field, f"an array of {tasks:,} tasks exceeds site "
+                              f"{self.name!r} limit max_array_tasks {self.max_array_tasks:,}")  # fmt: skip
 
     def launcher(self, name: str) -> LauncherPreset:
         """The site's preset for a launcher (empty when the profile has none)."""

@@ -14,7 +14,8 @@ from hpcdl.util import LOGGER_NAME
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hpcdl")
-def cli() -> None:
+@click.option("--remote", metavar="USER@HOST", help="Run the command on this login node over SSH.")
+def cli(remote: str | None) -> None:
     """hpcdl: deep learning on Slurm: site-checked jobs, training, HDF5 shards, sweeps."""
 
 
@@ -26,13 +27,16 @@ def _register() -> None:
         data,
         export,
         init,
+        interactive,
         jobs,
+        remote,
         site,
         sweep,
         train,
     )
 
-    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array):
+    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array,
+                   interactive, remote):  # fmt: skip
         module.register(cli)
 
 
@@ -63,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     _register()
     _setup_logging()
     try:
+        from hpcdl.cli.remote import route  # remote mode: the command runs on a login node
+
+        status = route(list(sys.argv[1:] if argv is None else argv))
+        if status is not None:
+            return status
         cli.main(args=argv, prog_name="hpcdl", standalone_mode=False)
     except HpcdlError as exc:
         click.echo(f"error: {exc}", err=True)

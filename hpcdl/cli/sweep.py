@@ -82,6 +82,9 @@ def _wait_with_progress(s: Any, timeout: float) -> None:
 
 def _print_best(s: Any) -> None:
     best = s.best()
+    if "pareto" in best:
+        _print_front(best)
+        return
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
     click.echo(
         f"best trial {best['trial']}: {s.spec.metric}={_fmt(best[s.spec.metric])}  ({params})"
@@ -93,6 +96,21 @@ def _print_best(s: Any) -> None:
         )
         click.echo(f"final model (retrained on train+val), held-out test split: {scores}"
                    f"  ({final.get('test_samples', '?')} samples)")  # fmt: skip
+
+
+def _print_front(best: dict[str, Any]) -> None:
+    """The Pareto front as a table: trial, each objective, the parameters."""
+    from hpcdl.hpo.table import grid
+
+    names = [o["name"] for o in best["objectives"]]
+    keys = sorted({k for t in best["pareto"] for k in t["params"]})
+    heads = ["trial", *(f"{o['name']} ({o['direction'][:3]})" for o in best["objectives"]), *keys]
+    rows = [[str(t["trial"]), *(_fmt(t[n]) for n in names),
+             *(_fmt(t["params"][k]) if k in t["params"] else "-" for k in keys)]
+            for t in best["pareto"]]  # fmt: skip
+    click.echo(f"Pareto front: {len(rows)} trial(s) no other trial beats in every objective")
+    for line in grid(heads, rows, 10**6):
+        click.echo(line)
 
 
 def _fmt(value: Any) -> str:
@@ -159,6 +177,18 @@ def resume(name: str, overrides: tuple[str, ...]) -> None:
 
     _check_overrides(overrides)
     text, handles = Sweep.load(name).resume_why(list(overrides))
+    click.echo(f"{name}: {text}: " + ", ".join(f"{h.name} {h.job_id}" for h in handles))
+
+
+@sweep.command()
+@click.argument("name")
+@click.argument("more", metavar="N", type=int)
+def extend(name: str, more: int) -> None:
+    """Run N more trials on the sweep's study (a finished sweep, or one whose jobs ended): the
+    sampler goes on from every trial so far; the final job retrains the best of all."""
+    from hpcdl.hpo import Sweep
+
+    text, handles = Sweep.load(name).extend(more)
     click.echo(f"{name}: {text}: " + ", ".join(f"{h.name} {h.job_id}" for h in handles))
 
 

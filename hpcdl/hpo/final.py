@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.hpo.folder import SweepPaths
+from hpcdl.hpo.pareto import best_trials
 from hpcdl.hpo.protocol import TrialRequeued
 from hpcdl.hpo.study import open_study
 from hpcdl.preemption import task_id
@@ -39,17 +40,17 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
     if paths.has_final_result():
         return {"skipped": "the final result is there already"}
     study = open_study(spec, paths.root)
-    try:
-        best = study.best_trial
-    except ValueError:
-        log_event(paths, "final", "not run: no trial completed")
+    found = best_trials(study.get_trials(deepcopy=False), spec.directions)
+    if not found:  # (a multi-objective spec has no final job: the spec refuses one)
+        log_event(paths, "final", "not run: no trial completed (that meets the constraints)")
         return {"skipped": "no trial completed"}
+    best = found[0]
     paths.final.mkdir(exist_ok=True)
     try:
         scores = resolve_objective(spec).final(dict(best.params), spec, paths.final)
     except TrialRequeued as exc:  # checkpointed on a preemption signal: the requeued job goes on
         return {"requeued": str(exc)}
-    result = {"trial": best.number, spec.metric: best.value, "params": best.params, **scores}
+    result = {"trial": best.number, spec.metric: best.values[0], "params": best.params, **scores}
     paths.write_final_result(result)
     log_event(paths, "final", f"retrained trial {best.number}: result written")
     return result

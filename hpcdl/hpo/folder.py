@@ -50,7 +50,8 @@ class Slot(BaseModel):
     run_id: str
     state: SlotStateName = "running"
     attempts: int = 1
-    value: float | None = None
+    value: float | None = None  # the (first) objective's
+    values: dict[str, float] | None = None  # every objective and constraint recorded
     epochs: int = 0
     node: str | None = None
     job: str | None = None

@@ -66,13 +66,13 @@ class TrainObjective(BaseObjective):
         site = load_site(spec.resources.site)
         site.check_secrets(cfg.job.env, cfg.job.setup, [], cfg.name, f"{spec.train}: job")
         preflight(cfg, world_size(spec.resources), spec.resources.gpus_per_node > 0, spec.train)
-        metric = spec.metric.removeprefix("val_")
-        if metric not in {"acc", "loss"}:
-            raise ConfigError(
-                "", "metric", f"{spec.metric!r}: the trainer reports val_acc or val_loss"
-            )
+        for i, name in enumerate([*spec.metrics, *spec.constraints]):
+            field = ("metric" if not spec.objectives else f"objectives.{i}.name") if i < len(
+                spec.metrics) else "constraints"  # fmt: skip
+            if name not in {"val_acc", "val_loss"}:
+                raise ConfigError("", field, f"{name!r}: the trainer reports val_acc or val_loss")
 
-    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float | dict[str, float]:
         """Train with ``params`` in the trial folder (resuming its checkpoints); report every
         epoch, so the pruner can stop the run (``ctx.report`` raises ``StopTraining``)."""
         spec = ctx.spec
@@ -88,6 +88,8 @@ class TrainObjective(BaseObjective):
             finish=False,
         )
         _requeued(result, f"trial {ctx.slot.trial}")
+        if spec.multi or spec.constraints:
+            return {m: float(result[m]) for m in [*spec.metrics, *spec.constraints]}
         return float(result[spec.metric])
 
     def final(self, params: dict[str, Any], spec: SweepSpec, out_dir: Path) -> dict[str, Any]:

@@ -49,9 +49,10 @@ class Objective(Protocol):
     def check(self, spec: SweepSpec) -> None:
         """Raise ``ConfigError`` if the spec cannot work (bad paths, unknown metric, ...)."""
 
-    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float | dict[str, float]:
         """Train or evaluate with ``params``; call ``ctx.report(epoch, value)`` as it goes;
-        return the metric."""
+        return the metric, or ``{name: value}`` with every objective and constraint of the
+        spec (:func:`hpcdl.hpo.pareto.measured`)."""
 
     def final(self, params: dict[str, Any], spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         """Retrain the best ``params`` and return the held-out scores (``test_acc``, ...)."""
@@ -65,7 +66,7 @@ class BaseObjective:
     def check(self, spec: SweepSpec) -> None:
         return None
 
-    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float | dict[str, float]:
         raise NotImplementedError
 
     def final(self, params: dict[str, Any], spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
@@ -75,11 +76,15 @@ class BaseObjective:
 class FunctionObjective(BaseObjective):
     """A plain ``function(params, ctx) -> float`` as an :class:`Objective`."""
 
-    def __init__(self, function: Callable[[dict[str, Any], TrialContext], float], name: str):
+    def __init__(
+        self,
+        function: Callable[[dict[str, Any], TrialContext], float | dict[str, float]],
+        name: str,
+    ):
         self.function = function
         self.name = name
 
-    def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
+    def run(self, params: dict[str, Any], ctx: TrialContext) -> float | dict[str, float]:
         return self.function(params, ctx)
 
 

@@ -25,6 +25,11 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
 
     out_dir = out_dir or sweep.paths.root
     out_dir.mkdir(parents=True, exist_ok=True)
+    if sweep.spec.multi:
+        png = _pareto_png(sweep, out_dir)
+        page = out_dir / "report.html"
+        atomic_write_text(page, _html(sweep, png))
+        return png, page
     metric, maximize = sweep.spec.metric, sweep.spec.direction == "maximize"
     slots = sorted((s for s in sweep.slots() if s.state in _COLORS), key=lambda s: s.trial)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -59,6 +64,33 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
     page = out_dir / "report.html"
     atomic_write_text(page, _html(sweep, png))
     return png, page
+
+
+def _pareto_png(sweep: Sweep, out_dir: Path) -> Path:
+    """Optuna's Pareto-front plot (matplotlib backend) of the first two or three objectives;
+    infeasible trials greyed out by Optuna, warm-started ones included as measured."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    spec = sweep.spec
+    shown = min(len(spec.metrics), 3)
+    directions = [d for d in spec.directions[:shown]]
+    with warnings.catch_warnings():  # the plot is "experimental": no warning on every report
+        warnings.simplefilter("ignore")
+        ax = ovm.plot_pareto_front(
+            sweep.study(),
+            targets=(lambda t: tuple(t.values[:shown])) if len(spec.metrics) > shown else None,
+            target_names=[f"{m} ({d})" for m, d in zip(spec.metrics, directions, strict=False)],
+        )
+    fig = ax.figure
+    assert isinstance(fig, plt.Figure)
+    fig.suptitle(f"sweep {spec.name}: Pareto front")
+    png = out_dir / "report.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def _last_value(trial: Any, slot: Any) -> float | None:
@@ -107,7 +139,8 @@ def _html(sweep: Sweep, png: Path) -> str:
         "slot",
         "trial",
         "state",
-        sweep.spec.metric,
+        *sweep.spec.metrics,
+        *sweep.spec.constraints,
         "epochs",
         "attempts",
         "node",
@@ -134,6 +167,9 @@ def _best_line(sweep: Sweep) -> str:
         b = sweep.best()
     except HpcdlError:
         return "<p>no finished trial yet</p>"
+    if "pareto" in b:
+        front = ", ".join(str(t["trial"]) for t in b["pareto"])
+        return f"<p>{html.escape(f'Pareto front: trial {front}')}</p>"
     metric = sweep.spec.metric
     text = f"best: trial {b['trial']}, {metric}={_fmt(b[metric])}, " + ", ".join(
         f"{k}={_fmt(v)}" for k, v in b["params"].items()

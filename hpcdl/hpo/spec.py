@@ -20,17 +20,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Choice(_Strict):
+class SpecProblem(ValueError):
+    """A spec problem that names its own field (``space.momentum.when``): ``load_spec`` reports
+    it under that field instead of the spec's top level."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(problem)
+        self.field, self.problem = field, problem
+
+
+class _Param(_Strict):
+    # draw this parameter only when every named parameter has one of the given values
+    # (``when: {optimizer: sgd}``); otherwise the trial has no value for it
+    when: dict[str, Any] | None = None
+
+
+class Choice(_Param):
     type: Literal["choice"]
     values: list[Any] = Field(min_length=1)
 
 
-class Grid(_Strict):
+class Grid(_Param):
     type: Literal["grid"]
     values: list[Any] = Field(min_length=1)
 
 
-class Uniform(_Strict):
+class Uniform(_Param):
     type: Literal["uniform", "loguniform"]
     low: float
     high: float
@@ -44,7 +59,7 @@ class Uniform(_Strict):
         return self
 
 
-class IntRange(_Strict):
+class IntRange(_Param):
     type: Literal["int"]
     low: int
     high: int
@@ -64,7 +79,7 @@ Param = Annotated[Choice | Grid | Uniform | IntRange, Field(discriminator="type"
 
 
 class Sampler(_Strict):
-    name: Literal["grid", "random", "tpe", "cmaes"] = "tpe"
+    name: Literal["grid", "random", "tpe", "cmaes", "gp", "nsga2"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(default=5, ge=0)
 
@@ -74,6 +89,16 @@ class Pruner(_Strict):
     min_resource: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2)
     warmup_epochs: int = Field(default=1, ge=0)
+
+
+Direction = Literal["maximize", "minimize"]
+
+
+class ObjectiveName(_Strict):
+    """One objective of a multi-objective sweep: a metric the trial records, and its direction."""
+
+    name: str
+    direction: Direction = "maximize"
 
 
 class Resources(JobResources):
@@ -93,6 +118,12 @@ class SweepSpec(_Strict):
     pruner: Pruner = Pruner()
     metric: str = "val_acc"
     direction: Literal["maximize", "minimize"] = "maximize"
+    # several objectives (a Pareto front); `metric`/`direction` then name the first
+    objectives: list[ObjectiveName] | None = Field(default=None, min_length=1)
+    # recorded metrics that must be <= 0 for a trial to count (Optuna's trial constraints)
+    constraints: list[str] = []
+    # another sweep's name or a file of trials (JSON/YAML) the study starts from
+    warm_start: str | None = None
     trials: int = Field(ge=1, le=100_000)
     parallelism: int = Field(default=4, ge=1)
     # None: each array task is a warm worker running trials until none is left; 1: one trial
@@ -111,6 +142,41 @@ class SweepSpec(_Strict):
     # password, or {url, password_file}; None: the site's study_storage, else the journal.
     # `sweep run` writes its choice (and the database study's name) into the sweep's spec.
     storage: StorageChoice | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_objective(cls, data: Any) -> Any:
+        """With ``objectives``, ``metric``/``direction`` are the first one's (what single-metric
+        views show); a multi-objective sweep has no one best to retrain, so ``final`` defaults to
+        false for it."""
+        if (
+            not isinstance(data, dict)
+            or not data.get("objectives")
+            or not isinstance(data["objectives"], list)
+        ):  # an empty list: the field's own check says so
+            return data
+        objectives = data["objectives"]
+        first = objectives[0] if objectives and isinstance(objectives[0], dict) else {}
+        implied = {"metric": first.get("name"), "direction": first.get("direction", "maximize")}
+        for key, value in implied.items():
+            if key in data and data[key] != value:
+                raise SpecProblem(key, f"{data[key]!r} differs from the first of `objectives` "
+                                  f"({value!r}): give objectives alone")  # fmt: skip
+        extra = {"final": False} if len(objectives) > 1 else {}
+        return {**extra, **data, **implied}
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives' names, in order (one for a single-objective sweep)."""
+        return [o.name for o in self.objectives] if self.objectives else [self.metric]
+
+    @property
+    def directions(self) -> list[Direction]:
+        return [o.direction for o in self.objectives] if self.objectives else [self.direction]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
@@ -143,6 +209,7 @@ class SweepSpec(_Strict):
             raise ValueError(
                 f"{grids[0]!r} is a grid parameter: use sampler 'grid' (or type 'choice')"
             )
+        check_search(self)
         return self
 
     @property
@@ -150,15 +217,61 @@ class SweepSpec(_Strict):
         return math.prod(len(p.values) for p in self.space.values() if isinstance(p, Grid | Choice))
 
 
+def check_search(spec: SweepSpec) -> None:
+    """Objectives, constraints, sampler and pruner together; conditions of the space."""
+    from hpcdl.hpo.conditions import check_conditions
+
+    names = spec.metrics + spec.constraints
+    for i, name in enumerate(names):
+        where = f"objectives.{i}.name" if i < len(spec.metrics) else "constraints"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+            raise SpecProblem(where, f"{name!r}: a metric name (letters, digits, '_', '.')")
+        if name in names[:i]:
+            raise SpecProblem(where, f"{name!r} is named twice among objectives and constraints")
+    if spec.multi and spec.pruner.name != "none":
+        raise SpecProblem("pruner.name", f"{spec.pruner.name!r}: Optuna does not prune "
+                          "multi-objective studies; use pruner: {name: none} or one objective")  # fmt: skip
+    if spec.multi and spec.sampler.name == "cmaes":
+        raise SpecProblem("sampler.name", "'cmaes' optimises one objective; with several use "
+                          "tpe, nsga2, gp, random or grid")  # fmt: skip
+    if spec.multi and spec.final:
+        raise SpecProblem("final", "a multi-objective sweep has a Pareto front, not one best "
+                          "trial to retrain: leave final out (false), and retrain the one you pick")  # fmt: skip
+    if spec.constraints and spec.sampler.name == "cmaes":
+        raise SpecProblem("constraints", "the cmaes sampler ignores constraints: use tpe, "
+                          "nsga2 or gp (random and grid only filter the best by them)")  # fmt: skip
+    check_conditions(spec.space, spec.sampler.name)
+
+
 def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
-    """Read and validate a sweep spec; ``train`` is resolved relative to the spec's folder."""
+    """Read and validate a sweep spec; ``train`` and a ``warm_start`` file are resolved
+    relative to the spec's folder."""
+    from pydantic import ValidationError
+
     from hpcdl.config import apply_overrides
+    from hpcdl.errors import ConfigError
 
     data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    spec = validate(SweepSpec, data, str(path))
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        problem = (exc.errors()[0].get("ctx") or {}).get("error")
+        if isinstance(problem, SpecProblem):  # one line naming the field it is about
+            raise ConfigError(str(path), problem.field, problem.problem) from None
+        spec = validate(SweepSpec, data, str(path))  # raises its one line
+    if spec.warm_start is not None and warm_start_is_file(spec.warm_start):
+        warm = Path(spec.warm_start).expanduser()
+        if not warm.is_absolute():
+            warm = path.parent / warm
+        spec = spec.model_copy(update={"warm_start": str(warm.resolve())})
     if spec.train is None:
         return spec
     train = Path(spec.train)
     if not train.is_absolute() and not train.exists():
         train = path.parent / train
     return spec.model_copy(update={"train": str(train.resolve())})
+
+
+def warm_start_is_file(value: str) -> bool:
+    """``warm_start: X`` names a file (a path, or .json/.yaml/.yml) rather than a sweep."""
+    return "/" in value or value.endswith((".json", ".yaml", ".yml"))

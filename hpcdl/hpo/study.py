@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from hpcdl.hpo.conditions import active, draw_order
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import Choice, Grid, IntRange, SweepSpec, Uniform
 from hpcdl.hpo.storage import journal_storage, open_storage, study_name
@@ -47,6 +48,12 @@ def make_sampler(
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    # Constraints reach TPE, GP and NSGA-II through each trial's own constraint values
+    # (Trial.set_constraint, Optuna 5), not a constraints_func: the deprecated way
+    if s.name == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
     return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
 
 
@@ -100,7 +107,7 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> o
         storage=store,
         sampler=make_sampler(spec, worker or 0, draw),
         pruner=make_pruner(spec),
-        direction=spec.direction,
+        directions=spec.directions,
         load_if_exists=True,
     )
 
@@ -125,15 +132,26 @@ class TrialReporter:
         if step not in self._journal.get_trial(self._trial_id).intermediate_values:
             self._journal.set_trial_intermediate_value(self._trial_id, step, float(value))
 
+    def constrain(self, values: dict[str, float]) -> None:
+        """Record the trial's constraint values (Optuna's ``Trial.set_constraint``; a value set
+        before stays) before it is told: samplers and ``best_trial`` read them from the trial."""
+        trial = optuna.trial.Trial(self.study, self._trial_id)  # no public way from a number
+        for name, value in values.items():
+            trial.set_constraint(name, value)
+
     def should_prune(self) -> bool:
         """The study's pruner on the trial's values so far (what ``Trial.should_prune`` does)."""
         return self.study.pruner.prune(self.study, self._journal.get_trial(self._trial_id))
 
 
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
-    """Draw every parameter of the space for this trial."""
+    """Draw the space's parameters for this trial: a conditional one only when its condition
+    holds for those drawn before it (:mod:`hpcdl.hpo.conditions`)."""
     params: dict[str, Any] = {}
-    for key, p in spec.space.items():
+    for key in draw_order(spec.space):
+        p = spec.space[key]
+        if not active(p.when, params):
+            continue
         if isinstance(p, Choice | Grid):
             params[key] = trial.suggest_categorical(key, p.values)
         elif isinstance(p, Uniform):

@@ -12,14 +12,17 @@ from typing import Any
 
 import optuna
 
-from hpcdl.config import read_yaml
+from hpcdl.config import read_yaml, validate
 from hpcdl.containers import check_slurm_client
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo import storage
 from hpcdl.hpo.folder import Slot, SweepPaths
 from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
+from hpcdl.hpo.pareto import best_trials
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.study import open_study
+from hpcdl.hpo.warm import apply as apply_warm
+from hpcdl.hpo.warm import load_warm
 from hpcdl.scheduler import FINISHED, JobHandle, cancel_jobs
 from hpcdl.site import load_site
 from hpcdl.util import atomic_write_text, share_umask
@@ -82,12 +85,13 @@ class Sweep:
             sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
             check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
             self.lifecycle.check_round(list(range(self.spec.trials)), f"{self.source}: resources")
+            warm = load_warm(self.spec, self.source)
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
         if self.spec.train is not None:
             self.spec = copy_train_config(self.spec, self.paths)
         atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
-        open_study(self.spec, self.paths.root)
+        apply_warm(open_study(self.spec, self.paths.root), self.spec, warm)
         return self.lifecycle.submit(list(range(self.spec.trials)), f"{self.source}: resources")
 
     def _exists_already(self) -> str:
@@ -123,6 +127,43 @@ class Sweep:
                     life.check_round(life.missing_slots() or [0], f"{self.source}: resources")
                 atomic_write_text(self.paths.spec, self.spec.model_dump_json(indent=1))
             return self.lifecycle.resume(f"{self.source}: resources")
+
+    def extend(self, more: int) -> tuple[str, list[JobHandle]]:
+        """``more`` trials on the same study: the spec's ``trials`` grows, and a round (array
+        sized by parallelism, final and follow-up jobs) runs the new slots with any still
+        missing; the final job then waits for them and retrains the best of all.
+
+        Refused while any job of the sweep is queued or running: the live round's follow-up
+        job counts rounds against ``max_retries`` and would take the new slots for a failed
+        round to resubmit, and its final job could write the old best's result meanwhile.
+        Extend once the round has ended, or after ``sweep cancel``."""
+        if more < 1:
+            raise ConfigError(self.source, "N", f"extend by at least 1 trial, got {more}")
+        with share_umask(self.site.share):
+            life = self.lifecycle
+            live = [f"{j.kind} {j.handle.job_id}" for j in life.jobs() if j.live]
+            if live:
+                raise HpcdlError(
+                    f"sweep {self.spec.name!r} still has jobs queued or running "
+                    f"({', '.join(live)}): extend it when they have ended, or after "
+                    f"'hpcdl sweep cancel {self.spec.name}' (its round's follow-up and final "
+                    f"jobs were submitted for {self.spec.trials} trials)"
+                )
+            data = {**self.spec.model_dump(mode="json"), "trials": self.spec.trials + more}
+            with _named(self.source):
+                spec = validate(SweepSpec, data, self.source)
+                Lifecycle(spec, self.paths, self.site).check_round(
+                    list(range(self.spec.trials, spec.trials)), f"{self.source}: resources"
+                )
+            old = self.paths.read_final_result()
+            if old is not None:  # the best of the longer sweep gets its own final model
+                kept = self.paths.final / f"result-{self.spec.trials}-trials.json"
+                self.paths.final_result.replace(kept)
+            self.paths.final_started.unlink(missing_ok=True)
+            atomic_write_text(self.paths.spec, spec.model_dump_json(indent=1))
+            self.spec = spec
+            text, handles = self.lifecycle.resume(f"{self.source}: resources")
+            return f"{spec.trials} trials ({more} more): {text}", handles
 
     def missing_slots(self) -> list[int]:
         return self.paths.missing_slots(range(self.spec.trials))
@@ -207,6 +248,10 @@ class Sweep:
                     "state": s.state if s else "pending",
                     "params": s.params if s else {},
                     self.spec.metric: s.value if s else None,
+                    **{
+                        m: (s.values or {}).get(m) if s else None
+                        for m in [*self.spec.metrics[1:], *self.spec.constraints]
+                    },
                     "epochs": s.epochs if s else 0,
                     "attempts": s.attempts if s else 0,
                     "node": s.node if s else None,
@@ -218,20 +263,28 @@ class Sweep:
         return rows
 
     def best(self) -> dict[str, Any]:
-        """Best finished trial: number, value, parameters (and the final test result if any)."""
-        db = storage.database(self.spec)
-        found: tuple[int, float | None, dict[str, Any]] | None
-        if db is not None:  # one query, without opening Optuna's RDBStorage (see storage)
-            found = storage.best_in_database(db, storage.study_name(self.spec), self.source)
+        """Best finished trial: number, value, parameters (and the final test result if any);
+        with several objectives, ``pareto``: the front's trials, each with every objective.
+        Infeasible (a constraint > 0) and warm-started trials never count."""
+        spec = self.spec
+        db = storage.database(spec)
+        found: tuple[int, float | None, dict[str, Any]] | None = None
+        if db is not None and not (spec.multi or spec.constraints or spec.warm_start):
+            # one query, without opening Optuna's RDBStorage (see storage)
+            found = storage.best_in_database(db, storage.study_name(spec), self.source)
         else:
-            try:
-                trial = self.study().best_trial
-                found = (trial.number, trial.value, trial.params)
-            except ValueError:
-                found = None
+            trials = best_trials(self.study().get_trials(deepcopy=False), spec.directions)
+            if trials and spec.multi:
+                return {"objectives": [{"name": m, "direction": d} for m, d in
+                                       zip(spec.metrics, spec.directions, strict=True)],
+                        "pareto": [{"trial": t.number, **dict(zip(spec.metrics, t.values, strict=True)),
+                                    "params": t.params} for t in trials]}  # fmt: skip
+            if trials:
+                found = (trials[0].number, trials[0].values[0], trials[0].params)
         if found is None:
-            raise HpcdlError(f"sweep {self.spec.name!r} has no finished trial yet")
-        out: dict[str, Any] = {"trial": found[0], self.spec.metric: found[1], "params": found[2]}
+            raise HpcdlError(f"sweep {spec.name!r} has no finished trial yet"
+                             + (" that meets its constraints" if spec.constraints else ""))  # fmt: skip
+        out: dict[str, Any] = {"trial": found[0], spec.metric: found[1], "params": found[2]}
         final = self.paths.read_final_result()
         if final is not None:
             out["final"] = final

@@ -95,13 +95,14 @@ def trial_table(
     spec = sweep.spec
     keys = list(spec.space)
     names = {k: k for k in keys} if wide else short_names(keys)
-    headers = ["slot", "trial", "state", spec.metric, "epochs", "tries"]
+    recorded = [*spec.metrics, *spec.constraints]  # objectives, then constraints (<= 0)
+    headers = ["slot", "trial", "state", *recorded, "epochs", "tries"]
     headers += [names[k] for k in keys]
     if wide:
         headers += ["node", "W&B run", "error"]
     rows = []
     for r in sweep.status() if rows_in is None else rows_in:
-        row = [str(r["slot"]), fmt(r["trial"]), r["state"], fmt(r[spec.metric], 4)]
+        row = [str(r["slot"]), fmt(r["trial"]), r["state"], *(fmt(r.get(m), 4) for m in recorded)]
         row += [str(r["epochs"]), str(r["attempts"])]
         row += [fmt(r["params"].get(k)) for k in keys]
         if wide:
@@ -161,9 +162,11 @@ def status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str
 def _status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], str]) -> list[str]:
     spec = sweep.spec
     width = 10**6 if wide else width
+    goals = ", ".join(f"{m} ({d})" for m, d in zip(spec.metrics, spec.directions, strict=True))
+    limits = "".join(f", {c} <= 0" for c in spec.constraints)
     lines = wrap(
         f"sweep {spec.name} ({sweep.site.name}): {spec.trials} trials, {spec.parallelism} at a "
-        f"time, {spec.metric} ({spec.direction})",
+        f"time, {goals}{limits}",
         width,
     )
     jobs = sweep.jobs()
@@ -173,6 +176,8 @@ def _status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], st
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     lines += ["", ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
+    if spec.multi:
+        lines += wrap(_front_line(sweep), width)
     if jobs:
         lines += ["", "jobs:", *job_lines(jobs, width)]
     stuck = sweep.lifecycle.diagnose(jobs)
@@ -186,6 +191,16 @@ def _status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], st
         for e in events:
             lines += wrap(f"  {e['who']} ({e['job'] or '-'}): {e['text']}", width, indent=4)
     return [_colored(line, color) for line in lines]
+
+
+def _front_line(sweep: Sweep) -> str:
+    from hpcdl.errors import HpcdlError
+
+    try:
+        front = sweep.best()["pareto"]
+    except HpcdlError:
+        return "Pareto front: no trial complete yet"
+    return "Pareto front: trial " + ", ".join(str(t["trial"]) for t in front)
 
 
 def _colored(line: str, color: Callable[[str], str]) -> str:

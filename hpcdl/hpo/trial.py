@@ -24,6 +24,7 @@ import optuna
 
 from hpcdl.hpo import decide
 from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
+from hpcdl.hpo.pareto import measured
 from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.storage import open_storage
@@ -133,7 +134,8 @@ def _adopt_told(paths: SweepPaths, study: optuna.Study, slot: Slot) -> bool:
     state = decide.told(trial.state.name) if trial is not None else None
     if trial is None or state is None:
         return False
-    paths.write_slot(slot.model_copy(update={"state": state, "value": trial.value}))
+    value = trial.values[0] if trial.values else None  # the first objective's, as run_trial
+    paths.write_slot(slot.model_copy(update={"state": state, "value": value}))
     return True
 
 
@@ -184,7 +186,7 @@ def run_trial(
 
     def report(epoch: int, value: float) -> None:
         nonlocal slot
-        if reporter is not None:
+        if reporter is not None and not spec.multi:  # Optuna keeps no curve of several values
             reporter.report(value, epoch)
         slot = record(slot.model_copy(update={"epochs": epoch}))
         if _agree(reporter.should_prune() if reporter is not None else False):
@@ -194,7 +196,8 @@ def run_trial(
     while True:
         ctx = TrialContext(spec, slot, trial_dir, report, flag)
         try:
-            value = float(objective.run(dict(slot.params), ctx))
+            values = measured(objective.run(dict(slot.params), ctx), spec.metrics,
+                              spec.constraints)  # fmt: skip
         except TrialRequeued:
             _stop(watchdog)
             return slot
@@ -218,7 +221,11 @@ def run_trial(
             failed = slot.model_copy(update={"state": "failed", "error": error})
             return record(failed, state=optuna.trial.TrialState.FAIL)
         _stop(watchdog)
-        return record(slot.model_copy(update={"state": "complete", "value": value}), values=value)
+        if reporter is not None and spec.constraints:
+            reporter.constrain({c: values[c] for c in spec.constraints})
+        told = [values[m] for m in spec.metrics]
+        done = slot.model_copy(update={"state": "complete", "value": told[0], "values": values})
+        return record(done, values=told)
 
 
 def _stop(watchdog: threading.Event | None) -> None:

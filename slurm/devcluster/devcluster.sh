@@ -32,7 +32,7 @@ HOSTS_MARKER='# hpcdl devcluster nodes'
 NODES=(node1 node2 node3 node4 node5 node6 node7)  # node5-7: the hidden `fault` partition
 DB_USER=slurm
 DB_PASS=${DEVCLUSTER_DB_PASS:-hpcdl-devcluster}
-PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod acl sudo postgresql openssh-server chromium)  # postgresql: the study-database tests; openssh-server: remote mode and tunnels; chromium: the dashboard tests (headless)
+PACKAGES=(slurm-wlm slurmdbd munge mariadb-server lmod acl sudo postgresql openssh-server rsync chromium)  # postgresql: the study-database tests; openssh-server, rsync: remote mode and tunnels; chromium: the dashboard tests (headless)
 # Unprivileged users, as on a real site: the tests submit as USERS[0] and try to reach its
 # files as USERS[1]. They share one primary group, the harsher case (a group-readable file is
 # readable by the other user), as on sites that give a project one group. OPERATOR is a Slurm
