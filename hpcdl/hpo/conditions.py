@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpcdl.hpo.spec import Choice, Grid, IntRange, SpecProblem
+from hpcdl.hpo.space import Choice, Grid, IntRange, SpecProblem
 
 
 def wanted(value: Any) -> list[Any]:

@@ -11,7 +11,8 @@ import optuna
 
 from hpcdl.hpo.conditions import active, draw_order
 from hpcdl.hpo.folder import SweepPaths
-from hpcdl.hpo.spec import Choice, Grid, IntRange, SweepSpec, Uniform
+from hpcdl.hpo.space import Choice, Grid, IntRange, Uniform
+from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.storage import journal_storage, open_storage, study_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -85,7 +85,7 @@ class Sweep:
             sbatch = "the follow-up job submits with 'sbatch'" if self.lifecycle.queued else None
             check_slurm_client(self.site.container, self.site.container.image, sbatch, "sweep")
             self.lifecycle.check_round(list(range(self.spec.trials)), f"{self.source}: resources")
-            warm = load_warm(self.spec, self.source)
+            warm = load_warm(self.spec, self.source, _open_for_warm_start)
         self.paths.slots.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
         if self.spec.train is not None:
@@ -354,3 +354,9 @@ def copy_train_config(spec: SweepSpec, paths: SweepPaths) -> SweepSpec:
     header = f"# copy of {source} made by 'hpcdl sweep run'; the sweep's trials read this copy\n"
     atomic_write_text(copy, header + yaml.safe_dump(data, sort_keys=False))
     return spec.model_copy(update={"train": str(copy)})
+
+
+def _open_for_warm_start(name: str) -> tuple[SweepSpec, optuna.Study]:
+    """Another sweep a spec's ``warm_start`` names (hpcdl.hpo.warm): its spec and study."""
+    old = Sweep.load(name)
+    return old.spec, old.study()

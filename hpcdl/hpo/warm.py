@@ -14,6 +14,7 @@ before anything is written: a mismatch is one line naming the spec and ``warm_st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from hpcdl.config import MAX_YAML_BYTES, load_yaml
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo.conditions import active, draw_order, possible
 from hpcdl.hpo.pareto import WARM
-from hpcdl.hpo.spec import Choice, Grid, IntRange, SweepSpec, Uniform, warm_start_is_file
+from hpcdl.hpo.space import Choice, Grid, IntRange, Uniform
+from hpcdl.hpo.spec import SweepSpec, warm_start_is_file
 
 
 @dataclass
@@ -82,7 +84,12 @@ def misfit(params: dict[str, Any], space: dict[str, Any]) -> str | None:
     return None
 
 
-def load_warm(spec: SweepSpec, where: str) -> list[WarmTrial]:
+# Another sweep by name: its spec and study (Sweep.load does the opening and its ownership
+# checks; passed in by the sweep, which sits above this module).
+OpenSweep = Callable[[str], tuple[SweepSpec, optuna.Study]]
+
+
+def load_warm(spec: SweepSpec, where: str, open_sweep: OpenSweep) -> list[WarmTrial]:
     """The trials ``spec.warm_start`` names, each checked against the spec (ConfigError)."""
     source = spec.warm_start
     if source is None:
@@ -91,7 +98,7 @@ def load_warm(spec: SweepSpec, where: str) -> list[WarmTrial]:
         trials = (
             _from_file(Path(source), spec)
             if warm_start_is_file(source)
-            else _from_sweep(source, spec)
+            else _from_sweep(source, spec, open_sweep)
         )
     except HpcdlError as exc:
         raise ConfigError(where, "warm_start", str(exc)) from None
@@ -106,14 +113,12 @@ def load_warm(spec: SweepSpec, where: str) -> list[WarmTrial]:
     return trials
 
 
-def _from_sweep(name: str, spec: SweepSpec) -> list[WarmTrial]:
-    from hpcdl.hpo.sweep import Sweep
-
-    old = Sweep.load(name)
-    if old.spec.metrics != spec.metrics or old.spec.directions != spec.directions:
-        raise HpcdlError(f"sweep {name!r} optimises {_goals(old.spec)}, this one "
+def _from_sweep(name: str, spec: SweepSpec, open_sweep: OpenSweep) -> list[WarmTrial]:
+    old_spec, old_study = open_sweep(name)
+    if old_spec.metrics != spec.metrics or old_spec.directions != spec.directions:
+        raise HpcdlError(f"sweep {name!r} optimises {_goals(old_spec)}, this one "
                          f"{_goals(spec)}: warm start needs the same objectives")  # fmt: skip
-    done = [t for t in old.study().get_trials(deepcopy=False,
+    done = [t for t in old_study.get_trials(deepcopy=False,
                                               states=(optuna.trial.TrialState.COMPLETE,))
             if WARM not in t.user_attrs]  # fmt: skip
     out = []

@@ -292,6 +292,10 @@ WARM_FILES = [
 ]  # fmt: skip
 
 
+def _no_sweep(name: str) -> None:
+    raise AssertionError(f"a warm-start file opened sweep {name!r}")
+
+
 @pytest.mark.parametrize("label,text,words", WARM_FILES, ids=[w[0] for w in WARM_FILES])
 def test_warm_start_files_are_refused_in_one_line(tmp_path, label, text, words):
     from hpcdl.hpo.warm import load_warm
@@ -300,7 +304,7 @@ def test_warm_start_files_are_refused_in_one_line(tmp_path, label, text, words):
     prior.write_text(text)
     spec = SweepSpec.model_validate({**BASE, "warm_start": str(prior)})
     with pytest.raises(ConfigError) as exc:
-        load_warm(spec, "sweep.yaml")
+        load_warm(spec, "sweep.yaml", _no_sweep)
     assert (exc.value.where, exc.value.field) == ("sweep.yaml", "warm_start")
     assert words in exc.value.problem and "\n" not in str(exc.value), str(exc.value)
 
@@ -313,7 +317,7 @@ def test_a_warm_start_file_of_measured_and_unmeasured_trials(tmp_path):
                      ' "values": {"val_acc": 0.8, "mem": -1}}, {"params": {"opt": "adam", "lr": 0.1}}]}')  # fmt: skip
     spec = SweepSpec.model_validate({**BASE, "constraints": ["mem"], "warm_start": str(prior)})
     study = optuna.create_study(directions=spec.directions)
-    apply(study, spec, load_warm(spec, "sweep.yaml"))
+    apply(study, spec, load_warm(spec, "sweep.yaml", _no_sweep))
     added, queued = study.trials
     assert (added.state.name, added.values, added.constraints) == ("COMPLETE", [0.8], {"mem": -1.0})
     assert added.user_attrs[WARM] == str(prior)
