@@ -257,5 +257,8 @@ def _wandb() -> str:
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the top-level group."""
+    from hpcdl.cli import sweep_live
+
+    sweep_live.register(sweep)
     cli.add_command(sweep)
     cli.add_command(sync)
