@@ -1,0 +1,57 @@
+"""``hpcdl.hpo.dashboard.serve`` in-process: optuna-dashboard's JSON API over a sweep's journal on
+loopback, and a taken port as one line. The real browser load: tests/cluster/test_sweep_dashboard.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+
+from hpcdl.errors import HpcdlError
+from hpcdl.hpo import Sweep, SweepSpec
+from hpcdl.hpo.dashboard import serve, tunnel_line
+from hpcdl.util import atomic_write_text
+
+
+def _sweep(name: str, trials: int) -> Sweep:
+    spec = SweepSpec.model_validate({
+        "name": name, "objective": "tests.helpers.objectives:curve", "trials": 9,
+        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        "resources": {"site": "local"},
+    })  # fmt: skip
+    sweep = Sweep(spec)
+    sweep.paths.slots.mkdir(parents=True)
+    atomic_write_text(sweep.paths.spec, spec.model_dump_json())
+    sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=trials)
+    return sweep
+
+
+def test_serves_the_sweeps_study_on_loopback_only():
+    sweep = _sweep("served", 3)
+    with serve(sweep) as port:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
+            studies = json.load(r)["study_summaries"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0", timeout=10) as r:
+            trials = json.load(r)["trials"]
+        address = socket.gethostbyname(socket.gethostname())
+        if not address.startswith("127."):  # bound to 127.0.0.1, not to every address
+            with socket.socket() as s:
+                assert s.connect_ex((address, port)) != 0
+    assert [s["study_name"] for s in studies] == ["served"] and len(trials) == 3
+    assert tunnel_line(port).startswith(f"ssh -N -L {port}:localhost:{port} ")
+
+
+def test_a_taken_port_is_one_line():
+    sweep = _sweep("busy", 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(HpcdlError) as exc, serve(sweep, port):
+            pass
+    assert (
+        str(exc.value)
+        == f"--port {port}: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
