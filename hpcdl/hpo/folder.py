@@ -15,6 +15,7 @@ the CLI, the lifecycle, the workers, the final job and the chaos driver ask this
     SWEEP/final/result.json    the final model's scores (the sweep's last record)
     SWEEP/round                how many rounds were submitted (part of the sampler seeds)
     SWEEP/alerts/KEY.json      an alert sent (or tried): its claim, made once (hpcdl.hpo.alerts)
+    SWEEP/synced.json          each offline W&B run's state as last uploaded (hpo.wandb_sync)
 
 "Finished" is decided once: :meth:`SweepPaths.finished` (every slot finished and, when the spec
 asks for a final model, its result written).
@@ -79,6 +80,7 @@ class SweepPaths:
         # still here at the next claim, that one died in between and left an orphan trial
         self.asking = root / ".asking.json"
         self.alerts = root / "alerts"  # one KEY.json per alert claimed (exactly once)
+        self.synced = root / "synced.json"  # offline W&B runs uploaded, with their signatures
         self._slots: list[Slot] | None = None  # all_slots() as read once (one_read)
 
     def check_owned(self) -> None:
