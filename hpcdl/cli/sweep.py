@@ -137,7 +137,8 @@ def best(name: str, as_json: bool) -> None:
     "--output", "-o", type=click.Path(path_type=Path), help="Folder (default: the sweep's)."
 )
 def report(name: str, output: Path | None) -> None:
-    """Write report.png and report.html: metric per trial, best so far, parameters."""
+    """Write report.png and report.html: Optuna's optimization history, reported values per
+    epoch, parallel coordinates and parameter importances, and the trial table."""
     from hpcdl.hpo import Sweep
     from hpcdl.hpo.report import write_report
 
