@@ -92,24 +92,35 @@ def _wait_for(predicate, timeout: float, what: str, sweep: Sweep) -> None:
         time.sleep(0.5)
 
 
-def test_a_finished_sweep_sends_one_finished(devcluster, receiver, tmp_path):
+def test_finished_and_failed_sweeps_send_one_alert_each(devcluster, receiver, tmp_path):
+    """Two sweeps side by side: one finishes; every trial of the other fails (no retries), so
+    its final job finds no completed trial. Each final job sends its alert once; a watcher's
+    look afterwards sends nothing more."""
     sweep = Sweep(spec("alerted"))
-    _array, final, _follow = sweep.run()
+    failing = Sweep(spec("failing", objective="tests.helpers.objectives:flaky", max_retries=0))
+    _array, final, follow = sweep.run()
+    *_, failing_follow = failing.run()
     assert "#SBATCH --mail-type=END,FAIL" in Path(final.script).read_text()  # site sends mail
     sweep.wait(timeout=300)
     _wait_for(lambda: receiver.events("alerted"), 60, "the finished alert", sweep)
+    _wait_for(lambda: receiver.events("failing"), 300, "the failed alert", failing)
     watched = run_cli("sweep", "watch", "alerted", "--once", timeout=120)
     assert watched.returncode == 0, watched.stderr
     assert "alerted: finished (sent before)" in watched.stdout, watched.stdout
-    _wait_for(lambda: not _squeue(_follow.job_id), 120, "the follow-up job ending", sweep)
+    for job, of in ((follow, sweep), (failing_follow, failing)):
+        _wait_for(lambda j=job: not _squeue(j.job_id), 120, "the follow-up job ending", of)
     assert receiver.events("alerted") == ["finished"]  # the final job's, once
-    [msg] = receiver.got
+    assert receiver.events("failing") == ["failed"]
+    msg = next(m for m in receiver.got if m["sweep"] == "alerted")
     assert msg["trials"] == msg["trials_finished"] == 2
     assert msg["result"]["test_acc"] > 0.5 and "best trial" in msg["text"]
+    failed = next(m for m in receiver.got if m["sweep"] == "failing")
+    assert failed["text"] == "sweep failing: no trial completed" and failed["result"] is None
     hooked = [json.loads(ln) for ln in (tmp_path / "hook.jsonl").read_text().splitlines() if ln]
-    assert [m["event"] for m in hooked] == ["finished"]
+    assert sorted(m["event"] for m in hooked) == ["failed", "finished"]
     claim = json.loads((sweep.paths.alerts / "finished.json").read_text())
     assert claim["delivered"] == {"webhook": None, "command": None}
+    assert failing.paths.notified() == {"failed-round1"}
 
 
 def test_a_sweep_whose_final_job_can_never_run_sends_one_stuck(devcluster, receiver, monkeypatch):
