@@ -25,7 +25,7 @@ def watch(
     alert once (the sweep folder's alerts/). Ends when the sweep finishes."""
     from hpcdl.config import parse_time
     from hpcdl.hpo import Sweep
-    from hpcdl.hpo.alerts import check
+    from hpcdl.hpo.alerts import check, effective_notify, has_destination, user_config
 
     if stuck_after is not None:
         try:
@@ -33,6 +33,11 @@ def watch(
         except ValueError as exc:
             raise HpcdlError(f"--stuck-after: {exc}") from None
     sweep = Sweep.load(name)
+    if not has_destination(effective_notify(sweep.site)):
+        raise HpcdlError(
+            f"no alert destination for sweep {name}: set notify.webhook or notify.command in "
+            f"{user_config()} (or the site profile {sweep.site.name!r})"
+        )
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         event, sent, text = check(sweep, stuck_after)

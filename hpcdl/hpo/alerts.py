@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -73,7 +74,7 @@ def mail_fields(site: SiteProfile) -> dict[str, str]:
 def shown_url(url: str) -> str:
     """A webhook URL as logs show it: scheme and host only (the path often is the secret)."""
     scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]  # user:password@ never shown either
+    host = re.split(r"[/?#]", rest, maxsplit=1)[0].rsplit("@", 1)[-1]  # nor user:password@
     return f"{scheme}://{host}/…"
 
 
@@ -102,6 +103,11 @@ def run_command(argv: list[str], payload: dict[str, Any], timeout: float) -> str
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None if proc.returncode == 0 else f"exit status {proc.returncode}"
+
+
+def has_destination(notify: Notify) -> bool:
+    """Whether alerts go anywhere hpcdl sends them (Slurm's mail is Slurm's)."""
+    return bool(notify.webhook or notify.command)
 
 
 def deliver(notify: Notify, payload: dict[str, Any]) -> dict[str, str | None]:
@@ -138,11 +144,15 @@ def payload(event: AlertEvent, spec: SweepSpec, paths: SweepPaths, text: str) ->
 
 def send(event: AlertEvent, spec: SweepSpec, paths: SweepPaths, site: SiteProfile, text: str,
          notify: Notify | None = None) -> bool:  # fmt: skip
-    """Claim and deliver one alert; False when it was claimed already (or is superseded)."""
+    """Claim and deliver one alert; False when it was claimed already (or is superseded), or
+    when no webhook or command is configured: nothing is claimed then, so a watcher whose
+    ``notify.yaml`` names one can still send it."""
     key = alert_key(event, read_round(paths.root))
     if not to_send(event, key, paths.notified()):
         return False
     notify = notify or effective_notify(site)
+    if not has_destination(notify):
+        return False
     record = {"event": event, "text": text, "time": time.time(), "host": socket.gethostname()}
     if not paths.claim_alert(key, record):
         return False  # another job or watcher claimed it first

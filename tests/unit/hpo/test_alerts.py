@@ -96,6 +96,8 @@ def test_a_claim_is_won_once_among_racing_claimers(tmp_path: Path):
         ("https://hooks.slack.com/services/T000/B000/SECRETTOKEN", "https://hooks.slack.com/…"),
         ("http://user:pw@example.org:8080/hook?token=x", "http://example.org:8080/…"),
         ("http://127.0.0.1:9/", "http://127.0.0.1:9/…"),
+        ("https://example.org?token=SECRET", "https://example.org/…"),
+        ("https://example.org#SECRET", "https://example.org/…"),
     ],
 )
 def test_logs_show_a_webhook_without_its_path_or_credentials(url, shown):
@@ -196,3 +198,25 @@ def test_webhook_to_a_closed_port_or_a_silent_server_is_an_error_not_a_raise():
         silent.listen(1)
         err = alerts.post_json(f"http://127.0.0.1:{silent.getsockname()[1]}/", {}, 0.5)
     assert err is not None and "timed out" in err
+
+
+def test_watch_without_a_destination_is_one_line(tmp_path, monkeypatch, capsys):
+    from hpcdl.cli import main
+    from hpcdl.hpo import Sweep, SweepSpec
+    from hpcdl.util import atomic_write_text
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    spec = SweepSpec.model_validate({
+        "name": "quiet", "objective": "tests.helpers.objectives:curve", "trials": 1,
+        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        "resources": {"site": "local"},
+    })  # fmt: skip
+    sweep = Sweep(spec)
+    sweep.paths.slots.mkdir(parents=True)
+    atomic_write_text(sweep.paths.spec, spec.model_dump_json())
+    assert main(["sweep", "watch", "quiet", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: no alert destination for sweep quiet: set notify.webhook or "
+                   f"notify.command in {tmp_path}/hpcdl/notify.yaml (or the site profile "
+                   "'local')\n")  # fmt: skip
+    assert not sweep.paths.alerts.exists()  # nothing claimed
