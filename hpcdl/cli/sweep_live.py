@@ -54,15 +54,18 @@ def watch(
 @click.argument("name")
 @click.option("--port", type=int, default=0, help="Loopback port (default: a free one).")
 def dashboard(name: str, port: int) -> None:
-    """Serve optuna-dashboard over the sweep's study on this (login) node, on loopback only;
-    prints the URL and the ssh -L line to reach it from your machine. Ctrl-C ends it."""
+    """Serve optuna-dashboard over the sweep's study on this (login) node, on loopback only and
+    behind a token; prints the URL (with the token) and the ssh -L line to reach it from your
+    machine. Ctrl-C ends it."""
     from hpcdl.hpo import Sweep
     from hpcdl.hpo.dashboard import serve, tunnel_line
 
     sweep = Sweep.load(name)
-    with serve(sweep, port) as bound:
-        click.echo(f"dashboard of sweep {name}: http://127.0.0.1:{bound}/")
-        click.echo(f"from your machine: {tunnel_line(bound)}  then open http://localhost:{bound}/")
+    with serve(sweep, port) as served:
+        bound = served.port
+        click.echo(f"dashboard of sweep {name}: http://127.0.0.1:{bound}{served.path}")
+        click.echo(f"from your machine: {tunnel_line(bound)}")
+        click.echo(f"  then open http://localhost:{bound}{served.path}")
         try:
             while True:
                 time.sleep(3600)

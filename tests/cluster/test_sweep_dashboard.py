@@ -51,16 +51,20 @@ def test_dashboard_shows_the_sweeps_trials_in_a_browser(tmp_path):
     proc = subprocess.Popen([HPCDL, "sweep", "dashboard", "shown"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=os.environ)  # fmt: skip
     try:
-        first, second = proc.stdout.readline(), proc.stdout.readline()
-        match = re.fullmatch(r"dashboard of sweep shown: (http://127\.0\.0\.1:(\d+)/)\n", first)
-        assert match, (first, second, proc.stderr.read() if proc.poll() is not None else "")
-        url, port = match.group(1), match.group(2)
-        assert re.fullmatch(rf"from your machine: ssh -N -L {port}:localhost:{port} \S+@\S+  "
-                            rf"then open http://localhost:{port}/\n", second), second  # fmt: skip
-        home = rendered_text(f"{url}dashboard/", tmp_path / "chromium")
+        lines = [proc.stdout.readline() for _ in range(3)]
+        match = re.fullmatch(
+            r"dashboard of sweep shown: (http://127\.0\.0\.1:(\d+)/)dashboard/\?token=(\S+)\n",
+            lines[0],
+        )
+        assert match, (lines, proc.stderr.read() if proc.poll() is not None else "")
+        url, port, token = match.groups()
+        assert re.fullmatch(rf"from your machine: ssh -N -L {port}:localhost:{port} \S+@\S+\n",
+                            lines[1]), lines  # fmt: skip
+        assert lines[2] == f"  then open http://localhost:{port}/dashboard/?token={token}\n"
+        home = rendered_text(f"{url}dashboard/?token={token}", tmp_path / "chromium")
         found = re.search(r"\| (\d+)\. shown \|", home)  # the study list: "ID. NAME"
         assert found, home[:2000]
-        trials = f"{url}dashboard/studies/{found.group(1)}/trials"
+        trials = f"{url}dashboard/studies/{found.group(1)}/trials?token={token}"
         assert "| 5 Trials |" in rendered_text(trials, tmp_path / "chromium")
         sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # it runs on
         time.sleep(2.1)  # optuna-dashboard keeps a study's trials 2 s (under 100 trials)

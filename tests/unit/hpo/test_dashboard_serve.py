@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -28,19 +29,27 @@ def _sweep(name: str, trials: int) -> Sweep:
     return sweep
 
 
-def test_serves_the_sweeps_study_on_loopback_only():
+def test_serves_the_sweeps_study_on_loopback_only_and_behind_its_token():
     sweep = _sweep("served", 3)
-    with serve(sweep) as port:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
+    with serve(sweep) as served:
+        base = f"http://127.0.0.1:{served.port}"
+        for path in ("/api/studies", "/dashboard/", "/api/studies?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert refused.value.code == 403, path
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with browser.open(base + served.path, timeout=10) as r:  # 303 + cookie, then the page
+            assert r.url == f"{base}/dashboard/" and b"Optuna Dashboard" in r.read()
+        with browser.open(f"{base}/api/studies", timeout=10) as r:  # the cookie alone
             studies = json.load(r)["study_summaries"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0", timeout=10) as r:
+        with browser.open(f"{base}/api/studies/0", timeout=10) as r:
             trials = json.load(r)["trials"]
         address = socket.gethostbyname(socket.gethostname())
         if not address.startswith("127."):  # bound to 127.0.0.1, not to every address
             with socket.socket() as s:
-                assert s.connect_ex((address, port)) != 0
+                assert s.connect_ex((address, served.port)) != 0
     assert [s["study_name"] for s in studies] == ["served"] and len(trials) == 3
-    assert tunnel_line(port).startswith(f"ssh -N -L {port}:localhost:{port} ")
+    assert tunnel_line(served.port).startswith(f"ssh -N -L {served.port}:localhost:{served.port} ")
 
 
 def test_a_taken_port_is_one_line():
