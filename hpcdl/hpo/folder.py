@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,19 +184,22 @@ class SweepPaths:
 
     def claim_alert(self, key: str, record: dict[str, Any]) -> bool:
         """Claim alert ``key`` for this process: True for exactly one caller, ever, however many
-        jobs and watchers race (the final job and ``sweep watch`` on two hosts). The record is
-        written whole under a temporary name, then hard-linked to ``KEY.json``: ``link`` fails
-        when the name exists (atomic and exclusive, NFS included), so no reader sees half a
-        record and no second claimer wins."""
+        jobs, watchers and threads race (the final job and ``sweep watch`` on two hosts). The
+        record is written whole under a temporary name of its own (``mkstemp``: created
+        exclusively, so no two claimers share it, whatever their host and pid), then hard-linked
+        to ``KEY.json``: ``link`` fails when the name exists (atomic and exclusive, NFS
+        included), so no reader sees half a record and no second claimer wins."""
         self.alerts.mkdir(exist_ok=True)
-        tmp = atomic_write_json(self.alerts / f".{key}.{os.getpid()}.tmp", record)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.alerts)
         try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, default=str)
             os.link(tmp, self.alerts / f"{key}.json")
             return True
         except FileExistsError:
             return False
         finally:
-            tmp.unlink(missing_ok=True)
+            os.unlink(tmp)
 
     def update_alert(self, key: str, record: dict[str, Any]) -> None:
         """Record how the claimed alert's delivery went (the claim stays)."""
