@@ -14,8 +14,9 @@ from hpcdl.errors import HpcdlError
 @click.argument("name")
 @click.option("--once", is_flag=True, help="Look once and exit (for cron or scrontab).")
 @click.option("--interval", default=60.0, show_default=True, help="Seconds between looks.")
-@click.option("--stuck-after", help="No trial record for this long (30m, 2h) while the "
-              "sweep's jobs are queued or running is 'stuck' (default: notify.stuck_after).")  # fmt: skip
+@click.option("--stuck-after", help="No progress (a trial claimed or ended, an epoch reported) "
+              "for this long (30m, 2h) while the sweep's jobs are queued or running is 'stuck' "
+              "(default: notify.stuck_after).")  # fmt: skip
 @click.option("--timeout", type=float, help="Stop watching after this many seconds.")
 def watch(
     name: str, once: bool, interval: float, stuck_after: str | None, timeout: float | None

@@ -174,9 +174,14 @@ def send_from_job(event: AlertEvent, paths: SweepPaths, text: str) -> None:
 
 
 def idle_seconds(paths: SweepPaths, now: float) -> float | None:
-    """Seconds since the sweep last recorded progress (a slot, a worker's journal, an event),
-    None before the first record."""
+    """Seconds since the sweep last recorded progress, None before its first record. Progress:
+    a slot written (a trial claimed or ended), a worker's journal, an event, or a file in a
+    running trial's folder (its epochs' metrics): a long trial that reports is not idle."""
+    slots = paths.all_slots()
     files = [*paths.slots.glob("*.json"), *paths.workers.glob("*.jsonl"), paths.events]
+    for slot in (s for s in slots if s.state == "running"):
+        folder = paths.trial_dir(slot)
+        files += [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
     times = [p.stat().st_mtime for p in files if p.exists()]
     return now - max(times) if times else None
 
@@ -203,5 +208,6 @@ def check(
     elif blocked:
         text = "; ".join(blocked)
     else:
-        text = f"no progress for {idle:.0f} s (stuck_after {limit}) while its jobs are queued or running"
+        text = (f"no progress for {idle:.0f} s (stuck_after {limit}) while its jobs are queued "
+                "or running: no trial claimed or ended, no epoch reported")  # fmt: skip
     return event, send(event, spec, paths, sweep.site, text, notify), text

@@ -33,5 +33,5 @@ class Notify(BaseModel):
     # argv run per alert (no shell), the alert's JSON on stdin, HPCDL_ALERT_* in its env.
     command: list[OneLine] = []
     timeout_s: float = Field(default=10.0, gt=0, le=120)
-    # No new trial record for this long while the sweep's jobs are queued or running: stuck.
+    # No progress this long (no trial claimed or ended, no epoch) while queued or running: stuck.
     stuck_after: JobTime | None = None

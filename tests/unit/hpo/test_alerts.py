@@ -258,3 +258,24 @@ def test_an_alert_from_a_job_never_raises(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="hpcdl"):
         alerts.send_from_job("failed", paths, "x")
     assert "alert failed not sent: ConfigError" in caplog.text
+
+
+def test_idle_counts_a_running_trials_files_as_progress(tmp_path):
+    import os
+
+    from hpcdl.hpo.folder import Slot
+
+    paths = SweepPaths(tmp_path)
+    assert alerts.idle_seconds(paths, 1000.0) is None  # no record yet
+    paths.slots.mkdir()
+    slot = Slot(slot=0, trial=0, params={}, run_id="r0")
+    paths.write_slot(slot)
+    os.utime(paths.slot_file(0), (100, 100))
+    assert alerts.idle_seconds(paths, 1000.0) == 900.0
+    paths.trial_dir(slot).mkdir(parents=True)
+    (paths.trial_dir(slot) / "metrics.jsonl").write_text("{}\n")  # an epoch reported
+    os.utime(paths.trial_dir(slot) / "metrics.jsonl", (700, 700))
+    assert alerts.idle_seconds(paths, 1000.0) == 300.0
+    paths.write_slot(slot.model_copy(update={"state": "complete"}))  # ended: its folder no longer
+    os.utime(paths.slot_file(0), (100, 100))
+    assert alerts.idle_seconds(paths, 1000.0) == 900.0
