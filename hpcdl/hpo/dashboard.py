@@ -90,7 +90,9 @@ def serve(sweep: Any, port: int = 0) -> Iterator[Served]:
         ) from None
     token = secrets.token_urlsafe(24)
     server.set_app(TokenGate(app, token, server.server_port))  # the port names the cookie
-    thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.1,), name="dashboard", daemon=True
+    )  # a short poll: Ctrl-C (shutdown) returns at once
     thread.start()
     try:
         yield Served(server.server_port, token)

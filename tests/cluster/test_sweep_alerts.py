@@ -41,7 +41,7 @@ class Receiver:
 
         self.server = HTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook/TOKEN"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def events(self, sweep: str) -> list[str]:
         return [m["event"] for m in self.got if m["sweep"] == sweep]

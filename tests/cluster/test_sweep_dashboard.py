@@ -1,4 +1,4 @@
-"""``hpcdl sweep dashboard NAME`` loaded in a real browser: headless Chromium renders
+"""``hpcdl sweep dashboard NAME``'s server loaded in a real browser: headless Chromium renders
 optuna-dashboard's JavaScript app (``--dump-dom`` after a virtual-time budget) and the test reads
 the trial count the app wrote into the page, before and after the study grows. The study is a
 sweep's own (its folder and journal, as ``sweep run`` makes them); no job is needed to serve it."""
@@ -6,18 +6,16 @@ sweep's own (its folder and journal, as ``sweep run`` makes them); no job is nee
 from __future__ import annotations
 
 import html
-import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import HPCDL
 
 from hpcdl.hpo import Sweep, SweepSpec
+from hpcdl.hpo.dashboard import serve
 from hpcdl.util import atomic_write_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -48,27 +46,11 @@ def test_dashboard_shows_the_sweeps_trials_in_a_browser(tmp_path):
     atomic_write_text(sweep.paths.spec, spec.model_dump_json())
     sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
 
-    proc = subprocess.Popen([HPCDL, "sweep", "dashboard", "shown"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ)  # fmt: skip
-    try:
-        lines = [proc.stdout.readline() for _ in range(3)]
-        match = re.fullmatch(
-            r"dashboard of sweep shown: (http://127\.0\.0\.1:(\d+)/)dashboard/\?token=(\S+)\n",
-            lines[0],
-        )
-        assert match, (lines, proc.stderr.read() if proc.poll() is not None else "")
-        url, port, token = match.groups()
-        assert re.fullmatch(rf"from your machine: ssh -N -L {port}:localhost:{port} \S+@\S+\n",
-                            lines[1]), lines  # fmt: skip
-        assert lines[2] == f"  then open http://localhost:{port}/dashboard/?token={token}\n"
+    with serve(sweep) as served:  # what 'hpcdl sweep dashboard' runs (its lines: unit test)
         # the sweep's journal holds one study, id 0; the page names it
-        trials = f"{url}dashboard/studies/0/trials?token={token}"
+        trials = f"http://127.0.0.1:{served.port}/dashboard/studies/0/trials?token={served.token}"
         page = rendered_text(trials, tmp_path / "chromium")
         assert "| shown (id=0) |" in page and "| 5 Trials |" in page, page[:2000]
         sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # it runs on
         time.sleep(2.1)  # optuna-dashboard keeps a study's trials 2 s (under 100 trials)
         assert "| 7 Trials |" in rendered_text(trials, tmp_path / "chromium")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "dashboard stopped" in out, (out, err)

@@ -28,7 +28,7 @@ def test_follow_uploads_new_and_grown_runs_once_each_and_ends_with_the_sweep(
     log = tmp_path / "sync.jsonl"
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SYNC_LOG", str(log))
-    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.4")
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.25")
     spec = SweepSpec.model_validate({
         "name": "synced", "objective": "tests.helpers.sync_objectives:growing", "trials": 4,
         "parallelism": 2, "final": False, "sampler": {"name": "random", "seed": 0},
@@ -37,7 +37,7 @@ def test_follow_uploads_new_and_grown_runs_once_each_and_ends_with_the_sweep(
     })  # fmt: skip
     sweep = Sweep(spec)
     sweep.run()
-    assert main(["sync", "synced", "--follow", "--interval", "0.3"]) == 0  # in-process
+    assert main(["sync", "synced", "--follow", "--interval", "0.2"]) == 0  # in-process
     out = capsys.readouterr().out
     assert sweep.finished() and out.endswith("4 run(s) uploaded\n"), out
     rows = [json.loads(line) for line in log.read_text().splitlines()]

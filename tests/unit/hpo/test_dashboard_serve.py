@@ -4,6 +4,7 @@ loopback, and a taken port as one line. The real browser load: tests/cluster/tes
 from __future__ import annotations
 
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -64,3 +65,26 @@ def test_a_taken_port_is_one_line():
         str(exc.value)
         == f"--port {port}: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+
+
+def test_the_command_prints_the_url_and_the_tunnel_then_stops_at_ctrl_c(monkeypatch, capsys):
+    import time
+
+    from hpcdl.cli import main
+
+    _sweep("typed", 1)
+
+    def interrupt(_seconds: float) -> None:  # Ctrl-C while it serves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupt)
+    assert main(["sweep", "dashboard", "typed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    url, port, token = re.fullmatch(
+        r"dashboard of sweep typed: (http://127\.0\.0\.1:(\d+)/dashboard/\?token=(\S+))", lines[0]
+    ).groups()  # fmt: skip
+    assert re.fullmatch(rf"from your machine: ssh -N -L {port}:localhost:{port} \S+@\S+", lines[1])
+    assert lines[2:] == [f"  then open http://localhost:{port}/dashboard/?token={token}",
+                         "dashboard stopped"]  # fmt: skip
+    with pytest.raises(urllib.error.URLError):  # the server is gone with the command
+        urllib.request.urlopen(url, timeout=5)
