@@ -25,7 +25,7 @@ from hpcdl.credentials import SecretEntry, check_no_secrets
 from hpcdl.database import StorageChoice
 from hpcdl.errors import ConfigError
 from hpcdl.script_values import OneLine, SetupLine, SlurmName, check_one_line
-from hpcdl.slurm_options import PartitionPolicy  # partitions' rules on sbatch options
+from hpcdl.slurm_options import Notify, PartitionPolicy  # partitions' rules on sbatch options
 from hpcdl.snapshot import Snapshot  # jobs' default code snapshot (git, rsync, none)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -131,8 +131,7 @@ class SiteProfile(_Strict):
     setup: list[SetupLine] = []
     env: EnvVars = {}
     secrets: list[SecretEntry] = []  # NAME (from the environment) or {name: NAME, file: PATH}
-    # The sweeps' study storage unless a spec says `storage:`: `journal` (the default) or a
-    # PostgreSQL URL without a password, or {url, password_file} (hpcdl.database)
+    # sweeps' study storage unless a spec says `storage:`: journal, URL or {url, password_file}
     study_storage: StorageChoice | None = None
     container: Container = Container()
     job_root: OneLine = "~/.hpcdl/jobs"  # job folders' paths are written into the script
@@ -147,6 +146,7 @@ class SiteProfile(_Strict):
     max_local_tasks: int = Field(default=8, ge=1)
     launchers: dict[Literal["srun", "torchrun"], LauncherPreset] = {}
     snapshot: Snapshot = Snapshot()  # jobs' code snapshot unless a job sets its own
+    notify: Notify = Notify()  # a sweep's alerts: Slurm mail, webhook, command (hpo.alerts)
     # Slurm's MaxArraySize: array indices stop at max_array_size - 1, so hpcdl submits a larger
     # array as several Slurm arrays (hpcdl.scheduler.arrays). None: no limit (local sites).
     max_array_size: int | None = Field(default=None, ge=1, le=4_000_001)

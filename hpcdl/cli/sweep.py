@@ -155,7 +155,8 @@ def best(name: str, as_json: bool) -> None:
     "--output", "-o", type=click.Path(path_type=Path), help="Folder (default: the sweep's)."
 )
 def report(name: str, output: Path | None) -> None:
-    """Write report.png and report.html: metric per trial, best so far, parameters."""
+    """Write report.png and report.html: Optuna's optimization history, reported values per
+    epoch, parallel coordinates and parameter importances, and the trial table."""
     from hpcdl.hpo import Sweep
     from hpcdl.hpo.report import write_report
 
@@ -245,11 +246,21 @@ def list_sweeps() -> None:
 @click.command()
 @click.argument("name")
 @click.option("--dry-run", is_flag=True, help="List the offline runs without syncing.")
-def sync(name: str, dry_run: bool) -> None:
+@click.option("--follow", is_flag=True, help="Upload new and updated runs while the sweep runs; "
+              "end when its jobs have ended (or Ctrl-C). An unchanged run is never uploaded again.")  # fmt: skip
+@click.option(
+    "--interval", default=30.0, show_default=True, help="Seconds between looks (--follow)."
+)
+def sync(name: str, dry_run: bool, follow: bool, interval: float) -> None:
     """Upload a sweep's offline W&B runs (run this on the login node, which has network)."""
     from hpcdl.hpo import Sweep
 
     s = Sweep.load(name)
+    if follow:
+        if dry_run:
+            raise HpcdlError("--follow uploads; --dry-run only lists: give one of them")
+        _follow(s, interval)
+        return
     runs = sorted(p for p in s.paths.root.rglob("offline-run-*") if p.is_dir())
     if not runs:
         raise HpcdlError(f"sweep {name!r} has no offline W&B runs under {s.paths.root}")
@@ -264,18 +275,51 @@ def sync(name: str, dry_run: bool) -> None:
         for i, run_dir in enumerate(runs):
             if on_progress is not None:
                 on_progress(i, len(runs))
-            proc = subprocess.run(
-                [_wandb(), "sync", str(run_dir)], capture_output=True, text=True, timeout=600
-            )
-            ok = proc.returncode == 0
-            failed += not ok
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] if not ok else []
-            line = f"{'synced' if ok else 'FAILED'} {run_dir}" + (f": {tail[0]}" if tail else "")
-            click.echo(line)
+            failed += not _sync_one(run_dir)
             if on_progress is not None:
                 on_progress(i + 1, len(runs))
     if failed:
         raise HpcdlError(f"{failed} of {len(runs)} run(s) did not sync (network or WANDB_API_KEY?)")
+
+
+def _sync_one(run_dir: Path) -> bool:
+    """``wandb sync`` of one run folder; prints one line; whether it worked."""
+    proc = subprocess.run(
+        [_wandb(), "sync", str(run_dir)], capture_output=True, text=True, timeout=600
+    )
+    ok = proc.returncode == 0
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] if not ok else []
+    click.echo(f"{'synced' if ok else 'FAILED'} {run_dir}" + (f": {tail[0]}" if tail else ""))
+    return ok
+
+
+def _follow(s: Any, interval: float) -> None:
+    """Look every ``interval`` seconds; upload the runs that are new or changed since their last
+    upload (:mod:`hpcdl.hpo.wandb_sync`); after the look that finds every job of the sweep
+    ended, one last pass, then stop."""
+    import time
+
+    from hpcdl.hpo.wandb_sync import offline_runs, read_synced, signature, to_upload, write_synced
+
+    synced = read_synced(s.paths)
+    click.echo(f"following sweep {s.spec.name}: new and updated W&B runs every {interval:g}s "
+               "until its jobs end (Ctrl-C stops)")  # fmt: skip
+    while True:
+        ended = not any(j.live for j in s.jobs())  # before the scan: the last pass sees all
+        runs = {str(p): signature(p) for p in offline_runs(s.paths)}
+        failed = []
+        for run in to_upload(runs, synced):
+            if _sync_one(Path(run)):
+                synced[run] = runs[run]
+                write_synced(s.paths, synced)  # an interrupted follow does not upload it again
+            else:
+                failed.append(run)
+        if ended:
+            break
+        time.sleep(interval)
+    if failed:
+        raise HpcdlError(f"{len(failed)} run(s) did not sync (network or WANDB_API_KEY?)")
+    click.echo(f"sweep {s.spec.name}: its jobs have ended; {len(synced)} run(s) uploaded")
 
 
 def _wandb() -> str:
@@ -287,5 +331,8 @@ def _wandb() -> str:
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the top-level group."""
+    from hpcdl.cli import sweep_live
+
+    sweep_live.register(sweep)
     cli.add_command(sweep)
     cli.add_command(sync)

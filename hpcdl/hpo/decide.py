@@ -8,7 +8,7 @@ gather the facts and act on the answer, so every rule is tested by tables in mil
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +17,7 @@ from hpcdl.hpo.folder import FINISHED_SLOT
 RoundKind = Literal["array", "workers"]
 FollowUp = Literal["stopped", "give_up", "resume", "final"]
 Claim = Literal["new", "resume", "retry", "fail", "skip"]
+AlertEvent = Literal["finished", "failed", "stuck"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,44 @@ def next_slot(slots: Sequence[tuple[int, str | None, str | None]], me: str | Non
     if mine is not None:
         return mine
     return next((i for i, state, _ in slots if state in (None, "retry")), None)
+
+
+def alert(
+    finished: bool,
+    failed: bool,
+    blocked: Sequence[str],
+    live: bool,
+    idle_s: float | None,
+    stuck_after_s: float | None,
+) -> AlertEvent | None:
+    """Which alert a sweep's state calls for, None when there is nothing to say.
+
+    ``finished``: nothing left to do (:meth:`SweepPaths.finished`); ``failed``: the sweep's
+    jobs gave up (retries used up, no trial completed); ``blocked``: what keeps it from
+    finishing (:meth:`Lifecycle.diagnose`: a job Slurm will never start, trials no job will
+    run, no final job); ``live``: a job of the sweep is queued or running and able to start;
+    ``idle_s``: seconds since the last trial record; ``stuck_after_s``: the user's "no progress
+    for this long" (None: not asked)."""
+    if finished:
+        return "finished"
+    if failed:
+        return "failed"
+    if blocked:
+        return "stuck"
+    if live and stuck_after_s is not None and idle_s is not None and idle_s >= stuck_after_s:
+        return "stuck"
+    return None
+
+
+def alert_key(event: AlertEvent, round_no: int) -> str:
+    """The name an alert is claimed under: ``finished`` once per sweep; ``failed`` and
+    ``stuck`` once per round (a sweep resumed after either may fail or stick again)."""
+    return "finished" if event == "finished" else f"{event}-round{round_no}"
+
+
+def to_send(event: AlertEvent, key: str, notified: Collection[str]) -> bool:
+    """Whether to send an alert: not claimed yet, and not a ``stuck`` for a round whose
+    ``failed`` was sent (the same news twice) or for a sweep already ``finished``."""
+    if key in notified or "finished" in notified:
+        return False
+    return not (event == "stuck" and key.replace("stuck", "failed", 1) in notified)

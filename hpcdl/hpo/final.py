@@ -27,6 +27,7 @@ def log_event(paths: SweepPaths, who: str, text: str) -> None:
 def final_main(sweep_dir: str) -> dict[str, Any]:
     """Retrain the best parameters on train+val and evaluate once on the held-out test split;
     exit cleanly, saying why, when a slot is not finished or the result is there already."""
+    from hpcdl.hpo.alerts import send_from_job
     from hpcdl.hpo.trial import resolve_objective
 
     paths = SweepPaths(Path(sweep_dir))
@@ -43,6 +44,7 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
     found = best_trials(study.get_trials(deepcopy=False), spec.directions)
     if not found:  # (a multi-objective spec has no final job: the spec refuses one)
         log_event(paths, "final", "not run: no trial completed (that meets the constraints)")
+        send_from_job("failed", paths, f"sweep {spec.name}: no trial completed")
         return {"skipped": "no trial completed"}
     best = found[0]
     paths.final.mkdir(exist_ok=True)
@@ -53,4 +55,6 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
     result = {"trial": best.number, spec.metric: best.values[0], "params": best.params, **scores}
     paths.write_final_result(result)
     log_event(paths, "final", f"retrained trial {best.number}: result written")
+    send_from_job("finished", paths, f"sweep {spec.name} finished: best trial {best.number}, "
+                  f"{spec.metric}={best.value:.4g}")  # fmt: skip
     return result

@@ -14,6 +14,8 @@ the CLI, the lifecycle, the workers, the final job and the chaos driver ask this
     SWEEP/events.jsonl         what the final and follow-up jobs decided
     SWEEP/final/result.json    the final model's scores (the sweep's last record)
     SWEEP/round                how many rounds were submitted (part of the sampler seeds)
+    SWEEP/alerts/KEY.json      an alert sent (or tried): its claim, made once (hpcdl.hpo.alerts)
+    SWEEP/synced.json          each offline W&B run's state as last uploaded (hpo.wandb_sync)
 
 "Finished" is decided once: :meth:`SweepPaths.finished` (every slot finished and, when the spec
 asks for a final model, its result written).
@@ -25,6 +27,7 @@ import fcntl
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +81,8 @@ class SweepPaths:
         # a claim between the study's ask and its slot write (hpcdl.hpo.trial.claim): if it is
         # still here at the next claim, that one died in between and left an orphan trial
         self.asking = root / ".asking.json"
+        self.alerts = root / "alerts"  # one KEY.json per alert claimed (exactly once)
+        self.synced = root / "synced.json"  # offline W&B runs uploaded, with their signatures
         self._slots: list[Slot] | None = None  # all_slots() as read once (one_read)
 
     def check_owned(self) -> None:
@@ -172,6 +177,34 @@ class SweepPaths:
         for a final model, its result is written."""
         missing = self.missing_slots(range(spec.trials))
         return not missing and (not spec.final or self.has_final_result())
+
+    # -- alerts -------------------------------------------------------------------------------------
+    def notified(self) -> set[str]:
+        """The keys of the alerts claimed so far (``finished``, ``stuck-round2`` ...)."""
+        return {p.stem for p in self.alerts.glob("*.json")}
+
+    def claim_alert(self, key: str, record: dict[str, Any]) -> bool:
+        """Claim alert ``key`` for this process: True for exactly one caller, ever, however many
+        jobs, watchers and threads race (the final job and ``sweep watch`` on two hosts). The
+        record is written whole under a temporary name of its own (``mkstemp``: created
+        exclusively, so no two claimers share it, whatever their host and pid), then hard-linked
+        to ``KEY.json``: ``link`` fails when the name exists (atomic and exclusive, NFS
+        included), so no reader sees half a record and no second claimer wins."""
+        self.alerts.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.alerts)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, default=str)
+            os.link(tmp, self.alerts / f"{key}.json")
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def update_alert(self, key: str, record: dict[str, Any]) -> None:
+        """Record how the claimed alert's delivery went (the claim stays)."""
+        atomic_write_json(self.alerts / f"{key}.json", record)
 
 
 def abort_file(trial_dir: Path, attempt: int) -> Path:

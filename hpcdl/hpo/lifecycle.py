@@ -47,6 +47,7 @@ log = get_logger(__name__)
 # Pending reasons after which Slurm will never start the job.
 NEVER_STARTS = frozenset({"DependencyNeverSatisfied", "InvalidDependency"})
 KINDS = ("array", "workers", "final", "follow")
+GAVE_UP = "giving up"  # how the follow-up job's decision to stop retrying starts
 
 
 #: What the follow-up job takes from the sweep's resources.
@@ -180,7 +181,10 @@ class Lifecycle:
         return [*handles, follow]
 
     def _final_job(self, after: str | None) -> Job:
+        from hpcdl.hpo.alerts import mail_fields
+
         return self._job(
+            **mail_fields(self.site),  # Slurm's END/FAIL mail where the site sends mail
             name=f"sweep-{self.spec.name}-final",
             function=final_main,
             args=(str(self.paths.root),),
@@ -314,6 +318,12 @@ def follow_up_main(sweep_dir: str) -> str:
     life = Lifecycle(spec, paths, load_site(spec.resources.site))
     text = _follow_up(life)
     log_event(paths, "follow-up", text)
+    from hpcdl.hpo.alerts import send_from_job
+
+    if text.startswith(GAVE_UP):  # the sweep's own end: the watcher would only see it stuck
+        send_from_job("failed", paths, text)
+    elif paths.finished(spec):  # no final model asked for: this job is the sweep's last
+        send_from_job("finished", paths, f"sweep {spec.name} finished: {text}")
     return text
 
 
@@ -337,7 +347,7 @@ def _follow_up_decision(life: Lifecycle, jobs: list[SweepJob]) -> str:
                 f"before they ran {len(stopped)} of them): 'hpcdl sweep resume {name}' "
                 "continues it")  # fmt: skip
     if action == "give_up":
-        return (f"{len(missing)} trial(s) missing after {rounds} rounds; giving up: "
+        return (f"{GAVE_UP}: {len(missing)} trial(s) missing after {rounds} rounds: "
                 f"'hpcdl sweep resume {name}' tries again")  # fmt: skip
     if action == "resume":
         text, handles = life.resume()

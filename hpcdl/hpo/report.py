@@ -1,28 +1,26 @@
-"""A sweep's report: metric per trial, best-so-far curve, parallel coordinates (PNG + HTML)."""
+"""A sweep's report (PNG + HTML): Optuna's own plots of the sweep's study (optimization history,
+every trial's reported values, pruned ones included, parallel coordinates, parameter
+importances), one figure each, tiled into ``report.png``; the HTML adds the trial table."""
 
 from __future__ import annotations
 
 import base64
 import html
-import math
+import io
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import HpcdlError
 from hpcdl.hpo.sweep import Sweep
-from hpcdl.util import atomic_write_text
+from hpcdl.util import atomic_path, atomic_write_text, get_logger
 
-_COLORS = {"complete": "tab:blue", "pruned": "tab:orange", "failed": "tab:red"}
+log = get_logger(__name__)
 
 
 def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.html`` into the sweep folder (or ``out_dir``)."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = out_dir or sweep.paths.root
     out_dir.mkdir(parents=True, exist_ok=True)
     if sweep.spec.multi:
@@ -30,37 +28,9 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
         page = out_dir / "report.html"
         atomic_write_text(page, _html(sweep, png))
         return png, page
-    metric, maximize = sweep.spec.metric, sweep.spec.direction == "maximize"
-    slots = sorted((s for s in sweep.slots() if s.state in _COLORS), key=lambda s: s.trial)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
-    fig.suptitle(f"sweep {sweep.spec.name}: {len(slots)} trials, {metric} ({sweep.spec.direction})")
-
-    trials = sweep.study().trials  # one replay of the journal, not one per slot
-    for state, color in _COLORS.items():
-        pts = [(s.trial, _last_value(trials[s.trial], s)) for s in slots if s.state == state]
-        pts = [(t, v) for t, v in pts if v is not None]
-        if pts:
-            ax1.scatter(*zip(*pts, strict=True), c=color, label=state, s=28)
-    ax1.set(xlabel="trial", ylabel=metric, title=f"{metric} per trial (last reported)")
-    ax1.legend()
-
-    done = [(s.trial, s.value) for s in slots if s.state == "complete" and s.value is not None]
-    if done:
-        best, curve = None, []
-        for trial, value in done:
-            best = value if best is None or (value > best if maximize else value < best) else best
-            curve.append((trial, best))
-        ax2.step(*zip(*curve, strict=True), where="post", color="tab:green")
-        ax2.scatter(*zip(*done, strict=True), s=12, c="lightgray")
-    ax2.set(xlabel="trial", ylabel=metric, title="best so far")
-
-    _parallel_coordinates(
-        ax3, sweep, [s for s in slots if s.state == "complete" and s.value is not None]
-    )
-    fig.tight_layout()
     png = out_dir / "report.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    with atomic_path(png) as tmp:
+        _tiles(sweep).save(tmp, format="PNG")
     page = out_dir / "report.html"
     atomic_write_text(page, _html(sweep, png))
     return png, page
@@ -93,43 +63,54 @@ def _pareto_png(sweep: Sweep, out_dir: Path) -> Path:
     return png
 
 
-def _last_value(trial: Any, slot: Any) -> float | None:
-    if slot.value is not None:
-        return slot.value
-    values = trial.intermediate_values
-    return values[max(values)] if values else None
+def panels() -> list[tuple[str, Callable[..., Any]]]:
+    """Optuna's matplotlib plots the report shows, by title."""
+    from optuna.visualization import matplotlib as ov
+
+    return [
+        ("optimization history", ov.plot_optimization_history),
+        ("reported values per epoch (pruned trials too)", ov.plot_intermediate_values),
+        ("parallel coordinates", ov.plot_parallel_coordinate),
+        ("parameter importances", ov.plot_param_importances),
+    ]
 
 
-def _parallel_coordinates(ax: Any, sweep: Sweep, slots: list[Any]) -> None:
+def _tiles(sweep: Sweep) -> Any:
+    """The panels rendered one by one (each is its own figure in Optuna) and tiled 2 x 2."""
+    import matplotlib
+    import optuna
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
-    keys = list(sweep.spec.space)
-    ax.set_title("parameters (color: metric)")
-    if not slots:
-        return
-    columns = []
-    for key in keys:
-        raw = [s.params.get(key) for s in slots]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
-            log = getattr(sweep.spec.space[key], "type", "") == "loguniform"
-            vals = [math.log10(v) if log else float(v) for v in raw]
-            label = f"log10 {key}" if log else key
-        else:
-            cats = sorted({str(v) for v in raw})
-            vals = [float(cats.index(str(v))) for v in raw]
-            label = f"{key} ({'/'.join(cats)})"
-        lo, hi = min(vals), max(vals)
-        columns.append(([(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals], label))
-    values = [s.value for s in slots]
-    vmin, vmax = min(values), max(values)
-    cmap = plt.get_cmap("viridis")
-    for i, value in enumerate(values):
-        shade = (value - vmin) / (vmax - vmin) if vmax > vmin else 1.0
-        ax.plot(range(len(columns)), [c[0][i] for c in columns], color=cmap(shade), alpha=0.8)
-    ax.set_xticks(range(len(columns)), [c[1] for c in columns], rotation=20, fontsize=8)
-    ax.set_yticks([0, 1], ["min", "max"])
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
-    plt.colorbar(sm, ax=ax, label=sweep.spec.metric)
+    study, metric = sweep.study(), sweep.spec.metric
+    images = []
+    with warnings.catch_warnings():  # optuna.visualization.matplotlib is "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "too few trials": the figure says it
+        for title, plot in panels():
+            kwargs = {} if plot.__name__ == "plot_intermediate_values" else {"target_name": metric}
+            try:
+                ax = plot(study, **kwargs)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2 completed trials
+                log.warning("sweep %s report: %s left out: %s", sweep.spec.name, title, exc)
+                fig, ax = plt.subplots()
+                ax.text(0.5, 0.5, f"{title}: not available\n({exc})", ha="center", wrap=True)
+                ax.set_axis_off()
+            fig.set_size_inches(8, 5)
+            fig.suptitle(f"{sweep.spec.name}: {title}", fontsize=10)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            plt.close(fig)
+            images.append(Image.open(buf).convert("RGB"))
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    sheet = Image.new("RGB", (2 * w, 2 * h), "white")
+    for n, image in enumerate(images):
+        sheet.paste(image, ((n % 2) * w, (n // 2) * h))
+    return sheet
 
 
 def _html(sweep: Sweep, png: Path) -> str:

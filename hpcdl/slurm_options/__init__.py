@@ -1,5 +1,6 @@
 """Extra sbatch options of jobs (:mod:`.options`) and the site policy on them (:mod:`.policy`)."""
 
+from hpcdl.slurm_options.notify import Notify
 from hpcdl.slurm_options.options import (
     NAMED,
     RESERVED,
@@ -14,6 +15,7 @@ from hpcdl.slurm_options.policy import PartitionPolicy, check_job_options, featu
 __all__ = [
     "NAMED",
     "RESERVED",
+    "Notify",
     "OptionValue",
     "PartitionPolicy",
     "SbatchOptions",

@@ -173,6 +173,23 @@ def test_postgres_sweep_records_every_trial_once(job_root, postgres, password_fi
     assert main(["sweep", "best", "pg"]) == 0
     out = capsys.readouterr().out
     assert f"trial {best['trial']}" in out and "complete" in out
+    _dashboard_counts(sweep, study, 24)
+
+
+def _dashboard_counts(sweep: Sweep, study: str, trials: int) -> None:
+    """``sweep dashboard``'s server over the database study: its JSON API lists every trial."""
+    import urllib.request
+
+    from hpcdl.hpo.dashboard import serve
+
+    with serve(sweep) as served:
+        base, browser = f"http://127.0.0.1:{served.port}", urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor())  # fmt: skip
+        browser.open(base + served.path, timeout=30).close()  # the token, as a cookie
+        with browser.open(f"{base}/api/studies", timeout=30) as r:
+            ids = {s["study_name"]: s["study_id"] for s in json.load(r)["study_summaries"]}
+        with browser.open(f"{base}/api/studies/{ids[study]}", timeout=30) as r:
+            assert len(json.load(r)["trials"]) == trials
 
 
 def test_resume_after_cancel_continues_in_the_same_study(

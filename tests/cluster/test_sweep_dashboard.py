@@ -1,0 +1,56 @@
+"""``hpcdl sweep dashboard NAME``'s server loaded in a real browser: headless Chromium renders
+optuna-dashboard's JavaScript app (``--dump-dom`` after a virtual-time budget) and the test reads
+the trial count the app wrote into the page, before and after the study grows. The study is a
+sweep's own (its folder and journal, as ``sweep run`` makes them); no job is needed to serve it."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcdl.hpo import Sweep, SweepSpec
+from hpcdl.hpo.dashboard import serve
+from hpcdl.util import atomic_write_text
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make install installs it)")
+
+
+def rendered_text(url: str, profile: Path) -> str:
+    """The page's visible text once the app has rendered (10 s of virtual time: timers and
+    fetches run, the DOM is dumped), tags as ' | '."""
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+         "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = re.sub(r"(?s)<(script|style)[^>]*>.*?</\1>", " ", proc.stdout)
+    return re.sub(r"(\s*\|\s*)+", " | ", html.unescape(re.sub(r"<[^>]+>", " | ", page)))
+
+
+def test_dashboard_shows_the_sweeps_trials_in_a_browser(tmp_path):
+    spec = SweepSpec.model_validate({
+        "name": "shown", "objective": "tests.helpers.objectives:curve", "trials": 9,
+        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        "resources": {"site": "local"},
+    })  # fmt: skip
+    sweep = Sweep(spec)
+    sweep.paths.slots.mkdir(parents=True)
+    atomic_write_text(sweep.paths.spec, spec.model_dump_json())
+    sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+
+    with serve(sweep) as served:  # what 'hpcdl sweep dashboard' runs (its lines: unit test)
+        # the sweep's journal holds one study, id 0; the page names it
+        trials = f"http://127.0.0.1:{served.port}/dashboard/studies/0/trials?token={served.token}"
+        page = rendered_text(trials, tmp_path / "chromium")
+        assert "| shown (id=0) |" in page and "| 5 Trials |" in page, page[:2000]
+        sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # it runs on
+        time.sleep(2.1)  # optuna-dashboard keeps a study's trials 2 s (under 100 trials)
+        assert "| 7 Trials |" in rendered_text(trials, tmp_path / "chromium")
