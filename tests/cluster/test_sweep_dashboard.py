@@ -19,7 +19,7 @@ from hpcdl.hpo.dashboard import serve
 from hpcdl.util import atomic_write_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make install installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make cluster installs it)")
 
 
 def rendered_text(url: str, profile: Path) -> str:
