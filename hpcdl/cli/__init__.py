@@ -27,12 +27,25 @@ def _register() -> None:
         export,
         init,
         jobs,
+        report,
         site,
         sweep,
         train,
     )
 
-    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array):
+    for module in (
+        init,
+        jobs,
+        report,
+        site,
+        train,
+        export,
+        data,
+        sweep,
+        bench,
+        bench_storage,
+        bench_array,
+    ):
         module.register(cli)
 
 
