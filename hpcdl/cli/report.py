@@ -25,25 +25,31 @@ def _pct(x: float | None) -> str:
 
 
 def _size(n: int | None) -> str:
+    """Bytes in at most 5 characters: ``1.06G``, ``64M``, ``2T``."""
     if n is None:
         return "-"
     for unit, factor in (("T", 2**40), ("G", 2**30), ("M", 2**20)):
         if n >= factor:
-            return f"{n / factor:.2f}{unit}"
+            return f"{n / factor:.3g}{unit}"
     return f"{n / 2**10:.0f}K"
 
 
 def _dur(seconds: float | None) -> str:
+    """``m:ss`` under an hour, ``XhYY`` under 100 hours, else days (at most 5 characters)."""
     if seconds is None:
         return "-"
     s = round(seconds)
-    return (
-        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-    )
+    if s < 3600:
+        return f"{s // 60}:{s % 60:02d}"
+    if s < 100 * 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}"
+    return f"{s / 86400:.0f}d"
 
 
 def _hours(h: float | None) -> str:
-    return "-" if h is None else f"{h:.3f}" if h < 10 else f"{h:.1f}"
+    if h is None:
+        return "-"
+    return f"{h:.3g}" if h < 10 else f"{h:.1f}" if h < 1000 else f"{h:.0f}"
 
 
 def usage_table(items: list[Any]) -> Any:
@@ -53,10 +59,12 @@ def usage_table(items: list[Any]) -> Any:
     from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
-    for col in ("task", "state", "wait", "ran", "CPU", "mem peak/req", "GPU", "node-h", "GPU-h"):
-        table.add_column(col, justify="left" if col in ("task", "state") else "right")
+    for col in ("task", "state", "wait", "ran", "CPU", "mem/req", "GPU", "node-h", "GPU-h"):
+        table.add_column(col, justify="left" if col in ("task", "state") else "right",
+                         no_wrap=True)  # fmt: skip
     for u in items:
         mem = f"{_size(u.mem_peak)}/{_size(u.mem_req)}" if u.mem_req else _size(u.mem_peak)
+        # the whole id, never cut: it is what the user types next
         gpu = "-" if u.gpu_util is None else f"{u.gpu_util:.0f}%"
         table.add_row(Text(u.task), Text(u.state[:10]), _dur(u.wait_s), _dur(u.elapsed_s),
                       _pct(u.cpu_eff), mem, gpu, _hours(u.node_hours),
@@ -104,18 +112,20 @@ def job_figure(items: list[Any], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def sweep_figure(cost: Any, name: str, path: Path) -> Path:
+def sweep_figure(cost: Any, name: str, path: Path, budget: float | None = None) -> Path:
     """Cost per trial (bars by state) and cumulative cost in end order, the best marked."""
     plt = _pyplot()
     colors = {"complete": "tab:blue", "pruned": "tab:orange", "failed": "tab:red"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     fig.suptitle(f"sweep {name}: what it cost ({cost.unit})")
+    from matplotlib.patches import Patch
+
     for t in cost.trials:
         ax1.bar(t.trial, t.hours, color=colors.get(t.state, "tab:grey"))
-    for state, color in colors.items():
-        ax1.bar([], [], color=color, label=state)
+    seen = sorted({t.state for t in cost.trials})
+    ax1.legend(handles=[Patch(color=colors.get(st, "tab:grey"), label=st) for st in seen])
+    ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.set(xlabel="trial", ylabel=cost.unit, title="cost per trial")
-    ax1.legend()
     done = sorted((t for t in cost.trials if t.ended is not None), key=lambda t: t.ended or 0)
     total, xs, ys = 0.0, [], []
     for t in done:
@@ -125,9 +135,11 @@ def sweep_figure(cost: Any, name: str, path: Path) -> Path:
         if t.trial == cost.best_trial:
             ax2.plot([xs[-1]], [total], "r*", ms=14, label=f"best: trial {t.trial}")
     ax2.step(xs, ys, where="post", color="tab:blue")
+    if budget is not None:
+        ax2.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:.3g}")
     ax2.set(xlabel="seconds since the first trial ended", ylabel=f"{cost.unit}, cumulative",
             title="spent as trials ended")  # fmt: skip
-    if cost.best_trial is not None:
+    if cost.best_trial is not None or budget is not None:
         ax2.legend()
     return _save(fig, path)
 
@@ -229,7 +241,9 @@ def _sweep_report(console: Any, name: str, output: Path | None, no_figure: bool)
     for line in sweep_lines(cost):
         console.print(line, markup=False)
     if not no_figure:
-        png = sweep_figure(cost, name, (output or sweep.paths.root) / "cost.png")
+        b = sweep.spec.budget
+        png = sweep_figure(cost, name, (output or sweep.paths.root) / "cost.png",
+                           b.hours if b and b.unit == cost.unit else None)  # fmt: skip
         click.echo(f"figure: {png}")
 
 
