@@ -30,7 +30,8 @@ def _size(n: int | None) -> str:
         return "-"
     for unit, factor in (("T", 2**40), ("G", 2**30), ("M", 2**20)):
         if n >= factor:
-            return f"{n / factor:.3g}{unit}"
+            v = n / factor
+            return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
     return f"{n / 2**10:.0f}K"
 
 
@@ -47,9 +48,19 @@ def _dur(seconds: float | None) -> str:
 
 
 def _hours(h: float | None) -> str:
+    """Three significant digits (a toy sweep's trials cost thousandths of a node-hour)."""
     if h is None:
         return "-"
     return f"{h:.3g}" if h < 10 else f"{h:.1f}" if h < 1000 else f"{h:.0f}"
+
+
+def _cell_hours(h: float) -> str:
+    """At most 6 characters, for the usage table's cells."""
+    if h == 0:
+        return "0"
+    if h < 0.001:
+        return "<0.001"
+    return f"{h:.3f}" if h < 1 else f"{h:.2f}" if h < 10 else f"{h:.1f}" if h < 1000 else f"{h:.0f}"
 
 
 def usage_table(items: list[Any]) -> Any:
@@ -58,7 +69,7 @@ def usage_table(items: list[Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, pad_edge=False)
+    table = Table(box=None, pad_edge=False, collapse_padding=True)
     for col in ("task", "state", "wait", "ran", "CPU", "mem/req", "GPU", "node-h", "GPU-h"):
         table.add_column(col, justify="left" if col in ("task", "state") else "right",
                          no_wrap=True)  # fmt: skip
@@ -67,8 +78,8 @@ def usage_table(items: list[Any]) -> Any:
         # the whole id, never cut: it is what the user types next
         gpu = "-" if u.gpu_util is None else f"{u.gpu_util:.0f}%"
         table.add_row(Text(u.task), Text(u.state[:10]), _dur(u.wait_s), _dur(u.elapsed_s),
-                      _pct(u.cpu_eff), mem, gpu, _hours(u.node_hours),
-                      _hours(u.gpu_hours) if u.gpus else "-")  # fmt: skip
+                      _pct(u.cpu_eff), mem, gpu, _cell_hours(u.node_hours),
+                      _cell_hours(u.gpu_hours) if u.gpus else "-")  # fmt: skip
     return table
 
 

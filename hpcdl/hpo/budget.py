@@ -117,5 +117,5 @@ def budget_line(paths: SweepPaths, spec: SweepSpec) -> str | None:
     b = spec.budget
     used = spent(paths, spec, b.unit)
     stop = "; sampling stopped" if Path(paths.budget_spent).exists() else ""
-    return (f"budget: {used:.3f} of {b.hours:g} {b.unit} spent, "
-            f"{max(0.0, b.hours - used):.3f} left{stop}")  # fmt: skip
+    return (f"budget: {used:.3g} of {b.hours:g} {b.unit} spent, "
+            f"{max(0.0, b.hours - used):.3g} left{stop}")  # fmt: skip

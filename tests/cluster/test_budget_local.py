@@ -40,7 +40,7 @@ def test_budget_stops_sampling_within_one_trial(job_root, monkeypatch, capsys):
     assert main(["sweep", "status", "budget"]) == 0
     out = capsys.readouterr().out
     assert (
-        f"budget: {total / 3600:.3f} of {budget_s / 3600:g} node-hours spent, 0.000 left; "
+        f"budget: {total / 3600:.3g} of {budget_s / 3600:g} node-hours spent, 0 left; "
         "sampling stopped"
         in out
         and "finished" in out

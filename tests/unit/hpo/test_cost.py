@@ -78,9 +78,14 @@ def _render(renderable) -> list[str]:
 def test_tables_fit_80_columns():
     u = Usage("123456789_1000", "OUT_OF_MEMORY", 93784.0, 86399, 128, 64, 512, 1.0e6,
               2 * 2**40, 2**40 + 5, 99.0)  # fmt: skip
-    lines = _render(usage_table([u]))
+    small = Usage("14624", "COMPLETED", 30.0, 1, 1, 1, 0, 0.4, 1000 * 2**20, None, None)
+    wide = Usage("9_9", "COMPLETED", 0, 3600, 1, 1, 1, 0.4, 1000 * 2**20, 999 * 2**20, None)
+    lines = _render(usage_table([u, small, wide]))
     assert all(len(line) <= 80 for line in lines), lines
     assert lines[1].split() == ["123456789_1000", "OUT_OF_MEM", "26h03", "23h59", "9%", "1T/2T",
                                 "99%", "1536", "12288"]  # fmt: skip
+    assert lines[2].split() == ["14624", "COMPLETED", "0:30", "0:01", "40%", "-/1000M", "-",
+                                "<0.001", "-"]  # fmt: skip
+    assert lines[3].split()[5:] == ["999M/1000M", "-", "1.00", "1.00"]
     s = summarize(COSTS, True, "node-hours", held=12345.6, other=0.1)
     assert all(len(line) <= 80 for line in sweep_lines(s) + _render(trial_table(s)))
