@@ -23,6 +23,7 @@ from typing import Any
 from hpcdl.hpo.budget import Span, per_trial, read_journals, span_seconds, spans
 from hpcdl.hpo.folder import FINISHED_SLOT, Slot
 from hpcdl.hpo.sweep import Sweep
+from hpcdl.scheduler.efficiency import Usage
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,22 @@ def _held(sweep: Sweep, unit: str) -> tuple[float | None, float | None]:
     subs: list[dict[str, Any]] = sweep.lifecycle.submissions()
     if not sweep.lifecycle.queued or not subs:
         return None, None
+    return held_hours(subs, job_usage(sorted(_kinds(subs))), unit)
+
+
+def _kinds(subs: list[dict[str, Any]]) -> dict[str, str]:
+    """``{Slurm job id: kind}`` of every submission, each part of a split array included."""
     kind: dict[str, str] = {}
     for s in subs:
         for part in [s["job_id"], *(p["job_id"] for p in s.get("parts", []))]:
             kind[part] = s["kind"]
-    usage = job_usage(sorted(kind))
+    return kind
+
+
+def held_hours(subs: list[dict[str, Any]], usage: list[Usage], unit: str) -> tuple[float, float]:
+    """(trial jobs', other jobs') node- or GPU-hours: a row is a trial job's when its job id
+    (``123`` of ``123_4``) is a worker or trial array's (``submissions.jsonl``'s kinds)."""
+    kind = _kinds(subs)
     hours = {"trials": 0.0, "other": 0.0}
     for u in usage:
         side = "trials" if kind.get(u.task.split("_")[0]) in ("array", "workers") else "other"

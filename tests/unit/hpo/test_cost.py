@@ -8,7 +8,7 @@ import pytest
 
 from hpcdl.cli.report import sweep_lines, trial_table, usage_table
 from hpcdl.hpo.budget import Span
-from hpcdl.hpo.cost import TrialCost, summarize, trial_costs
+from hpcdl.hpo.cost import TrialCost, held_hours, summarize, trial_costs
 from hpcdl.hpo.folder import Slot
 from hpcdl.scheduler.efficiency import Usage
 
@@ -89,3 +89,34 @@ def test_tables_fit_80_columns():
     assert lines[3].split()[5:] == ["999M/1000M", "-", "1.00", "1.00"]
     s = summarize(COSTS, True, "node-hours", held=12345.6, other=0.1)
     assert all(len(line) <= 80 for line in sweep_lines(s) + _render(trial_table(s)))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["report", "no-such-sweep"], "no sweep named 'no-such-sweep'"),
+     (["report", "4242"], "no job '4242' in the registry"),
+     (["report", "4242_x"], "no sweep named '4242_x'"),
+     (["status", "--efficiency", "4242"], "no job '4242' in the registry")],
+)  # fmt: skip
+def test_unknown_targets_are_one_line(capsys, args, expected):
+    from conftest import one_line_error
+
+    from hpcdl.cli import main
+
+    assert expected in one_line_error(capsys, main(args))
+
+
+def test_held_hours_splits_trial_jobs_from_the_others():
+    subs = [{"kind": "workers", "job_id": "10", "parts": []},
+            {"kind": "array", "job_id": "20", "parts": [{"job_id": "20"}, {"job_id": "21"}]},
+            {"kind": "final", "job_id": "30"}, {"kind": "follow", "job_id": "31"}]  # fmt: skip
+
+    def u(task: str, seconds: int, nodes: int = 1, gpus: int = 0) -> Usage:
+        return Usage(task, "COMPLETED", 0, seconds, 1, nodes, gpus, 1.0, None, None)
+
+    usage = [u("10_0", 3600, 2, 8), u("10_1", 1800), u("20_5", 360), u("21_0", 360),
+             u("30", 720, 1, 4), u("31", 36), u("99", 3600)]  # fmt: skip
+    trials, other = held_hours(subs, usage, "node-hours")
+    assert trials == pytest.approx(2 + 0.5 + 0.1 + 0.1)
+    assert other == pytest.approx(0.2 + 0.01 + 1)  # a job the sweep did not submit: not a trial's
+    assert held_hours(subs, usage, "GPU-hours") == (pytest.approx(8), pytest.approx(0.8))
