@@ -33,20 +33,9 @@ def _register() -> None:
         train,
     )
 
-    for module in (
-        init,
-        jobs,
-        report,
-        site,
-        train,
-        export,
-        data,
-        sweep,
-        bench,
-        bench_storage,
-        bench_array,
-    ):
+    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array):
         module.register(cli)
+    report.register(cli)
 
 
 class _EchoHandler(logging.Handler):
