@@ -30,6 +30,7 @@ def _register() -> None:
         interactive,
         jobs,
         remote,
+        report,
         site,
         sweep,
         train,
@@ -38,6 +39,7 @@ def _register() -> None:
     for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array,
                    interactive, remote):  # fmt: skip
         module.register(cli)
+    report.register(cli)
 
 
 class _EchoHandler(logging.Handler):

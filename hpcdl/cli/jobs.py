@@ -214,9 +214,11 @@ def render(args: tuple[str, ...], **options: Any) -> None:
 @click.command()
 @click.argument("job_id", required=False)
 @click.option("--last", default=20, show_default=True, help="How many recent jobs to list.")
-def status(job_id: str | None, last: int) -> None:
+@click.option("--efficiency", is_flag=True, help="What each held and used (hpcdl report).")
+def status(job_id: str | None, last: int, efficiency: bool) -> None:
     """States of recent jobs (one batched sacct call), or of every task of JOB_ID; a pending
-    job's reason (Priority, Resources, Dependency, ...) in its own column."""
+    job's reason (Priority, Resources, Dependency, ...) in its own column. --efficiency: CPU,
+    memory, GPU use, queue wait and node-hours from sacct instead."""
     from rich.console import Console
 
     from hpcdl.scheduler import find_handle, job_statuses, recent_handles
@@ -224,6 +226,11 @@ def status(job_id: str | None, last: int) -> None:
     # Piped (a file, grep, a pager): rows stay whole lines whatever $COLUMNS says, never a
     # cell wrapped over two lines; a terminal gets rich's fitting.
     console = Console() if sys.stdout.isatty() else Console(width=10_000)
+    if efficiency:
+        from hpcdl.cli.report import efficiency_status
+
+        efficiency_status(console, job_id, last)
+        return
     if job_id:
         handle = find_handle(job_id)
         console.print(_task_table(handle, job_statuses([handle])[handle.job_id]))

@@ -59,6 +59,7 @@ class Slot(BaseModel):
     node: str | None = None
     job: str | None = None
     error: str | None = None
+    claimed_at: float | None = None  # this attempt's claim (the budget counts a running trial)
 
 
 class SweepPaths:
@@ -83,6 +84,8 @@ class SweepPaths:
         self.asking = root / ".asking.json"
         self.alerts = root / "alerts"  # one KEY.json per alert claimed (exactly once)
         self.synced = root / "synced.json"  # offline W&B runs uploaded, with their signatures
+        # the budget stopped sampling (hpcdl.hpo.budget): slots never sampled are not missing
+        self.budget_spent = root / "budget-spent.json"
         self._slots: list[Slot] | None = None  # all_slots() as read once (one_read)
 
     def check_owned(self) -> None:
@@ -153,7 +156,10 @@ class SweepPaths:
 
     def missing_slots(self, slots: Iterable[int]) -> list[int]:
         """Those of ``slots`` with something left to run (``range(spec.trials)``: the sweep's)."""
-        done = {s.slot for s in self.all_slots() if s.state in FINISHED_SLOT}
+        slots_now = self.all_slots()
+        done = {s.slot for s in slots_now if s.state in FINISHED_SLOT}
+        if self.budget_spent.exists():  # never sampled, and never will be
+            done |= set(slots) - {s.slot for s in slots_now}
         return [i for i in slots if i not in done]
 
     def finished_count(self) -> int:

@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hpcdl.config import JobTime, read_yaml, validate
 from hpcdl.database import StorageChoice
+from hpcdl.hpo.budget_model import Budget
 from hpcdl.hpo.conditions import check_conditions
 from hpcdl.hpo.space import Choice, Grid, Param, SpecProblem
 from hpcdl.job import Resources as JobResources
@@ -86,6 +87,18 @@ class SweepSpec(_Strict):
     # password, or {url, password_file}; None: the site's study_storage, else the journal.
     # `sweep run` writes its choice (and the database study's name) into the sweep's spec.
     storage: StorageChoice | None = None
+    # node- or GPU-hours: no new trial is sampled once the trials have spent it (hpcdl.hpo.budget)
+    budget: Budget | None = None
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_has_gpus(cls, budget: Budget | None, info: ValidationInfo) -> Budget | None:
+        resources = info.data.get("resources")
+        gpus = resources.gpus_per_node if resources is not None else 1
+        if budget is not None and budget.gpu_hours is not None and not gpus:
+            raise ValueError("gpu_hours needs trials with GPUs (resources.gpus_per_node is "
+                             "0): give node_hours")  # fmt: skip
+        return budget
 
     @model_validator(mode="before")
     @classmethod

@@ -11,6 +11,8 @@ import textwrap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hpcdl.hpo.budget import budget_line
+
 if TYPE_CHECKING:
     from hpcdl.hpo.lifecycle import SweepJob
     from hpcdl.hpo.sweep import Sweep
@@ -178,6 +180,8 @@ def _status_text(sweep: Sweep, width: int, wide: bool, color: Callable[[str], st
     lines += ["", ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
     if spec.multi:
         lines += wrap(_front_line(sweep), width)
+    spending = budget_line(sweep.paths, spec)
+    lines += wrap(spending, width) if spending else []
     if jobs:
         lines += ["", "jobs:", *job_lines(jobs, width)]
     stuck = sweep.lifecycle.diagnose(jobs)

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import optuna
 
-from hpcdl.hpo import decide
+from hpcdl.hpo import budget, decide
 from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
 from hpcdl.hpo.pareto import measured
 from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
@@ -68,6 +68,8 @@ def claim(
             action = decide.claim(slot.state, slot.attempts, slot.job, task_id(), spec.max_retries)
         if action == "skip":
             return None
+        if action == "new" and budget.refuse_new_trial(paths, spec):  # running trials finish
+            return None
         if slot is not None and action in ("retry", "fail") and _adopt_told(paths, study, slot):
             return None
         if action == "fail":
@@ -91,6 +93,7 @@ def claim(
             update={
                 "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
                 "job": task_id(),
+                "claimed_at": time.time(),
             }
         )
         paths.write_slot(slot)

@@ -1,5 +1,6 @@
-"""Slurm's accounting of finished tasks: when each ran and for how long (``sacct``), for the
-benchmarks that compare what a task held with what it used."""
+"""Slurm's accounting of finished tasks (``sacct``): when each ran and for how long (the
+benchmarks, the lifecycle), and what each held and used (``hpcdl report``, ``status
+--efficiency``; the figures are computed in :mod:`hpcdl.scheduler.efficiency`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from hpcdl.errors import HpcdlError
+from hpcdl.scheduler.efficiency import USAGE_FIELDS, Usage, parse_rows, usages
 from hpcdl.scheduler.slurm import run_command
 
 
@@ -64,3 +66,25 @@ def _when(text: str) -> datetime | None:
         return datetime.fromisoformat(text)
     except ValueError:  # "Unknown", "None": not started or not ended yet
         return None
+
+
+def job_usage(job_ids: list[str]) -> list[Usage]:
+    """What each allocation of these jobs held and used (:mod:`hpcdl.scheduler.efficiency`):
+    one sacct call, steps included (their gathered figures), a requeued task's runs each."""
+    if not job_ids:
+        return []
+    cmd = [
+        "sacct",
+        "-n",
+        "-P",
+        "--duplicates",
+        "-o",
+        ",".join(USAGE_FIELDS),
+        "-j",
+        ",".join(job_ids),
+    ]
+    proc = run_command(cmd)
+    if proc is None or proc.returncode != 0:
+        why = "sacct not found" if proc is None else proc.stderr.strip()
+        raise HpcdlError(f"cannot read Slurm's accounting: {why}")
+    return usages(parse_rows(proc.stdout))
