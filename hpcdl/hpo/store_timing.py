@@ -16,16 +16,20 @@ import time
 from typing import Any
 
 ENV = "HPCDL_TIME_STORAGE"
-#: Optuna's BaseStorage methods that write a trial (what a worker calls per trial).
+#: Optuna's BaseStorage methods that write a trial (what a worker calls per trial), and the
+#: RDBStorage's own that Optuna's cache in front of it calls instead of the first two.
 WRITES = (
     "create_new_trial",
+    "_create_new_trial",
     "set_trial_param",
+    "_set_trial_param",
     "set_trial_state_values",
     "set_trial_intermediate_value",
     "set_trial_user_attr",
     "set_trial_system_attr",
 )
 _durations: list[float] = []
+_depth = [0]  # a timed write calling another (create_new_trial -> _create_new_trial): once
 
 
 def enabled() -> bool:
@@ -37,7 +41,8 @@ def instrument(store: Any) -> Any:
     if not enabled() or getattr(store, "_hpcdl_timed", False):
         return store
     for name in WRITES:
-        setattr(store, name, _timed(getattr(store, name)))
+        if hasattr(store, name):
+            setattr(store, name, _timed(getattr(store, name)))
     store._hpcdl_timed = True
     return store
 
@@ -46,10 +51,13 @@ def _timed(method: Any) -> Any:
     @functools.wraps(method)
     def timed(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
+        _depth[0] += 1
         try:
             return method(*args, **kwargs)
         finally:
-            _durations.append(time.perf_counter() - t0)
+            _depth[0] -= 1
+            if _depth[0] == 0:
+                _durations.append(time.perf_counter() - t0)
 
     return timed
 
