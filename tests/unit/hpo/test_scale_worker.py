@@ -147,3 +147,18 @@ def test_invariants_name_a_lost_and_a_duplicated_trial(tmp_path: Path):
     problems = bench_scale.invariants(sweep)
     assert any("used by two slots" in p for p in problems), problems
     assert any("differ between slots and study" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--storage", "sqlite", "--site", "devcluster"], "--storage: storage: 'sqlite': use journal, postgres or both"),
+     (["--storage", "journal"], "the scale runs need --site"),
+     (["--storage", "journal", "--site", "devcluster", "--workers", "64,x"], "use counts >= 1"),
+     (["--storage", "postgres", "--site", "devcluster"], "has no study_storage database")],
+)  # fmt: skip
+def test_bench_hpo_scale_refuses_bad_input_in_one_line(capsys, args, says):
+    from hpcdl.cli import main
+
+    assert main(["bench", "hpo", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and says in err, err
