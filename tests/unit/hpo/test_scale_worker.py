@@ -61,8 +61,9 @@ def test_next_slot_decides_as_from_every_file(tmp_path: Path, states, expected):
 
 
 def test_next_slot_reads_no_finished_slot_twice_and_no_missing_file(tmp_path: Path, monkeypatch):
-    """2,000 finished slots and 2 running ones: the second claim reads only the 2 running
-    slots (it read every one of the 2,002 files before, each claim, under the sweep lock)."""
+    """2,000 finished slots and 2 running ones: the second claim reads no file (it read every
+    one of the 2,002 before, each claim, under the sweep lock); a slot file replaced since
+    (another process's claim, end, or resume's retry mark) is read once more."""
     paths = SweepPaths(tmp_path / "s")
     paths.slots.mkdir(parents=True)
     for i in range(2000):
@@ -74,13 +75,12 @@ def test_next_slot_reads_no_finished_slot_twice_and_no_missing_file(tmp_path: Pa
     real = paths.read_slot
     monkeypatch.setattr(paths, "read_slot", lambda i: reads.append(i) or real(i))
     assert trial_mod._next_slot(paths, range(2010)) == 2002
-    assert sorted(reads) == [2000, 2001]
-    # a slot another process finishes meanwhile is read once more, then remembered
+    assert reads == []
     paths.write_slot(_slot(2000, "complete"))  # type: ignore[arg-type]
-    reads.clear()
-    trial_mod._next_slot(paths, range(2010))
-    trial_mod._next_slot(paths, range(2010))
-    assert sorted(reads) == [2000, 2001, 2001]
+    paths.write_slot(_slot(2001, "retry", "9"))  # type: ignore[arg-type]
+    assert trial_mod._next_slot(paths, range(2010)) == 2001
+    assert trial_mod._next_slot(paths, range(2010)) == 2001
+    assert sorted(reads) == [2000, 2001]
 
 
 def test_a_workers_trials_share_its_journal_storage(tmp_path: Path, monkeypatch):
