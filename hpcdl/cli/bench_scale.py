@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
 
-from hpcdl.cli.bench import _out_dir
 from hpcdl.cli.progress import bar
 from hpcdl.errors import ConfigError, HpcdlError
 
@@ -63,9 +63,9 @@ def scale_runs(
         raise ConfigError("--sweep-trials", "sweep-trials", f"{trials} must be >= 1")
     counts = _counts(workers)
     db = _database(site, url, password_file) if "postgres" in {k[:8] for k in kinds} else None
-    folder = _out_dir(None, "hpo-scale")
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    folder = Path(f"bench/hpo-scale-{stamp}").resolve()  # as the other benches' folders
+    folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         for n in counts:
