@@ -248,10 +248,24 @@ def run_one(
         "jobs_pss_peak_mb": peak["pss_mb"], "jobs_procs_at_peak": peak["procs"],
         "mem_available_min_mb": peak["mem_available_min_mb"],
     }  # fmt: skip
+    out["silent_tasks"] = silent_tasks(sweep, handles[0], set(read_journals(sweep.paths)))
     out["problems"] = invariants(sweep)
     for cmd in ("status", "best"):
         out[f"{cmd}_s"], out[f"{cmd}_cpu_s"] = cli_time("sweep", cmd, spec.name)
     return out
+
+
+def silent_tasks(sweep: Any, array: Any, journals: set[str], show: int = 3) -> dict[str, Any]:
+    """The worker array's tasks that never wrote their journal's start line (seen once: 64 of
+    256 tasks whose srun step started last never got there in 8 minutes): how many, and the
+    end of the first ones' logs, for whoever reads the failure."""
+    ids = [f"{array.job_id}_{i}" for i in range(array.array or 0)]
+    silent = [t for t in ids if t not in journals]
+    tails = {}
+    for task in silent[:show]:
+        logs = sorted(Path(array.folder).glob(f"{task}_*_log.*"))
+        tails[task] = {p.name: p.read_text(errors="replace")[-600:] for p in logs}
+    return {"count": len(silent), "first": silent[:20], "logs": tails}
 
 
 def _journal(spec: Any) -> bool:

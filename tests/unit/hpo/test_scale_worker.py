@@ -162,3 +162,14 @@ def test_bench_hpo_scale_refuses_bad_input_in_one_line(capsys, args, says):
     assert main(["bench", "hpo", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and says in err, err
+
+
+def test_silent_tasks_names_the_workers_that_never_started_and_shows_their_logs(tmp_path: Path):
+    from types import SimpleNamespace
+
+    array = SimpleNamespace(job_id="77", array=4, folder=str(tmp_path))
+    (tmp_path / "77_2_0_log.err").write_text("srun: error: stuck\n")
+    got = bench_scale.silent_tasks(None, array, {"77_0", "77_1", "77_3"})
+    assert got["count"] == 1 and got["first"] == ["77_2"]
+    assert got["logs"] == {"77_2": {"77_2_0_log.err": "srun: error: stuck\n"}}
+    assert bench_scale.silent_tasks(None, array, {f"77_{i}" for i in range(4)})["count"] == 0
