@@ -273,19 +273,29 @@ def register(cli: click.Group) -> None:
 @click.option("--slots", default=0, show_default=True,
               help="Only compare slot efficiency, warm workers vs trials_per_task 1, on --site "
                    "with this many parallel slots (SPEC's sweep, --trials trials).")  # fmt: skip
+@click.option("--storage", help="Only the scale runs: 'journal', 'postgres' or both "
+              "(journal,postgres): a sweep of --sweep-trials cheap trials per --workers count "
+              "on --site, each storage's trials/s and write latency p50/p99.")  # fmt: skip
+@click.option("--workers", default="64,256", show_default=True, help="Scale runs' worker counts.")
+@click.option("--sweep-trials", default=2000, show_default=True, help="Trials of each scale run.")
+@click.option("--postgres", "url", help="Scale runs: postgresql://USER@HOST:PORT/DB [the site's "
+              "study_storage].")  # fmt: skip
+@click.option("--password-file", help="Scale runs: the database password's file (0600).")
 def hpo_cmd(
-    spec: Path,
-    trials: int,
-    seeds: int,
-    epochs: int,
-    site: str | None,
-    array_size: int,
-    slots: int,
-) -> None:
+    spec: Path, trials: int, seeds: int, epochs: int, site: str | None, array_size: int,
+    slots: int, storage: str | None, workers: str, sweep_trials: int, url: str | None,
+    password_file: str | None,
+) -> None:  # fmt: skip
     """ASHA and Hyperband vs. random search (same sampler and budget, --seeds seeds) on SPEC's
     data, in trial-epochs; then the submission and status time of a large sweep array on
-    --site."""
+    --site. With --storage, only the scale runs (hpcdl.cli.bench_scale)."""
     from datetime import datetime
+
+    if storage is not None:
+        from hpcdl.cli.bench_scale import scale_runs
+
+        scale_runs(site, storage, workers, sweep_trials, url, password_file)
+        return
 
     if slots:  # logic in hpcdl.hpo.bench_slots
         from hpcdl.hpo.bench_slots import render, slot_efficiency

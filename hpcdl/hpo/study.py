@@ -4,11 +4,13 @@ samplers, pruners."""
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from hpcdl.hpo import store_timing
 from hpcdl.hpo.conditions import active, draw_order
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.space import Choice, Grid, IntRange, Uniform
@@ -95,7 +97,7 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> o
     ``worker``: the index of a process that will draw trials; its sampler's seed also depends
     on the sweep's round and on how many trials the study holds, so no two processes of the
     sweep (resumed, requeued) replay the same draws."""
-    store, name = open_storage(spec, sweep_dir), study_name(spec)
+    store, name = store_timing.instrument(open_storage(spec, sweep_dir)), study_name(spec)
     draw: tuple[int, ...] = ()
     if worker is not None:
         try:
@@ -103,7 +105,7 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> o
         except KeyError:  # the study is created below
             drawn = 0
         draw = (read_round(sweep_dir), drawn)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=name,
         storage=store,
         sampler=make_sampler(spec, worker or 0, draw),
@@ -111,6 +113,24 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> o
         directions=spec.directions,
         load_if_exists=True,
     )
+    _STORAGES[study] = store
+    return study
+
+
+#: The storage each study of this process was opened on (:func:`open_study`).
+_STORAGES: weakref.WeakKeyDictionary[optuna.Study, optuna.storages.BaseStorage] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def storage_of(
+    study: optuna.Study, spec: SweepSpec, sweep_dir: Path
+) -> optuna.storages.BaseStorage:
+    """The storage ``study`` was opened on, else a new one of the sweep's. A worker's trials
+    share it: a new journal storage replays the whole journal file when opened, which for
+    each trial of a 10,000-trial sweep grew to a second of CPU."""
+    store = _STORAGES.get(study)
+    return store if store is not None else open_storage(spec, sweep_dir)
 
 
 class TrialReporter:
@@ -118,9 +138,9 @@ class TrialReporter:
     retried task reports to the trial an earlier process asked for, so there is no
     ``optuna.trial.Trial`` object to keep (that constructor is internal).
 
-    ``journal`` is a storage of the sweep's study (``open_storage``): on the journal file it and
-    the study's own storage read the same file, each catching up with the other's writes when it
-    reads; in a database it is the process's one RDBStorage."""
+    ``journal`` is a storage of the sweep's study (:func:`storage_of`: the one the study was
+    opened on; another one on the same journal file catches up with the study's writes when it
+    reads); in a database it is the process's one RDBStorage."""
 
     def __init__(self, study: optuna.Study, journal: optuna.storages.BaseStorage, number: int):
         self.study, self.number, self._journal = study, number, journal

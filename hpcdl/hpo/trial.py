@@ -27,8 +27,7 @@ from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
 from hpcdl.hpo.pareto import measured
 from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.storage import open_storage
-from hpcdl.hpo.study import TrialReporter, suggest
+from hpcdl.hpo.study import TrialReporter, storage_of, suggest
 from hpcdl.preemption import StopFlag, task_id
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
@@ -156,11 +155,55 @@ def update_slot(paths: SweepPaths, new: Slot) -> bool:
         return True
 
 
+#: Per sweep folder, what this process has read of the slot files: the slots it saw finished
+#: (a finished slot is never written back to running or retry: claims, ``resume`` and aborts
+#: rewrite running slots only, so it need not be read again), and the others as last read,
+#: with the file's identity then (every write replaces the file: a new inode and mtime).
+_FINISHED_SEEN: dict[Path, set[int]] = {}
+_READ: dict[Path, dict[int, tuple[tuple[int, int, int], Slot]]] = {}
+
+
 def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
+    """Under the sweep lock. Reads only what can have changed: one listing of the folder says
+    which slots have no file yet (free), slots this process saw finished are skipped, and an
+    unfinished slot's file is read again only when it was replaced since (one ``stat``).
+    Reading every file, as before, cost a 10,000-trial sweep's claims 0.4 s each under the
+    lock, which every other worker waits for; reading the 256 running slots of 256 workers,
+    15 ms of a claim's 40."""
+    done = _FINISHED_SEEN.setdefault(paths.root, set())
+    read = _READ.setdefault(paths.root, {})
+    present = {name[:-5] for name in os.listdir(paths.slots) if name.endswith(".json")}
+    seen: list[tuple[int, str | None, str | None]] = []
+    for i in slots:
+        if i in done:
+            continue  # finished: never claimed again
+        if str(i) not in present:
+            seen.append((i, None, None))
+            continue
+        slot = _read_if_replaced(paths, i, read)
+        if slot is not None and slot.state in FINISHED_SLOT:
+            done.add(i)
+            read.pop(i, None)
+            continue
+        seen.append((i, slot.state if slot else None, slot.job if slot else None))
     # Only a Slurm job or task id survives a requeue (a local worker's id is not its task's).
-    seen = [(i, s.state if s else None, s.job if s else None)
-            for i in slots for s in [paths.read_slot(i)]]  # fmt: skip
     return decide.next_slot(seen, task_id(local=False))
+
+
+def _read_if_replaced(
+    paths: SweepPaths, i: int, read: dict[int, tuple[tuple[int, int, int], Slot]]
+) -> Slot | None:
+    try:
+        st = os.stat(f"{paths.slots}/{i}.json")  # paths.slot_file's, without pathlib's cost
+    except FileNotFoundError:
+        return None
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if i in read and read[i][0] == key:
+        return read[i][1]
+    slot = paths.read_slot(i)
+    if slot is not None:
+        read[i] = (key, slot)
+    return slot
 
 
 def run_trial(
@@ -177,7 +220,9 @@ def run_trial(
     trial_dir = paths.trial_dir(slot)
     trial_dir.mkdir(parents=True, exist_ok=True)
     lead = _rank() == 0
-    reporter = TrialReporter(study, open_storage(spec, paths.root), slot.trial) if lead else None
+    reporter = (
+        TrialReporter(study, storage_of(study, spec, paths.root), slot.trial) if lead else None
+    )
 
     def record(new: Slot, **tell: Any) -> Slot:
         """Rank 0 writes the slot, and tells the study when the trial ends."""
@@ -299,23 +344,29 @@ def _pruned(exc: BaseException) -> bool:
     )
 
 
-def _rank() -> int:
-    import torch.distributed as dist
+def _group() -> Any:
+    """``torch.distributed`` when this process is in a process group, else None. A process
+    that never imported torch has no group: asking would import torch for nothing, and a sweep
+    worker with a cheap objective would carry 180 MB more and a second of start-up (256 such
+    workers did not fit in 24 GiB)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+def _rank() -> int:
+    dist = _group()
+    return dist.get_rank() if dist is not None else 0
 
 
 def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dist = _group()
+    return dist.get_world_size() if dist is not None else 1
 
 
 def _agree(flag: bool) -> bool:
     """Rank 0's decision, shared with every rank (no-op without torch.distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = _group()
+    if dist is None:
         return flag
     box = [flag]
     dist.broadcast_object_list(box, src=0)
@@ -323,9 +374,8 @@ def _agree(flag: bool) -> bool:
 
 
 def _broadcast_slot(slot: Slot | None) -> Slot | None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = _group()
+    if dist is None:
         return slot
     box = [slot.model_dump_json() if slot is not None else None]
     dist.broadcast_object_list(box, src=0)

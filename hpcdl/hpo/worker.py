@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 
 from hpcdl import preemption
+from hpcdl.hpo import store_timing
 from hpcdl.hpo.folder import FINISHED_SLOT, SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import open_study
@@ -86,14 +87,18 @@ def work(
     done: list[str] = []
     while True:
         stop = _any_rank(bool(getattr(flag, "requested", False)))
+        asked = time.time()
         mine = claim(paths, spec, study, None, among=slots) if _rank() == 0 and not stop else None
         slot = _broadcast_slot(mine)
         if slot is None:
             return done
         claimed = time.time()
         slot = run_trial(paths, spec, study, slot, flag)
+        # the claim's time: the sweep lock's wait, the slot reads and the study's ask
+        timed = ({"storage_s": store_timing.take(), "claim_s": round(claimed - asked, 6)}
+                 if store_timing.enabled() else {})  # fmt: skip
         note(paths, "trial", slot=slot.slot, trial=slot.trial, state=slot.state,
-             claimed=claimed, ended=time.time(), attempts=slot.attempts)  # fmt: skip
+             claimed=claimed, ended=time.time(), attempts=slot.attempts, **timed)  # fmt: skip
         done.append(f"{slot.trial}:{slot.state}")
         if slot.state not in FINISHED_SLOT:  # checkpointed: Slurm requeues this task
             return done

@@ -90,11 +90,11 @@ def finish_distributed() -> None:
     abort's own cause was in the aborting rank: a gloo thread still alive at exit (development
     notes, "Flakes"); destroying the group ends those threads unless something still holds
     the group (DeepSpeed did: ``import_deepspeed`` now stops it)."""
+    import sys
     import time
 
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # never imported: no group (and no torch import)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
         last = dist.get_rank() == 0 and dist.get_world_size() > 1
         dist.destroy_process_group()

@@ -11,6 +11,9 @@
 #   devcluster.sh grant PATH...
 #                          let the test users reach PATH (search permission, by ACL, on every
 #                          parent directory they cannot cross), e.g. a venv under /root
+#   devcluster.sh up|down|status --instance NAME [--nodes N] [--port-base P]
+#                          a second cluster beside the shared one (N slurmd, default 4, ports
+#                          P..P+N, default 18000; clients: SLURM_CONF=/etc/slurm-NAME/slurm.conf)
 #
 # Needs root (it writes /etc/slurm, /etc/hosts and starts daemons). Works without systemd:
 # every daemon is started directly in the foreground under setsid, its PID recorded in
@@ -27,6 +30,11 @@ TIMEOUT=${DEVCLUSTER_TIMEOUT:-60}
 CONF_DIR=${DEVCLUSTER_CONF_DIR:-/etc/slurm}
 [[ $CONF_DIR == /etc/slurm ]] || export SLURM_CONF=$CONF_DIR/slurm.conf
 PID_DIR=$STATE_DIR/pids
+BASE_STATE_DIR=$STATE_DIR   # instances live under it (instance.sh)
+INSTANCE=""                 # empty: the shared cluster; else `--instance NAME` (instance.sh)
+# Keys (and command names) of the Slurm daemons and their programs; an instance's differ
+# (instance.sh), so that this script's checks for foreign daemons never see another cluster's.
+CTLD_KEY=slurmctld SLURMD_KEY=slurmd CTLD_BIN=/usr/sbin/slurmctld SLURMD_BIN=/usr/sbin/slurmd
 MARKER='# managed by hpcdl devcluster'
 HOSTS_MARKER='# hpcdl devcluster nodes'
 NODES=(node1 node2 node3 node4 node5 node6 node7)  # node5-7: the hidden `fault` partition
@@ -276,6 +284,7 @@ ensure_hosts() {
 }
 
 render() {
+    if [[ -n $INSTANCE ]]; then render_instance "$1"; return; fi
     sed -e "s|@STATE_DIR@|$STATE_DIR|g" -e "s|@LOG_DIR@|$LOG_DIR|g" \
         -e "s|@DB_USER@|$DB_USER|g" -e "s|@DB_PASS@|$DB_PASS|g" "$HERE/$1.in"
 }
@@ -465,19 +474,19 @@ ensure_user_accounting() {
 }
 
 start_slurmctld() {
-    if [[ -n $(recorded_pid slurmctld) ]]; then
-        wait_for 30 slurmctld ctld_ok
+    if [[ -n $(recorded_pid $CTLD_KEY) ]]; then
+        wait_for 30 $CTLD_KEY ctld_ok
         return 0
     fi
-    start_slurm_daemon slurmctld "$STATE_DIR/run/slurmctld.pid" /usr/sbin/slurmctld
-    wait_for 60 slurmctld ctld_ok
+    start_slurm_daemon $CTLD_KEY "$STATE_DIR/run/slurmctld.pid" $CTLD_BIN
+    wait_for 60 $CTLD_KEY ctld_ok
 }
 
 start_slurmds() {
     local n
     for n in "${NODES[@]}"; do
-        [[ -n $(recorded_pid "slurmd-$n") ]] && continue
-        start_slurm_daemon "slurmd-$n" "$STATE_DIR/run/slurmd-$n.pid" /usr/sbin/slurmd -N "$n"
+        [[ -n $(recorded_pid "$SLURMD_KEY-$n") ]] && continue
+        start_slurm_daemon "$SLURMD_KEY-$n" "$STATE_DIR/run/slurmd-$n.pid" $SLURMD_BIN -N "$n"
     done
 }
 
@@ -485,7 +494,7 @@ start_slurmds() {
 wait_nodes() {
     local deadline=$((SECONDS + TIMEOUT)) states node st key resumed=""
     while ! nodes_ready; do
-        for key in slurmctld "${NODES[@]/#/slurmd-}"; do
+        for key in $CTLD_KEY "${NODES[@]/#/$SLURMD_KEY-}"; do
             [[ -n $(recorded_pid "$key") ]] || fail_daemon "$key" "died while waiting for the nodes"
         done
         states=$(node_states || true)
@@ -508,10 +517,10 @@ wait_nodes() {
             printf '    %s\n' "${states//$'\n'/$'\n'    }" >&2
             for node in "${NODES[@]}"; do
                 if ! grep -Eq "^$node (idle|mixed|allocated|completing)\$" <<<"$states"; then
-                    fail_daemon "slurmd-$node" "did not register as idle (state: $(awk -v n="$node" '$1==n {print $2}' <<<"$states"))"
+                    fail_daemon "$SLURMD_KEY-$node" "did not register as idle (state: $(awk -v n="$node" '$1==n {print $2}' <<<"$states"))"
                 fi
             done
-            fail_daemon slurmctld "nodes did not become idle"
+            fail_daemon $CTLD_KEY "nodes did not become idle"
         fi
         sleep 0.5
     done
@@ -736,15 +745,22 @@ cmd_grant() {
 }
 
 usage() {
-    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
-case ${1:-} in
-    up) cmd_up ;;
-    down) cmd_down ;;
-    status) cmd_status ;;
+# shellcheck source=instance.sh
+source "$HERE/instance.sh"
+
+CMD=${1:-}
+(($#)) && shift
+case $CMD in up | down | status) parse_instance_options "$@" ;; esac
+
+case $CMD in
+    up) if [[ -n $INSTANCE ]]; then cmd_up_instance; else cmd_up; fi ;;
+    down) if [[ -n $INSTANCE ]]; then cmd_down_instance; else cmd_down; fi ;;
+    status) if [[ -n $INSTANCE ]]; then cmd_status_instance; else cmd_status; fi ;;
     postgres) cmd_postgres ;;
-    grant) shift; cmd_grant "$@" ;;
+    grant) cmd_grant "$@" ;;
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;
 esac
