@@ -4,11 +4,14 @@ executor, torchrun's variables, or MPI (mpi4py). One call: :func:`init_distribut
 from __future__ import annotations
 
 import os
+import random
 import socket
 from datetime import timedelta
 
 from hpcdl import exit_guard
 from hpcdl.rendezvous import (
+    EPHEMERAL_LOW,
+    PORT_LOW,
     DistEnv,
     in_slurm_step,
     local_layout,
@@ -73,10 +76,22 @@ def _from_mpi() -> DistEnv:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _free_port(tries: int = 50) -> int:
+    """A port free now, below Linux's ephemeral range, like :func:`master_port`'s: the kernel's
+    own pick (``bind(0)``) is in that range, where every outgoing connection takes its local
+    port, and in the seconds before rank 0 binds it for good (imports, then the rendezvous) a
+    gloo connection of another job took it (EADDRINUSE, seen with two ``mpiexec`` runs at once).
+    Random, not derived: an MPI or single-process run has no job id to derive it from."""
+    rng = random.SystemRandom()
+    for _ in range(tries):
+        port = rng.randrange(PORT_LOW, EPHEMERAL_LOW)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {PORT_LOW}-{EPHEMERAL_LOW - 1} after {tries} tries")
 
 
 def discover() -> DistEnv:
