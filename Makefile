@@ -78,10 +78,11 @@ TEST_PHASES := install cluster image lint lock-check docs wheel-check
 LOCAL_TESTS := not slurm
 USER_TESTS := slurm and not root
 ROOT_TESTS := slurm and root
-# The cluster tests run two at a time, a file per worker (pytest-xdist): most of their time is
-# spent waiting on Slurm. tests/helpers/cluster_share.py keeps apart the tests that disturb
-# jobs they do not own (a node set DOWN, preemption).
-USER_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+# The end-to-end tests run two at a time, a file per worker (pytest-xdist), the longest files
+# first (tests/conftest.py): most of their time is spent waiting, on Slurm or on processes
+# starting (one at a time, the local phase used 0.9 of the 2 cores). tests/helpers/cluster_share.py
+# keeps apart the cluster tests that disturb jobs they do not own (a node set DOWN, preemption).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 PHASE_TIMES ?= build/phase-times.txt
 PYTEST_ROOT := env HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -p no:cacheprovider
 
@@ -95,10 +96,10 @@ test:  ## everything: install, start the cluster, all tests; then each phase's w
 	  since=$$(date +%Y-%m-%dT%H:%M:%S); \
 	  echo "$(PYTEST_ROOT) tests/unit"; \
 	  env/phase-time.sh $(PHASE_TIMES) pytest-unit $(PYTEST_ROOT) tests/unit || status=$$?; \
-	  echo "$(PYTEST_ROOT) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster"; \
-	  env/phase-time.sh $(PHASE_TIMES) pytest-local $(PYTEST_ROOT) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster || status=$$?; \
-	  echo "HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q $(USER_XDIST) --durations=25 -m '$(USER_TESTS)' tests/cluster"; \
-	  HPCDL_VENV=$(abspath $(VENV)) env/phase-time.sh $(PHASE_TIMES) pytest-as-user tests/run_as_user.sh -q $(USER_XDIST) --durations=25 -m '$(USER_TESTS)' tests/cluster || status=$$?; \
+	  echo "$(PYTEST_ROOT) $(XDIST) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster"; \
+	  env/phase-time.sh $(PHASE_TIMES) pytest-local $(PYTEST_ROOT) $(XDIST) --durations=15 -m '$(LOCAL_TESTS)' tests/cluster || status=$$?; \
+	  echo "HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q $(XDIST) --durations=25 -m '$(USER_TESTS)' tests/cluster"; \
+	  HPCDL_VENV=$(abspath $(VENV)) env/phase-time.sh $(PHASE_TIMES) pytest-as-user tests/run_as_user.sh -q $(XDIST) --durations=25 -m '$(USER_TESTS)' tests/cluster || status=$$?; \
 	  echo "$(PYTEST_ROOT) --durations=10 -m '$(ROOT_TESTS)' tests/cluster"; \
 	  env/phase-time.sh $(PHASE_TIMES) pytest-root $(PYTEST_ROOT) --durations=10 -m '$(ROOT_TESTS)' tests/cluster || status=$$?; \
 	  echo "$(BIN)/python tests/root_jobs.py --since $$since"; \

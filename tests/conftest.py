@@ -24,11 +24,12 @@ from tests.helpers.cluster_share import ClusterShare  # noqa: E402
 
 pytest_plugins = ["tests.helpers.timeline"]  # HPCDL_TEST_TIMELINE=FILE: where the wall time goes
 
-# The cluster test files that take longest, longest first (measured with HPCDL_TEST_TIMELINE;
-# docs/development.md). With two xdist workers taking a file at a time (make test passes
-# --dist loadfile --no-loadscope-reorder), starting with the longest keeps one worker from
-# finishing a long file alone at the end while the other waits. test_checkpointable comes late:
-# it takes the "preempt" lock that test_train_slurm holds for its whole run.
+# The test files that take longest in the cluster phase (as the test user) and in the local
+# phase (root, no cluster), longest first (measured with HPCDL_TEST_TIMELINE; development docs).
+# With two xdist workers taking a file at a time (make test passes --dist loadfile
+# --no-loadscope-reorder), starting with the longest keeps one worker from finishing a long file
+# alone at the end while the other waits. test_checkpointable comes late: it takes the "preempt"
+# lock that test_train_slurm holds for its whole run.
 LONGEST_FIRST = [
     "test_sweep_slurm.py",
     "test_train_slurm.py",
@@ -37,7 +38,17 @@ LONGEST_FIRST = [
     "test_chaos.py",
     "test_sweep_train.py",
     "test_resize.py",
+    "test_sweep_postgres.py",
+    "test_train.py",
     "test_slurm_jobs.py",
+    "test_interactive.py",
+    "test_registry_scale.py",
+    "test_gloo_exit.py",
+    "test_study_scale.py",
+    "test_trust.py",
+    "test_sweep_local.py",
+    "test_script_values.py",
+    "test_redaction.py",
     "test_direct_commands.py",
 ]
 
