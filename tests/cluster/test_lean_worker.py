@@ -16,13 +16,17 @@ from hpcdl.hpo.spec import SweepSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Peak RSS from /proc/self/status (VmHWM: this process image's own peak), not getrusage's
+# ru_maxrss, which Linux carries over fork and exec: under a pytest worker that had 1 GiB
+# resident, the fresh worker reported 1,014 MB.
 WORKER = """
-import json, resource, sys
+import json, sys
 from hpcdl.hpo.worker import worker_task_main
 print(worker_task_main(sys.argv[1], [0, 1, 2]), file=sys.stderr)
 from hpcdl.hpo.bench_scale import HEAVY
-print(json.dumps({"heavy": [m for m in HEAVY if m in sys.modules],
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"heavy": [m for m in HEAVY if m in sys.modules], "maxrss_mb": hwm / 1024}))
 """
 
 

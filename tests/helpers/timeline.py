@@ -23,7 +23,9 @@ _controller = False  # pytest-xdist's controller sees every worker's reports: on
 
 def pytest_configure(config: object) -> None:
     global _controller
-    _controller = config.pluginmanager.hasplugin("dsession")  # type: ignore[attr-defined]
+    # the controller of an xdist run: it was given workers, and is not one
+    workers = getattr(config.option, "numprocesses", None)  # type: ignore[attr-defined]
+    _controller = bool(workers) and not hasattr(config, "workerinput")
 
 
 def _cpu() -> float:
