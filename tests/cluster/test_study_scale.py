@@ -220,6 +220,8 @@ def test_best_on_10000_trials_is_the_journals_answer(big_sweeps):
 # -- sweep move-storage ---------------------------------------------------------------------------
 def _pg_studies(postgres: Postgres, like: str) -> list[str]:
     with _sql(postgres) as conn:
+        if conn.execute("SELECT to_regclass('studies')").fetchone()[0] is None:
+            return []  # Optuna has made no table in this database yet: no study in it
         rows = conn.execute("SELECT study_name FROM studies WHERE study_name LIKE %s", (like,))
         return [r[0] for r in rows.fetchall()]
 
