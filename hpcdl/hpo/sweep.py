@@ -25,7 +25,13 @@ from hpcdl.hpo.warm import apply as apply_warm
 from hpcdl.hpo.warm import load_warm
 from hpcdl.scheduler import FINISHED, JobHandle, cancel_jobs
 from hpcdl.site import load_site
-from hpcdl.util import atomic_write_text, share_umask
+from hpcdl.util import atomic_write_text, get_logger, share_umask
+
+log = get_logger(__name__)
+
+
+#: How long ``extend`` waits for a finished sweep's last jobs to leave the queue.
+EXITING_JOBS_WAIT_S = 60.0
 
 
 class Sweep:
@@ -142,6 +148,15 @@ class Sweep:
         with share_umask(self.site.share):
             life = self.lifecycle
             live = [f"{j.kind} {j.handle.job_id}" for j in life.jobs() if j.live]
+            # A finished sweep's last jobs (its final job, the follow-up) leave the queue some
+            # seconds after the result is written: `sweep run --wait` then `extend` (as the
+            # sweep guide has it) was refused for them. They have nothing left to do: wait.
+            deadline = time.monotonic() + EXITING_JOBS_WAIT_S
+            while live and self.finished() and time.monotonic() < deadline:
+                log.info("sweep %s finished; waiting for %s to leave the queue",
+                         self.spec.name, ", ".join(live))  # fmt: skip
+                time.sleep(1.0)
+                live = [f"{j.kind} {j.handle.job_id}" for j in life.jobs() if j.live]
             if live:
                 raise HpcdlError(
                     f"sweep {self.spec.name!r} still has jobs queued or running "
