@@ -161,10 +161,13 @@ class Remote:
             raise HpcdlError(f"rsync with {self.login.host} failed: {(lines or ['?'])[0]}")
 
     def ship(self, local: Path) -> str:
-        """Copy ``local`` (without .git, virtual environments, caches) to its work copy."""
+        """Copy ``local`` (without .git, virtual environments, caches) to its work copy. Files
+        are added and updated, never deleted there: jobs write their outputs (``runs/``,
+        checkpoints) into the work copy, and ``--delete`` removed them, a running job's too,
+        at the next command that ships the folder."""
         remote = self.workdir(local)
         excludes = [".git/", ".venv/", "venv/", "__pycache__/", "*.pyc", ".hpcdl/", "wandb/"]
-        self._rsync(["--delete", *[f"--exclude={e}" for e in excludes], f"{local}/",
+        self._rsync([*[f"--exclude={e}" for e in excludes], f"{local}/",
                      f"{self.login.host}:{remote}/"])  # fmt: skip
         return remote
 

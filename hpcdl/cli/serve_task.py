@@ -67,14 +67,21 @@ def _serve_files(sock: socket.socket, folder: str, token: str) -> None:
     server.serve_forever()
 
 
-def _serve_dashboard(port: int, sweep: str) -> None:
-    import optuna_dashboard
+def _serve_dashboard(port: int, sweep: str, token: str) -> None:
+    """optuna-dashboard behind the token (``hpcdl.hpo.dashboard.TokenGate``: ``?token=`` once,
+    then a cookie): the dashboard can change the study (notes, trial states), and the port is
+    reachable by every user of the cluster network."""
+    from wsgiref.simple_server import make_server
+
+    from optuna_dashboard import wsgi
 
     from hpcdl.hpo import Sweep
+    from hpcdl.hpo.dashboard import TokenGate
     from hpcdl.hpo.storage import open_storage
 
     s = Sweep.load(sweep)
-    optuna_dashboard.run_server(open_storage(s.spec, s.paths.root), host=HOST, port=port)
+    app = TokenGate(wsgi(open_storage(s.spec, s.paths.root)), token, port)
+    make_server(HOST, port, app).serve_forever()
 
 
 def main(argv: list[str]) -> int:
@@ -86,14 +93,14 @@ def main(argv: list[str]) -> int:
         _write(info, {"error": f"port {want} is in use on {node} ({exc.strerror})"})
         return 1
     port = sock.getsockname()[1]
-    token = secrets.token_urlsafe(24) if kind in ("jupyter", "files") else ""
+    token = secrets.token_urlsafe(24) if kind in ("jupyter", "files", "dashboard") else ""
     if kind != "files":  # the server binds it itself: free it just before (a small race)
         sock.close()
     _write(info, {"node": node, "port": port, "token": token, "kind": kind})
     if kind == "files":
         _serve_files(sock, arg, token)
     elif kind == "dashboard":
-        _serve_dashboard(port, arg)
+        _serve_dashboard(port, arg, token)
     elif kind == "jupyter":  # the token by environment, never on a command line (ps shows those)
         env = {**os.environ, "JUPYTER_TOKEN": token}
         # port_retries=0: jupyter would otherwise move to another port than the one announced

@@ -91,6 +91,9 @@ def post_json(url: str, payload: dict[str, Any], timeout: float) -> str | None:
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"{type(reason).__name__}: {reason}"
+    except Exception as exc:  # an alert never fails its sender
+        # e.g. http.client.InvalidURL, whose message quotes the URL (its secret): the type only
+        return type(exc).__name__
 
 
 def run_command(argv: list[str], payload: dict[str, Any], timeout: float) -> str | None:

@@ -16,6 +16,10 @@ from hpcdl.script_values import OneLine
 def _webhook(value: str) -> str:
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
         raise ValueError("must be an http:// or https:// URL on one line")
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        # urllib does not send user:password@ (it fails on the host, with the password in
+        # its message): put the secret in the path or query, as Slack's and Teams' URLs do
+        raise ValueError("must not hold user:password@ (a secret goes in the URL's path)")
     return value
 
 

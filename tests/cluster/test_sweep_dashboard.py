@@ -54,3 +54,54 @@ def test_dashboard_shows_the_sweeps_trials_in_a_browser(tmp_path):
         sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # it runs on
         time.sleep(2.1)  # optuna-dashboard keeps a study's trials 2 s (under 100 trials)
         assert "| 7 Trials |" in rendered_text(trials, tmp_path / "chromium")
+
+
+def test_the_dashboard_hpcdl_serve_starts_answers_only_with_its_token(tmp_path, job_root):
+    """What ``hpcdl serve dashboard SWEEP`` runs on the compute node (``hpcdl.cli.serve_task``),
+    here on this machine: every interface listens (the login node's ``ssh -L`` reaches the node
+    by name), so the token is what keeps the cluster's other users off a dashboard that can
+    change the study (it served anyone before)."""
+    import json
+    import os
+    import sys
+    import urllib.error
+    import urllib.request
+
+    spec = SweepSpec.model_validate({
+        "name": "served", "objective": "tests.helpers.objectives:curve", "trials": 3,
+        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        "resources": {"site": "local"},
+    })  # fmt: skip
+    sweep = Sweep(spec)
+    sweep.paths.slots.mkdir(parents=True)
+    atomic_write_text(sweep.paths.spec, spec.model_dump_json())
+    sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    info = tmp_path / "info.json"
+    proc = subprocess.Popen([sys.executable, "-m", "hpcdl.cli.serve_task", "dashboard", str(info),
+                             "served", "0"], env={**os.environ})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no info file"
+            time.sleep(0.1)
+        where = json.loads(info.read_text())
+        assert len(where["token"]) >= 20 and oct(info.stat().st_mode & 0o777) == "0o600"
+        base = f"http://127.0.0.1:{where['port']}"
+
+        def status(path: str) -> int:
+            opener = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,), {"redirect_request": lambda *a, **k: None}))  # fmt: skip
+            while True:
+                try:
+                    return opener.open(base + path, timeout=5).status
+                except urllib.error.HTTPError as exc:
+                    return exc.code
+                except urllib.error.URLError:  # not listening yet
+                    assert time.monotonic() < deadline, "the dashboard never answered"
+                    time.sleep(0.2)
+
+        assert status("/api/studies") == 403
+        assert status(f"/api/studies?token={'x' * len(where['token'])}") == 403
+        assert status(f"/dashboard/?token={where['token']}") == 303  # then a cookie
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

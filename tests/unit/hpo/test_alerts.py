@@ -113,6 +113,7 @@ def test_logs_show_a_webhook_without_its_path_or_credentials(url, shown):
     [
         ({"webhook": "ftp://example.org/x"}, "notify.webhook"),
         ({"webhook": "http://example.org/a b"}, "notify.webhook"),
+        ({"webhook": "https://bot:SECRET@hooks.example.org/x"}, "notify.webhook"),
         ({"timeout_s": 0}, "notify.timeout_s"),
         ({"stuck_after": "soon"}, "notify.stuck_after"),
         ({"command": ["echo", "a\nb"]}, "notify.command.1"),
@@ -186,6 +187,13 @@ def test_webhook_posts_json_and_reports_failures_without_raising(receiver, caplo
     with caplog.at_level(logging.WARNING, logger="hpcdl"):
         assert alerts.deliver(notify, payload) == {"webhook": "HTTP 500"}
     assert "HTTP 500" in caplog.text and "SECRET" not in caplog.text
+
+
+def test_a_url_urllib_cannot_open_is_an_error_without_the_url():
+    """urllib fails on user:password@ with http.client.InvalidURL, whose message quotes the
+    password; it escaped post_json (neither OSError nor URLError): a traceback with the secret."""
+    got = alerts.post_json("https://bot:SECRET@hooks.example.org/x", {}, 2)
+    assert got is not None and "SECRET" not in got
 
 
 def test_webhook_to_a_closed_port_or_a_silent_server_is_an_error_not_a_raise():
