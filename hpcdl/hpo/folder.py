@@ -23,6 +23,7 @@ asks for a final model, its result written).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -188,6 +189,12 @@ class SweepPaths:
     def notified(self) -> set[str]:
         """The keys of the alerts claimed so far (``finished``, ``stuck-round2`` ...)."""
         return {p.stem for p in self.alerts.glob("*.json")}
+
+    def archive_finished_alert(self, trials: int) -> None:
+        """``sweep extend``: the sweep will finish again, and its ``finished`` claim (which
+        silences every later alert) is kept as ``finished-N-trials.sent`` beside the others."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.alerts / "finished.json").replace(self.alerts / f"finished-{trials}-trials.sent")
 
     def claim_alert(self, key: str, record: dict[str, Any]) -> bool:
         """Claim alert ``key`` for this process: True for exactly one caller, ever, however many

@@ -175,6 +175,7 @@ class Sweep:
                 kept = self.paths.final / f"result-{self.spec.trials}-trials.json"
                 self.paths.final_result.replace(kept)
             self.paths.final_started.unlink(missing_ok=True)
+            self.paths.archive_finished_alert(self.spec.trials)  # it will finish, and say so, again
             atomic_write_text(self.paths.spec, spec.model_dump_json(indent=1))
             self.spec = spec
             text, handles = self.lifecycle.resume(f"{self.source}: resources")

@@ -68,6 +68,17 @@ def test_to_send(row):
     assert to_send(event, alert_key(event, round_no), notified) is expected
 
 
+def test_an_extended_sweep_can_say_finished_again(tmp_path: Path):
+    """`sweep extend` archives the `finished` claim: it silenced every later alert of the
+    sweep (found in review), the old claim is kept beside the others."""
+    paths = SweepPaths(tmp_path)
+    assert paths.claim_alert("finished", {"by": 0})
+    paths.archive_finished_alert(8)
+    assert paths.notified() == set() and (paths.alerts / "finished-8-trials.sent").is_file()
+    assert to_send("finished", "finished", paths.notified())
+    assert paths.claim_alert("finished", {"by": 1}) and not paths.claim_alert("finished", {})
+
+
 def test_a_claim_is_won_once_among_racing_claimers(tmp_path: Path):
     paths = SweepPaths(tmp_path)
     wins: list[int] = []
