@@ -121,7 +121,10 @@ def test_resume_takes_resource_overrides_and_refuses_changes_of_meaning(tmp_path
 
 # -- 3: resume never repeats a trial's parameters ------------------------------------------------
 def test_resuming_twice_never_repeats_parameters(tmp_path, monkeypatch):
-    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.3")  # a trial: 4 epochs, about 1.2 s
+    # a trial: 4 epochs, about 3.2 s: a cancelled local worker may finish its trial in the 1-2 s
+    # its controller takes to stop (cancel returns once they are gone), and at 1.2 s a trial the
+    # sweep's last ones did, before the test could stop it (two cancels, seen once)
+    monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.8")
     spec = SweepSpec.model_validate({**TOY, "name": "again", "trials": 6, "final": False})
     sweep = Sweep(spec)
     sweep.run()

@@ -260,7 +260,8 @@ def test_move_a_running_sweep_cancel_move_resume(job_root, postgres, password_fi
         time.sleep(0.2)
     journal = optuna.load_study(study_name="mover", storage=_journal(sweep))
     before = [(t.number, t.state, t.values) for t in journal.get_trials()]
-    assert any(s == TS.RUNNING for _, s, _ in before), before  # cancelled mid-trial
+    # cancelled mid-sweep (trials in flight may end as their workers stop, or stay RUNNING)
+    assert sum(s == TS.COMPLETE for _, s, _ in before) < 10, before
     rc, out, err = _move(
         "mover", postgres.url(), "--password-file", str(password_file), capsys=capsys
     )
