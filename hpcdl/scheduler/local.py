@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -86,13 +85,6 @@ class LocalScheduler(SubmititScheduler):
         }
 
     def cancel(self, handles: list[JobHandle], array_task: int | None = None) -> None:
-        """SIGINT to every process of the jobs, then wait until they are gone (SIGKILL after
-        :data:`CANCEL_GRACE_S`). The marker file says CANCELLED at once, so a cancel that
-        returned while a worker still wrote (a trial's last progress, a journal append) let the
-        next step see a cancelled job and a changing sweep: ``sweep move-storage`` found the
-        journal changed under its copy, and ``sweep resume`` left a slot to a worker that died
-        after the resumed round had passed it by (both seen with two test workers at once)."""
-        signalled: list[tuple[int, str]] = []  # (pid, start time): a pid may be reused
         for handle in handles:
             ids = handle.local_ids if array_task is None else [handle.local_ids[array_task]]
             for pid in ids:
@@ -100,16 +92,8 @@ class LocalScheduler(SubmititScheduler):
                 (Path(handle.folder) / f"{pid}.cancelled").touch()
                 if _pid_alive(int(pid), handle.submitted_at):
                     for proc_id in _descendants(int(pid)):
-                        started = _start_ticks(proc_id)
                         with suppress(ProcessLookupError):
                             os.kill(proc_id, signal.SIGINT)
-                            signalled.append((proc_id, started))
-        _wait_gone(signalled, CANCEL_GRACE_S)
-        for proc_id, started in signalled:
-            if _same_alive(proc_id, started):
-                with suppress(ProcessLookupError):
-                    os.kill(proc_id, signal.SIGKILL)
-        _wait_gone(signalled, 5.0)
 
     def log_paths(
         self, handle: JobHandle, task: int = 0, array_task: int | None = None
@@ -165,30 +149,6 @@ def _descendants(pid: int) -> list[int]:
         out.append(p)
         todo += children.get(p, [])
     return out
-
-
-#: How long a cancelled local job's processes have to end after SIGINT (a worker records its
-#: trial's stop) before SIGKILL.
-CANCEL_GRACE_S = 10.0
-
-
-def _start_ticks(pid: int) -> str:
-    """The process's start time (clock ticks after boot; "" when it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _same_alive(pid: int, started: str) -> bool:
-    """``pid`` still runs (not a zombie) and is the process that started at ``started``."""
-    return bool(started) and _start_ticks(pid) == started and _pid_alive(pid)
-
-
-def _wait_gone(procs: list[tuple[int, str]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(_same_alive(p, t) for p, t in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _pid_alive(pid: int, started_near: float | None = None) -> bool:

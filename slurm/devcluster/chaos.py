@@ -206,12 +206,24 @@ class Driver:
         _slurm("scancel", live[-1])
         return {"target": live[-1]}
 
-    def resume_nodes(self) -> None:
+    def resume_nodes(self, timeout: float = 60) -> None:
+        """RESUME each downed node until sinfo shows it back (asked again every second): a
+        RESUME while the killed job still completes there can be refused, and one refused
+        RESUME left node5 drained (run 13): the sweep never finished, and tests after it that
+        expect every node idle failed."""
         while self.downed:
             node = self.downed.pop()
-            _slurm(
-                *NODE_ADMIN, "scontrol", "update", f"NodeName={node}", "State=RESUME", check=False
-            )
+            deadline = time.monotonic() + timeout
+            while True:
+                _slurm(*NODE_ADMIN, "scontrol", "update", f"NodeName={node}", "State=RESUME",
+                       check=False)  # fmt: skip
+                state = _slurm("sinfo", "-a", "-h", "-n", node, "-o", "%T", check=False).strip()
+                if not any(w in state for w in ("drain", "down", "fail")):
+                    break
+                if time.monotonic() > deadline:
+                    self.log.append({"kind": "resume-failed", "target": node, "state": state})
+                    break
+                time.sleep(1.0)
 
     def release_requeued(self) -> None:
         """Start the sweep's requeued tasks now: Slurm holds a requeued job ~2 minutes

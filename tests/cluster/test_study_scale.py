@@ -239,9 +239,7 @@ def test_move_a_running_sweep_cancel_move_resume(job_root, postgres, password_fi
     finishes the sweep in the database, each trial recorded once, the cancelled ones retried
     under their own numbers; `sweep best` reads the database."""
     monkeypatch.setenv("HPCDL_TEST_EPOCH_S", "0.5")  # 2 s a trial: the cancel falls mid-sweep
-    # 16 trials of 2 s, 2 at a time: the cancel (after the refused move) falls mid-sweep even
-    # when the machine is busy (10 were all done by then once, three test workers at once)
-    sweep = Sweep(spec("journal", name="mover", trials=16, parallelism=2, final=False))
+    sweep = Sweep(spec("journal", name="mover", trials=10, parallelism=2, final=False))
     sweep.run()
     deadline = time.monotonic() + 90
     while sweep.paths.finished_count() < 2:
@@ -263,7 +261,7 @@ def test_move_a_running_sweep_cancel_move_resume(job_root, postgres, password_fi
     journal = optuna.load_study(study_name="mover", storage=_journal(sweep))
     before = [(t.number, t.state, t.values) for t in journal.get_trials()]
     # cancelled mid-sweep (trials in flight may end as their workers stop, or stay RUNNING)
-    assert sum(s == TS.COMPLETE for _, s, _ in before) < 16, before
+    assert sum(s == TS.COMPLETE for _, s, _ in before) < 10, before
     rc, out, err = _move(
         "mover", postgres.url(), "--password-file", str(password_file), capsys=capsys
     )
@@ -281,7 +279,7 @@ def test_move_a_running_sweep_cancel_move_resume(job_root, postgres, password_fi
     assert sorted(t.number for t in trials) == sorted({t.number for t in trials})  # once each
     assert {t.state for t in trials} <= {TS.COMPLETE}, [(t.number, t.state) for t in trials]
     assert sorted(s.trial for s in moved.slots()) == sorted({s.trial for s in moved.slots()})
-    assert [s.state for s in moved.slots()] == ["complete"] * 16
+    assert [s.state for s in moved.slots()] == ["complete"] * 10
     assert len(journal.get_trials()) == len(before)  # the journal got nothing after the move
     best = moved.best()
     assert best["val_acc"] == max(s.value for s in moved.slots())
