@@ -128,7 +128,7 @@ def cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def cluster_exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
+def cluster_test_locks(request: pytest.FixtureRequest) -> Iterator[None]:
     """``@pytest.mark.cluster_exclusive``: this test has the dev cluster to itself.
     ``@pytest.mark.cluster_lock("NAME")`` on a test (not its module): held for that test only,
     beside its module's share (after the module's own named locks, so no two wait on each other

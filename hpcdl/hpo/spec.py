@@ -7,29 +7,25 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hpcdl.config import JobTime, read_yaml, validate
 from hpcdl.database import StorageChoice
 from hpcdl.hpo.budget_model import Budget
 from hpcdl.hpo.conditions import check_conditions
-from hpcdl.hpo.space import Choice, Grid, Param, SpecProblem
+from hpcdl.hpo.space import Choice, Grid, Param, SpecProblem, StrictModel
 from hpcdl.job import Resources as JobResources
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
-class _Strict(BaseModel):  # as hpcdl.hpo.space's StrictModel (declared here, ruff sees pydantic)
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Sampler(_Strict):
+class Sampler(StrictModel):
     name: Literal["grid", "random", "tpe", "cmaes", "gp", "nsga2"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(default=5, ge=0)
 
 
-class Pruner(_Strict):
+class Pruner(StrictModel):
     name: Literal["none", "median", "asha", "hyperband"] = "none"
     min_resource: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2)
@@ -39,7 +35,7 @@ class Pruner(_Strict):
 Direction = Literal["maximize", "minimize"]
 
 
-class ObjectiveName(_Strict):
+class ObjectiveName(StrictModel):
     """One objective of a multi-objective sweep: a metric the trial records, and its direction."""
 
     name: str
@@ -52,12 +48,12 @@ class Resources(JobResources):
     time: JobTime = "00:30:00"
 
 
-class SweepSpec(_Strict):
+class SweepSpec(StrictModel):
     """A sweep: ``trials`` trainings of ``train`` with parameters drawn from ``space``."""
 
     name: str
     train: str | None = None  # base training config (YAML); required unless `objective` is set
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Param] = Field(min_length=1)
     sampler: Sampler = Sampler()
     pruner: Pruner = Pruner()
@@ -66,7 +62,7 @@ class SweepSpec(_Strict):
     # several objectives (a Pareto front); `metric`/`direction` then name the first
     objectives: list[ObjectiveName] | None = Field(default=None, min_length=1)
     # recorded metrics that must be <= 0 for a trial to count (Optuna's trial constraints)
-    constraints: list[str] = []
+    constraints: list[str] = Field(default_factory=list)
     # another sweep's name or a file of trials (JSON/YAML) the study starts from
     warm_start: str | None = None
     trials: int = Field(ge=1, le=100_000)
