@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -152,26 +151,12 @@ def worker_memory(sweep: Any) -> dict[str, Any]:
 def cli_time(*args: str, timeout: float = 120) -> tuple[float, float]:
     """(wall s, CPU s) of ``hpcdl ARGS`` as a new process, as a user runs it (``os.wait4``:
     that child's CPU time alone); raises with its error output when it fails."""
-    import tempfile
+    from hpcdl.util import run_measured
 
-    with tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "hpcdl", *args],
-                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - t0 > timeout:
-                proc.kill()
-                raise TimeoutError(f"hpcdl {' '.join(args)} ran over {timeout} s")
-            time.sleep(0.01)
-        wall = time.monotonic() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"hpcdl {' '.join(args)} failed: {err.read().decode().strip()}")
-    return wall, usage.ru_utime + usage.ru_stime
+    wall, cpu, proc = run_measured([sys.executable, "-m", "hpcdl", *args], timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"hpcdl {' '.join(args)} failed: {proc.stderr.strip()}")
+    return wall, cpu
 
 
 def job_memory(job_ids: set[str]) -> tuple[int, float]:

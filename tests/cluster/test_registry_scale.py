@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from hpcdl.scheduler.interface import JobHandle
 from hpcdl.scheduler.registry import REGISTRY_FILE, find_task, load_handles, recent_handles
+from hpcdl.util import run_measured  # test_study_scale imports it from here
 
 ENTRIES = 100_000
 START = time.time() - 365 * 86400
@@ -61,30 +61,6 @@ def write_registry(root: Path, lines: list[dict]) -> None:
     with open(root / REGISTRY_FILE, "a") as f:
         f.writelines(json.dumps(line, default=str) + "\n" for line in lines)
     os.chmod(root / REGISTRY_FILE, 0o600)
-
-
-def run_measured(argv: list[str], env: dict[str, str], timeout: float = 120
-                 ) -> tuple[float, float, subprocess.CompletedProcess]:  # fmt: skip
-    """Wall and CPU seconds (user + system) of one process: ``os.wait4``'s usage of that child
-    alone (``RUSAGE_CHILDREN`` would also count an earlier test's worker reaped meanwhile)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - t0 > timeout:
-                proc.kill()
-                raise TimeoutError(f"{argv} ran over {timeout} s")
-            time.sleep(0.01)
-        wall = time.monotonic() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(argv, proc.returncode, out.read().decode(),
-                                           err.read().decode())  # fmt: skip
-    return wall, usage.ru_utime + usage.ru_stime, done
 
 
 def hpcdl(root: Path, *args: str, timeout: float = 120) -> tuple[float, float, subprocess.CompletedProcess]:  # fmt: skip
