@@ -35,16 +35,23 @@ def rendered_text(url: str, profile: Path) -> str:
     return re.sub(r"(\s*\|\s*)+", " | ", html.unescape(re.sub(r"<[^>]+>", " | ", page)))
 
 
-def test_dashboard_shows_the_sweeps_trials_in_a_browser(tmp_path):
+def _sweep_with_trials(name: str, trials: int, done: int) -> Sweep:
+    """A sweep's folder and journal as ``sweep run`` makes them, ``done`` trials in its study
+    (no job is needed to serve it)."""
     spec = SweepSpec.model_validate({
-        "name": "shown", "objective": "tests.helpers.objectives:curve", "trials": 9,
+        "name": name, "objective": "tests.helpers.objectives:curve", "trials": trials,
         "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
         "resources": {"site": "local"},
     })  # fmt: skip
     sweep = Sweep(spec)
     sweep.paths.slots.mkdir(parents=True)
     atomic_write_text(sweep.paths.spec, spec.model_dump_json())
-    sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=done)
+    return sweep
+
+
+def test_dashboard_shows_the_sweeps_trials_in_a_browser(tmp_path):
+    sweep = _sweep_with_trials("shown", trials=9, done=5)
 
     with serve(sweep) as served:  # what 'hpcdl sweep dashboard' runs (its lines: unit test)
         # the sweep's journal holds one study, id 0; the page names it
@@ -67,15 +74,7 @@ def test_the_dashboard_hpcdl_serve_starts_answers_only_with_its_token(tmp_path, 
     import urllib.error
     import urllib.request
 
-    spec = SweepSpec.model_validate({
-        "name": "served", "objective": "tests.helpers.objectives:curve", "trials": 3,
-        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
-        "resources": {"site": "local"},
-    })  # fmt: skip
-    sweep = Sweep(spec)
-    sweep.paths.slots.mkdir(parents=True)
-    atomic_write_text(sweep.paths.spec, spec.model_dump_json())
-    sweep.study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    _sweep_with_trials("served", trials=3, done=2)
     info = tmp_path / "info.json"
     proc = subprocess.Popen([sys.executable, "-m", "hpcdl.cli.serve_task", "dashboard", str(info),
                              "served", "0"], env={**os.environ})  # fmt: skip
