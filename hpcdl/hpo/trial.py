@@ -78,6 +78,7 @@ def claim(
                 slot.model_copy(update={"state": "failed", "error": "retries exhausted"})
             )
             return None
+        new = slot is None
         if slot is None:  # "new"
             trial = _orphan_of_a_dead_claim(paths, study) or _ask(paths, study, slot_no)
             slot = Slot(
@@ -96,7 +97,8 @@ def claim(
             }
         )
         paths.write_slot(slot)
-        paths.asking.unlink(missing_ok=True)
+        if new:  # only a new trial's claim took the note's orphan (or asked): a retry must not
+            paths.asking.unlink(missing_ok=True)  # drop it, or the next new claim asks again
         return slot
 
 

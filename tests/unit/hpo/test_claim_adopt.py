@@ -112,3 +112,26 @@ def test_a_note_with_no_trial_asked_yet_asks_one(tmp_path: Path, monkeypatch):
     paths.asking.write_text('{"slot": 0}')  # killed before the ask itself
     slot = claim(paths, spec, study, 0)
     assert slot is not None and slot.trial == 0 and len(study.get_trials()) == 1
+
+
+def test_a_retry_claimed_first_leaves_the_note_for_the_next_new_claim(tmp_path: Path, monkeypatch):
+    """Seen in CI after ``sweep cancel`` and ``sweep resume`` on PostgreSQL: the resumed worker
+    first claimed a slot the cancel had left for retry, and that claim removed the dead claim's
+    note; the next new claim then asked a 13th trial for 12 slots."""
+    spec, paths, study = _toy(tmp_path, monkeypatch)
+    first = claim(paths, spec, study, 0)
+    assert first is not None
+    paths.write_slot(first.model_copy(update={"state": "retry"}))
+
+    def dies_at_slot_write(self, slot):
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(SweepPaths, "write_slot", dies_at_slot_write)
+        with pytest.raises(_Killed):
+            claim(paths, spec, study, 1)
+    retried = claim(paths, spec, study, 0)
+    assert retried is not None and retried.trial == 0 and paths.asking.exists()
+    adopted = claim(paths, spec, study, 1)
+    assert adopted is not None and adopted.trial == 1 and len(study.get_trials()) == 2
+    assert not paths.asking.exists()
