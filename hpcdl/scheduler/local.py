@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from hpcdl.config import parse_time
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import LivePartition
+from hpcdl.scheduler.proctree import children_stop_on_sigint, pid_alive, stop_trees
 from hpcdl.scheduler.submission import SubmititScheduler, folder_state, setup_lines, task_log_paths
 from hpcdl.script_values import chain_local_setup
 
@@ -84,16 +83,21 @@ class LocalScheduler(SubmititScheduler):
             for h in handles
         }
 
+    def submit(self, request: Request, test_only: bool = False) -> JobHandle:
+        with children_stop_on_sigint():  # else a cancel's SIGINT could not stop the job
+            return super().submit(request, test_only)
+
     def cancel(self, handles: list[JobHandle], array_task: int | None = None) -> None:
+        """Stop the jobs' processes and return once they are gone (:func:`stop_trees`). The
+        marker file makes the state CANCELLED even after the processes are gone."""
+        roots = []
         for handle in handles:
             ids = handle.local_ids if array_task is None else [handle.local_ids[array_task]]
             for pid in ids:
-                # The marker makes the state CANCELLED even after the processes are gone.
                 (Path(handle.folder) / f"{pid}.cancelled").touch()
-                if _pid_alive(int(pid), handle.submitted_at):
-                    for proc_id in _descendants(int(pid)):
-                        with suppress(ProcessLookupError):
-                            os.kill(proc_id, signal.SIGINT)
+                if pid_alive(int(pid), handle.submitted_at):
+                    roots.append(int(pid))
+        stop_trees(roots)
 
     def log_paths(
         self, handle: JobHandle, task: int = 0, array_task: int | None = None
@@ -128,43 +132,7 @@ def _local_state(h: JobHandle, pid: str) -> str:
     folder = Path(h.folder)
     if (folder / f"{pid}.cancelled").exists():
         return "CANCELLED"
-    if _pid_alive(int(pid), h.submitted_at):
+    if pid_alive(int(pid), h.submitted_at):
         return "RUNNING"
     state = folder_state(folder, pid)
     return "FAILED" if state == "UNKNOWN" else state
-
-
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (the local controller runs under a shell)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _pid_alive(pid: int, started_near: float | None = None) -> bool:
-    """Is ``pid`` running (not a zombie) and, if given, started within 2 min of ``started_near``
-    (so a recycled pid is not mistaken for the job)?"""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    if fields[0] == "Z":
-        return False
-    if started_near is None:
-        return True
-    boot = next(
-        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-        if line.startswith("btime")
-    )  # fmt: skip
-    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    return abs(started - started_near) < 120

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import REPORT, WEIRD, run_cli
@@ -61,6 +63,64 @@ def test_cancel_local_job():
     proc = run_cli("cancel", handle.job_id)
     assert proc.returncode == 0, proc.stderr
     assert handle.wait(timeout=30) == "CANCELLED"
+
+
+def _wait_for_file(path: Path, handle, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline and handle.state() == "RUNNING", (
+            handle.state(),
+            handle.log_paths()[1].read_text() if handle.log_paths()[1].exists() else "",
+        )
+        time.sleep(0.1)
+
+
+def _gone(pid: str) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_cancel_returns_once_the_jobs_processes_are_gone(tmp_path):
+    """A local job's process still busy after SIGINT (a sweep worker unwinding its trial) is
+    gone when ``hpcdl cancel`` returns. The state says CANCELLED from the moment the marker is
+    written, and a worker still writing after cancel returned raced the next command (CI:
+    ``sweep resume`` on PostgreSQL asked a 13th trial; ``sweep move-storage`` saw the journal
+    change)."""
+    from tests.helpers.slow_stop import run_until_stopped
+
+    handle = Job(function=run_until_stopped, args=(str(tmp_path),), time="5m").submit()
+    _wait_for_file(tmp_path / "pid", handle)
+    proc = run_cli("cancel", handle.job_id)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "stopping").exists()  # it got the signal and was busy stopping
+    assert _gone((tmp_path / "pid").read_text())
+    assert handle.state() == "CANCELLED"
+
+
+def test_cancel_stops_a_job_submitted_by_a_process_that_ignores_sigint(tmp_path):
+    """``hpcdl sweep run ... &`` in a script (and ``make test``) ignores SIGINT, and an ignored
+    signal stays ignored in every process started below: the local job never saw the cancel's
+    SIGINT and ran on (a cancelled test sweep ran to its end; the resumed one raced it). Its
+    processes now get SIGINT's default disposition, so the job unwinds as it would from a
+    terminal."""
+    submit = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from hpcdl import Job\n"
+        "from tests.helpers.slow_stop import run_until_interrupted\n"
+        f"h = Job(function=run_until_interrupted, args=({str(tmp_path)!r},), time='5m').submit()\n"
+        f"open({str(tmp_path / 'id')!r}, 'w').write(h.job_id)\n"
+    )
+    # no pipe: the job's processes would hold it open, and run() would wait for them
+    subprocess.run([sys.executable, "-c", submit], stdout=subprocess.DEVNULL, timeout=120,
+                   check=True, cwd=Path(__file__).parents[2])  # fmt: skip
+    handle = find_handle((tmp_path / "id").read_text())
+    _wait_for_file(tmp_path / "pid", handle)
+    proc = run_cli("cancel", handle.job_id)
+    assert proc.returncode == 0, proc.stderr
+    assert _gone((tmp_path / "pid").read_text())
+    assert (tmp_path / "interrupted").exists(), "the job was killed, not interrupted"
+    assert handle.state() == "CANCELLED"
 
 
 def test_python_callable_job(tmp_path):

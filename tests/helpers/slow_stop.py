@@ -1,0 +1,29 @@
+"""A callable job that takes its time to stop after SIGINT, as a sweep worker does (it records
+its trial's stop): tests/cluster/test_jobs_local.py's cancel test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def run_until_stopped(folder: str) -> None:
+    def stop(*_: object) -> None:
+        Path(folder, "stopping").write_text("")
+        time.sleep(5)  # submitit's local controller ends it before this sleep does
+
+    signal.signal(signal.SIGINT, stop)
+    Path(folder, "pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def run_until_interrupted(folder: str) -> None:
+    """Sleeps until SIGINT and says so (``interrupted``): it unwound, it was not killed."""
+    Path(folder, "pid").write_text(str(os.getpid()))
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        Path(folder, "interrupted").write_text("")
+        raise
