@@ -40,6 +40,7 @@ from hpcdl.scheduler import (
     summarize,
 )
 from hpcdl.scheduler.accounting import tasks_that_ran
+from hpcdl.scheduler.holds import held_after_failed_launch
 from hpcdl.site import SiteProfile
 from hpcdl.util import append_jsonl, atomic_write_text, get_logger, read_jsonl
 
@@ -79,9 +80,17 @@ class SweepJob:
         return bool(pending) and all(s.reason in NEVER_STARTS for s in pending)
 
     @property
+    def held(self) -> list[str]:
+        """Its tasks that Slurm holds after a failed launch (released by ``sweep resume``)."""
+        return [t for t, s in self.tasks.items()
+                if s.state == "PENDING" and held_after_failed_launch(s.reason)]  # fmt: skip
+
+    @property
     def live(self) -> bool:
-        """Running, or queued and able to start."""
-        return self.state not in FINISHED and not self.never_starts
+        """Running, or queued and able to start (a task held after a failed launch is not)."""
+        rest = [t for t, s in self.tasks.items() if s.state not in FINISHED]
+        only_held = bool(rest) and set(rest) <= set(self.held)
+        return self.state not in FINISHED and not self.never_starts and not only_held
 
 
 class Lifecycle:
@@ -208,6 +217,12 @@ class Lifecycle:
     def resume(self, where: str = "sweep") -> tuple[str, list[JobHandle]]:
         """Submit the missing slots (a new round), else a final job if none will run."""
         jobs = self.jobs()
+        held = self.release_held(jobs)
+        if held:  # the round goes on with them: nothing else to submit
+            return (
+                f"released {len(held)} task(s) Slurm held after a failed launch: {', '.join(held)}",
+                [],
+            )
         self.refuse_active(jobs)
         self.cancel_wedged(jobs)
         missing = self.missing_slots()
@@ -226,6 +241,12 @@ class Lifecycle:
                  j.state not in FINISHED and not j.never_starts])  # fmt: skip
         handles = self.submit(missing, where)
         return f"resubmitted {len(missing)} trial(s)", handles
+
+    def release_held(self, jobs: list[SweepJob]) -> list[str]:
+        """Release the round's tasks that Slurm holds after a failed launch (their hold never
+        ends by itself, and the follow-up job waits for them)."""
+        ids = [j.handle.job_id for j in jobs if j.kind in ("array", "workers") and j.held]
+        return get_scheduler(self.site).release_failed_launches(ids) if ids else []
 
     def nothing_to_resume(self, jobs: list[SweepJob]) -> str:
         if not self.spec.final or self.has_result():
@@ -278,6 +299,10 @@ class Lifecycle:
             if j.never_starts:
                 out.append(f"{j.kind} job {j.handle.job_id} can never start "
                            f"({', '.join(j.reasons)}): 'hpcdl sweep resume {name}' replaces it")  # fmt: skip
+        for j in jobs:
+            if j.held:
+                out.append(f"{j.kind} task(s) {', '.join(j.held)} held by Slurm after a failed "
+                           f"launch (a node fault): 'hpcdl sweep resume {name}' releases them")  # fmt: skip
         missing = self.missing_slots()
         runners = [j for j in jobs if j.kind in ("array", "workers", "follow") and j.live]
         if missing and not runners:

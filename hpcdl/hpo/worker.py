@@ -176,7 +176,10 @@ def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None
 
     task = preemption.slurm_task()
     array = task.array_job if task else None
-    if array is None or paths.missing_slots(slots):
+    if array is None:
+        return
+    if paths.missing_slots(slots):  # a sibling's slot: it may be held after a failed launch
+        _release_failed_launches(paths, spec, array)
         return
     try:
         get_scheduler(load_site(spec.resources.site)).cancel_pending(array)
@@ -185,6 +188,24 @@ def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None
         return
     log_event(paths, "worker", f"every slot of the round finished: cancelled the waiting "
               f"tasks of {array} (nothing left for them)")  # fmt: skip
+
+
+def _release_failed_launches(paths: SweepPaths, spec: SweepSpec, array: str) -> None:
+    """The round has slots left that no worker can claim (they belong to a sibling task): when
+    Slurm holds that task after its launch failed, release it, or the slot, the follow-up job
+    (``afterany`` on the array) and the whole sweep wait for ever."""
+    from hpcdl.hpo.final import log_event
+    from hpcdl.scheduler import get_scheduler
+    from hpcdl.site import load_site
+
+    try:
+        held = get_scheduler(load_site(spec.resources.site)).release_failed_launches([array])
+    except Exception as exc:  # best effort: 'sweep status' names them, 'sweep resume' releases
+        log.warning("could not release the round's held tasks: %s", exc)
+        return
+    if held:
+        log_event(paths, "worker", f"released {', '.join(held)}: Slurm held them after a "
+                  "failed launch, and the round's slots left are theirs")  # fmt: skip
 
 
 def array_task_main(sweep_dir: str, slots: list[int]) -> str:

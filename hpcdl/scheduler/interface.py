@@ -205,6 +205,11 @@ class Scheduler(ABC):
         on); nothing to do where jobs do not wait in a queue."""
         return None
 
+    def release_failed_launches(self, job_ids: list[str]) -> list[str]:
+        """Release the tasks of these jobs that the scheduler holds after a failed launch
+        (:mod:`hpcdl.scheduler.holds`); returns their ids. None where nothing is held."""
+        return []
+
     def throttle(self, handle: JobHandle, parallelism: int) -> None:
         """Change how many tasks of a live array run at once."""
         raise HpcdlError(f"the {self.name} scheduler cannot throttle job {handle.job_id}")

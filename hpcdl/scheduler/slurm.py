@@ -25,6 +25,7 @@ from hpcdl.scheduler.arrays import (
 )
 from hpcdl.scheduler.checkpointable import TIMEOUT_REQUEUES
 from hpcdl.scheduler.direct import direct_script, why_not_direct, write_command_file
+from hpcdl.scheduler.holds import failed_launches
 from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
 from hpcdl.scheduler.live import check_site as compare_with_live
@@ -208,6 +209,15 @@ class SlurmScheduler(SubmititScheduler):
             raise HpcdlError(
                 f"could not cancel the pending tasks of {job_id}: {_why(proc, 'scancel')}"
             )
+
+    def release_failed_launches(self, job_ids: list[str]) -> list[str]:
+        proc = run_command(
+            ["squeue", "-h", "-r", "-t", "PD", "-o", "%i|%r", "-j", ",".join(job_ids)]
+        )
+        held = failed_launches(proc.stdout) if proc is not None and proc.returncode == 0 else []
+        if held and ((p := run_command(["scontrol", "release", *held])) is None or p.returncode):
+            raise HpcdlError(f"scontrol release {' '.join(held)} failed: {_why(p, 'scontrol')}")
+        return held
 
     def throttle(self, handle: JobHandle, parallelism: int) -> None:
         """A split array's lanes share the new throttle as at submission (hpcdl.scheduler.arrays);

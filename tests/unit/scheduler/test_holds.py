@@ -1,0 +1,63 @@
+"""Tasks Slurm holds after a failed launch: recognised in every spelling, and a sweep whose
+round waits only on such tasks is not live (it stalled a chaos run: nothing said so)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcdl.hpo.lifecycle import SweepJob
+from hpcdl.scheduler.holds import failed_launches, held_after_failed_launch
+from hpcdl.scheduler.interface import JobHandle, TaskStatus
+
+
+@pytest.mark.parametrize(
+    ("reason", "held"),
+    [
+        ("launch failed requeued held", True),  # squeue %r
+        ("launch_failed_requeued_held", True),  # scontrol show job, sacct
+        ("(launch failed requeued held)", True),  # squeue's default NODELIST(REASON)
+        ("Launch_Failed_Requeued_Held ", True),
+        ("JobHeldUser", False),  # the user's own hold: left alone
+        ("JobHeldAdmin", False),
+        ("BeginTime", False),  # a plain requeue: Slurm starts it by itself
+        ("JobLaunchFailure", False),  # failed for good, not held
+        ("", False),
+    ],
+)
+def test_the_reason_in_every_spelling(reason, held):
+    assert held_after_failed_launch(reason) is held
+
+
+def test_failed_launches_from_squeue_rows():
+    rows = "15879_2|launch failed requeued held\n15879_3|Priority\n15880|JobHeldUser\n|\n"
+    assert failed_launches(rows) == ["15879_2"]
+    assert failed_launches("") == []
+
+
+def _job(tasks: dict[str, TaskStatus]) -> SweepJob:
+    handle = JobHandle(job_id="15879", name="w", site="s", scheduler="slurm", folder="/x",
+                       array=len(tasks), submitted_at=0.0)  # fmt: skip
+    return SweepJob("workers", list(range(len(tasks))), handle, tasks)
+
+
+HELD = TaskStatus("PENDING", "launch failed requeued held")
+
+
+@pytest.mark.parametrize(
+    ("tasks", "held", "live"),
+    [
+        ({"15879_0": TaskStatus("COMPLETED"), "15879_1": HELD}, ["15879_1"], False),
+        ({"15879_0": TaskStatus("RUNNING"), "15879_1": HELD}, ["15879_1"], True),
+        ({"15879_0": TaskStatus("PENDING", "BeginTime"), "15879_1": HELD}, ["15879_1"], True),
+        (
+            {"15879_0": TaskStatus("COMPLETED"), "15879_1": TaskStatus("PENDING", "JobHeldUser")},
+            [],
+            True,
+        ),
+        ({"15879_0": TaskStatus("COMPLETED"), "15879_1": TaskStatus("COMPLETED")}, [], False),
+    ],
+)
+def test_a_round_waiting_only_on_held_tasks_is_not_live(tasks, held, live):
+    job = _job(tasks)
+    assert job.held == held
+    assert job.live is live
