@@ -63,6 +63,10 @@ class Slot(BaseModel):
     claimed_at: float | None = None  # this attempt's claim (the budget counts a running trial)
 
 
+#: The sweep report's two files: in the sweep folder, or in the folder ``sweep report`` is given.
+REPORT_PNG, REPORT_HTML = "report.png", "report.html"
+
+
 class SweepPaths:
     """The sweep folder's layout (on the shared filesystem) and its records."""
 

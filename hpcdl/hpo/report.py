@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import HpcdlError
+from hpcdl.hpo.folder import REPORT_HTML, REPORT_PNG
 from hpcdl.hpo.sweep import Sweep
 from hpcdl.util import atomic_path, atomic_write_text, get_logger
 
@@ -25,13 +26,13 @@ def write_report(sweep: Sweep, out_dir: Path | None = None) -> tuple[Path, Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     if sweep.spec.multi:
         png = _pareto_png(sweep, out_dir)
-        page = out_dir / "report.html"
+        page = out_dir / REPORT_HTML
         atomic_write_text(page, _html(sweep, png))
         return png, page
-    png = out_dir / "report.png"
+    png = out_dir / REPORT_PNG
     with atomic_path(png) as tmp:
         _tiles(sweep).save(tmp, format="PNG")
-    page = out_dir / "report.html"
+    page = out_dir / REPORT_HTML
     atomic_write_text(page, _html(sweep, png))
     return png, page
 
@@ -57,7 +58,7 @@ def _pareto_png(sweep: Sweep, out_dir: Path) -> Path:
     fig = ax.figure
     assert isinstance(fig, plt.Figure)
     fig.suptitle(f"sweep {spec.name}: Pareto front")
-    png = out_dir / "report.png"
+    png = out_dir / REPORT_PNG
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
