@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 import click
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except subprocess.TimeoutExpired as exc:  # a command hpcdl ran (ssh, rsync, sacct) hung
+        what = exc.cmd if isinstance(exc.cmd, str) else " ".join(map(str, exc.cmd[:3]))
+        click.echo(f"error: '{what}' did not answer within {exc.timeout:g} s; try again, or "
+                   "check that host or service", err=True)  # fmt: skip
+        return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

@@ -53,7 +53,9 @@ def watch(
 
 @click.command()
 @click.argument("name")
-@click.option("--port", type=int, default=0, help="Loopback port (default: a free one).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=0, help="Loopback port (default: a free one)."
+)
 def dashboard(name: str, port: int) -> None:
     """Serve optuna-dashboard over the sweep's study on this (login) node, on loopback only and
     behind a token; prints the URL (with the token) and the ssh -L line to reach it from your
