@@ -200,15 +200,27 @@ def route(argv: list[str]) -> int | None:
     login, rest = login_for(argv)
     if login is None:
         return None
+    command = next((a for a in rest if not a.startswith("-")), None)
+    if command in SHIPPING:
+        check_shippable(Path.cwd(), Path.home(), login.host)
     remote = Remote(login)
     remote.connect()
-    command = next((a for a in rest if not a.startswith("-")), None)
     if command in LOCAL:
         _last = remote
         return None
     local = Path.cwd()
     workdir = remote.ship(local) if command in SHIPPING else remote.workdir(local)
     return remote.run(rest, workdir)
+
+
+def check_shippable(local: Path, home: Path, host: str) -> None:
+    """Remote mode copies the current folder to the login node: from the home folder (or ``/``)
+    that would be every file the user has here (keys, mail, caches), so it is refused."""
+    local, home = local.resolve(), home.resolve()
+    if local == home or local == Path("/") or local in home.parents:
+        raise HpcdlError(f"remote mode copies the current folder to {host}, and {local} is "
+                         f"{'your home folder' if local == home else 'above it'}: cd into the "
+                         "project's folder first")  # fmt: skip
 
 
 def current() -> Remote:
