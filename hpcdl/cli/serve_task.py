@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,20 @@ class _TokenFiles(http.server.SimpleHTTPRequestHandler):
         if not (self.path + "/").startswith(prefix):
             self.send_error(403, "token required")
             return None
-        self.path = "/" + self.path[len(prefix) :]
+        within = "/" + self.path[len(prefix) :]
+        asked = urllib.parse.urlsplit(self.path).path
+        if not asked.endswith("/") and os.path.isdir(self.translate_path(within)):
+            # the base class redirects a folder to PATH/ itself, but from the path without the
+            # token, which is then refused: the browser had to add the token again by hand
+            parts = urllib.parse.urlsplit(self.path)
+            self.send_response(301)
+            self.send_header(
+                "Location", urllib.parse.urlunsplit(parts._replace(path=parts.path + "/"))
+            )
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.path = within
         return super().send_head()
 
     def log_message(self, format: str, *args: Any) -> None:  # no token in the job's log
