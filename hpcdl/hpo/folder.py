@@ -151,6 +151,19 @@ class SweepPaths:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
+    @contextmanager
+    def changing(self, name: str) -> Iterator[None]:
+        """Held by ``sweep resume`` and ``sweep extend`` while they change the sweep's spec and
+        submit a round: two at once both read the same spec and both submitted a round (the
+        slots lock is not it: workers claim under that one). A second is refused, not queued."""
+        with open(self.root / ".changing.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HpcdlError(f"another 'hpcdl sweep resume' or 'extend' of {name!r} is "
+                                 "running: wait for it, then look at 'hpcdl sweep status'") from None  # fmt: skip
+            yield
+
     def load_spec(self) -> SweepSpec:
         return SweepSpec.model_validate_json(self.spec.read_text())
 

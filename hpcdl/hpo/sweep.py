@@ -16,6 +16,7 @@ from hpcdl.config import read_yaml, validate
 from hpcdl.containers import check_slurm_client
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo import storage
+from hpcdl.hpo.budget import budget_line
 from hpcdl.hpo.folder import Slot, SweepPaths
 from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
 from hpcdl.hpo.pareto import best_trials
@@ -121,7 +122,8 @@ class Sweep:
         ``overrides`` (``KEY=VALUE``, as for ``run``) change how the rest of the sweep runs
         (``resources.*``, parallelism, retries), never what it studies; they are checked
         against the site and saved in the sweep's spec before anything is queued."""
-        with share_umask(self.site.share):  # the sweep tree stays private
+        with share_umask(self.site.share), self.paths.changing(self.spec.name):
+            self.spec = self.paths.load_spec()  # as another resume or extend may have left it
             if overrides:
                 self.spec = resumed_spec(self.spec, overrides, self.source)
                 life = self.lifecycle
@@ -145,7 +147,8 @@ class Sweep:
         Extend once the round has ended, or after ``sweep cancel``."""
         if more < 1:
             raise ConfigError(self.source, "N", f"extend by at least 1 trial, got {more}")
-        with share_umask(self.site.share):
+        with share_umask(self.site.share), self.paths.changing(self.spec.name):
+            self.spec = self.paths.load_spec()  # as another resume or extend may have left it
             life = self.lifecycle
             live = [f"{j.kind} {j.handle.job_id}" for j in life.jobs() if j.live]
             # A finished sweep's last jobs (its final job, the follow-up) leave the queue some
@@ -163,6 +166,13 @@ class Sweep:
                     f"({', '.join(live)}): extend it when they have ended, or after "
                     f"'hpcdl sweep cancel {self.spec.name}' (its round's follow-up and final "
                     f"jobs were submitted for {self.spec.trials} trials)"
+                )
+            if self.paths.budget_spent.exists():  # no new trial would ever be sampled
+                raise HpcdlError(
+                    f"sweep {self.spec.name!r} stopped sampling: its budget is spent "
+                    f"({budget_line(self.paths, self.spec)}); more trials would never run. Start "
+                    f"a sweep that warm-starts from it: 'hpcdl sweep run SPEC name=NEW "
+                    f"warm_start={self.spec.name}'"
                 )
             data = {**self.spec.model_dump(mode="json"), "trials": self.spec.trials + more}
             with _named(self.source):

@@ -45,3 +45,8 @@ def test_budget_stops_sampling_within_one_trial(job_root, monkeypatch, capsys):
         in out
         and "finished" in out
     )
+    # more trials would never be sampled: extend says so instead of a round that does nothing
+    assert main(["sweep", "extend", "budget", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped sampling: its budget is spent" in err and "warm_start=budget" in err
+    assert sweep.paths.load_spec().trials == 20  # nothing changed

@@ -199,7 +199,7 @@ def test_resume_after_cancel_continues_in_the_same_study(
     storage = {"url": postgres.url(), "password_file": str(password_file)}
     sweep = Sweep(spec(storage, name="pgresume", trials=12, parallelism=2, final=False))
     sweep.run()
-    wait_for(lambda: sweep.paths.finished_count() >= 2, 60, "2 trials finished", sweep)
+    wait_for(lambda: sweep.paths.finished_count() >= 2, 180, "2 trials finished", sweep)
     assert sweep.cancel()
     done = sweep.paths.finished_count()
     assert done < 12, "the sweep finished before the cancel: make the trials slower"
