@@ -147,12 +147,19 @@ class Usage:
 
 
 def usages(rows: list[SacctRow]) -> list[Usage]:
-    """One :class:`Usage` per allocation, in sacct's order, its steps folded in."""
-    steps: dict[str, list[SacctRow]] = {}
+    """One :class:`Usage` per allocation, in sacct's order, its steps folded in. A requeued
+    task's runs (``--duplicates``) share one id: sacct lists each run's steps right after it,
+    so a step belongs to the last allocation row of its id (keyed by id alone, every run had
+    got the steps of all, and the peak memory of another run)."""
+    out: list[tuple[SacctRow, list[SacctRow]]] = []
+    latest: dict[str, list[SacctRow]] = {}
     for row in rows:
-        if row.step:
-            steps.setdefault(row.alloc, []).append(row)
-    return [_usage(r, steps.get(r.alloc, [])) for r in rows if not r.step]
+        if not row.step:
+            latest[row.alloc] = []  # this run's steps follow
+            out.append((row, latest[row.alloc]))
+        elif row.alloc in latest:
+            latest[row.alloc].append(row)
+    return [_usage(alloc, steps) for alloc, steps in out]
 
 
 def _usage(alloc: SacctRow, steps: list[SacctRow]) -> Usage:

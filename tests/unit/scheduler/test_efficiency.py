@@ -112,3 +112,18 @@ def test_totals():
     assert t["node_hours"] == pytest.approx(2.5) and t["gpu_hours"] == pytest.approx(4)
     assert t["cpu_eff"] == pytest.approx(0.5) and t["wait_s"] == 30
     assert math.isnan(totals([])["cpu_eff"])
+
+
+def test_a_requeued_tasks_runs_keep_their_own_steps():
+    """``sacct --duplicates``: two runs of 15000_1 (the first preempted), each followed by its
+    batch step. Each run's peak is its own step's (keyed by id alone, both had 3 GiB)."""
+    text = """\
+15000_1|PREEMPTED|2026-12-07T09:00:00|2026-12-07T09:00:01|2026-12-07T09:00:31|30|00:10.000|2|1||billing=2,cpu=2,mem=4G,node=1||
+15000_1.batch|CANCELLED|2026-12-07T09:00:01|2026-12-07T09:00:01|2026-12-07T09:00:31|30|00:10.000|2|1|3145728K|cpu=2,mem=4G,node=1|cpu=00:00:10,mem=3145728K|mem=3145728K
+15000_1|COMPLETED|2026-12-07T09:00:31|2026-12-07T09:02:31|2026-12-07T09:02:41|10|00:05.000|2|1||billing=2,cpu=2,mem=4G,node=1||
+15000_1.batch|COMPLETED|2026-12-07T09:02:31|2026-12-07T09:02:31|2026-12-07T09:02:41|10|00:05.000|2|1|1048576K|cpu=2,mem=4G,node=1|cpu=00:00:05,mem=1048576K|mem=1048576K
+"""
+    first, second = usages(parse_rows(text))
+    assert (first.state, first.mem_peak) == ("PREEMPTED", 3 * GIB)
+    assert (second.state, second.mem_peak) == ("COMPLETED", GIB)
+    assert second.wait_s == 120.0 and first.cpu_s == 10.0 and second.cpu_s == 5.0
