@@ -49,7 +49,7 @@ def _submit(run: Run, wait: bool) -> None:
     cfg, job = run.config, run.config.job
     click.echo(f"run folder: {run.folder}")
     click.echo(
-        f"submitted job {handle.job_id} on {run.site.name} ({job.nodes} node(s) x "
+        f"submitted job {handle.job_id} on {run.site.name} ({job.node_range} node(s) x "
         f"{job.ntasks_per_node} task(s), ZeRO-{cfg.zero_stage}, {cfg.precision})"
     )
     click.echo(f"log (rank 0): {handle.log_paths()[0]}")

@@ -216,9 +216,10 @@ class Run:
         datasets, model and batch for the job's ranks (one ConfigError naming the field)."""
         from hpcdl.containers import check_slurm_client
         from hpcdl.scheduler import get_scheduler
-        from hpcdl.train.preflight import preflight
+        from hpcdl.train.preflight import check_elastic, preflight
 
         self.job().check(self.site, f"{self.where}: job")
+        check_elastic(self.config, self.where)
         job = self.config.job
         requeue = job.max_requeues > 0 and get_scheduler(self.site).queued  # from inside the image
         scontrol = "the trainer requeues itself with 'scontrol requeue'" if requeue else None
