@@ -247,6 +247,8 @@ class Run:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(stored, dump_config(resolved))
             atomic_write_json(folder / SITE_FILE, self._site_snapshot(resolved))
+            if new:  # what `hpcdl reproduce` re-runs from; a resume keeps the first record
+                self._record_provenance(resolved, folder)
         self.config, self.run_dir, self.new = resolved, folder, new
         return folder
 
@@ -256,6 +258,16 @@ class Run:
             return self.site.share
         except HpcdlError:
             return "private"
+
+    def _record_provenance(self, cfg: TrainConfig, folder: Path) -> None:
+        from hpcdl.train import provenance
+
+        try:
+            image = self.job().image(self.site)
+        except HpcdlError:  # no site profile here (a rank elsewhere): none recorded
+            image = None
+        data = {"train": cfg.data.train, "val": cfg.data.val}
+        provenance.record(folder, data, image, Path.cwd())
 
     def _site_snapshot(self, cfg: TrainConfig) -> dict[str, Any]:
         try:
