@@ -9,6 +9,7 @@ Recorded once, when the folder is made: a resumed run keeps what its first start
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -42,9 +43,19 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def code_state(workdir: Path) -> dict[str, Any]:
+def code_state(workdir: Path, live: bool = False) -> dict[str, Any]:
     """The git commit and uncommitted diff of the repository holding ``workdir`` (a job's code
-    snapshot: the commit and diff it recorded); commit None outside a repository."""
+    snapshot: the commit and diff it recorded); commit None outside a repository. ``live``:
+    as it is now, not as this process first saw it."""
+    ask = _code_state.__wrapped__ if live else _code_state
+    return dict(ask(workdir.resolve()))
+
+
+@functools.cache
+def _code_state(workdir: Path) -> dict[str, Any]:
+    """Once per process and folder: the code a process runs is what it imported when it
+    started, and a warm sweep worker's trials (one run folder each) would otherwise ask git
+    again for every trial (~40 ms here, a quarter of a warm trial's set-up)."""
     from hpcdl.snapshot import Snapshot, git_state, source
 
     src = source(Snapshot(mode="none"), workdir)

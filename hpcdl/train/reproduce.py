@@ -84,7 +84,7 @@ def check(run_dir: Path, any_code: bool = False, workdir: Path | None = None) ->
                               f"not recorded when the run was made: {part['error']}")  # fmt: skip
     _check_data(recorded["data"], where)
     code = recorded["code"]
-    now = provenance.code_state(workdir or Path.cwd())
+    now = provenance.code_state(workdir or Path.cwd(), live=True)
     if not any_code and (now["commit"], now["diff_sha256"]) != (
         code.get("commit"), code.get("diff_sha256")):  # fmt: skip
         fix = f"check out {code['commit'][:12]}" if code.get("commit") else "restore that code"
