@@ -31,7 +31,9 @@ def train(
 
     Every check (config, datasets, model against the data, batch against the ranks, site
     limits) runs before anything is queued. Each run gets a folder (config.yaml, site.json,
-    metrics.jsonl, checkpoints/, model.pt, result.json); pass run_dir=FOLDER to resume one.
+    provenance.json, metrics.jsonl, checkpoints/, model.pt, result.json); pass run_dir=FOLDER to
+    resume one, `hpcdl reproduce FOLDER` to train it again and compare. job.nodes=MIN-MAX
+    starts on what Slurm has free.
     """
     from hpcdl.train.run import Run
 
