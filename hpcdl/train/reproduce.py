@@ -11,7 +11,6 @@ trained on; each problem is one ConfigError naming the file or field."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.train import provenance
 from hpcdl.train.config import TrainConfig, read_run_config
-from hpcdl.train.run import CONFIG_FILE, RESULT_FILE, Run
+from hpcdl.train.run import CONFIG_FILE, Run
 from hpcdl.util import get_logger, read_jsonl
 
 log = get_logger(__name__)
@@ -33,8 +32,6 @@ METRICS, WEIGHTS = "metrics.jsonl", "model.pt"
 NEEDED = {
     CONFIG_FILE: "the run's resolved config (model, data, seeds, batch, job) is what a re-run "
     "starts from",
-    RESULT_FILE: "the run did not complete (or was pruned), so there is no final result to "
-    "compare a re-run with",
     WEIGHTS: "the final weights a re-run is compared with",
     METRICS: "the metrics a re-run is compared with, step by step",
     provenance.PROVENANCE: "the record of the run's code, data and libraries (written when a "
@@ -58,6 +55,13 @@ def _rows(run_dir: Path, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(run_dir / METRICS) if r.get("kind") in kinds]
 
 
+def completed(run_dir: Path) -> dict[str, Any] | None:
+    """The training's result, from its 'completed' event: ``result.json`` holds the same unless
+    something replaced it (a sweep's final folder holds the sweep's final result there)."""
+    rows = [r for r in _rows(run_dir, ("event",)) if r.get("event") == "completed"]
+    return {k: v for k, v in rows[-1].items() if k not in ("kind", "event")} if rows else None
+
+
 def _at(code: dict[str, Any]) -> str:
     commit = code.get("commit")
     at = f"commit {commit[:12]}" if commit else "no git commit"
@@ -73,7 +77,10 @@ def check(run_dir: Path, any_code: bool = False, workdir: Path | None = None) ->
         if not (run_dir / name).is_file():
             raise ConfigError(where, name, f"missing: {what}")
     cfg = read_run_config(run_dir)
-    result = json.loads((run_dir / RESULT_FILE).read_text())
+    result = completed(run_dir)
+    if result is None:
+        raise ConfigError(where, METRICS, "no 'completed' event: the run did not complete (or "
+                          "was pruned), so there is no final result to compare a re-run with")  # fmt: skip
     recorded = provenance.read(run_dir)
     for key in ("versions", "code", "data"):
         part = recorded.get(key)
@@ -104,6 +111,9 @@ def check(run_dir: Path, any_code: bool = False, workdir: Path | None = None) ->
     notes = [f"{name} {was} recorded, {here.get(name)} here: the re-run may differ"
              for name, was in recorded["versions"].items() if here.get(name) != was]  # fmt: skip
     world = int(result.get("world_size") or (worlds[0] if worlds else 1))
+    if recorded.get("image") and world == 1:  # a job of several ranks gets the config's image
+        notes.append(f"the run used the image {recorded['image']}: a one-rank re-run runs here, "
+                     "outside it")  # fmt: skip
     return Plan(run_dir, cfg, result, world, notes)
 
 
@@ -193,8 +203,7 @@ def compare(recorded: Path, again: Path) -> tuple[list[str], dict[str, int]]:
             shown = ", ".join(f"{k} {old.get(k)!r} recorded, {new.get(k)!r} re-run" for k in keys)
             diffs.append(f"{old.get('kind')} row of step {old.get('step')}: {shown}")
             break  # the first difference: every later row follows from it
-    ra = json.loads((recorded / RESULT_FILE).read_text())
-    rb = json.loads((again / RESULT_FILE).read_text())
+    ra, rb = completed(recorded) or {}, completed(again) or {}
     for key in ("step", "epochs", "val_loss", "val_acc", "world_size"):
         if ra.get(key) != rb.get(key):
             diffs.append(f"result {key}: {ra.get(key)!r} recorded, {rb.get(key)!r} re-run")

@@ -75,7 +75,7 @@ def test_what_a_rerun_lacks_or_what_changed_is_one_line(trained, tmp_path, capsy
     line = one_line_error(capsys, main(["reproduce", str(copy)]))
     assert line.startswith(f"error: {copy}: config.yaml: missing: the run's resolved config"), line
     assert not (copy / "reproduced").exists()  # nothing written
-    for name in ("result.json", "provenance.json"):
+    for name in ("model.pt", "provenance.json"):
         shutil.rmtree(copy)
         shutil.copytree(run_dir, copy)
         (copy / name).unlink()

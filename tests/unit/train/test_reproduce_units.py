@@ -27,8 +27,10 @@ RESULT = {"status": "completed", "step": 2, "epochs": 1, "val_loss": 2.0, "val_a
 
 
 def _folder(path: Path, rows=ROWS, result=RESULT, weights=None) -> Path:
+    """A run folder as the trainer leaves it: the result is also its 'completed' event."""
     path.mkdir(parents=True)
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = {"kind": "event", "event": "completed", **result}
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, done]))
     (path / "result.json").write_text(json.dumps(result))
     weights = weights or {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}
     torch.save(weights, path / "model.pt")
@@ -74,6 +76,27 @@ def test_a_missing_file_is_named_with_what_it_is_for(tmp_path, name):
     with pytest.raises(ConfigError, match=rf"^{run}: {name}: missing: \S") as info:
         check(run)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_the_result_is_the_trainings_even_where_a_sweep_replaced_result_json(tmp_path):
+    """A sweep's final folder: result.json holds the sweep's final result (trial, params,
+    test_acc), the training's own is its 'completed' event."""
+    a, b = _folder(tmp_path / "a"), _folder(tmp_path / "b")
+    (a / "result.json").write_text(json.dumps({"trial": 0, "val_acc": 0.29, "test_acc": 0.3}))
+    assert compare(a, b)[0] == []
+    (b / "metrics.jsonl").write_text((b / "metrics.jsonl").read_text().replace(
+        '"val_acc": 0.3, "world_size"', '"val_acc": 0.31, "world_size"'))  # fmt: skip
+    assert compare(a, b)[0] == ["result val_acc: 0.3 recorded, 0.31 re-run"]
+
+
+def test_a_run_that_did_not_complete_is_refused(tmp_path):
+    run = _folder(tmp_path / "run", rows=ROWS)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))  # no event
+    shutil.copy(Path(__file__).parents[3] / "configs/train_digits.yaml", run / "config.yaml")
+    (run / "provenance.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl: no 'completed' event: the run did "
+                       r"not complete \(or was pruned\)"):  # fmt: skip
+        check(run)
 
 
 def test_a_record_made_without_git_says_so(tmp_path):
