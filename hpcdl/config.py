@@ -86,6 +86,20 @@ def parse_mem(value: str | int) -> int:
     return max(1, {"K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[u])
 
 
+_NODE_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*\Z")
+NODE_RANGE_HELP = "a node count N or a range MIN-MAX with 1 <= MIN <= MAX (e.g. 2-4)"
+
+
+def parse_node_range(value: object) -> tuple[int, int] | None:
+    """``"MIN-MAX"`` (an elastic job's node counts, Slurm's ``--nodes=MIN-MAX``) as
+    ``(MIN, MAX)``; ``None`` for anything else, a malformed or empty range included."""
+    m = _NODE_RANGE.match(value) if isinstance(value, str) else None
+    if m is None:
+        return None
+    low, high = int(m[1]), int(m[2])
+    return (low, high) if 1 <= low <= high else None
+
+
 def _slurm_time(value: str) -> str:
     parse_time(value)
     return value

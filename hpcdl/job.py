@@ -16,12 +16,20 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 from hpcdl import containers
-from hpcdl.config import JobTime, Memory, validation_error
+from hpcdl.config import (
+    NODE_RANGE_HELP,
+    JobTime,
+    Memory,
+    parse_node_range,
+    parse_time,
+    validation_error,
+)
 from hpcdl.errors import ConfigError
 from hpcdl.scheduler import JobHandle, get_scheduler, setup_lines
 from hpcdl.scheduler.checkpointable import preempt_checkpoint
@@ -49,7 +57,10 @@ class Resources(SbatchOptions):
 
     site: str | None = None
     partition: SlurmName | None = None
+    # ``nodes: MIN-MAX`` (elastic start) is read into nodes (MAX) and min_nodes (MIN): every
+    # reader of ``nodes`` (limits, budgets, tasks) keeps seeing an int, the largest request.
     nodes: int = Field(default=1, ge=1)
+    min_nodes: int | None = Field(default=None, ge=1, exclude=True)
     tasks_per_node: int | None = Field(default=None, ge=1)
     gpus_per_node: int = Field(default=0, ge=0)
     cpus_per_task: int = Field(default=1, ge=1)
@@ -58,6 +69,47 @@ class Resources(SbatchOptions):
     account: SlurmName | None = None
     qos: SlurmName | None = None
     snapshot: Snapshot | None = None  # the code tasks run (git, rsync, none); None: the site's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _node_range(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (span := parse_node_range(data.get("nodes"))):
+            low, high = span  # a malformed range is left to the nodes field's error
+            data = {**data, "nodes": high, "min_nodes": None if low == high else low}
+        return data
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip().isdigit():
+            raise ValueError(f"must be {NODE_RANGE_HELP}")
+        return v
+
+    @model_validator(mode="after")
+    def _elastic(self) -> Resources:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise ValueError(f"nodes: MIN {self.min_nodes} exceeds MAX {self.nodes}")
+        # both finite (JobTime): parse_time gives minutes
+        if self.time_min is not None and (parse_time(self.time_min) or 0) > (
+            parse_time(self.time) or 0
+        ):
+            raise ValueError(f"time_min {self.time_min} exceeds the job's time {self.time}")
+        return self
+
+    @field_serializer("nodes")
+    def _dump_nodes(self, nodes: int) -> int | str:
+        """``MIN-MAX`` again for an elastic job, so a dumped config reads back the same."""
+        return nodes if self.min_nodes is None else f"{self.min_nodes}-{nodes}"
+
+    @property
+    def node_range(self) -> str:
+        """The ``--nodes`` value: ``N``, or ``MIN-MAX`` for an elastic job."""
+        return str(self._dump_nodes(self.nodes))
+
+    @property
+    def node_counts(self) -> range:
+        """Every node count Slurm may start the job on."""
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
 
     @property
     def ntasks_per_node(self) -> int:
@@ -147,6 +199,9 @@ class Job(Resources):
             raise ValueError(
                 "launcher torchrun runs a command ('python SCRIPT ...'), not a function"
             )
+        if self.launcher == "torchrun" and self.min_nodes is not None:
+            # torchrun is given --nnodes when the script is rendered, before Slurm picks a count
+            raise ValueError("launcher torchrun needs a fixed node count, not nodes: MIN-MAX")
         return self
 
     @property

@@ -32,13 +32,14 @@ def _register() -> None:
         jobs,
         remote,
         report,
+        reproduce,
         site,
         sweep,
         train,
     )
 
-    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array,
-                   interactive, remote):  # fmt: skip
+    for module in (init, jobs, site, train, export, reproduce, data, sweep, bench, bench_storage,
+                   bench_array, interactive, remote):  # fmt: skip
         module.register(cli)
     report.register(cli)
 

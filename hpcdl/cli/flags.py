@@ -16,12 +16,31 @@ _TOTALS = {"ntasks": ("-n/--ntasks", "tasks_per_node", "--ntasks-per-node", "tas
            "gpus": ("-G/--gpus", "gpus_per_node", "--gpus-per-node", "GPUs")}  # fmt: skip
 
 
+class NodesValue(click.ParamType):
+    """``-N``: a count (an int, so that -n and -G totals split over it) or ``MIN-MAX``."""
+
+    name = "N|MIN-MAX"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        text = str(value).strip()
+        if text.isdigit():
+            return int(text)
+        if re.fullmatch(r"\d+\s*-\s*\d+", text):
+            return text  # its bounds are the job's to check (one line naming the field)
+        self.fail(f"{value!r} is not a valid integer or a range MIN-MAX (e.g. 2-4)", param, ctx)
+
+
 def per_node(data: dict[str, Any], key: str, total: int, where: str) -> None:
     """``-n``/``-G`` (totals, as in sbatch) as the job's per-node count. Before, hpcdl read
     ``-n`` and ``-G`` per node: a total that does not split evenly is an error naming both
     flags, and a multi-node total says what it now means (``-N 2 -n 2``: 2 tasks, not 4)."""
     flag, field, per_flag, what = _TOTALS[key]
     nodes = data.get("nodes", 1)
+    if isinstance(nodes, str) and "-" in nodes:  # MIN-MAX: Slurm picks the count at the start
+        raise ConfigError(
+            where, flag, f"a total of {what} cannot be split over -N/--nodes {nodes} (Slurm "
+            f"picks the node count when the job starts): give {per_flag} N for N per node",
+        )  # fmt: skip
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
         return  # the Job's own validation names the bad nodes value
     if total < 1 or total % nodes:

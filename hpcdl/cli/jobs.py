@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from hpcdl.cli.flags import NOT_HPCDL, per_node, policy_added, when_where
+from hpcdl.cli.flags import NOT_HPCDL, NodesValue, per_node, policy_added, when_where
 from hpcdl.errors import ConfigError, HpcdlError
 
 # Extra sbatch options (hpcdl.slurm_options): checked against the partition's site policy.
@@ -29,6 +29,7 @@ SBATCH_OPTIONS = [
     click.option("--mail-type", "mail_type", help="e.g. END,FAIL."),
     click.option("--mail-user", "mail_user", help="Who gets the mail (default: you)."),
     click.option("--begin", help="Start no earlier than, e.g. now+1hour, 2026-12-24T08:00."),
+    click.option("--time-min", "time_min", help="The least time the job may get, e.g. 30m."),
     click.option("--comment", help="The job's comment in squeue/sacct."),
     click.option(
         "--sbatch",
@@ -38,13 +39,16 @@ SBATCH_OPTIONS = [
     ),
 ]
 
+
 _RESOURCE_OPTIONS = [
     # Short flags mean what they mean to sbatch (-n total tasks, -G total GPUs); sbatch's -s
     # (--oversubscribe) and -e (--error) are not hpcdl's --site and --env (tests/cluster/test_first_hour.py)
     click.option("--site", help="Site profile name or YAML path (default: $HPCDL_SITE or local)."),
     click.option("--name", "--job-name", "-J", "name", help="Job name."),
     click.option("--partition", "-p"),
-    click.option("--nodes", "-N", type=int),
+    click.option(
+        "--nodes", "-N", type=NodesValue(), help="Nodes: N, or MIN-MAX to start on what is free."
+    ),
     click.option(
         "--ntasks",
         "-n",

@@ -31,7 +31,9 @@ def train(
 
     Every check (config, datasets, model against the data, batch against the ranks, site
     limits) runs before anything is queued. Each run gets a folder (config.yaml, site.json,
-    metrics.jsonl, checkpoints/, model.pt, result.json); pass run_dir=FOLDER to resume one.
+    provenance.json, metrics.jsonl, checkpoints/, model.pt, result.json); pass run_dir=FOLDER to
+    resume one, `hpcdl reproduce FOLDER` to train it again and compare. job.nodes=MIN-MAX
+    starts on what Slurm has free.
     """
     from hpcdl.train.run import Run
 
@@ -49,7 +51,7 @@ def _submit(run: Run, wait: bool) -> None:
     cfg, job = run.config, run.config.job
     click.echo(f"run folder: {run.folder}")
     click.echo(
-        f"submitted job {handle.job_id} on {run.site.name} ({job.nodes} node(s) x "
+        f"submitted job {handle.job_id} on {run.site.name} ({job.node_range} node(s) x "
         f"{job.ntasks_per_node} task(s), ZeRO-{cfg.zero_stage}, {cfg.precision})"
     )
     click.echo(f"log (rank 0): {handle.log_paths()[0]}")

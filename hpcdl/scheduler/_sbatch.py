@@ -35,10 +35,12 @@ def check_partition(request: Request, site: SiteProfile, where: str) -> None:
             f"{request.time} exceeds partition {part.name!r} limit {format_minutes(part.max_minutes)}",
         )
     if part.max_nodes is not None and request.nodes > part.max_nodes:
+        shown = request.node_range  # MIN-MAX names its MAX as the part over the limit
+        largest = f" (MAX {request.nodes})" if request.min_nodes is not None else ""
         raise ConfigError(
             where,
             "nodes",
-            f"{request.nodes} exceeds partition {part.name!r} limit {part.max_nodes}",
+            f"{shown}{largest} exceeds partition {part.name!r} limit {part.max_nodes}",
         )
     if request.gpus_per_node and not part.gpus_per_node:
         gpu_parts = ", ".join(p.name for p in site.partitions if p.gpus_per_node) or "none"
@@ -112,6 +114,11 @@ def slurm_parameters(request: Request, site: SiteProfile) -> dict[str, Any]:
         params["array_parallelism"] = request.throttle
     if request.requeue:
         params["additional_parameters"]["requeue"] = True
+    if request.min_nodes is not None:
+        # Elastic start: Slurm may start the job on any count from MIN to MAX. submitit takes
+        # an int for its own --nodes (it counts tasks by it); its additional parameters
+        # replace a value of the same name in the script.
+        params["additional_parameters"]["nodes"] = request.node_range
     if site.preemption.signal != "USR2":
         params["additional_parameters"]["signal"] = (
             f"{site.preemption.signal}@{site.preemption.delay_s}"

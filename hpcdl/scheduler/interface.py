@@ -41,7 +41,8 @@ class Request(Protocol):
     each back end maps these fields to its scheduler itself (``_sbatch``, ``local``)."""
 
     name: str
-    nodes: int
+    nodes: int  # the largest count of an elastic job (nodes: MIN-MAX)
+    min_nodes: int | None  # its smallest (None: exactly ``nodes``)
     partition: str | None
     time: str
     mem: str | None
@@ -56,6 +57,9 @@ class Request(Protocol):
     launcher: str
     command: list[str] | None
     setup: list[str]
+
+    @property
+    def node_range(self) -> str: ...
 
     @property
     def ntasks_per_node(self) -> int: ...

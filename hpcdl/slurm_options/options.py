@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from hpcdl.config import Memory
+from hpcdl.config import JobTime, Memory, format_minutes, parse_time
 from hpcdl.script_values import check_one_line
 
 OptionValue = bool | int | str
@@ -31,6 +31,7 @@ NAMED: dict[str, str] = {
     "gpu-bind": "gpu_bind (--gpu-bind)",
     "mem-per-gpu": "mem_per_gpu (--mem-per-gpu)",
     "exclude": "exclude (--exclude/-x)",
+    "time-min": "time_min (--time-min)",
     "nodelist": "nodelist (--nodelist/-w)",
     "mail-type": "mail_type (--mail-type)",
     "mail-user": "mail_user (--mail-user)",
@@ -151,6 +152,8 @@ class SbatchOptions(BaseModel):
     gpus_per_task: int | str | None = None
     gpu_bind: str | None = None
     mem_per_gpu: Memory | None = None
+    # the least time the job may be given (Slurm then starts it in a shorter backfill window)
+    time_min: JobTime | None = None
     exclude: str | None = None
     nodelist: str | None = None
     mail_type: str | None = None
@@ -246,6 +249,12 @@ class SbatchOptions(BaseModel):
         if v is not None and len(check_one_line(v)) > 1000:
             raise ValueError("must be one line of at most 1000 characters")
         return v
+
+    @field_validator("time_min")
+    @classmethod
+    def _time_min(cls, v: str | None) -> str | None:
+        # as Slurm reads it: hpcdl's "30m" or "2h" are not sbatch time formats
+        return None if v is None else format_minutes(parse_time(v))
 
     @field_validator("sbatch", mode="before")
     @classmethod

@@ -36,6 +36,22 @@ def check_world(cfg: TrainConfig, world_size: int, where: str) -> None:
         )
 
 
+def check_elastic(cfg: TrainConfig, where: str) -> None:
+    """``job.nodes: MIN-MAX``: Slurm may start the job on any count in the range, so the global
+    batch must split into whole micro-batches for each count's ranks, not only for MAX's."""
+    job = cfg.job
+    for nodes in job.node_counts:
+        ranks = nodes * job.ntasks_per_node
+        if cfg.batch.size % (cfg.batch.micro * ranks):
+            raise ConfigError(
+                where,
+                "job.nodes",
+                f"{job.node_range}: on {nodes} node(s) ({ranks} ranks) batch.size "
+                f"{cfg.batch.size} is not divisible by batch.micro {cfg.batch.micro} x {ranks}; "
+                "choose a batch.size that every count in the range divides, or a narrower range",
+            )
+
+
 def inspect_data(cfg: TrainConfig, where: str) -> DataSpec:
     """Open both manifests and check the input and target fields."""
     from hpcdl.data.manifest import Manifest

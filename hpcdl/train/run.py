@@ -216,9 +216,10 @@ class Run:
         datasets, model and batch for the job's ranks (one ConfigError naming the field)."""
         from hpcdl.containers import check_slurm_client
         from hpcdl.scheduler import get_scheduler
-        from hpcdl.train.preflight import preflight
+        from hpcdl.train.preflight import check_elastic, preflight
 
         self.job().check(self.site, f"{self.where}: job")
+        check_elastic(self.config, self.where)
         job = self.config.job
         requeue = job.max_requeues > 0 and get_scheduler(self.site).queued  # from inside the image
         scontrol = "the trainer requeues itself with 'scontrol requeue'" if requeue else None
@@ -246,6 +247,8 @@ class Run:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(stored, dump_config(resolved))
             atomic_write_json(folder / SITE_FILE, self._site_snapshot(resolved))
+            if new:  # what `hpcdl reproduce` re-runs from; a resume keeps the first record
+                self._record_provenance(resolved, folder)
         self.config, self.run_dir, self.new = resolved, folder, new
         return folder
 
@@ -255,6 +258,16 @@ class Run:
             return self.site.share
         except HpcdlError:
             return "private"
+
+    def _record_provenance(self, cfg: TrainConfig, folder: Path) -> None:
+        from hpcdl.train import provenance
+
+        try:
+            image = self.job().image(self.site)
+        except HpcdlError:  # no site profile here (a rank elsewhere): none recorded
+            image = None
+        data = {"train": cfg.data.train, "val": cfg.data.val}
+        provenance.record(folder, data, image, Path.cwd())
 
     def _site_snapshot(self, cfg: TrainConfig) -> dict[str, Any]:
         try:
