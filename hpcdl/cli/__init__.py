@@ -23,6 +23,7 @@ def _register() -> None:
     from hpcdl.cli import (
         bench,
         bench_array,
+        bench_start,
         bench_storage,
         data,
         export,
@@ -36,7 +37,7 @@ def _register() -> None:
         train,
     )
 
-    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array,
+    for module in (init, jobs, site, train, export, data, sweep, bench, bench_storage, bench_array, bench_start,
                    interactive, remote):  # fmt: skip
         module.register(cli)
     report.register(cli)
