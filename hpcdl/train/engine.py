@@ -30,6 +30,9 @@ def import_deepspeed() -> Any:
     """Import DeepSpeed without its shared-memory CPU all-reduce op: that op only serves
     inference all-reduces, yet it is compiled (~60 s) on the first start of every fresh
     environment. Training uses the process group's all-reduce either way."""
+    from hpcdl.train.lazy_dynamo import defer_dynamo
+
+    defer_dynamo()  # before DeepSpeed decorates its functions: eager training never needs dynamo
     import deepspeed
 
     comm_torch = importlib.import_module("deepspeed.comm.torch")

@@ -8,7 +8,10 @@ dynamo on the first call to build the real wrapper), and ``step`` by
 ``_use_grad_for_differentiable`` (``import torch._dynamo`` for two ``graph_break()`` calls,
 no-ops outside a trace).
 
-Both wrappers only matter while dynamo traces, and nothing traces before ``torch._dynamo`` is
+DeepSpeed does the same: ZeRO-3 decorates its module hooks with ``torch.compiler.disable``
+(which imports dynamo at once) and many functions with ``torch._disable_dynamo``.
+
+These wrappers only matter while dynamo traces, and nothing traces before ``torch._dynamo`` is
 imported (``torch.compile`` imports it first). So :func:`defer_dynamo` gives them a path that
 checks ``sys.modules`` on each call: without dynamo it calls the function itself (the same
 code, the same grad mode); once dynamo is imported (a ``torch.compile`` anywhere) it hands over
@@ -19,6 +22,7 @@ shapes it otherwise (then dynamo is imported as before: slower, not wrong).
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -103,9 +107,10 @@ def _optimizer_classes() -> list[type]:
 
 
 def defer_dynamo() -> int:
-    """Give torch's optimizers the lazy paths (once per process, before any optimizer is
-    built: an optimizer's first construction wraps its class's ``step`` again). Returns how
-    many wrappers were changed."""
+    """Give torch's optimizers the lazy paths, and torch's two decorators lazy versions (once
+    per process, before DeepSpeed is imported and any optimizer built: an optimizer's first
+    construction wraps its class's ``step`` again). Returns how many optimizer wrappers were
+    changed."""
     global _DONE
     if _DONE or DYNAMO in sys.modules:
         _DONE = True
@@ -138,5 +143,42 @@ def defer_dynamo() -> int:
                     setattr(inner, "__dynamo_disable",
                             _lazy_disable(inner, bool(cells.get("recursive", True))))  # fmt: skip
                     changed += 1
+    _defer_decorators(torch)
     log.debug("torch._dynamo deferred in %d optimizer wrappers", changed)
     return changed
+
+
+def _defer_decorators(torch: Any) -> None:
+    """The same for functions decorated from now on (DeepSpeed's, imported after this):
+    ``torch._disable_dynamo`` (which DeepSpeed's ``compiler.lazy_disable`` calls at import)
+    and ``torch.compiler.disable`` (ZeRO-3's module hooks, decorated when the engine is built,
+    which imports dynamo at once)."""
+    disable_dynamo, compiler_disable = torch._disable_dynamo, torch.compiler.disable
+
+    def lazy_disable_dynamo(fn: Any = None, recursive: bool = True) -> Any:
+        if fn is None:
+            return functools.partial(lazy_disable_dynamo, recursive=recursive)
+        wrapped = disable_dynamo(fn, recursive)
+        if DYNAMO not in sys.modules and getattr(fn, "__dynamo_disable", None) is None:
+            setattr(fn, "__dynamo_disable", _lazy_disable(fn, recursive))
+        return wrapped
+
+    def lazy_compiler_disable(fn: Any = None, recursive: bool = True, *, reason: Any = None) -> Any:
+        if DYNAMO in sys.modules or (fn is not None and not inspect.isfunction(fn)):
+            return compiler_disable(fn, recursive, reason=reason)
+        if fn is None:
+            return functools.partial(lazy_compiler_disable, recursive=recursive, reason=reason)
+        real: list[Callable[..., Any]] = []
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if DYNAMO not in sys.modules:
+                return fn(*args, **kwargs)
+            if not real:
+                real.append(compiler_disable(fn, recursive, reason=reason))
+            return real[0](*args, **kwargs)
+
+        return call
+
+    torch._disable_dynamo = lazy_disable_dynamo
+    torch.compiler.disable = lazy_compiler_disable
