@@ -320,6 +320,15 @@ def append_jsonl(path: str | Path, row: Any) -> None:
         os.close(fd)  # releases the lock
 
 
+def fsync_file(path: str | Path) -> None:
+    """Make a file's data durable (fsync needs no write access on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make the entries of folder ``path`` durable (a rename or a new file in it), as a file's
     ``fsync`` makes its content durable: needed before a record names what the folder holds."""
