@@ -1,5 +1,6 @@
-"""``hpcdl bench start``: a sweep worker's start against ``import torch`` (its own module:
-bench.py is full)."""
+"""``hpcdl bench start`` (a sweep worker's start against ``import torch``) and ``hpcdl bench
+ckpt`` (training time lost to checkpoints, synchronous and asynchronous); their own module:
+bench.py is full."""
 
 from __future__ import annotations
 
@@ -35,6 +36,44 @@ def start_cmd(spec: str, site: str, rounds: int, timeout: int, out: str | None) 
     click.echo(f"figures: {folder / 'bench_start.json'}")
 
 
+@click.command("ckpt")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--steps", default=500, show_default=True, help="Optimizer steps per run.")
+@click.option("--every", default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds of the three runs.")
+@click.option("--site", help="Site profile (same as job.site=NAME).")
+@click.option("--local", is_flag=True, help="Run here (under mpiexec/srun: on every rank).")
+@click.option("--out", help="Folder for the figures and runs [bench/ckpt-STAMP].")
+def ckpt_cmd(config: str, overrides: tuple[str, ...], steps: int, every: int, rounds: int,
+             site: str | None, local: bool, out: str | None) -> None:  # fmt: skip
+    """CONFIG trained STEPS steps without periodic checkpoints, with a synchronous one and with
+    an asynchronous one every EVERY steps, ROUNDS times in one allocation: the training time
+    each kind of checkpoint costs."""
+    import json
+
+    from hpcdl.cli.bench import _allocation_run
+    from hpcdl.train.bench_ckpt import bench_ckpt, render
+    from hpcdl.train.config import load_train_config, with_absolute_data
+    from hpcdl.train.preflight import preflight
+
+    if every < 1 or rounds < 1 or steps < 2 * every or steps % every:
+        raise ConfigError("--steps", "steps/every/rounds",
+                          "need rounds >= 1 and STEPS a multiple of EVERY, at least twice it")  # fmt: skip
+    cfg = load_train_config(config, [*overrides, *([f"job.site={site}"] if site else [])])
+    cfg = with_absolute_data(cfg)
+    folder = _out_dir(out, "ckpt")
+    if not local:
+        preflight(cfg, cfg.job.world_size, cfg.job.gpus_per_node > 0, config)
+    fields = cfg.job.model_dump(exclude={"max_requeues"})
+    args = (cfg.model_dump(mode="json"), steps, every, rounds, str(folder))
+    _allocation_run({**fields, "name": "bench-ckpt"}, bench_ckpt, args, local, folder)
+    result = json.loads((folder / "bench_ckpt.json").read_text())
+    click.echo("\n".join(render(result)))
+    click.echo(f"figures: {folder / 'bench_ckpt.json'}")
+
+
 def register(cli: click.Group) -> None:
-    """Add ``bench start`` to the ``bench`` group."""
+    """Add ``bench start`` and ``bench ckpt`` to the ``bench`` group."""
     bench.add_command(start_cmd)
+    bench.add_command(ckpt_cmd)
