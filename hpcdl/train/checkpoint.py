@@ -106,8 +106,10 @@ class Checkpointer:
         self.asynchronous = asynchronous
         self.pending: Writer | None = None  # the save in flight, with its step
         self.pending_step = 0
-        self.committed: list[tuple[int, str]] = []  # (step, tag) committed since the last take
+        # (step, tag, seconds training was held by its save) committed since the last take
+        self.committed: list[tuple[int, str, float]] = []
         self.last_stage_s = 0.0  # the training time the last asynchronous save took
+        self.last_blocked_s = 0.0  # the training time the last save held (waits included)
 
     # -- helpers shared by save and verify -------------------------------------------------
     def _bcast(self, obj: Any) -> Any:
@@ -139,6 +141,7 @@ class Checkpointer:
     # -- save ------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         """Write checkpoint ``step`` on all ranks, then commit it (manifest, ``latest``, prune)."""
+        entered = time.monotonic()
         self.wait()  # one save in flight at a time (asynchronous saves)
         tag = tag_for(step)
         folder, started = self.root / tag, time.monotonic()
@@ -157,6 +160,7 @@ class Checkpointer:
             self.pending = Writer(self.root, tag, self.rank, self.world, staging.take(), commit)
             self.pending_step = step
             self.last_stage_s = time.monotonic() - started
+            self.last_blocked_s = time.monotonic() - entered
             return tag
         files = self._bcast(
             sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -168,6 +172,7 @@ class Checkpointer:
             self._commit(tag, step, sums)
         dist.barrier()
         self.last_save_s = time.monotonic() - started
+        self.last_blocked_s = time.monotonic() - entered
         return tag
 
     def _commit(self, tag: str, step: int, sums: dict[str, tuple[int, str]]) -> None:
@@ -219,14 +224,14 @@ class Checkpointer:
         if self.rank == 0:
             writer.drop_notes()
         if writer.error is None:
-            self.committed.append((self.pending_step, writer.tag))
+            self.committed.append((self.pending_step, writer.tag, self.last_blocked_s))
         elif raise_errors:
             raise self._not_saved(self.root / writer.tag, writer.error) from writer.error
         else:
             logger.warning(f"{self._not_saved(self.root / writer.tag, writer.error)}")
 
-    def take_committed(self) -> list[tuple[int, str]]:
-        """(step, tag) of the asynchronous saves committed since the last call (the one in
+    def take_committed(self) -> list[tuple[int, str, float]]:
+        """(step, tag, seconds training was held) of the asynchronous saves committed since the last call (the one in
         flight is checked without waiting)."""
         if self.pending is not None and self.pending.done():
             self.wait()

@@ -315,8 +315,9 @@ class Trainer:
                         "timing": timing}  # fmt: skip
         tag = self.checkpoints.save(self.engine, self.state.step, client_state)
         self.last_saved = self.state.step
-        if not self.checkpoints.asynchronous:
-            self.tracker.log("event", {"event": "checkpoint", "step": self.state.step, "tag": tag})
+        if not self.checkpoints.asynchronous:  # blocked_s: the training time the save held
+            self.tracker.log("event", {"event": "checkpoint", "step": self.state.step, "tag": tag,
+                                       "blocked_s": round(self.checkpoints.last_blocked_s, 4)})  # fmt: skip
         return tag
 
     def log_committed(self, wait: bool = False) -> None:
@@ -324,8 +325,9 @@ class Trainer:
         the one in flight first); a synchronous save logs its own."""
         if wait:
             self.checkpoints.wait()
-        for step, tag in self.checkpoints.take_committed():
-            self.tracker.log("event", {"event": "checkpoint", "step": step, "tag": tag})
+        for step, tag, held in self.checkpoints.take_committed():
+            self.tracker.log("event", {"event": "checkpoint", "step": step, "tag": tag,
+                                       "blocked_s": round(held, 4)})  # fmt: skip
 
     def save_once(self) -> str:
         """The checkpoint of this step: saved now unless it already was."""

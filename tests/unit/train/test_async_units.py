@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpcdl.train.async_checkpoint import asynchronous, write_file
-from hpcdl.train.bench_ckpt import render, training_s
+from hpcdl.train.bench_ckpt import blocked_s, render, training_s
 
 
 @pytest.mark.parametrize(
@@ -38,15 +38,20 @@ def test_training_time_runs_from_the_start_event_to_the_last_step_row(tmp_path: 
             {"kind": "event", "event": "checkpoint", "step": 100, "time": 16.0},
             {"kind": "step", "step": 200, "time": 21.5},
             {"kind": "epoch", "epoch": 0, "time": 22.0}]  # fmt: skip
+    rows.append({"kind": "event", "event": "checkpoint", "step": 200, "blocked_s": 9.0})  # final
+    rows[2]["blocked_s"] = 0.25
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert training_s(tmp_path) == 11.5
+    assert blocked_s(tmp_path, 200) == 0.25  # the periodic save, not the final one
 
 
 def test_the_ckpt_table_says_what_each_kind_of_save_cost():
     r = {"model": "mlp", "model_options": {}, "zero_stage": 3, "world_size": 2, "steps": 300,
          "every": 100, "saves_per_run": 2, "checkpoint_mb": 12.5, "training_s":
          {"none": [10.0, 10.2], "sync": [12.0, 12.1], "async": [10.1, 10.2]},
-         "lost_median": {"sync": 0.195, "async": 0.005}}  # fmt: skip
+         "lost_median": {"sync": 0.195, "async": 0.005},
+         "blocked_median": {"sync": 0.18, "async": 0.004}}  # fmt: skip
     lines = render(r)
     assert "ZeRO-3, 2 ranks, 300 steps, a checkpoint every 100 (2 in the timed part" in lines[0]
-    assert lines[-2].split()[-2:] == ["19.5", "%"] and lines[-1].split()[-2:] == ["0.5", "%"]
+    assert lines[-3].split()[-4:] == ["19.5", "%", "18.00", "%"]
+    assert lines[-2].split()[-4:] == ["0.5", "%", "0.40", "%"]
