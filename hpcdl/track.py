@@ -12,8 +12,11 @@ import functools
 import json
 import logging
 import os
+import queue
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +81,11 @@ class Tracker:
         configure_logging(logging.WARNING)
         self._open = True
         if wandb and wandb_mode != "disabled":
-            self._wandb = _start_wandb(
-                Path(run_dir), redacted(config), name, wandb_mode, wandb_project,
+            start = functools.partial(
+                _start_wandb, Path(run_dir), redacted(config), name, wandb_mode, wandb_project,
                 group=wandb_group, run_id=wandb_id, tags=wandb_tags or [],
             )  # fmt: skip
+            self._wandb = _Beside(start)
 
     def log(self, kind: str, row: dict[str, Any], echo: bool = True) -> None:
         """Record one row (``kind``: step, epoch or event) everywhere."""
@@ -93,35 +97,79 @@ class Tracker:
         if echo:
             print(_line(kind, row), flush=True)
         if self._wandb is not None and kind != "event":
-            try:
-                self._wandb.log({f"{kind}/{k}": v for k, v in row.items()})
-            except Exception as exc:
-                logger.warning(f"W&B logging stopped: {exc}")
-                self._wandb = None
+            self._wandb.call(_log, {f"{kind}/{k}": v for k, v in row.items()})
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:
-            try:
-                self._wandb.summary.update(values)
-            except Exception as exc:
-                logger.warning(f"W&B summary not written: {exc}")
+            self._wandb.call(_summary, dict(values))
 
     def tag(self, tag: str) -> None:
         """Add a tag to the W&B run (e.g. ``pruned``)."""
         if self._wandb is not None:
-            try:
-                self._wandb.tags = (*self._wandb.tags, tag)
-            except Exception as exc:
-                logger.warning(f"W&B tag not written: {exc}")
+            self._wandb.call(_tag, tag)
 
     def close(self) -> None:
+        """End the W&B run (waiting for what is queued for it) and stop logging."""
         self._open = False
         if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
+
+
+class _Beside:
+    """The W&B run of a tracker, started and fed by a thread of its own: importing wandb and
+    starting its run take 2 s here (more than the trainer's set-up), and training need not wait
+    for them (issue 25). Calls are queued in order and made by that thread once the run exists;
+    :meth:`close` waits for them and the run's end. Any W&B failure is a warning, once, after
+    which the rest is dropped: W&B never fails training."""
+
+    def __init__(self, start: Callable[[], Any]):
+        self._calls: queue.SimpleQueue[tuple[Callable[..., None], Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, args=(start,), daemon=True,
+                                        name="hpcdl-wandb")  # fmt: skip
+        self._thread.start()
+
+    def call(self, fn: Callable[[Any, Any], None], arg: Any) -> None:
+        self._calls.put((fn, arg))
+
+    def close(self, timeout: float = 300) -> None:
+        self._calls.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(f"W&B did not finish within {timeout:.0f} s; its run may be cut short")
+
+    def _serve(self, start: Callable[[], Any]) -> None:
+        run = start()  # None (said in a warning) when W&B is missing or unreachable
+        while (item := self._calls.get()) is not None:
+            if run is None:
+                continue
+            fn, arg = item
             try:
-                self._wandb.finish()
+                fn(run, arg)
+            except Exception as exc:
+                logger.warning(f"{_FAILED[fn.__name__]}: {exc}; W&B logging stopped")
+                run = None
+        if run is not None:
+            try:
+                run.finish()
             except Exception as exc:
                 logger.warning(f"W&B finish failed: {exc}")
-            self._wandb = None
+
+
+_FAILED = {"_log": "W&B logging failed", "_summary": "W&B summary not written",
+           "_tag": "W&B tag not written"}  # fmt: skip
+
+
+def _log(run: Any, data: dict[str, Any]) -> None:
+    run.log(data)
+
+
+def _summary(run: Any, values: dict[str, Any]) -> None:
+    run.summary.update(values)
+
+
+def _tag(run: Any, tag: str) -> None:
+    run.tags = (*run.tags, tag)
 
 
 REDACTED = "<redacted>"

@@ -320,6 +320,15 @@ def append_jsonl(path: str | Path, row: Any) -> None:
         os.close(fd)  # releases the lock
 
 
+def fsync_file(path: str | Path) -> None:
+    """Make a file's data durable (fsync needs no write access on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make the entries of folder ``path`` durable (a rename or a new file in it), as a file's
     ``fsync`` makes its content durable: needed before a record names what the folder holds."""
@@ -357,3 +366,13 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None, timeout: fl
         done = subprocess.CompletedProcess(argv, proc.returncode, out.read().decode(),
                                            err.read().decode())  # fmt: skip
     return wall, usage.ru_utime + usage.ru_stime, done
+
+
+def process_age() -> float:
+    """Seconds since the kernel started this process (``/proc``: to a clock tick, 10 ms), so
+    that a start-up is measured from before the interpreter ran (Linux only)."""
+    with open("/proc/self/stat") as f:  # field 22, after the ')' that ends the command name
+        started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")

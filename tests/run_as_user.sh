@@ -41,6 +41,7 @@ fi
 cd "$REPO"
 extra=()  # HPCDL_TEST_TIMELINE: the timeline of the run (tests/helpers/timeline.py), if asked
 [[ -n ${HPCDL_TEST_TIMELINE:-} ]] && extra+=("HPCDL_TEST_TIMELINE=$HPCDL_TEST_TIMELINE")
+[[ -n ${HPCDL_ASYNC_CHECKPOINTS:-} ]] && extra+=("HPCDL_ASYNC_CHECKPOINTS=$HPCDL_ASYNC_CHECKPOINTS")  # the suite with async saves on
 rc=0
 runuser -u "$USER_A" -- env -i \
     PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" \

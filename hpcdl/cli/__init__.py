@@ -24,6 +24,7 @@ def _register() -> None:
     from hpcdl.cli import (
         bench,
         bench_array,
+        bench_start,
         bench_storage,
         data,
         export,
@@ -39,7 +40,7 @@ def _register() -> None:
     )
 
     for module in (init, jobs, site, train, export, reproduce, data, sweep, bench, bench_storage,
-                   bench_array, interactive, remote):  # fmt: skip
+                   bench_array, bench_start, interactive, remote):  # fmt: skip
         module.register(cli)
     report.register(cli)
 

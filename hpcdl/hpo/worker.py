@@ -39,7 +39,7 @@ from hpcdl.hpo.trial import (
     run_trial,
 )
 from hpcdl.preemption import StopFlag, task_id
-from hpcdl.util import append_jsonl, configure_logging, get_logger, read_jsonl
+from hpcdl.util import append_jsonl, configure_logging, get_logger, process_age, read_jsonl
 
 log = get_logger(__name__)
 
@@ -126,7 +126,7 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     spec = paths.load_spec()
     _maybe_init_distributed(spec.collective_timeout_s)
     log.info("sweep worker %s started (pid %d, rank %d)", task_id(), os.getpid(), _rank())
-    note(paths, "start", restarts=preemption.restarts())
+    note(paths, "start", restarts=preemption.restarts(), process_started=_process_started())
     study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = work(paths, spec, study, slots, flag)
     finish_distributed()  # the ranks leave together
@@ -136,6 +136,15 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     elif _rank() == 0 and not (done and done[-1].endswith(":running")):
         _requeue_between_trials(paths, slots, flag)
     return f"ran {len(done)} trial(s): {', '.join(done) or 'none left'}"
+
+
+def _process_started() -> float | None:
+    """When the kernel started this process (wall clock), for ``hpcdl bench start``: the
+    interpreter's and the imports' time is part of a worker's start."""
+    try:
+        return round(time.time() - process_age(), 3)
+    except (OSError, ValueError, IndexError):  # no /proc: not Linux
+        return None
 
 
 def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag) -> None:
@@ -234,7 +243,7 @@ def local_worker_main(sweep_dir: str) -> str:
 
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()
-    note(paths, "start")
+    note(paths, "start", process_started=_process_started())
     study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
     done = work(paths, spec, study, None)
     with paths.lock():

@@ -22,20 +22,20 @@ ranks share; RNG states differ per rank, so each rank saves its own file beside 
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from hpcdl.errors import HpcdlError
-from hpcdl.util import atomic_write_text, fsync_dir, get_logger, sha256_file
+from hpcdl.train.async_checkpoint import StagingEngine, Writer, staging_engine
+from hpcdl.train.rng import rng_state, set_rng_state
+from hpcdl.util import atomic_write_text, fsync_dir, fsync_file, get_logger, sha256_file
 
 logger = get_logger(__name__)
 
@@ -46,25 +46,6 @@ UNIVERSAL = "universal"  # a checkpoint converted for a resume on another world 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def complete_tags(root: Path) -> list[tuple[int, str]]:
@@ -115,12 +96,20 @@ def verify_folder(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
 class Checkpointer:
     """Save and resume DeepSpeed checkpoints collectively (call every method on every rank)."""
 
-    def __init__(self, root: Path, keep: int):
+    def __init__(self, root: Path, keep: int, asynchronous: bool = False):
         self.root = Path(root)
         self.keep = keep
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.last_save_s: float | None = None  # how long this process's last save took
+        # asynchronous: saves are written beside training (hpcdl.train.async_checkpoint)
+        self.asynchronous = asynchronous
+        self.pending: Writer | None = None  # the save in flight, with its step
+        self.pending_step = 0
+        # (step, tag, seconds training was held by its save) committed since the last take
+        self.committed: list[tuple[int, str, float]] = []
+        self.last_stage_s = 0.0  # the training time the last asynchronous save took
+        self.last_blocked_s = 0.0  # the training time the last save held (waits included)
 
     # -- helpers shared by save and verify -------------------------------------------------
     def _bcast(self, obj: Any) -> Any:
@@ -139,7 +128,7 @@ class Checkpointer:
             path = self.root / tag / rel
             if i % self.world == self.rank and path.is_file():
                 if fsync:
-                    _fsync_file(path)
+                    fsync_file(path)
                 mine[rel] = (path.stat().st_size, sha256_file(path))
         parts: list[dict[str, tuple[int, str]]] = [{} for _ in range(self.world)]
         dist.all_gather_object(parts, mine)
@@ -152,21 +141,27 @@ class Checkpointer:
     # -- save ------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         """Write checkpoint ``step`` on all ranks, then commit it (manifest, ``latest``, prune)."""
+        entered = time.monotonic()
+        self.wait()  # one save in flight at a time (asynchronous saves)
         tag = tag_for(step)
         folder, started = self.root / tag, time.monotonic()
         if self.rank == 0 and folder.exists():  # a leftover of an interrupted save
             shutil.rmtree(folder)
         dist.barrier()
+        staging = staging_engine(engine) if self.asynchronous else None
         try:
-            self._write(engine, folder, client_state)
+            self._write(engine, folder, client_state, staging)
         except Exception as exc:  # a full disk, a quota: say which save failed and what is safe
-            # torch reports a full disk as "unexpected pos": the free space says what happened
-            free = shutil.disk_usage(self.root).free // 1024
-            raise HpcdlError(
-                f"checkpoint {folder} not saved ({type(exc).__name__}: {exc}; {free} kB free on "
-                f"its file system); the newest complete checkpoint is still "
-                f"{self._latest() or 'none'}, a resume starts there"
-            ) from exc
+            if staging is not None:
+                staging.take()
+            raise self._not_saved(folder, exc) from exc
+        if staging is not None:  # the files are in memory: written and committed beside
+            commit = functools.partial(self._commit, tag, step) if self.rank == 0 else None
+            self.pending = Writer(self.root, tag, self.rank, self.world, staging.take(), commit)
+            self.pending_step = step
+            self.last_stage_s = time.monotonic() - started
+            self.last_blocked_s = time.monotonic() - entered
+            return tag
         files = self._bcast(
             sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
             if self.rank == 0
@@ -174,34 +169,90 @@ class Checkpointer:
         )
         sums = self._hash_shared(tag, files, fsync=True)  # all_gather: every rank's are synced
         if self.rank == 0:
-            # the folders' entries too (new files, the tag folder itself) before the manifest
-            for d in sorted({(folder / rel).parent for rel in files}, reverse=True):
-                fsync_dir(d)
-            fsync_dir(self.root)
-            manifest = {
-                "tag": tag,
-                "step": step,
-                "world_size": self.world,
-                "created": time.time(),
-                "files": {rel: {"bytes": n, "sha256": h} for rel, (n, h) in sorted(sums.items())},
-            }
-            # fsync: the manifest and the pointer must be on disk before anyone trusts them.
-            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
-            fsync_dir(folder)  # the manifest's rename
-            atomic_write_text(self.root / LATEST, tag, fsync=True)
-            fsync_dir(self.root)
-            self._prune(step)
+            self._commit(tag, step, sums)
         dist.barrier()
         self.last_save_s = time.monotonic() - started
+        self.last_blocked_s = time.monotonic() - entered
         return tag
 
-    def _write(self, engine: Any, folder: Path, client_state: dict[str, Any]) -> None:
-        """This rank's files of the checkpoint in ``folder`` (its RNG states, DeepSpeed's)."""
+    def _commit(self, tag: str, step: int, sums: dict[str, tuple[int, str]]) -> None:
+        """Rank 0, once every file of ``tag`` is on disk (``sums``: each one's bytes and
+        sha256): the folders synced, the manifest, ``latest``, the prune."""
+        folder = self.root / tag
+        # the folders' entries too (new files, the tag folder itself) before the manifest
+        for d in sorted({(folder / rel).parent for rel in sums}, reverse=True):
+            fsync_dir(d)
+        fsync_dir(self.root)
+        manifest = {
+            "tag": tag,
+            "step": step,
+            "world_size": self.world,
+            "created": time.time(),
+            "files": {rel: {"bytes": n, "sha256": h} for rel, (n, h) in sorted(sums.items())},
+        }
+        # fsync: the manifest and the pointer must be on disk before anyone trusts them.
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
+        fsync_dir(folder)  # the manifest's rename
+        atomic_write_text(self.root / LATEST, tag, fsync=True)
+        fsync_dir(self.root)
+        self._prune(step)
+
+    def _not_saved(self, folder: Path, exc: BaseException) -> HpcdlError:
+        """The error of a save that failed: which one, and what a resume starts from."""
+        # torch reports a full disk as "unexpected pos": the free space says what happened
+        free = shutil.disk_usage(self.root).free // 1024
+        return HpcdlError(
+            f"checkpoint {folder} not saved ({type(exc).__name__}: {exc}; {free} kB free on "
+            f"its file system); the newest complete checkpoint is still "
+            f"{self._latest() or 'none'}, a resume starts there"
+        )
+
+    def wait(self, timeout: float | None = None, raise_errors: bool = True) -> None:
+        """Until the save in flight (if any) is written and, on rank 0, committed; its failure
+        raised here (as a synchronous save raises it). ``timeout``: give up waiting after it
+        (an unfinished save stays without a manifest: a resume skips it)."""
+        writer = self.pending
+        if writer is None:
+            return
+        writer.wait(timeout)
+        if not writer.done():
+            logger.warning(f"checkpoint {self.root / writer.tag} still being written after "
+                           f"{timeout:.0f} s; left without a manifest")  # fmt: skip
+            return
+        self.pending = None
+        self.last_save_s = (writer.ended or time.monotonic()) - writer.started + self.last_stage_s
+        if self.rank == 0:
+            writer.drop_notes()
+        if writer.error is None:
+            self.committed.append((self.pending_step, writer.tag, self.last_blocked_s))
+        elif raise_errors:
+            raise self._not_saved(self.root / writer.tag, writer.error) from writer.error
+        else:
+            logger.warning(f"{self._not_saved(self.root / writer.tag, writer.error)}")
+
+    def take_committed(self) -> list[tuple[int, str, float]]:
+        """(step, tag, seconds training was held) of the asynchronous saves committed since the last call (the one in
+        flight is checked without waiting)."""
+        if self.pending is not None and self.pending.done():
+            self.wait()
+        done, self.committed = self.committed, []
+        return done
+
+    def _write(
+        self, engine: Any, folder: Path, client_state: dict[str, Any],
+        staging: StagingEngine | None = None,
+    ) -> None:  # fmt: skip
+        """This rank's files of the checkpoint in ``folder`` (its RNG states, DeepSpeed's);
+        ``staging``: kept in memory by it instead (an asynchronous save)."""
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), folder / f"rng_rank{self.rank:05d}.pt")
+        rng = folder / f"rng_rank{self.rank:05d}.pt"
+        if staging is not None:
+            staging.save(rng_state(), str(rng))
+        else:
+            torch.save(rng_state(), rng)
         engine.save_checkpoint(
             str(self.root), tag=folder.name, client_state=client_state, save_latest=False
-        )  # ends with a barrier: every rank's files are written
+        )  # ends with a barrier: every rank's files are written (or staged)
 
     def _latest(self) -> str | None:
         """The tag ``latest`` names (None without one), for messages."""
@@ -328,14 +379,6 @@ class Checkpointer:
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         return client_state
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # fsync needs no write access (Linux)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ds_to_universal(folder: Path, out: Path) -> None:

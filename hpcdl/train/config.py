@@ -81,6 +81,9 @@ class CheckpointConfig(_Strict):
 
     every_steps: int = Field(default=200, ge=0)
     keep: int = Field(default=3, ge=1)
+    # written beside training, as safe (hpcdl.train.async_checkpoint); $HPCDL_ASYNC_CHECKPOINTS
+    # (1 or 0) overrides it
+    async_save: bool = False
 
 
 class LogConfig(_Strict):

@@ -8,10 +8,12 @@ an initialised process group (world size 1 with gloo is enough).
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import logging
 import math
 import random
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,14 +30,60 @@ def import_deepspeed() -> Any:
     """Import DeepSpeed without its shared-memory CPU all-reduce op: that op only serves
     inference all-reduces, yet it is compiled (~60 s) on the first start of every fresh
     environment. Training uses the process group's all-reduce either way."""
+    from hpcdl.train.lazy_dynamo import defer_dynamo
+
+    defer_dynamo()  # before DeepSpeed decorates its functions: eager training never needs dynamo
     import deepspeed
 
     comm_torch = importlib.import_module("deepspeed.comm.torch")
     comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
     _unpin_world_group(comm_torch.TorchBackend)
+    _import_muon_lazily()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     return deepspeed
+
+
+def _import_muon_lazily() -> None:
+    """Import DeepSpeed's Muon optimizer module with its ``@compiler.compile()`` kernels
+    compiled at their first call instead of at import. ZeRO imports that module on every
+    engine build and gradient reduction (``isinstance(optimizer, MuonWithAuxAdam)``), and its
+    three ``torch.compile`` decorations import ``torch._dynamo`` and ``torch._inductor`` (2-3 s)
+    in a run that never uses Muon (hpcdl builds SGD, Adam or AdamW). A Muon run compiles the
+    same functions with the same options, on their first call."""
+    names = (
+        "deepspeed.runtime.zero.muon.original_muon",
+        "deepspeed.runtime.zero.muon.muon_optimizer",
+    )
+    if any(name in sys.modules for name in names):
+        return
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    eager = compiler.compile
+    compiler.compile = lambda: _compile_on_first_call  # type: ignore[attr-defined]
+    try:
+        for name in names:
+            importlib.import_module(name)
+    except ImportError:  # as DeepSpeed itself: no Muon, nothing to defer
+        pass
+    finally:
+        compiler.compile = eager  # type: ignore[attr-defined]
+
+
+def _compile_on_first_call(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """``torch.compile(fn, **options)``, made when ``fn`` is first called."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        compiled: list[Callable[..., Any]] = []
+
+        @functools.wraps(f)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not compiled:
+                compiled.append(torch.compile(f, **options))
+            return compiled[0](*args, **kwargs)
+
+        return call
+
+    return decorate(fn) if fn is not None else decorate
 
 
 def _unpin_world_group(backend: type) -> None:
@@ -111,6 +159,9 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from hpcdl.train.lazy_dynamo import defer_dynamo
+
+    defer_dynamo()  # before the first optimizer: eager training never imports torch._dynamo
     o = cfg.optimizer
     params = model.parameters()
     if o.name == "sgd":

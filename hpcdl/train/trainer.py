@@ -20,13 +20,12 @@ import torch
 
 from hpcdl import preemption
 from hpcdl.data.reader import ShardLoader
-from hpcdl.errors import HpcdlError
 from hpcdl.launch import init_distributed
 from hpcdl.preemption import StopFlag
 from hpcdl.track import Tracker, rewind_jsonl
+from hpcdl.train.async_checkpoint import asynchronous
 from hpcdl.train.checkpoint import Checkpointer, tag_for
 from hpcdl.train.config import (
-    TrainConfig,
     preemption_settings,
     read_run_config,
     read_site_values,
@@ -46,6 +45,7 @@ from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats, agreed_stop_signal
 from hpcdl.train.stop import StopTraining
+from hpcdl.train.tracking import make_tracker
 from hpcdl.util import atomic_write_json, configure_logging
 
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -134,6 +134,8 @@ class Trainer:
                 self.end_epoch()
             return self.finish()
         except Exception:
+            # a save in flight is finished if it can be (it never waits for a collective)
+            self.checkpoints.wait(timeout=60, raise_errors=False)
             self.tracker.tag("failed")
             self.tracker.close()
             raise
@@ -154,7 +156,8 @@ class Trainer:
         self.accumulation = cfg.grad_accumulation(self.world)
         total_steps = cfg.epochs * len(self.train_loader) // self.accumulation
         self.total_steps = min(total_steps, cfg.max_steps or total_steps)
-        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
+                                        asynchronous(cfg.checkpoint.async_save))  # fmt: skip
         # Found before the engine: one of another world size loads as a universal checkpoint.
         self.found = self.checkpoints.find(needs_universal(cfg))
         universal = self.found[2] is not None
@@ -237,6 +240,7 @@ class Trainer:
     def after_step(self) -> bool:
         """After optimizer step ``state.step``: sync, log and checkpoint when due; True if some
         rank asked to stop (then nothing is saved here: :meth:`stop_for_preemption` does)."""
+        self.log_committed()
         step, every = self.state.step, self.cfg.checkpoint.every_steps
         save_due = bool(every) and step % every == 0
         last = step >= self.total_steps
@@ -311,8 +315,19 @@ class Trainer:
                         "timing": timing}  # fmt: skip
         tag = self.checkpoints.save(self.engine, self.state.step, client_state)
         self.last_saved = self.state.step
-        self.tracker.log("event", {"event": "checkpoint", "step": self.state.step, "tag": tag})
+        if not self.checkpoints.asynchronous:  # blocked_s: the training time the save held
+            self.tracker.log("event", {"event": "checkpoint", "step": self.state.step, "tag": tag,
+                                       "blocked_s": round(self.checkpoints.last_blocked_s, 4)})  # fmt: skip
         return tag
+
+    def log_committed(self, wait: bool = False) -> None:
+        """The ``checkpoint`` events of asynchronous saves, once each is committed (``wait``:
+        the one in flight first); a synchronous save logs its own."""
+        if wait:
+            self.checkpoints.wait()
+        for step, tag, held in self.checkpoints.take_committed():
+            self.tracker.log("event", {"event": "checkpoint", "step": step, "tag": tag,
+                                       "blocked_s": round(held, 4)})  # fmt: skip
 
     def save_once(self) -> str:
         """The checkpoint of this step: saved now unless it already was."""
@@ -329,6 +344,7 @@ class Trainer:
         if late:  # this rank's own view: logged by rank 0 when it was signalled
             self.tracker.log("event", {**late, "step": step})
         tag = self.save_once()
+        self.log_committed(wait=True)  # on disk and committed before the requeue
         self.tracker.log("event", {"event": "preempted", "step": step, "tag": tag, "signal": sig})
         self.tracker.close()
         target = preemption.after_checkpoint(
@@ -340,6 +356,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """A last checkpoint, the consolidated weights and the result (files on rank 0)."""
         tag = self.save_once()
+        self.log_committed(wait=True)  # the result names a committed checkpoint
         weights = consolidated_state_dict(self.engine, self.cfg.zero_stage)
         final_val = self.last_val or self.evaluate()
         result = {
@@ -367,31 +384,3 @@ def stop_tag(exc: BaseException) -> str:
     if isinstance(exc, StopTraining):
         return exc.tag or "stopped"
     return "stopped"
-
-
-# -- building blocks ----------------------------------------------------------------------------
-def make_tracker(
-    cfg: TrainConfig, run_dir: Path, rank: int, site_values: dict[str, Any] | None = None
-) -> Tracker:
-    """Rank 0's metrics and W&B run. The W&B mode: the config's, else the one recorded in the run
-    folder when it was made (``site.json``), else the site profile's."""
-    from hpcdl.site import load_site
-
-    mode = cfg.log.wandb_mode or (site_values or {}).get("wandb_mode")
-    if mode is None and rank == 0:
-        try:
-            mode = load_site(cfg.job.site).wandb_mode
-        except HpcdlError:
-            mode = "offline"
-    return Tracker(
-        run_dir,
-        enabled=rank == 0,
-        config=cfg.model_dump(mode="json"),
-        name=run_dir.name,
-        wandb=cfg.log.wandb,
-        wandb_mode=mode or "disabled",
-        wandb_project=cfg.log.wandb_project,
-        wandb_group=cfg.log.wandb_group,
-        wandb_id=cfg.log.wandb_id,
-        wandb_tags=cfg.log.wandb_tags,
-    )

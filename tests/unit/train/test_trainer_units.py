@@ -277,6 +277,7 @@ def test_train_state_round_trip_through_a_checkpoint(world1, synth, tmp_path):
         pass  # the loader's position goes into the checkpoint too
     first.state = TrainState(epoch=1, step=7, epoch_loss=3.25, epoch_correct=11.0, epoch_seen=48.0)
     assert first.save() == "step00000007"
+    first.checkpoints.wait()  # an asynchronous save (HPCDL_ASYNC_CHECKPOINTS=1) is on disk
     first.tracker.close()
     raw = torch.load(run_dir / "checkpoints/step00000007/mp_rank_00_model_states.pt",
                      weights_only=False)  # fmt: skip

@@ -1,0 +1,43 @@
+"""W&B's import and run start (2 s here) happen beside training, not before its first step
+(issue 25): the tracker queues W&B's calls for a thread of its own."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from hpcdl.track import Tracker
+
+
+def test_wandb_starts_beside_the_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Rows are written (metrics.jsonl) at once while W&B is still starting; W&B gets every
+    row, in order, once its run exists, and close() waits for that and the run's end."""
+    ready, runs = threading.Event(), []
+
+    def init(**kwargs: Any) -> SimpleNamespace:
+        ready.wait(30)  # a slow import and start
+        run = SimpleNamespace(tags=(), summary={}, rows=[], finished=False)
+        run.log, run.finish = run.rows.append, lambda: setattr(run, "finished", True)
+        runs.append(run)
+        return run
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init, Settings=dict))
+    t = Tracker(tmp_path, enabled=True, config={}, name="t", wandb=True, wandb_mode="offline",
+                wandb_project="p")  # fmt: skip
+    started = time.monotonic()
+    for step in (1, 2, 3):
+        t.log("step", {"step": step}, echo=False)
+    t.tag("pruned")
+    assert time.monotonic() - started < 1 and not runs  # nothing waited for W&B
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    ready.set()
+    t.close()
+    (run,) = runs
+    assert run.rows == [{"step/step": 1}, {"step/step": 2}, {"step/step": 3}]
+    assert run.tags == ("pruned",) and run.finished
