@@ -40,6 +40,8 @@ def check_elastic(cfg: TrainConfig, where: str) -> None:
     """``job.nodes: MIN-MAX``: Slurm may start the job on any count in the range, so the global
     batch must split into whole micro-batches for each count's ranks, not only for MAX's."""
     job = cfg.job
+    if len(job.node_counts) < 2:  # one count: check_world says it, naming batch.size
+        return
     for nodes in job.node_counts:
         ranks = nodes * job.ntasks_per_node
         if cfg.batch.size % (cfg.batch.micro * ranks):
