@@ -117,43 +117,76 @@ class Tracker:
 
 
 class _Beside:
-    """The W&B run of a tracker, started and fed by a thread of its own: importing wandb and
-    starting its run take 2 s here (more than the trainer's set-up), and training need not wait
-    for them (issue 25). Calls are queued in order and made by that thread once the run exists;
-    :meth:`close` waits for them and the run's end. Any W&B failure is a warning, once, after
-    which the rest is dropped: W&B never fails training."""
+    """The W&B run of a tracker, started by a thread of its own: importing wandb and starting
+    its run take 2 s here (more than the trainer's set-up), and training need not wait for
+    them (issue 25). Calls made meanwhile are queued, in order, for that thread; once it has
+    made them it ends, and later calls are made by the caller, as before. Made by a second
+    thread all run long, they slowed training sevenfold on 2 cores (97 s instead of 14 for
+    the docs' digits run: the W&B thread woke at every step beside torch's busy-waiting
+    OpenMP threads). :meth:`close` waits for what is queued and ends the run. Any W&B failure
+    is a warning, once, after which the rest is dropped: W&B never fails training."""
 
     def __init__(self, start: Callable[[], Any]):
         self._calls: queue.SimpleQueue[tuple[Callable[..., None], Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._handed: bool = False  # the thread has ended and left the run to the caller
+        self._run: Any = None
         self._thread = threading.Thread(target=self._serve, args=(start,), daemon=True,
                                         name="hpcdl-wandb")  # fmt: skip
         self._thread.start()
 
     def call(self, fn: Callable[[Any, Any], None], arg: Any) -> None:
-        self._calls.put((fn, arg))
+        with self._lock:
+            if not self._handed:
+                self._calls.put((fn, arg))
+                return
+        self._run = _apply(self._run, fn, arg)
 
     def close(self, timeout: float = 300) -> None:
-        self._calls.put(None)
+        with self._lock:
+            handed = self._handed
+            if not handed:
+                self._calls.put(None)
+        if handed:
+            _finish(self._run)
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning(f"W&B did not finish within {timeout:.0f} s; its run may be cut short")
 
     def _serve(self, start: Callable[[], Any]) -> None:
         run = start()  # None (said in a warning) when W&B is missing or unreachable
-        while (item := self._calls.get()) is not None:
-            if run is None:
-                continue
-            fn, arg = item
-            try:
-                fn(run, arg)
-            except Exception as exc:
-                logger.warning(f"{_FAILED[fn.__name__]}: {exc}; W&B logging stopped")
-                run = None
-        if run is not None:
-            try:
-                run.finish()
-            except Exception as exc:
-                logger.warning(f"W&B finish failed: {exc}")
+        while True:
+            with self._lock:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:  # all made: the caller makes the next ones itself
+                    self._run, self._handed = run, True
+                    return
+            if item is None:  # closed before the run was handed over
+                _finish(run)
+                return
+            run = _apply(run, *item)
+
+
+def _apply(run: Any, fn: Callable[[Any, Any], None], arg: Any) -> Any:
+    """``fn(run, arg)``; the run, or None once W&B failed (said once)."""
+    if run is None:
+        return None
+    try:
+        fn(run, arg)
+    except Exception as exc:
+        logger.warning(f"{_FAILED[fn.__name__]}: {exc}; W&B logging stopped")
+        return None
+    return run
+
+
+def _finish(run: Any) -> None:
+    if run is not None:
+        try:
+            run.finish()
+        except Exception as exc:
+            logger.warning(f"W&B finish failed: {exc}")
 
 
 _FAILED = {"_log": "W&B logging failed", "_summary": "W&B summary not written",
