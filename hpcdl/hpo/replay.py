@@ -60,6 +60,8 @@ def replay(
         if cut:
             pruned += 1
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif not curve:  # a trial that failed before its first report
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(trial, curve[-1])
     return Replayed(reached, spent, pruned, tuple(stopped))

@@ -107,6 +107,7 @@ REPLAY = [
     ([[0.1, 0.2], [0.3, 0.9]], 0.95, optuna.pruners.NopPruner(), None, 4, 0),
     # the second trial is cut after epoch 1; the third reaches 0.8 at its second epoch
     ([[0.5, 0.6], [0.2, 0.9], [0.6, 0.8]], 0.8, CappedSuccessiveHalvingPruner(1, 2, 1), 5, 5, 1),
+    ([[], [0.3, 0.9]], 0.9, optuna.pruners.NopPruner(), 2, 2, 0),  # a trial failed at once
 ]
 
 
