@@ -40,7 +40,9 @@ def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, floa
 
 
 def _search(base: SweepSpec, label: str, seed: int, common: dict[str, Any], stamp: str) -> Sweep:
-    pruner = {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
+    pruner: dict[str, Any] = (
+        {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
+    )
     if label == "hyperband":  # SPEC's max_rungs caps ASHA's rungs; Hyperband has brackets
         pruner["max_rungs"] = None
     spec = SweepSpec.model_validate(
