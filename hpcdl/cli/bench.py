@@ -357,3 +357,12 @@ def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str) -> No
             click.echo(f"{name} / random, {what}: median {x['median']:.2f}, quartiles "
                        f"{x['q1']:.2f}-{x['q3']:.2f}, range {x['min']:.2f}-{x['max']:.2f} over "
                        f"{x['seeds']} seed(s){tail}")  # fmt: skip
+    # Optuna's ASHA (no max_rungs) on the same curves, without training again (hpcdl.hpo.replay)
+    x = r["summary"]["asha_uncapped"]["ratio_to_target"]
+    click.echo(f"ASHA without max_rungs (replayed on random's curves) / random, epochs to target: "
+               f"median {x['median']:.2f}, quartiles {x['q1']:.2f}-{x['q3']:.2f}, range "
+               f"{x['min']:.2f}-{x['max']:.2f}; random's best not reached in "
+               f"{x['not_reached']}/{x['seeds']}")  # fmt: skip
+    agree = sum(row["replayed"]["agrees"] for row in r["seeds"])
+    click.echo(f"replaying the live ASHA and Hyperband runs on random's curves gave the epochs "
+               f"each trial ran in {agree}/{len(r['seeds'])} seed(s)")  # fmt: skip

@@ -11,7 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
+
+from hpcdl.hpo.replay import curves_of, epochs_run, replay
 from hpcdl.hpo.spec import SweepSpec, load_spec
+from hpcdl.hpo.storage import study_name
+from hpcdl.hpo.study import make_pruner
 from hpcdl.hpo.sweep import Sweep
 from hpcdl.scheduler import job_states
 
@@ -35,7 +40,11 @@ def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, floa
 
 
 def _search(base: SweepSpec, label: str, seed: int, common: dict[str, Any], stamp: str) -> Sweep:
-    pruner = {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
+    pruner: dict[str, Any] = (
+        {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
+    )
+    if label == "hyperband":  # SPEC's max_rungs caps ASHA's rungs; Hyperband has brackets
+        pruner["max_rungs"] = None
     spec = SweepSpec.model_validate(
         {**base.model_dump(), **common, "pruner": pruner,
          "sampler": {"name": "random", "seed": seed}, "name": f"bench-{label}-s{seed}-{stamp}"}
@@ -51,6 +60,7 @@ def _compare(runs: dict[str, tuple[Sweep, float]]) -> dict[str, Any]:
     _, _, target = _epochs_to_reach(runs["random"][0], float("inf"))
     out: dict[str, Any] = {"target": target}
     reference, reference_total, _ = _epochs_to_reach(runs["random"][0], target)
+    out["replayed"] = replayed(runs, target, reference)
     for label, (sweep, seconds) in runs.items():
         reach, total, best = _epochs_to_reach(sweep, target)
         out[label] = {
@@ -60,6 +70,29 @@ def _compare(runs: dict[str, tuple[Sweep, float]]) -> dict[str, Any]:
             "ratio_total": total / reference_total if reference_total else None,
         }  # fmt: skip
     return out
+
+
+def replayed(
+    runs: dict[str, tuple[Sweep, float]], target: float, reference: int | None
+) -> dict[str, Any]:
+    """Optuna's ASHA without SPEC's ``max_rungs`` (SPEC's min_resource and reduction factor),
+    replayed on random search's curves (:mod:`hpcdl.hpo.replay`) instead of trained again; and
+    whether replaying the live pruners gives the epochs each of their trials ran (it must, or
+    the replayed figure stands for nothing)."""
+    random_study = runs["random"][0].study()
+    curves = curves_of(random_study)
+    live = {label: runs[label][0] for label in ("asha", "hyperband")}
+    agrees = all(
+        replay(curves, make_pruner(s.spec), target, study_name(s.spec)).stopped_at
+        == epochs_run(s.study())
+        for s in live.values()
+    )
+    p = live["asha"].spec.pruner
+    uncapped = replay(curves, optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=p.min_resource, reduction_factor=p.reduction_factor), target)  # fmt: skip
+    ratio = None if uncapped.to_target is None or not reference else uncapped.to_target / reference
+    return {"agrees": agrees, "asha_uncapped": {"epochs_to_target": uncapped.to_target,
+            "epochs_total": uncapped.total, "ratio_to_target": ratio}}  # fmt: skip
 
 
 def summarize_ratios(per_seed: list[dict[str, Any]], label: str, key: str) -> dict[str, Any]:
@@ -116,6 +149,8 @@ def pruning(
                 for key in ("ratio_to_target", "ratio_total")}
         for label in SEARCHES[1:]
     }  # fmt: skip
+    summary["asha_uncapped"] = {"ratio_to_target": summarize_ratios(
+        [s["replayed"] for s in per_seed], "asha_uncapped", "ratio_to_target")}  # fmt: skip
     return {"trials": trials, "epochs": epochs, "seeds": per_seed, "summary": summary}
 
 

@@ -30,6 +30,9 @@ class Pruner(StrictModel):
     min_resource: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2)
     warmup_epochs: int = Field(default=1, ge=0)
+    # asha: judge a trial at this many rungs at most, then let it run to the end
+    # (hpcdl.hpo.pruners); None: at every rung, as Optuna's SuccessiveHalvingPruner
+    max_rungs: int | None = Field(default=None, ge=1)
 
 
 Direction = Literal["maximize", "minimize"]
@@ -182,6 +185,9 @@ def check_search(spec: SweepSpec) -> None:
     if spec.multi and spec.pruner.name != "none":
         raise SpecProblem("pruner.name", f"{spec.pruner.name!r}: Optuna does not prune "
                           "multi-objective studies; use pruner: {name: none} or one objective")  # fmt: skip
+    if spec.pruner.max_rungs is not None and spec.pruner.name != "asha":
+        raise SpecProblem("pruner.max_rungs", f"only the asha pruner has rungs to cap, not "
+                          f"{spec.pruner.name!r}: leave max_rungs out")  # fmt: skip
     if spec.multi and spec.sampler.name == "cmaes":
         raise SpecProblem("sampler.name", "'cmaes' optimises one objective; with several use "
                           "tpe, nsga2, gp, random or grid")  # fmt: skip

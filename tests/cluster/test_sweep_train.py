@@ -158,8 +158,12 @@ def _signal_mid_trial(sweep: Sweep, task: str, deadline: float) -> int:
 
 
 def test_bench_hpo_compares_asha_with_random(tmp_path, digits):
+    # ASHA with max_rungs, as configs/sweep_digits.yaml: the capped pruner in real trials
+    pruner = {"name": "asha", "min_resource": 1, "reduction_factor": 4, "max_rungs": 1}
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(yaml.safe_dump(sweep_spec(tmp_path, digits).model_dump(mode="json")))
+    spec.write_text(
+        yaml.safe_dump(sweep_spec(tmp_path, digits, pruner=pruner).model_dump(mode="json"))
+    )
     proc = subprocess.run([str(Path(sys.executable).parent / "hpcdl"), "bench", "hpo", str(spec),
                            "--trials", "2", "--epochs", "2", "--seeds", "1"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
@@ -168,6 +172,9 @@ def test_bench_hpo_compares_asha_with_random(tmp_path, digits):
     assert "Hyperband / random, epochs to target: median" in proc.stdout
     assert "random to target" in proc.stdout and "hyperband in all" in proc.stdout
     assert "submission timing skipped" in proc.stdout
+    # the replayed pruners stand for live ones: the live runs' epochs per trial, replayed
+    assert "ASHA without max_rungs (replayed on random's curves) / random" in proc.stdout
+    assert "gave the epochs each trial ran in 1/1 seed(s)" in proc.stdout
     # off a terminal: no bar, but a plain line now and then (here: at the end) on stderr
     assert "hpcdl: random, ASHA, Hyperband: 2 trials each, 1 seed(s): 3/3 after" in proc.stderr
 
