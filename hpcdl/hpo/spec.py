@@ -13,6 +13,8 @@ from hpcdl.config import JobTime, read_yaml, validate
 from hpcdl.database import StorageChoice
 from hpcdl.hpo.budget_model import Budget
 from hpcdl.hpo.conditions import check_conditions
+from hpcdl.hpo.packing import check_packing, lanes_of
+from hpcdl.hpo.pbt_spec import PBT, check_pbt
 from hpcdl.hpo.space import Choice, Grid, Param, SpecProblem, StrictModel
 from hpcdl.job import Resources as JobResources
 
@@ -70,6 +72,12 @@ class SweepSpec(StrictModel):
     # None: each array task is a warm worker running trials until none is left; 1: one trial
     # per array task (per-trial accounting in sacct, at a start-up per trial)
     trials_per_task: int | None = None
+    # trial packing (hpcdl.hpo.packing): each warm worker runs this many trials at once on its
+    # node, each on its own CPUs and GPUs; `parallelism` still counts the workers
+    trials_per_node: int | None = Field(default=None, ge=1, le=1024)
+    trials_per_gpu: int | None = Field(default=None, ge=1, le=64)
+    # population-based training (hpcdl.hpo.pbt): exploit and explore every interval_epochs
+    pbt: PBT | None = None
     resources: Resources = Resources()
     max_retries: int = Field(default=2, ge=0, le=20)
     # multi-rank trials: a collective waiting longer than this (a dead peer) fails the attempt
@@ -163,7 +171,17 @@ class SweepSpec(StrictModel):
                 f"{grids[0]!r} is a grid parameter: use sampler 'grid' (or type 'choice')"
             )
         check_search(self)
+        r = self.resources
+        check_packing(self.trials_per_node, self.trials_per_gpu, self.trials_per_task, r.nodes,
+                      r.tasks_per_node, r.gpus_per_node, r.cpus_per_task)  # fmt: skip
+        if self.pbt is not None:
+            check_pbt(self)
         return self
+
+    @property
+    def lanes(self) -> int:
+        """Trials each warm worker runs at once (trial packing; 1 without)."""
+        return lanes_of(self.trials_per_node, self.trials_per_gpu, self.resources.gpus_per_node)
 
     @property
     def grid_size(self) -> int:

@@ -25,18 +25,14 @@ from hpcdl.launch import init_distributed
 from hpcdl.preemption import StopFlag
 from hpcdl.track import Tracker, rewind_jsonl
 from hpcdl.train.checkpoint import Checkpointer, tag_for
-from hpcdl.train.config import (
-    TrainConfig,
-    preemption_settings,
-    read_run_config,
-    read_site_values,
-)
+from hpcdl.train.config import TrainConfig, preemption_settings, read_run_config, read_site_values
 from hpcdl.train.engine import (
     DTYPES,
     build_engine,
     consolidated_state_dict,
     import_deepspeed,
     needs_universal,
+    retune,
     seed_everything,
     to_device,
     validate,
@@ -171,6 +167,7 @@ class Trainer:
             self.train_loader.set_epoch(0)
             return None
         client = self.checkpoints.load(self.engine, resumed, universal)
+        retune(self.engine, self.cfg)  # PBT: a config's new learning rate beats the checkpoint's
         if universal:
             self.checkpoints.drop_universal()
         self.state = TrainState.from_dict(client["train"])
@@ -296,6 +293,8 @@ class Trainer:
         try:
             self.on_epoch(self.state.epoch, row)
         except Exception as exc:
+            if isinstance(exc, StopTraining) and exc.checkpoint:  # resumed after its validation
+                self.save_once()
             self.tracker.tag(stop_tag(exc))
             self.tracker.log(
                 "event", {"event": "stopped", "step": self.state.step, "why": str(exc)}
