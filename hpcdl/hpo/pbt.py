@@ -94,7 +94,9 @@ class PBTObjective(TrainObjective):
                                        checkpoint=True)  # fmt: skip
 
             try:
-                result = _run(cfg, spec).execute(on_epoch, flag=ctx.flag, finish=False)
+                result = _run(cfg, spec).execute(
+                    on_epoch, flag=getattr(ctx, "flag", None), finish=False
+                )
             except StopTraining as exc:
                 if exc.tag != BOUNDARY:
                     raise

@@ -14,7 +14,7 @@ from hpcdl.database import StorageChoice
 from hpcdl.hpo.budget_model import Budget
 from hpcdl.hpo.conditions import check_conditions
 from hpcdl.hpo.packing import check_packing, lanes_of
-from hpcdl.hpo.pbt_spec import PBT, check_pbt
+from hpcdl.hpo.pbt_spec import NEVER_PERTURBED, PBT, perturbed_names
 from hpcdl.hpo.space import Choice, Grid, Param, SpecProblem, StrictModel
 from hpcdl.job import Resources as JobResources
 
@@ -210,6 +210,41 @@ def check_search(spec: SweepSpec) -> None:
         raise SpecProblem("constraints", "the cmaes sampler ignores constraints: use tpe, "
                           "nsga2 or gp (random and grid only filter the best by them)")  # fmt: skip
     check_conditions(spec.space, spec.sampler.name)
+
+
+def check_pbt(spec: SweepSpec) -> None:
+    """Raise :class:`SpecProblem` for a ``pbt:`` section the sweep cannot run."""
+    pbt = spec.pbt
+    assert pbt is not None
+    if spec.objective is not None:
+        raise SpecProblem("pbt", "PBT copies the checkpoints of hpcdl's trainer: leave "
+                          f"objective ({spec.objective}) out and give train")  # fmt: skip
+    if spec.multi:
+        raise SpecProblem("pbt", "PBT ranks trials by one objective: give metric, not objectives")
+    if spec.pruner.name != "none":
+        raise SpecProblem("pruner.name", f"{spec.pruner.name!r}: PBT replaces a bad trial's "
+                          "weights instead of stopping it; use pruner: {name: none}")  # fmt: skip
+    if spec.final:
+        raise SpecProblem("final", "a PBT trial's parameters change as it trains, so there is no "
+                          "one set to retrain: give final: false (the best trial's model.pt is "
+                          "the result)")  # fmt: skip
+    epochs = spec.overrides.get("epochs")
+    if isinstance(epochs, int) and pbt.interval_epochs >= epochs:
+        raise SpecProblem("pbt.interval_epochs", f"{pbt.interval_epochs}: must be below the "
+                          f"trials' epochs ({epochs}), or no trial ever meets another")  # fmt: skip
+    for name in pbt.perturb:
+        param = spec.space.get(name)
+        if param is None:
+            raise SpecProblem("pbt.perturb", f"{name!r} is not a parameter of the space")
+        if isinstance(param, Choice | Grid):
+            raise SpecProblem("pbt.perturb", f"{name!r} is a choice: PBT perturbs numbers "
+                              "(exploit copies a choice from the better trial)")  # fmt: skip
+        if name.startswith(NEVER_PERTURBED):
+            raise SpecProblem("pbt.perturb", f"{name!r}: a resumed checkpoint keeps its batch "
+                              "size and seed; exploit copies it, explore cannot change it")  # fmt: skip
+    if not perturbed_names(spec.space, pbt):
+        raise SpecProblem("pbt.perturb", "the space has no numeric parameter to perturb "
+                          "(uniform, loguniform or int)")  # fmt: skip
 
 
 def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
