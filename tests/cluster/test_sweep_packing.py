@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -75,3 +76,55 @@ def test_two_trials_at_once_each_on_its_own_gpu_and_cpus(devcluster):
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", workers.job_id],
                          capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
     assert "cpu=4" in out and "gres/gpu=2" in out, out
+
+
+@pytest.fixture
+def selected(request: pytest.FixtureRequest) -> None:
+    expr = request.config.getoption("markexpr") or ""
+    if "scale" not in expr or "not scale" in expr:
+        pytest.skip("the packed cancel-and-resume run (~40 s) runs only with -m scale")
+
+
+@pytest.mark.scale
+def test_a_cancelled_packed_worker_resumes_each_trial_once(devcluster, selected):
+    """``sweep cancel`` while both lanes run a trial, then ``sweep resume``: the two cancelled
+    trials run again (same trial numbers), the others once, and the study has four trials."""
+    spec = SweepSpec.model_validate({
+        "name": "packed-cancel",
+        "objective": "tests.helpers.pack_objectives:slow",
+        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        "sampler": {"name": "random", "seed": 0},
+        "trials": 4,
+        "parallelism": 1,
+        "trials_per_node": 2,
+        "final": False,
+        "resources": {"site": "devcluster", "cpus_per_task": 2, "time": "5m"},
+    })  # fmt: skip
+    sweep = Sweep(spec)
+    try:
+        workers = sweep.run()[0]
+        deadline = time.monotonic() + 120
+        while len([s for s in sweep.slots() if s.state == "running"]) < 2:
+            if time.monotonic() > deadline:
+                pytest.fail(f"two lanes never ran at once: {sweep.status()}\n{log_tail(workers)}")
+            time.sleep(0.5)
+        held = {s.slot: (s.trial, s.job) for s in sweep.slots() if s.state == "running"}
+        assert len({job for _, job in held.values()}) == 2, held  # two lanes, two claims
+        sweep.cancel()
+        deadline = time.monotonic() + 120
+        while any(j.live for j in sweep.jobs()):
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"cancelled jobs still live: {[(j.kind, j.state) for j in sweep.jobs()]}"
+                )
+            time.sleep(1)
+        sweep.resume()
+        wait(sweep, 180)
+    finally:
+        sweep.cancel()
+    slots = {s.slot: s for s in sweep.slots()}
+    assert [s.state for s in slots.values()] == ["complete"] * 4
+    assert sorted(s.trial for s in slots.values()) == [0, 1, 2, 3]
+    assert len(sweep.study().trials) == 4  # nothing asked twice
+    for slot_no, (trial, _) in held.items():
+        assert slots[slot_no].trial == trial and slots[slot_no].attempts == 2, slots[slot_no]

@@ -26,3 +26,9 @@ def where(params: dict, ctx) -> float:
     }
     (ctx.trial_dir / "where.json").write_text(json.dumps(record))
     return float(params["x"])
+
+
+def slow(params: dict, ctx) -> float:
+    """Long enough (6 s) for a test to cancel the worker while both lanes run a trial."""
+    time.sleep(6.0)
+    return float(params["x"])
