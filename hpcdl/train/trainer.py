@@ -167,7 +167,7 @@ class Trainer:
             self.train_loader.set_epoch(0)
             return None
         client = self.checkpoints.load(self.engine, resumed, universal)
-        retune(self.engine, self.cfg)  # PBT: a config's new learning rate beats the checkpoint's
+        self.retuned = retune(self.engine, self.cfg)  # PBT: the config's rate, not the copy's
         if universal:
             self.checkpoints.drop_universal()
         self.state = TrainState.from_dict(client["train"])
@@ -191,6 +191,8 @@ class Trainer:
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
         }
+        if getattr(self, "retuned", None):  # what the resumed optimizer took from the config
+            event["retuned"] = self.retuned
         if resumed and self.found[1] != self.world:
             event["checkpoint_world_size"] = self.found[1]
             event["resized"] = (
