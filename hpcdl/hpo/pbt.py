@@ -131,9 +131,12 @@ class PBTObjective(TrainObjective):
                        maximize, rng)  # fmt: skip
         event: dict[str, Any] = {"epoch": epoch, "value": value, "action": "kept",
                                  "params": params, "population": len(rows)}  # fmt: skip
-        if chosen is None:
+        better = rows[chosen] if chosen is not None else None
+        if better is None or not own_snapshot(Path(better["snapshot"]), root, better["trial"]):
+            if better is not None:  # the record names another folder: never copied
+                log.warning("trial %d: trial %d's snapshot %s is not in this sweep's trials: "
+                            "kept its own checkpoint", trial, chosen, better["snapshot"])  # fmt: skip
             return event
-        better = rows[chosen]
         take_checkpoint(Path(better["snapshot"]), trial_dir)
         names = perturbed_names(spec.space, spec.pbt)
         explored = perturb(better["params"], spec.space, names, spec.pbt.factors, rng)
@@ -142,6 +145,14 @@ class PBTObjective(TrainObjective):
                  explored)  # fmt: skip
         return {**event, "action": "exploit", "from_trial": chosen, "from_value": better["value"],
                 "checkpoint": better["snapshot"], "params_before": params, "params": explored}  # fmt: skip
+
+
+def own_snapshot(snapshot: Path, sweep_root: Path, trial: int) -> bool:
+    """Whether ``snapshot`` (from the scores file) is a boundary copy of trial ``trial`` of this
+    very sweep: a trial copies nothing else into its folder, whatever the file says."""
+    folder = (sweep_root / "trials" / f"trial-{trial:05d}" / "pbt").resolve()
+    where = snapshot.resolve()
+    return where.parent == folder and where.name.startswith("epoch-") and where.is_dir()
 
 
 def snapshot_checkpoint(trial_dir: Path, epoch: int) -> Path:

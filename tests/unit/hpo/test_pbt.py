@@ -184,3 +184,23 @@ def test_retune_puts_the_configs_rate_and_decay_into_a_loaded_optimizer():
     engine.optimizer.step()
     engine.lr_scheduler.step()
     assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 / 5)
+
+
+def test_an_exploit_copies_only_a_boundary_copy_of_the_named_trial_in_this_sweep(tmp_path: Path):
+    """The scores file names the checkpoint to copy; a trial copies it only from the named
+    trial's own ``pbt/epoch-E`` folder in this sweep (not another sweep's, not through a link
+    out of it), whatever the file says."""
+    from hpcdl.hpo.pbt import own_snapshot
+
+    sweep, other = tmp_path / "sweep", tmp_path / "other"
+    good = sweep / "trials/trial-00002/pbt/epoch-00003"
+    for folder in (good, other / "trials/trial-00002/pbt/epoch-00003", tmp_path / "outside"):
+        folder.mkdir(parents=True)
+    (sweep / "trials/trial-00002/pbt/epoch-00009").symlink_to(tmp_path / "outside")
+    assert own_snapshot(good, sweep, 2)
+    assert own_snapshot(sweep / "trials/trial-00002/pbt/../pbt/epoch-00003", sweep, 2)
+    assert not own_snapshot(good, sweep, 1)  # another trial's folder than the record's
+    assert not own_snapshot(other / "trials/trial-00002/pbt/epoch-00003", sweep, 2)
+    assert not own_snapshot(sweep / "trials/trial-00002/pbt/epoch-00009", sweep, 2)  # a link out
+    assert not own_snapshot(sweep / "trials/trial-00002/pbt/epoch-00004", sweep, 2)  # missing
+    assert not own_snapshot(sweep / "trials/trial-00002", sweep, 2)
