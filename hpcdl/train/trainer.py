@@ -182,7 +182,7 @@ class Trainer:
     def start_tracking(self, resumed: str | None) -> None:
         """Open the metrics (after the rewind) and log the start or the resume."""
         self.tracker = make_tracker(self.cfg, self.run_dir, self.rank, self.site_values)
-        event = {
+        event: dict[str, Any] = {
             "event": "resume" if resumed else "start",
             "step": self.state.step,
             "checkpoint": resumed,
