@@ -21,3 +21,10 @@ class StopTraining(Exception):
     def __reduce__(self) -> tuple[type[StopTraining], tuple[str, str | None, bool]]:
         # Keyword-only state does not survive pickling by default (Exception pickles ``args``).
         return (type(self), (str(self), self.tag, self.checkpoint))
+
+
+def stop_tag(exc: BaseException) -> str:
+    """The W&B tag of a run that ``exc`` (raised by ``on_epoch``) ended."""
+    if isinstance(exc, StopTraining):
+        return exc.tag or "stopped"
+    return "stopped"

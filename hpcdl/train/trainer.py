@@ -41,7 +41,7 @@ from hpcdl.train.loaders import shard_loader
 from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats, agreed_stop_signal
-from hpcdl.train.stop import StopTraining
+from hpcdl.train.stop import StopTraining, stop_tag
 from hpcdl.util import atomic_write_json, configure_logging
 
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -115,6 +115,7 @@ class Trainer:
         self.state = TrainState()
         self.last_saved: int | None = None  # the step of this run's newest checkpoint
         self.last_val: tuple[float, float, int] | None = None  # the newest validation
+        self.stop_at_step: StopTraining | None = None  # raised after the next optimizer step
         self.timing: dict[str, float] = {}  # training time of the processes before this one
 
     def run(self) -> dict[str, Any]:
@@ -236,8 +237,8 @@ class Trainer:
     def after_step(self) -> bool:
         """After optimizer step ``state.step``: sync, log and checkpoint when due; True if some
         rank asked to stop (then nothing is saved here: :meth:`stop_for_preemption` does)."""
-        step, every = self.state.step, self.cfg.checkpoint.every_steps
-        save_due = bool(every) and step % every == 0
+        step, every, waiting = self.state.step, self.cfg.checkpoint.every_steps, self.stop_at_step
+        save_due = (bool(every) and step % every == 0) or waiting is not None
         last = step >= self.total_steps
         if not (save_due or last or step % self.cfg.log.every_steps == 0):
             return False
@@ -249,6 +250,8 @@ class Trainer:
         if save_due:
             self.save()
             self.meter.restart_clock()  # saving is not training time
+        if waiting is not None:  # a checkpointing stop waited for this step (call_on_epoch)
+            raise self.stopped(waiting)
         return False
 
     def sync(self) -> list[StepStats]:
@@ -296,13 +299,18 @@ class Trainer:
             self.on_epoch(self.state.epoch, row)
         except Exception as exc:
             if isinstance(exc, StopTraining) and exc.checkpoint:  # resumed after its validation
+                if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
+                    self.stop_at_step = exc  # the epoch's last micro-batches wait for a step
+                    return  # that a checkpoint now would lose: saved and raised after it
                 self.save_once()
-            self.tracker.tag(stop_tag(exc))
-            self.tracker.log(
-                "event", {"event": "stopped", "step": self.state.step, "why": str(exc)}
-            )
-            self.tracker.close()
-            raise
+            raise self.stopped(exc) from None
+
+    def stopped(self, exc: Exception) -> Exception:
+        """Tag, log and close the run that ``exc`` (from ``on_epoch``) ends; returns ``exc``."""
+        self.tracker.tag(stop_tag(exc))
+        self.tracker.log("event", {"event": "stopped", "step": self.state.step, "why": str(exc)})
+        self.tracker.close()
+        return exc
 
     # -- checkpoints and the end -------------------------------------------------------------
     def save(self) -> str:
@@ -361,13 +369,6 @@ class Trainer:
         self.tracker.log("event", {"event": "completed", **result})
         self.tracker.close()
         return result
-
-
-def stop_tag(exc: BaseException) -> str:
-    """The W&B tag of a run that ``exc`` (raised by ``on_epoch``) ended."""
-    if isinstance(exc, StopTraining):
-        return exc.tag or "stopped"
-    return "stopped"
 
 
 # -- building blocks ----------------------------------------------------------------------------
