@@ -281,10 +281,12 @@ def register(cli: click.Group) -> None:
 @click.option("--postgres", "url", help="Scale runs: postgresql://USER@HOST:PORT/DB [the site's "
               "study_storage].")  # fmt: skip
 @click.option("--password-file", help="Scale runs: the database password's file (0600).")
+@click.option("--pbt", default=0, show_default=True, help="Only PBT (this interval in epochs) "
+              "vs random search, --seeds seeds (hpcdl.hpo.bench_pbt).")  # fmt: skip
 def hpo_cmd(
     spec: Path, trials: int, seeds: int, epochs: int, site: str | None, array_size: int,
     slots: int, storage: str | None, workers: str, sweep_trials: int, url: str | None,
-    password_file: str | None,
+    password_file: str | None, pbt: int,
 ) -> None:  # fmt: skip
     """ASHA and Hyperband vs. random search (same sampler and budget, --seeds seeds) on SPEC's
     data, in trial-epochs; then the submission and status time of a large sweep array on
@@ -295,6 +297,16 @@ def hpo_cmd(
         from hpcdl.cli.bench_scale import scale_runs
 
         scale_runs(site, storage, workers, sweep_trials, url, password_file)
+        return
+
+    if pbt:  # logic in hpcdl.hpo.bench_pbt
+        from hpcdl.hpo.bench_pbt import pbt_comparison
+        from hpcdl.hpo.bench_pbt import render as render_pbt
+
+        with bar(f"random search and PBT, {seeds} seed(s)", lines_every_s=60) as progress:
+            r = pbt_comparison(spec, trials, epochs, datetime.now().strftime("%Y%m%d-%H%M%S"),
+                               list(range(seeds)), pbt, on_progress=progress)  # fmt: skip
+        click.echo("\n".join(render_pbt(r)))
         return
 
     if slots:  # logic in hpcdl.hpo.bench_slots

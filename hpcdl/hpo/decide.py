@@ -61,7 +61,9 @@ def stopped_slots(
     if len(cancelled) == len(last.tasks):  # the whole array: the user stopped the sweep
         return unfinished
     if last.kind == "workers":
-        mine = [i for i in unfinished if (claims.get(i) or "").split("_")[0] == last.job_id]
+        # a claim names its task, JOB_I (or JOB), and a packed lane's +LANE after it
+        mine = [i for i in unfinished
+                if (claims.get(i) or "").split("+")[0].split("_")[0] == last.job_id]  # fmt: skip
         unclaimed = [i for i in unfinished if i not in mine]
         started_set = set(started)
         pending = [t for t in cancelled if t not in started_set and t not in ran_set]

@@ -61,6 +61,7 @@ class Slot(BaseModel):
     job: str | None = None
     error: str | None = None
     claimed_at: float | None = None  # this attempt's claim (the budget counts a running trial)
+    pbt: list[dict[str, Any]] = []  # PBT's decisions at each interval (hpcdl.hpo.pbt)
 
 
 #: The sweep report's two files: in the sweep folder, or in the folder ``sweep report`` is given.

@@ -40,6 +40,8 @@ class TrialContext:
     # a warm worker's preemption flag, installed once for all its trials (None: the objective's
     # run installs its own)
     flag: StopFlag | None = None
+    # records one decision in the trial's slot (``Slot.pbt``: population-based training's)
+    note: Callable[[dict[str, Any]], None] | None = None
 
 
 @runtime_checkable

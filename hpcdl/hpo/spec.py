@@ -13,6 +13,8 @@ from hpcdl.config import JobTime, read_yaml, validate
 from hpcdl.database import StorageChoice
 from hpcdl.hpo.budget_model import Budget
 from hpcdl.hpo.conditions import check_conditions
+from hpcdl.hpo.packing import check_packing, lanes_of
+from hpcdl.hpo.pbt_spec import NEVER_PERTURBED, PBT, perturbed_names
 from hpcdl.hpo.space import Choice, Grid, Param, SpecProblem, StrictModel
 from hpcdl.job import Resources as JobResources
 
@@ -73,6 +75,12 @@ class SweepSpec(StrictModel):
     # None: each array task is a warm worker running trials until none is left; 1: one trial
     # per array task (per-trial accounting in sacct, at a start-up per trial)
     trials_per_task: int | None = None
+    # trial packing (hpcdl.hpo.packing): each warm worker runs this many trials at once on its
+    # node, each on its own CPUs and GPUs; `parallelism` still counts the workers
+    trials_per_node: int | None = Field(default=None, ge=1, le=1024)
+    trials_per_gpu: int | None = Field(default=None, ge=1, le=64)
+    # population-based training (hpcdl.hpo.pbt): exploit and explore every interval_epochs
+    pbt: PBT | None = None
     resources: Resources = Resources()
     max_retries: int = Field(default=2, ge=0, le=20)
     # multi-rank trials: a collective waiting longer than this (a dead peer) fails the attempt
@@ -166,7 +174,17 @@ class SweepSpec(StrictModel):
                 f"{grids[0]!r} is a grid parameter: use sampler 'grid' (or type 'choice')"
             )
         check_search(self)
+        r = self.resources
+        check_packing(self.trials_per_node, self.trials_per_gpu, self.trials_per_task, r.nodes,
+                      r.tasks_per_node, r.gpus_per_node, r.cpus_per_task)  # fmt: skip
+        if self.pbt is not None:
+            check_pbt(self)
         return self
+
+    @property
+    def lanes(self) -> int:
+        """Trials each warm worker runs at once (trial packing; 1 without)."""
+        return lanes_of(self.trials_per_node, self.trials_per_gpu, self.resources.gpus_per_node)
 
     @property
     def grid_size(self) -> int:
@@ -198,6 +216,41 @@ def check_search(spec: SweepSpec) -> None:
         raise SpecProblem("constraints", "the cmaes sampler ignores constraints: use tpe, "
                           "nsga2 or gp (random and grid only filter the best by them)")  # fmt: skip
     check_conditions(spec.space, spec.sampler.name)
+
+
+def check_pbt(spec: SweepSpec) -> None:
+    """Raise :class:`SpecProblem` for a ``pbt:`` section the sweep cannot run."""
+    pbt = spec.pbt
+    assert pbt is not None
+    if spec.objective is not None:
+        raise SpecProblem("pbt", "PBT copies the checkpoints of hpcdl's trainer: leave "
+                          f"objective ({spec.objective}) out and give train")  # fmt: skip
+    if spec.multi:
+        raise SpecProblem("pbt", "PBT ranks trials by one objective: give metric, not objectives")
+    if spec.pruner.name != "none":
+        raise SpecProblem("pruner.name", f"{spec.pruner.name!r}: PBT replaces a bad trial's "
+                          "weights instead of stopping it; use pruner: {name: none}")  # fmt: skip
+    if spec.final:
+        raise SpecProblem("final", "a PBT trial's parameters change as it trains, so there is no "
+                          "one set to retrain: give final: false (the best trial's model.pt is "
+                          "the result)")  # fmt: skip
+    epochs = spec.overrides.get("epochs")
+    if isinstance(epochs, int) and pbt.interval_epochs >= epochs:
+        raise SpecProblem("pbt.interval_epochs", f"{pbt.interval_epochs}: must be below the "
+                          f"trials' epochs ({epochs}), or no trial ever meets another")  # fmt: skip
+    for name in pbt.perturb:
+        param = spec.space.get(name)
+        if param is None:
+            raise SpecProblem("pbt.perturb", f"{name!r} is not a parameter of the space")
+        if isinstance(param, Choice | Grid):
+            raise SpecProblem("pbt.perturb", f"{name!r} is a choice: PBT perturbs numbers "
+                              "(exploit copies a choice from the better trial)")  # fmt: skip
+        if name.startswith(NEVER_PERTURBED):
+            raise SpecProblem("pbt.perturb", f"{name!r}: a resumed checkpoint keeps its batch "
+                              "size and seed; exploit copies it, explore cannot change it")  # fmt: skip
+    if not perturbed_names(spec.space, pbt):
+        raise SpecProblem("pbt.perturb", "the space has no numeric parameter to perturb "
+                          "(uniform, loguniform or int)")  # fmt: skip
 
 
 def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:

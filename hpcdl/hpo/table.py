@@ -86,8 +86,9 @@ def shown_rows(sweep: Sweep, jobs: list[SweepJob]) -> list[dict[str, Any]]:
     ended = ended_tasks(jobs)
     rows = sweep.status()
     for r in rows:
-        if r["state"] == "running" and r.get("job") in ended:
-            r["state"] = "cancelled" if ended[r["job"]] == "CANCELLED" else "stopped"
+        task = (r.get("job") or "").split("+")[0]  # a packed lane's claim: TASK+LANE
+        if r["state"] == "running" and task in ended:
+            r["state"] = "cancelled" if ended[task] == "CANCELLED" else "stopped"
     return rows
 
 

@@ -24,11 +24,12 @@ import optuna
 
 from hpcdl.hpo import budget, decide
 from hpcdl.hpo.folder import ENDED, FINISHED_SLOT, Slot, SweepPaths, abort_file
+from hpcdl.hpo.packing import claimant
 from hpcdl.hpo.pareto import measured
 from hpcdl.hpo.protocol import Objective, TrialContext, TrialRequeued, as_objective
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import TrialReporter, storage_of, suggest
-from hpcdl.preemption import StopFlag, task_id
+from hpcdl.preemption import StopFlag
 from hpcdl.train.stop import StopTraining
 from hpcdl.util import atomic_write_text
 
@@ -36,7 +37,7 @@ from hpcdl.util import atomic_write_text
 def resolve_objective(spec: SweepSpec) -> Objective:
     """``objective: module:name`` from the spec (an Objective, or a plain function wrapped in
     one), else hpcdl's trainer."""
-    ref = spec.objective or "hpcdl.hpo.objective:train_objective"
+    ref = spec.objective or f"hpcdl.hpo.{'pbt:pbt' if spec.pbt else 'objective:train'}_objective"
     module, _, name = ref.partition(":")
     return as_objective(getattr(importlib.import_module(module), name), ref)
 
@@ -62,9 +63,9 @@ def claim(
                 return None
         slot = paths.read_slot(slot_no)
         if slot is None:
-            action = decide.claim(None, 0, None, task_id(), spec.max_retries)
+            action = decide.claim(None, 0, None, claimant(), spec.max_retries)
         else:
-            action = decide.claim(slot.state, slot.attempts, slot.job, task_id(), spec.max_retries)
+            action = decide.claim(slot.state, slot.attempts, slot.job, claimant(), spec.max_retries)
         if action == "skip":
             return None
         if action == "new" and budget.refuse_new_trial(paths, spec):  # running trials finish
@@ -92,7 +93,7 @@ def claim(
         slot = slot.model_copy(
             update={
                 "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
-                "job": task_id(),
+                "job": claimant(),  # a packed lane's TASK+LANE: it resumes its own trial
                 "claimed_at": time.time(),
             }
         )
@@ -189,7 +190,7 @@ def _next_slot(paths: SweepPaths, slots: Iterable[int]) -> int | None:
             continue
         seen.append((i, slot.state if slot else None, slot.job if slot else None))
     # Only a Slurm job or task id survives a requeue (a local worker's id is not its task's).
-    return decide.next_slot(seen, task_id(local=False))
+    return decide.next_slot(seen, claimant(local=False))
 
 
 def _read_if_replaced(
@@ -242,9 +243,13 @@ def run_trial(
         if _agree(reporter.should_prune() if reporter is not None else False):
             raise StopTraining(f"pruned at epoch {epoch}", tag="pruned")
 
+    def note(event: dict[str, Any]) -> None:
+        nonlocal slot
+        slot = record(slot.model_copy(update={"pbt": [*slot.pbt, event]}))
+
     watchdog = _watch_for_abort(trial_dir, slot.attempts) if _world() > 1 else None
     while True:
-        ctx = TrialContext(spec, slot, trial_dir, report, flag)
+        ctx = TrialContext(spec, slot, trial_dir, report, flag, note)
         try:
             values = measured(objective.run(dict(slot.params), ctx), spec.metrics,
                               spec.constraints)  # fmt: skip

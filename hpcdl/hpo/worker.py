@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from hpcdl import preemption
-from hpcdl.hpo import store_timing
+from hpcdl.hpo import packing, store_timing
 from hpcdl.hpo.folder import FINISHED_SLOT, SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import open_study
@@ -127,8 +127,11 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     _maybe_init_distributed(spec.collective_timeout_s)
     log.info("sweep worker %s started (pid %d, rank %d)", task_id(), os.getpid(), _rank())
     note(paths, "start", restarts=preemption.restarts(), process_started=_process_started())
-    study = open_study(spec, paths.root, worker=int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0")))
-    done = work(paths, spec, study, slots, flag)
+    worker = int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0"))
+    if spec.lanes > 1:  # trial packing: several trials at once, each on its share
+        done = packed(paths, spec, slots, flag, worker)
+    else:
+        done = work(paths, spec, open_study(spec, paths.root, worker=worker), slots, flag)
     finish_distributed()  # the ranks leave together
     stopped = bool(getattr(flag, "requested", False))
     if _rank() == 0 and not stopped:
@@ -145,6 +148,28 @@ def _process_started() -> float | None:
         return round(time.time() - process_age(), 3)
     except (OSError, ValueError, IndexError):  # no /proc: not Linux
         return None
+
+
+def packed(
+    paths: SweepPaths, spec: SweepSpec, slots: list[int], flag: StopFlag, worker: int
+) -> list[str]:
+    """Run ``spec.lanes`` warm-worker loops at once, one process each on its share of the
+    task's CPUs and GPUs (:mod:`hpcdl.hpo.packing`); what every lane's trials ended as, a
+    lane's checkpointed (still running) trial last, so the caller knows a trial was requeued.
+    Each lane opens the study itself: a database connection must not cross a fork."""
+    cpus, allotted, gpus = packing.allocation(spec.resources.gpus_per_node)
+    lanes = packing.plan(spec.lanes, cpus, allotted, gpus)
+
+    def lane_loop(lane: packing.Lane) -> list[str]:
+        note(paths, "lane", lane=lane.index, cpus=sorted(os.sched_getaffinity(0)),
+             threads=lane.threads, gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
+        study = open_study(spec, paths.root, worker=worker * len(lanes) + lane.index)
+        return work(paths, spec, study, slots, flag)
+
+    per_lane = packing.run_lanes(lanes, lane_loop, flag)
+    ended = [d for done in per_lane for d in done[:-1]]
+    last = sorted((done[-1] for done in per_lane if done), key=lambda d: d.endswith(":running"))
+    return ended + last
 
 
 def _requeue_between_trials(paths: SweepPaths, slots: list[int], flag: StopFlag) -> None:

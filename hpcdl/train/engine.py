@@ -244,3 +244,24 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Ten
     if zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def retune(engine: Any, cfg: TrainConfig) -> dict[str, float] | None:
+    """After a checkpoint load, the config's learning rate and weight decay where they differ
+    from the loaded ones (population-based training resumes a copied checkpoint with perturbed
+    parameters); returns what changed, None for a plain resume, which it leaves bit-identical.
+
+    DeepSpeed restores the optimizer's groups and the LambdaLR's ``base_lrs`` from the
+    checkpoint, so without this a new ``optimizer.lr`` in the config would be silently ignored.
+    The group's current rate is the schedule's factor at its current step times the new base,
+    as LambdaLR computes it."""
+    sched, opt, o = engine.lr_scheduler, engine.optimizer, cfg.optimizer
+    changed: dict[str, float] = {}
+    for i, group in enumerate(opt.param_groups):
+        if sched is not None and sched.base_lrs[i] != o.lr:
+            sched.base_lrs[i] = group["initial_lr"] = o.lr
+            group["lr"] = o.lr * sched.lr_lambdas[i](sched.last_epoch)
+            changed["lr"] = o.lr
+        if group.get("weight_decay", o.weight_decay) != o.weight_decay:
+            group["weight_decay"] = changed["weight_decay"] = o.weight_decay
+    return changed or None

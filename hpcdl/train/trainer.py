@@ -25,17 +25,14 @@ from hpcdl.preemption import StopFlag
 from hpcdl.track import Tracker, rewind_jsonl
 from hpcdl.train.async_checkpoint import asynchronous
 from hpcdl.train.checkpoint import Checkpointer, tag_for
-from hpcdl.train.config import (
-    preemption_settings,
-    read_run_config,
-    read_site_values,
-)
+from hpcdl.train.config import preemption_settings, read_run_config, read_site_values
 from hpcdl.train.engine import (
     DTYPES,
     build_engine,
     consolidated_state_dict,
     import_deepspeed,
     needs_universal,
+    retune,
     seed_everything,
     to_device,
     validate,
@@ -44,7 +41,7 @@ from hpcdl.train.loaders import shard_loader
 from hpcdl.train.models import build_model, loss_fn
 from hpcdl.train.preflight import preflight, staged_data
 from hpcdl.train.steps import StepMeter, StepStats, agreed_stop_signal
-from hpcdl.train.stop import StopTraining
+from hpcdl.train.stop import StopTraining, stop_tag
 from hpcdl.train.tracking import make_tracker
 from hpcdl.util import atomic_write_json, configure_logging
 
@@ -119,6 +116,7 @@ class Trainer:
         self.state = TrainState()
         self.last_saved: int | None = None  # the step of this run's newest checkpoint
         self.last_val: tuple[float, float, int] | None = None  # the newest validation
+        self.stop_at_step: StopTraining | None = None  # raised after the next optimizer step
         self.timing: dict[str, float] = {}  # training time of the processes before this one
 
     def run(self) -> dict[str, Any]:
@@ -174,6 +172,7 @@ class Trainer:
             self.train_loader.set_epoch(0)
             return None
         client = self.checkpoints.load(self.engine, resumed, universal)
+        self.retuned = retune(self.engine, self.cfg)  # PBT: the config's rate, not the copy's
         if universal:
             self.checkpoints.drop_universal()
         self.state = TrainState.from_dict(client["train"])
@@ -188,7 +187,7 @@ class Trainer:
     def start_tracking(self, resumed: str | None) -> None:
         """Open the metrics (after the rewind) and log the start or the resume."""
         self.tracker = make_tracker(self.cfg, self.run_dir, self.rank, self.site_values)
-        event = {
+        event: dict[str, Any] = {
             "event": "resume" if resumed else "start",
             "step": self.state.step,
             "checkpoint": resumed,
@@ -197,6 +196,8 @@ class Trainer:
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
         }
+        if getattr(self, "retuned", None):  # what the resumed optimizer took from the config
+            event["retuned"] = self.retuned
         if resumed and self.found[1] != self.world:
             event["checkpoint_world_size"] = self.found[1]
             event["resized"] = (
@@ -241,8 +242,8 @@ class Trainer:
         """After optimizer step ``state.step``: sync, log and checkpoint when due; True if some
         rank asked to stop (then nothing is saved here: :meth:`stop_for_preemption` does)."""
         self.log_committed()
-        step, every = self.state.step, self.cfg.checkpoint.every_steps
-        save_due = bool(every) and step % every == 0
+        step, every, waiting = self.state.step, self.cfg.checkpoint.every_steps, self.stop_at_step
+        save_due = (bool(every) and step % every == 0) or waiting is not None
         last = step >= self.total_steps
         if not (save_due or last or step % self.cfg.log.every_steps == 0):
             return False
@@ -254,6 +255,8 @@ class Trainer:
         if save_due:
             self.save()
             self.meter.restart_clock()  # saving is not training time
+        if waiting is not None:  # a checkpointing stop waited for this step (call_on_epoch)
+            raise self.stopped(waiting)
         return False
 
     def sync(self) -> list[StepStats]:
@@ -300,12 +303,19 @@ class Trainer:
         try:
             self.on_epoch(self.state.epoch, row)
         except Exception as exc:
-            self.tracker.tag(stop_tag(exc))
-            self.tracker.log(
-                "event", {"event": "stopped", "step": self.state.step, "why": str(exc)}
-            )
-            self.tracker.close()
-            raise
+            if isinstance(exc, StopTraining) and exc.checkpoint:  # resumed after its validation
+                if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
+                    self.stop_at_step = exc  # the epoch's last micro-batches wait for a step
+                    return  # that a checkpoint now would lose: saved and raised after it
+                self.save_once()
+            raise self.stopped(exc) from None
+
+    def stopped(self, exc: Exception) -> Exception:
+        """Tag, log and close the run that ``exc`` (from ``on_epoch``) ends; returns ``exc``."""
+        self.tracker.tag(stop_tag(exc))
+        self.tracker.log("event", {"event": "stopped", "step": self.state.step, "why": str(exc)})
+        self.tracker.close()
+        return exc
 
     # -- checkpoints and the end -------------------------------------------------------------
     def save(self) -> str:
@@ -377,10 +387,3 @@ class Trainer:
         self.tracker.log("event", {"event": "completed", **result})
         self.tracker.close()
         return result
-
-
-def stop_tag(exc: BaseException) -> str:
-    """The W&B tag of a run that ``exc`` (raised by ``on_epoch``) ended."""
-    if isinstance(exc, StopTraining):
-        return exc.tag or "stopped"
-    return "stopped"
