@@ -115,8 +115,8 @@ test-quick: install  ## the tests that need no cluster (nor the container image)
 test-unit: install  ## tests/unit alone: no process, no cluster, seconds
 	$(BIN)/pytest -q tests/unit
 
-# Minutes-long runs as a user: an elastic job 2->4->2 nodes.
-SCALE_AS_USER := tests/cluster/test_elastic_slurm.py
+# Minutes-long runs as a user: an elastic job 2->4->2 nodes, PBT, a packed worker cancelled and resumed.
+SCALE_AS_USER := tests/cluster/test_elastic_slurm.py tests/cluster/test_sweep_pbt.py tests/cluster/test_sweep_packing.py
 test-scale: install cluster  ## the 2,500-task array, then 10,000 trials on 256 workers on a 64-node instance (~40 min on 2 cores; not in make test)
 	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -s -m scale --durations=5 --basetemp=/tmp/hpcdl-test-scale tests/cluster/test_split_arrays.py tests/cluster/test_scale64.py
 	HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q -m 'slurm and scale and not root' --durations=5 $(SCALE_AS_USER)

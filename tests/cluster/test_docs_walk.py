@@ -200,7 +200,7 @@ class Walk:
             assert self.runs, f"{self.page}: {line!r} names a run folder before any was made"
             mlp = [r for r in self.runs if Path(r).name.startswith("digits-mlp-")]
             line = re.sub(r"runs/digits-mlp-\d{8}-\d{6}", (mlp or self.runs)[-1], line)
-            line = re.sub(r"\bRUN\b", self.runs[-1], line)
+            line = re.sub(r"\bRUN\b", (mlp or self.runs)[-1], line)  # the page's digits run
         # the page's /tmp/digits.pt: the user's own folder, not the machine's shared /tmp
         return line.replace("/tmp/digits", f"{self.user.home}/digits")
 
