@@ -311,9 +311,10 @@ RETRIED = {"hpcdl sweep best digits-slurm"}
 
 
 def premise(page: str, block: Block, user: User) -> None:
-    """What a page takes for granted of the user's folder: jobs.md submits the user's own
-    `python train.py` (and `eval.py`), from a git repository where it snapshots with git."""
-    if page == "jobs" and "train.py" in block.body and not (user.cwd / "train.py").exists():
+    """What a page takes for granted of the user's folder: jobs.md (and train.md's elastic
+    example) submit or render the user's own `python train.py` (and `eval.py`), from a git
+    repository where it snapshots with git."""
+    if "python train.py" in block.body and not (user.cwd / "train.py").exists():
         for script in ("train.py", "eval.py"):
             (user.cwd / script).write_text("import sys\nprint('training', sys.argv[1:])\n")
     if "--snapshot git" in block.body and not (user.cwd / ".git").exists():
