@@ -20,8 +20,9 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (the local controller runs under a shell)."""
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process below them (the local controller runs under a shell), from
+    one read of /proc for all of them."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -29,7 +30,7 @@ def descendants(pid: int) -> list[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
+    out, todo = [], list(roots)
     while todo:
         p = todo.pop()
         out.append(p)
@@ -94,13 +95,12 @@ def stop_trees(roots: list[int], grace_s: float = CANCEL_GRACE_S) -> None:
     still wrote after a cancel returned raced the next command (``sweep resume``,
     ``sweep move-storage``)."""
     signalled: list[tuple[int, str]] = []  # (pid, start time): a pid may be reused
-    for root in roots:
-        for pid in descendants(root):
-            started = _start_ticks(pid)
-            sig = signal.SIGKILL if ignores_sigint(pid) else signal.SIGINT
-            with suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                signalled.append((pid, started))
+    for pid in descendants(roots) if roots else []:
+        started = _start_ticks(pid)
+        sig = signal.SIGKILL if ignores_sigint(pid) else signal.SIGINT
+        with suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            signalled.append((pid, started))
     _wait_gone(signalled, grace_s)
     for pid, started in signalled:
         if _same_alive(pid, started):
