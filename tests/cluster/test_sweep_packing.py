@@ -27,19 +27,24 @@ def wait(sweep: Sweep, timeout: float) -> None:
         pytest.fail(f"{exc}\n{logs}")
 
 
-def test_two_trials_at_once_each_on_its_own_gpu_and_cpus(devcluster):
-    spec = SweepSpec.model_validate({
-        "name": "packed",
-        "objective": "tests.helpers.pack_objectives:where",
+def _packed(name: str, objective: str, resources: dict) -> SweepSpec:
+    """4 random-search trials, one task of two lanes, on the dev cluster."""
+    return SweepSpec.model_validate({
+        "name": name,
+        "objective": f"tests.helpers.pack_objectives:{objective}",
         "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
         "sampler": {"name": "random", "seed": 0},
         "trials": 4,
         "parallelism": 1,
         "trials_per_node": 2,
         "final": False,
-        "resources": {"site": "devcluster", "partition": "gpu", "gpus_per_node": 2,
-                      "tasks_per_node": 1, "cpus_per_task": 4, "time": "5m"},
+        "resources": {"site": "devcluster", "time": "5m", **resources},
     })  # fmt: skip
+
+
+def test_two_trials_at_once_each_on_its_own_gpu_and_cpus(devcluster):
+    spec = _packed("packed", "where", {"partition": "gpu", "gpus_per_node": 2,
+                                       "tasks_per_node": 1, "cpus_per_task": 4})  # fmt: skip
     sweep = Sweep(spec)
     try:
         workers = sweep.run()[0]
@@ -89,17 +94,7 @@ def selected(request: pytest.FixtureRequest) -> None:
 def test_a_cancelled_packed_worker_resumes_each_trial_once(devcluster, selected):
     """``sweep cancel`` while both lanes run a trial, then ``sweep resume``: the two cancelled
     trials run again (same trial numbers), the others once, and the study has four trials."""
-    spec = SweepSpec.model_validate({
-        "name": "packed-cancel",
-        "objective": "tests.helpers.pack_objectives:slow",
-        "space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
-        "sampler": {"name": "random", "seed": 0},
-        "trials": 4,
-        "parallelism": 1,
-        "trials_per_node": 2,
-        "final": False,
-        "resources": {"site": "devcluster", "cpus_per_task": 2, "time": "5m"},
-    })  # fmt: skip
+    spec = _packed("packed-cancel", "slow", {"cpus_per_task": 2})
     sweep = Sweep(spec)
     try:
         workers = sweep.run()[0]
