@@ -69,6 +69,12 @@ def best_trials(trials: Sequence[Any], directions: Sequence[str]) -> list[Any]:
            and WARM not in t.user_attrs and feasible(t.constraints)]  # fmt: skip
     if not own:
         return []
+    if len(directions) == 1:
+        # one objective: the first of the best values, in one pass (the front's pairwise
+        # check was a third of `sweep best` on 10,000 trials)
+        sign = 1.0 if directions[0] == "maximize" else -1.0
+        top = max(sign * t.values[0] for t in own)
+        return [next(t for t in own if sign * t.values[0] == top)]
     keys = front([(t.number, t.values) for t in own], directions)
     best = [t for t in own if t.number in keys]
     return best if len(directions) > 1 else best[:1]

@@ -182,6 +182,7 @@ def _t(number, values, state="COMPLETE", constraints=None, warm=False):
 BEST = [
     ("max one", [_t(0, [0.5]), _t(1, [0.7]), _t(2, [0.6])], ["maximize"], [1]),
     ("min one", [_t(0, [0.5]), _t(1, [0.7])], ["minimize"], [0]),
+    ("a tie: the first", [_t(3, [0.7]), _t(1, [0.7]), _t(2, [0.6])], ["maximize"], [3]),
     ("infeasible set aside", [_t(0, [0.9], constraints={"mem": 0.1}), _t(1, [0.7], constraints={"mem": 0.0})], ["maximize"], [1]),
     ("warm set aside", [_t(0, [0.99], warm=True), _t(1, [0.7])], ["maximize"], [1]),
     ("pruned and failed set aside", [_t(0, None, "PRUNED"), _t(1, None, "FAIL"), _t(2, [0.1])], ["maximize"], [2]),
