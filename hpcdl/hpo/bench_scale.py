@@ -234,6 +234,7 @@ def run_one(
         "mem_available_min_mb": peak["mem_available_min_mb"],
     }  # fmt: skip
     out["silent_tasks"] = silent_tasks(sweep, handles[0], set(read_journals(sweep.paths)))
+    out["failed_tasks"] = failed_tasks(handles[0])
     out["problems"] = invariants(sweep)
     for cmd in ("status", "best"):
         out[f"{cmd}_s"], out[f"{cmd}_cpu_s"] = cli_time("sweep", cmd, spec.name)
@@ -251,6 +252,22 @@ def silent_tasks(sweep: Any, array: Any, journals: set[str], show: int = 3) -> d
         logs = sorted(Path(array.folder).glob(f"{task}_*_log.*"))
         tails[task] = {p.name: p.read_text(errors="replace")[-600:] for p in logs}
     return {"count": len(silent), "first": silent[:20], "logs": tails}
+
+
+def failed_tasks(array: Any, show: int = 3) -> dict[str, Any]:
+    """The worker array's tasks whose worker died with a traceback (seen: 77 of 256 PostgreSQL
+    workers timed out connecting, and the sweep went on with 179 without a word): how many,
+    and the last line of the first ones' errors."""
+    dead: dict[str, str] = {}
+    for log in sorted(Path(array.folder).glob(f"{array.job_id}_*_log.err")):
+        text = log.read_text(errors="replace")
+        if "Traceback (most recent call last)" in text:
+            tail = text.rsplit("Traceback (most recent call last)", 1)[1].splitlines()[1:]
+            noise = ("srun:", "slurmstepd", "submitit", "hpcdl:")
+            raised = [ln for ln in tail if ln and not ln[0].isspace() and not ln.startswith(noise)]
+            dead[log.name.split("_log")[0]] = raised[-1][:300] if raised else text[-300:]
+    first = sorted(dead)[:show]
+    return {"count": len(dead), "first": first, "errors": {t: dead[t] for t in first}}
 
 
 def _journal(spec: Any) -> bool:
@@ -274,4 +291,9 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['trial_writes_p50_ms']:>7.1f}/{r['trial_writes_p99_ms']:<8.1f}  "
             f"{r['claim_p99_ms']:>7.0f}ms"
         )
+    for r in rows:  # a figure "at 256 workers" is not one if a third of them died
+        dead = r.get("failed_tasks", {}).get("count", 0)
+        if dead:
+            out.append(f"{r['storage']} at {r['workers']} workers: {dead} worker(s) died, "
+                       f"e.g. {next(iter(r['failed_tasks']['errors'].values()))[:120]}")  # fmt: skip
     return out

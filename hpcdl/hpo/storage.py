@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,19 @@ import optuna
 from hpcdl.credentials import Secret, read_secret_file
 from hpcdl.database import StudyDatabase
 from hpcdl.errors import ConfigError
+from hpcdl.hpo import db_retry
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.site import SiteProfile
+from hpcdl.util import get_logger
+
+log = get_logger(__name__)
 
 CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout: an unreachable server fails, never hangs
+#: How long a worker keeps retrying a connection that fails for a reason that passes (see
+#: db_retry); ``sweep run`` and ``sweep status`` never retry: a user waits for them.
+WORKER_CONNECT_WAIT_ENV = "HPCDL_DB_CONNECT_WAIT_S"
+WORKER_CONNECT_WAIT_S = 600.0
 
 #: One RDBStorage (one SQLAlchemy engine and its connections) per database and process: the
 #: study, the trial reporter and the final job share it.
@@ -67,7 +77,9 @@ def password(db: StudyDatabase, where: str) -> str | None:
     return read_secret_file(secret, where, field="storage.password_file")
 
 
-def _rdb(db: StudyDatabase, where: str, create: bool = False) -> optuna.storages.RDBStorage:
+def _rdb(
+    db: StudyDatabase, where: str, create: bool = False, retry: bool = False
+) -> optuna.storages.RDBStorage:
     """This process's RDBStorage. Only ``sweep run`` (``create``) creates Optuna's tables and
     checks their schema version against this Optuna: the workers and ``sweep status/best``
     skip both (0.17 s and alembic's import, a fifth of ``sweep best`` on 10,000 trials)."""
@@ -77,28 +89,53 @@ def _rdb(db: StudyDatabase, where: str, create: bool = False) -> optuna.storages
         pw = password(db, where)
         if pw is not None:  # passed to the driver, never put in the URL (which errors show)
             connect["password"] = pw
-        _DATABASES[key] = optuna.storages.RDBStorage(
-            db.sqlalchemy_url,
-            # One process needs one connection (it never writes from two threads); a small
-            # pool keeps hundreds of workers within the server's max_connections.
-            engine_kwargs={
-                "connect_args": connect,
-                "pool_size": 1,
-                "max_overflow": 2,
-                "pool_pre_ping": True,
-            },
-            skip_table_creation=not create,
-            skip_compatibility_check=not create,
-        )
+
+        def make() -> optuna.storages.RDBStorage:
+            return optuna.storages.RDBStorage(
+                db.sqlalchemy_url,
+                # One process needs one connection (it never writes from two threads); a small
+                # pool keeps hundreds of workers within the server's max_connections.
+                engine_kwargs={
+                    "connect_args": connect,
+                    "pool_size": 1,
+                    "max_overflow": 2,
+                    "pool_pre_ping": True,
+                },
+                skip_table_creation=not create,
+                skip_compatibility_check=not create,
+            )
+
+        _DATABASES[key] = make() if create or not retry else _retrying(make, db.url)
     return _DATABASES[key]
 
 
-def open_storage(spec: SweepSpec, sweep_dir: Path, where: str = "") -> optuna.storages.BaseStorage:
+def _retrying(make: Any, url: str) -> optuna.storages.RDBStorage:
+    """``make()``, again after a jittered wait while it fails for a reason that passes, until
+    the worker's deadline; then (or at once, for a reason that does not pass) its error."""
+    wait_s = float(os.environ.get(WORKER_CONNECT_WAIT_ENV, WORKER_CONNECT_WAIT_S))
+    deadline = time.monotonic() + wait_s
+    waits = db_retry.delays(random.Random())  # unseeded: workers must not wait alike
+    for attempt in range(1, 1_000_000):
+        try:
+            return make()
+        except Exception as exc:
+            pause = next(waits)
+            if not db_retry.transient(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("cannot connect to %s (attempt %d: %s); again in %.1f s",
+                        url, attempt, _first_line(exc), pause)  # fmt: skip
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def open_storage(
+    spec: SweepSpec, sweep_dir: Path, where: str = "", retry: bool = False
+) -> optuna.storages.BaseStorage:
     """The sweep's storage: a journal storage on ``SWEEP/study.journal`` (a new one per call:
     each catches up with the file when it reads), or this process's RDBStorage."""
     db = database(spec)
     if db is not None:
-        return _rdb(db, where or str(SweepPaths(sweep_dir).spec))
+        return _rdb(db, where or str(SweepPaths(sweep_dir).spec), retry=retry)
     return journal_storage(sweep_dir)
 
 

@@ -101,7 +101,9 @@ def open_study(spec: SweepSpec, sweep_dir: Path, worker: int | None = None) -> o
     ``worker``: the index of a process that will draw trials; its sampler's seed also depends
     on the sweep's round and on how many trials the study holds, so no two processes of the
     sweep (resumed, requeued) replay the same draws."""
-    store, name = store_timing.instrument(open_storage(spec, sweep_dir)), study_name(spec)
+    # a worker waits out a database that is busy or restarting (db_retry); a user's command does not
+    store = store_timing.instrument(open_storage(spec, sweep_dir, retry=worker is not None))
+    name = study_name(spec)
     draw: tuple[int, ...] = ()
     if worker is not None:
         try:

@@ -140,6 +140,7 @@ def test_10000_trials_on_256_workers(scale_site: str):
     assert r["problems"] == [], r["problems"]
     assert r["array_tasks"] == WORKERS
     assert r["silent_tasks"]["count"] == 0, f"workers that never started: {r['silent_tasks']}"
+    assert r["failed_tasks"]["count"] == 0, f"workers that died: {r['failed_tasks']}"
     assert r["processes"] >= WORKERS * 0.9, "fewer workers ran trials than were submitted"
     assert r["heavy"] == [], "a cheap objective's worker imported " + ", ".join(r["heavy"])
     assert _left_in_queue(r["jobs"]) == [], "jobs of the sweep left in the queue"

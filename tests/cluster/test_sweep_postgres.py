@@ -249,6 +249,27 @@ def test_worker_killed_mid_trial_leaves_the_study_consistent(
     assert all(s.state in FINISHED_SLOT for s in sweep.slots())
 
 
+def test_workers_wait_out_a_server_that_does_not_answer(job_root, postgres, password_file):
+    """The server's postmaster stopped (SIGSTOP) as the workers start: their connections hang
+    until libpq's 10 s timeout, as 77 of 256 workers' did in the bench's connection storm, and
+    died then with a traceback. Now they retry with jittered back-off, connect once it answers
+    again, and the sweep records every trial once."""
+    storage = {"url": postgres.url(), "password_file": str(password_file)}
+    sweep = Sweep(spec(storage, name="pgwait", trials=6, parallelism=2, final=False))
+    postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
+    (workers,) = sweep.run()  # its check connects while the server answers
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        time.sleep(13)  # past the workers' first connect timeout
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    wait_for(lambda: sweep.paths.finished_count() == 6, 120, "6 trials finished", sweep)
+    trials = db_trials(postgres, sweep.spec.storage.study)
+    assert sorted(t.number for t in trials) == list(range(6))
+    logs = "".join(p.read_text(errors="replace") for p in Path(workers.folder).glob("*_log.err"))
+    assert "cannot connect to" in logs and "again in" in logs, logs[-3000:]
+
+
 # -- refusals: one line, exit 2, nothing written ------------------------------------------------
 def _refused(tmp_path: Path, job_root: Path, capsys, storage: str, *extra: str) -> str:
     path = tmp_path / "sweep.yaml"

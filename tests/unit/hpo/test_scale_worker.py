@@ -173,3 +173,20 @@ def test_silent_tasks_names_the_workers_that_never_started_and_shows_their_logs(
     assert got["count"] == 1 and got["first"] == ["77_2"]
     assert got["logs"] == {"77_2": {"77_2_0_log.err": "srun: error: stuck\n"}}
     assert bench_scale.silent_tasks(None, array, {f"77_{i}" for i in range(4)})["count"] == 0
+
+
+def test_failed_tasks_names_workers_that_died_with_a_traceback(tmp_path):
+    from types import SimpleNamespace
+
+    from hpcdl.hpo.bench_scale import failed_tasks
+
+    (tmp_path / "7_0_0_log.err").write_text("hpcdl: info: sweep worker 7_0 started\n")
+    (tmp_path / "7_1_0_log.err").write_text(
+        "hpcdl: info: sweep worker 7_1 started\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1\npsycopg.errors.ConnectionTimeout: connection timeout expired\n'
+        "srun: error: node1: task 0: Exited with exit code 1\n"
+    )
+    (tmp_path / "8_0_0_log.err").write_text("Traceback (most recent call last):\nValueError: x\n")
+    got = failed_tasks(SimpleNamespace(folder=str(tmp_path), job_id="7"))
+    assert got["count"] == 1 and got["first"] == ["7_1_0"]
+    assert got["errors"]["7_1_0"] == "psycopg.errors.ConnectionTimeout: connection timeout expired"
