@@ -117,8 +117,12 @@ test-unit: install  ## tests/unit alone: no process, no cluster, seconds
 
 # Minutes-long runs as a user: an elastic job 2->4->2 nodes, PBT, a packed worker cancelled and resumed.
 SCALE_AS_USER := tests/cluster/test_elastic_slurm.py tests/cluster/test_sweep_pbt.py tests/cluster/test_sweep_packing.py
+# Every job of it is submitted by an unprivileged user; root only starts and stops the 64-node instance.
 test-scale: install cluster  ## the 2,500-task array, then 10,000 trials on 256 workers on a 64-node instance (~40 min on 2 cores; not in make test)
-	HPCDL_CLUSTER_STARTED=1 $(BIN)/pytest -q -s -m scale --durations=5 --basetemp=/tmp/hpcdl-test-scale tests/cluster/test_split_arrays.py tests/cluster/test_scale64.py
+	HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q -s -m 'slurm and scale and not root' --durations=5 tests/cluster/test_split_arrays.py
+	slurm/devcluster/devcluster.sh up --instance scale --nodes 64
+	HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q -s -m 'slurm and scale and not root' --durations=5 tests/cluster/test_scale64.py; \
+	  status=$$?; slurm/devcluster/devcluster.sh down --instance scale; exit $$status
 	HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q -m 'slurm and scale and not root' --durations=5 $(SCALE_AS_USER)
 
 demo: install  ## the main job: digits shards, a 16-trial TPE+ASHA sweep and the final test score (local profile)
