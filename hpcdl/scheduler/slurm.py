@@ -362,8 +362,10 @@ def query(job_ids: list[str]) -> dict[str, TaskStatus]:
     missing = [j for j in job_ids if not any(k.split("_")[0] == j for k in found)]
     pending_arrays = [k for k in found if k.endswith("_*")]
     # sacct keeps the reason of its last update (``Dependency``); squeue has the live one
-    # (``DependencyNeverSatisfied``), so pending jobs are asked there too.
-    pending = sorted({k.split("_")[0] for k, s in found.items() if s.state == "PENDING"})
+    # (``DependencyNeverSatisfied``), so pending jobs are asked there too. A requeued task is
+    # pending again: sacct shows REQUEUED for its first seconds, and squeue whether it is held
+    # after a failed launch (what `sweep status` must say).
+    pending = sorted({k.split("_")[0] for k, s in found.items() if s.state in _ASK_SQUEUE})
     if missing or pending_arrays or pending:
         ids = ",".join(
             dict.fromkeys([*(missing or job_ids if pending_arrays else missing), *pending])
@@ -374,6 +376,10 @@ def query(job_ids: list[str]) -> dict[str, TaskStatus]:
     return found
 
 
+#: States in sacct whose live form (and pending reason) squeue knows better.
+_ASK_SQUEUE = ("PENDING", "REQUEUED")
+
+
 def _parse_rows(text: str, found: dict[str, TaskStatus], overwrite: bool) -> None:
     """``JOBID|STATE|REASON`` lines (sacct -P, squeue -o) into ``found``."""
     for line in text.splitlines():
@@ -382,7 +388,7 @@ def _parse_rows(text: str, found: dict[str, TaskStatus], overwrite: bool) -> Non
         state = normalize_state(state)
         status = TaskStatus(state, _reason(reason) if state == "PENDING" else "")
         for tid in expand_array_id(jid):
-            if overwrite or tid not in found or found[tid].state == "PENDING":
+            if overwrite or tid not in found or found[tid].state in _ASK_SQUEUE:
                 found[tid] = status
 
 

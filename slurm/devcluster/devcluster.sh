@@ -425,6 +425,21 @@ ensure_users() {
     done
 }
 
+# ensure_prolog: the Prolog of slurm.conf (prolog.sh.in: fails a node's next launch when a test
+# asks) and the folder where the test users' group asks (sticky: each removes only its own).
+ensure_prolog() {
+    local dest=$STATE_DIR/prolog.sh new
+    new=$(render prolog.sh)
+    if [[ ! -f $dest || $(cat "$dest") != "$new" ]]; then
+        printf '%s\n' "$new" >"$dest.tmp" && chmod 755 "$dest.tmp" && mv -f "$dest.tmp" "$dest"
+        CHANGED=1
+        say "wrote $dest"
+    fi
+    mkdir -p "$STATE_DIR/fail-launch"
+    chown "root:$GROUP" "$STATE_DIR/fail-launch"
+    chmod 1770 "$STATE_DIR/fail-launch"
+}
+
 # ensure_sudoers: the test users may run scontrol as the operator, and nothing else: tests
 # that run as a user set a node DOWN that way (sudo -n -u hpcdl-op scontrol update NodeName=...).
 ensure_sudoers() {
@@ -636,6 +651,7 @@ cmd_up() {
     start_slurmdbd
     ensure_accounting
     ensure_users
+    ensure_prolog
     ensure_sudoers
     ensure_user_accounting
     start_slurmctld

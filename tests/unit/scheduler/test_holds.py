@@ -61,3 +61,25 @@ def test_a_round_waiting_only_on_held_tasks_is_not_live(tasks, held, live):
     job = _job(tasks)
     assert job.held == held
     assert job.live is live
+
+
+@pytest.mark.parametrize(
+    ("sacct_row", "squeue_row", "expected"),
+    [
+        # seen on the dev cluster in the first seconds after a prolog failed the launch:
+        # sacct says REQUEUED, squeue has the hold, and `sweep status` said nothing
+        ("5_0|REQUEUED|", "5_0|PENDING|launch failed requeued held", ("PENDING", "launch failed requeued held")),
+        ("5_0|PENDING|JobHeldUser", "5_0|PENDING|launch failed requeued held", ("PENDING", "launch failed requeued held")),
+        ("5_0|PENDING|Dependency", "5_0|PENDING|DependencyNeverSatisfied", ("PENDING", "DependencyNeverSatisfied")),
+        ("5_0|REQUEUED|", "", ("REQUEUED", "")),  # gone from the queue: sacct's word stands
+        ("5_0|COMPLETED|", "5_0|PENDING|x", ("COMPLETED", "")),  # a finished task is never asked
+    ],
+)  # fmt: skip
+def test_squeue_knows_a_requeued_or_pending_task_better(sacct_row, squeue_row, expected):
+    from hpcdl.scheduler.slurm import _ASK_SQUEUE, _parse_rows
+
+    found: dict[str, TaskStatus] = {}
+    _parse_rows(sacct_row, found, overwrite=True)
+    if found["5_0"].state in _ASK_SQUEUE:
+        _parse_rows(squeue_row, found, overwrite=False)
+    assert (found["5_0"].state, found["5_0"].reason) == expected
