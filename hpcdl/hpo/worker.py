@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from hpcdl import preemption
-from hpcdl.hpo import packing, store_timing
+from hpcdl.hpo import decide, packing, store_timing
 from hpcdl.hpo.folder import FINISHED_SLOT, SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import open_study
@@ -212,8 +212,10 @@ def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None
     array = task.array_job if task else None
     if array is None:
         return
-    if paths.missing_slots(slots):  # a sibling's slot: it may be held after a failed launch
-        _release_failed_launches(paths, spec, array)
+    missing = paths.missing_slots(slots)
+    if missing:  # a sibling's slot: it may be held after a failed launch
+        if decide.look_for_held("workers", False, len(missing), spec.parallelism):
+            _release_failed_launches(paths, spec, array)
         return
     try:
         get_scheduler(load_site(spec.resources.site)).cancel_pending(array)
@@ -253,12 +255,29 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
     study = open_study(spec, paths.root, worker=slot_no)
     slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
     if slot is None:
+        _release_held_siblings(paths, spec, slots, slot_no, stopped=False)
         return f"slot {slot_no}: nothing to do"
     claimed = time.time()
     slot = run_trial(paths, spec, study, slot)
     note(paths, "trial", slot=slot.slot, trial=slot.trial, state=slot.state,
          claimed=claimed, ended=time.time(), attempts=slot.attempts)  # fmt: skip
+    # still running: it checkpointed for a requeue, and comes back itself
+    _release_held_siblings(paths, spec, slots, slot_no, stopped=slot.state not in FINISHED_SLOT)
     return f"slot {slot_no}: trial {slot.trial} {slot.state} value={slot.value}"
+
+
+def _release_held_siblings(
+    paths: SweepPaths, spec: SweepSpec, slots: list[int], mine: int, stopped: bool
+) -> None:
+    """At the end of a one-trial task: release the round's tasks Slurm holds after a failed
+    launch, as a warm worker does at its end (:func:`_release_round`), when the rule says to
+    look (:func:`hpcdl.hpo.decide.look_for_held`)."""
+    task = preemption.slurm_task()
+    if _rank() != 0 or task is None or task.array_job is None:
+        return
+    others = [i for i in paths.missing_slots(slots) if i != mine]
+    if decide.look_for_held("array", stopped, len(others), spec.parallelism):
+        _release_failed_launches(paths, spec, task.array_job)
 
 
 def local_worker_main(sweep_dir: str) -> str:
