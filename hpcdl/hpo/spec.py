@@ -256,19 +256,10 @@ def check_pbt(spec: SweepSpec) -> None:
 def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
     """Read and validate a sweep spec; ``train`` and a ``warm_start`` file are resolved
     relative to the spec's folder."""
-    from pydantic import ValidationError
-
     from hpcdl.config import apply_overrides
-    from hpcdl.errors import ConfigError
 
     data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as exc:
-        problem = (exc.errors()[0].get("ctx") or {}).get("error")
-        if isinstance(problem, SpecProblem):  # one line naming the field it is about
-            raise ConfigError(str(path), problem.field, problem.problem) from None
-        spec = validate(SweepSpec, data, str(path))  # raises its one line
+    spec = validate_spec(data, str(path))
     if spec.warm_start is not None and warm_start_is_file(spec.warm_start):
         warm = Path(spec.warm_start).expanduser()
         if not warm.is_absolute():
@@ -280,6 +271,22 @@ def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
     if not train.is_absolute() and not train.exists():
         train = path.parent / train
     return spec.model_copy(update={"train": str(train.resolve())})
+
+
+def validate_spec(data: dict[str, Any], where: str) -> SweepSpec:
+    """A spec from ``data``, or one ConfigError line naming the field a problem is about (a
+    :class:`SpecProblem` names its own, not the spec's top level)."""
+    from pydantic import ValidationError
+
+    from hpcdl.errors import ConfigError
+
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        problem = (exc.errors()[0].get("ctx") or {}).get("error")
+        if isinstance(problem, SpecProblem):
+            raise ConfigError(where, problem.field, problem.problem) from None
+        return validate(SweepSpec, data, where)  # raises its one line
 
 
 def warm_start_is_file(value: str) -> bool:

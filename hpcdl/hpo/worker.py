@@ -116,8 +116,10 @@ def _any_rank(flag: bool) -> bool:
     return bool(box.item())
 
 
-def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
-    """Entry point of one Slurm array task of a warm-worker round (every rank runs it)."""
+def worker_task_main(sweep_dir: str, slots: list[int], pack: tuple[int, int] | None = None) -> str:
+    """Entry point of one Slurm array task of a warm-worker round (every rank runs it).
+    ``pack``: the round's lanes and GPUs per node when it was submitted (None: the spec's, as
+    rounds queued before it was passed)."""
     from hpcdl.train.run import finish_distributed
 
     flag = preemption.PreemptionFlag()  # first: a signal may come at any time
@@ -128,8 +130,9 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     log.info("sweep worker %s started (pid %d, rank %d)", task_id(), os.getpid(), _rank())
     note(paths, "start", restarts=preemption.restarts(), process_started=_process_started())
     worker = int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0"))
-    if spec.lanes > 1:  # trial packing: several trials at once, each on its share
-        done = packed(paths, spec, slots, flag, worker)
+    lanes, gpus = round_packing(pack, spec)
+    if lanes > 1:  # trial packing: several trials at once, each on its share
+        done = packed(paths, spec, slots, flag, worker, lanes, gpus)
     else:
         done = work(paths, spec, open_study(spec, paths.root, worker=worker), slots, flag)
     finish_distributed()  # the ranks leave together
@@ -150,15 +153,29 @@ def _process_started() -> float | None:
         return None
 
 
+def round_packing(pack: tuple[int, int] | None, spec: SweepSpec) -> tuple[int, int]:
+    """The lanes and GPUs per node a worker runs: its round's, which a ``sweep resume
+    trials_per_node=N`` after the round was queued does not change (the spec's otherwise)."""
+    if pack is None:
+        return spec.lanes, spec.resources.gpus_per_node
+    return int(pack[0]), int(pack[1])
+
+
 def packed(
-    paths: SweepPaths, spec: SweepSpec, slots: list[int], flag: StopFlag, worker: int
+    paths: SweepPaths,
+    spec: SweepSpec,
+    slots: list[int],
+    flag: StopFlag,
+    worker: int,
+    lanes_n: int,
+    gpus_per_node: int,
 ) -> list[str]:
     """Run ``spec.lanes`` warm-worker loops at once, one process each on its share of the
     task's CPUs and GPUs (:mod:`hpcdl.hpo.packing`); what every lane's trials ended as, a
     lane's checkpointed (still running) trial last, so the caller knows a trial was requeued.
     Each lane opens the study itself: a database connection must not cross a fork."""
-    cpus, allotted, gpus = packing.allocation(spec.resources.gpus_per_node)
-    lanes = packing.plan(spec.lanes, cpus, allotted, gpus)
+    cpus, allotted, gpus = packing.allocation(gpus_per_node)
+    lanes = packing.plan(lanes_n, cpus, allotted, gpus)
 
     def lane_loop(lane: packing.Lane) -> list[str]:
         note(paths, "lane", lane=lane.index, cpus=sorted(os.sched_getaffinity(0)),
