@@ -175,7 +175,7 @@ class SweepSpec(StrictModel):
             )
         check_search(self)
         r = self.resources
-        check_packing(self.trials_per_node, self.trials_per_gpu, self.trials_per_task, r.nodes,
+        check_packing(self.trials_per_node, self.trials_per_gpu, self.trials_per_task, r.node_range,
                       r.tasks_per_node, r.gpus_per_node, r.cpus_per_task)  # fmt: skip
         if self.pbt is not None:
             check_pbt(self)
