@@ -292,6 +292,13 @@ def _release_held_siblings(
     task = preemption.slurm_task()
     if _rank() != 0 or task is None or task.array_job is None:
         return
+    # Slots without a file were never claimed, so are missing: more of them than the rule's
+    # tail says no at the cost of one listing, where reading every slot file of a 2,500-task
+    # array at the end of each of its tasks would not be cheap on a shared filesystem.
+    present = {name for name in os.listdir(paths.slots) if name.endswith(".json")}
+    unclaimed = sum(1 for i in slots if i != mine and f"{i}.json" not in present)
+    if not decide.look_for_held("array", stopped, unclaimed, spec.parallelism) and unclaimed:
+        return
     others = [i for i in paths.missing_slots(slots) if i != mine]
     if decide.look_for_held("array", stopped, len(others), spec.parallelism):
         _release_failed_launches(paths, spec, task.array_job)
