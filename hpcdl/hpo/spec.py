@@ -234,6 +234,14 @@ def check_pbt(spec: SweepSpec) -> None:
         raise SpecProblem("final", "a PBT trial's parameters change as it trains, so there is no "
                           "one set to retrain: give final: false (the best trial's model.pt is "
                           "the result)")  # fmt: skip
+    r = spec.resources
+    if r.nodes * r.ntasks_per_node > 1:
+        # every rank would copy the boundary's checkpoint into the same folders at once; a
+        # multi-rank PBT trial was never run either
+        field = "resources.nodes" if r.nodes > 1 else "resources.tasks_per_node"
+        raise SpecProblem(field, f"{r.node_range} node(s) x {r.ntasks_per_node} task(s): a PBT "
+                          "trial runs on one rank (nodes: 1, tasks_per_node: 1; with GPUs, "
+                          "gpus_per_node: 1)")  # fmt: skip
     epochs = spec.overrides.get("epochs")
     if isinstance(epochs, int) and pbt.interval_epochs >= epochs:
         raise SpecProblem("pbt.interval_epochs", f"{pbt.interval_epochs}: must be below the "
