@@ -170,7 +170,7 @@ def packed(
     lanes_n: int,
     gpus_per_node: int,
 ) -> list[str]:
-    """Run ``spec.lanes`` warm-worker loops at once, one process each on its share of the
+    """Run ``lanes_n`` warm-worker loops at once, one process each on its share of the
     task's CPUs and GPUs (:mod:`hpcdl.hpo.packing`); what every lane's trials ended as, a
     lane's checkpointed (still running) trial last, so the caller knows a trial was requeued.
     Each lane opens the study itself: a database connection must not cross a fork."""
