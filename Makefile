@@ -115,8 +115,8 @@ test-quick: install  ## the tests that need no cluster (nor the container image)
 test-unit: install  ## tests/unit alone: no process, no cluster, seconds
 	$(BIN)/pytest -q tests/unit
 
-# Minutes-long runs as a user: an elastic job 2->4->2 nodes, PBT, a packed worker cancelled and resumed.
-SCALE_AS_USER := tests/cluster/test_elastic_slurm.py tests/cluster/test_sweep_pbt.py tests/cluster/test_sweep_packing.py
+# Minutes-long runs as a user: an elastic job 2->4->2 nodes, PBT, a packed worker cancelled and resumed, an elastic sweep 1->2 nodes, a packed sweep resumed with other lanes.
+SCALE_AS_USER := tests/cluster/test_elastic_slurm.py tests/cluster/test_sweep_pbt.py tests/cluster/test_sweep_packing.py tests/cluster/test_sweep_elastic.py tests/cluster/test_pack_resume.py
 # Every job of it is submitted by an unprivileged user; root only starts and stops the 64-node instance.
 test-scale: install cluster  ## the 2,500-task array, then 10,000 trials on 256 workers on a 64-node instance (~40 min on 2 cores; not in make test)
 	HPCDL_VENV=$(abspath $(VENV)) tests/run_as_user.sh -q -s -m 'slurm and scale and not root' --durations=5 tests/cluster/test_split_arrays.py

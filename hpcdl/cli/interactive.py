@@ -222,14 +222,16 @@ def attach(job_id: str, task: int | None) -> None:
     """Follow a job's output as it is written (stdout and stderr of every task, or --task N),
     like tail -f; ends when the job ends. JOB_ID, or ARRAYID_TASK for one array task."""
     from hpcdl.scheduler import FINISHED, find_task
+    from hpcdl.scheduler.started import started_tasks
 
     handle, array_task = find_task(job_id)
     if handle.array is not None and array_task is None:
         raise ConfigError("", "JOB_ID", f"{handle.job_id} is an array: give one task, e.g. "
                           f"{handle.job_id}_0")  # fmt: skip
-    if task is not None and not 0 <= task < handle.tasks:
-        raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{handle.tasks - 1}")
-    tasks = [task] if task is not None else list(range(handle.tasks))
+    count = started_tasks(handle, array_task)  # an elastic job's: the nodes it got
+    if task is not None and not 0 <= task < count:
+        raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{count - 1}")
+    tasks = [task] if task is not None else list(range(count))
     tails = [_Tail(path, t if len(tasks) > 1 else None, err)
              for t in tasks for err, path in enumerate(handle.log_paths(t, array_task))]  # fmt: skip
     while True:

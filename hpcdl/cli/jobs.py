@@ -323,12 +323,14 @@ def logs(job_id: str, task: int, stderr: bool, follow: bool, show_all: bool) -> 
     The program's output, without submitit's own INFO lines (--all shows them; its warnings and
     errors always show)."""
     from hpcdl.scheduler import FINISHED, find_task
+    from hpcdl.scheduler.started import started_tasks
 
     handle, array_task = find_task(job_id)  # a split array's task: its global index
     if handle.array is not None and array_task is not None and array_task >= handle.array:
         raise ConfigError("", "JOB_ID", f"array {handle.job_id} has tasks 0..{handle.array - 1}")
-    if task >= handle.tasks:
-        raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{handle.tasks - 1}")
+    tasks = started_tasks(handle, array_task) if task else handle.tasks  # task 0 always exists
+    if task >= tasks:
+        raise ConfigError("", "--task", f"job {handle.job_id} has tasks 0..{tasks - 1}")
     path = handle.log_paths(task, array_task)[1 if stderr else 0]
     pos, held = 0, ""  # held: a last line still being written (filtered once it is whole)
 

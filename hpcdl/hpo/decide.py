@@ -139,6 +139,22 @@ def next_slot(slots: Sequence[tuple[int, str | None, str | None]], me: str | Non
     return next((i for i, state, _ in slots if state in (None, "retry")), None)
 
 
+def look_for_held(kind: RoundKind, stopped: bool, missing_others: int, parallelism: int) -> bool:
+    """Whether a task that ends asks Slurm for siblings it holds after a failed launch (held
+    for ever: the round's follow-up job, ``afterany`` on the array, waits for them).
+
+    ``missing_others``: the round's unfinished slots other than this task's own. A stopped task
+    (preempted, cancelled) leaves it to the others. A warm worker asks whenever slots are left
+    that it could not claim (its array is at most ``parallelism`` tasks). One trial per task:
+    only in the round's tail, when at most ``parallelism`` slots are left, which every running
+    or held sibling fits in; earlier, slots of tasks that merely wait for the throttle are
+    left too, and a query per ending task of a 2,500-task array is 2,500 queries of a long
+    pending list for nothing (a task held earlier is still found in the tail)."""
+    if stopped or missing_others <= 0:
+        return False
+    return kind == "workers" or missing_others <= parallelism
+
+
 def alert(
     finished: bool,
     failed: bool,

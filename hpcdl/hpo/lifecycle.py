@@ -147,7 +147,10 @@ class Lifecycle:
             jobs["array"] = self._job(function=array_task_main, args=(root, slots),
                                       array=len(slots), throttle=workers, requeue=True)  # fmt: skip
         else:  # warm workers: each claims the round's slots until none is left
-            jobs["workers"] = self._job(function=worker_task_main, args=(root, slots),
+            # the round's packing goes with it: a task requeued after a later 'sweep resume'
+            # changed the spec still runs the lanes its claims (TASK+LANE) name
+            pack = (self.spec.lanes, self.spec.resources.gpus_per_node)
+            jobs["workers"] = self._job(function=worker_task_main, args=(root, slots, pack),
                                         array=workers, requeue=True)  # fmt: skip
         if self.spec.final:  # afterany: it starts whatever happens to the tasks, then checks
             jobs["final"] = self._final_job(after)

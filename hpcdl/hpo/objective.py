@@ -35,6 +35,27 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], run_dir: Path, **log: 
     return validate(TrainConfig, data, f"{spec.train} (with the sweep's parameters)")
 
 
+def check_node_range(spec: SweepSpec, cfg: TrainConfig) -> None:
+    """``resources.nodes: MIN-MAX`` (an elastic sweep): Slurm may start a worker, and bring a
+    requeued one back, on any count of the range; its trials train on that many ranks and
+    resume on another as any run does (checkpoints and loader positions do not depend on the
+    world size). So the global batch must split into whole micro-batches on every count, for
+    the sampled batch and for every value a ``batch.size`` choice can take."""
+    r = spec.resources
+    if len(r.node_counts) < 2:
+        return
+    param = spec.space.get("batch.size")
+    sizes = list(getattr(param, "values", None) or [cfg.batch.size])
+    for nodes in r.node_counts:
+        ranks = nodes * r.ntasks_per_node
+        for size in sizes:
+            if int(size) % (cfg.batch.micro * ranks):
+                raise ConfigError("", "resources.nodes", f"{r.node_range}: on {nodes} node(s) "
+                                  f"({ranks} ranks) batch.size {size} is not divisible by "
+                                  f"batch.micro {cfg.batch.micro} x {ranks}; choose batch sizes "
+                                  "that every count in the range divides, or a narrower range")  # fmt: skip
+
+
 def _sample(param: Any) -> Any:
     return param.values[0] if hasattr(param, "values") else param.low
 
@@ -66,6 +87,7 @@ class TrainObjective(BaseObjective):
         site = load_site(spec.resources.site)
         site.check_secrets(cfg.job.env, cfg.job.setup, [], cfg.name, f"{spec.train}: job")
         preflight(cfg, world_size(spec.resources), spec.resources.gpus_per_node > 0, spec.train)
+        check_node_range(spec, cfg)
         for i, name in enumerate([*spec.metrics, *spec.constraints]):
             field = ("metric" if not spec.objectives else f"objectives.{i}.name") if i < len(
                 spec.metrics) else "constraints"  # fmt: skip

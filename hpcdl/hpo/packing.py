@@ -62,7 +62,7 @@ def check_packing(
     trials_per_node: int | None,
     trials_per_gpu: int | None,
     trials_per_task: int | None,
-    nodes: int,
+    nodes: int | str,
     tasks_per_node: int | None,
     gpus_per_node: int,
     cpus_per_task: int,
@@ -80,7 +80,7 @@ def check_packing(
         return
     if trials_per_task == 1:
         raise SpecProblem(field, "packed trials run in warm workers: leave trials_per_task out")
-    if nodes != 1:
+    if str(nodes) != "1":  # MIN-MAX too: an elastic worker may get several nodes
         raise SpecProblem("resources.nodes", f"{nodes}: a packed trial runs on one node; give "
                           "nodes: 1 (or leave packing out for multi-node trials)")  # fmt: skip
     if (tasks_per_node or gpus_per_node or 1) != 1:

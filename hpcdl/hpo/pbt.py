@@ -22,7 +22,10 @@ slot's last decision.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ from hpcdl.util import append_jsonl, atomic_write_text, get_logger, read_jsonl
 log = get_logger(__name__)
 
 BOUNDARY = "pbt"  # the StopTraining tag of a segment's end
+#: Set in tests only: the point at which a PBT trial kills itself (:func:`_test_stop`).
+KILL_AT_ENV = "HPCDL_PBT_KILL_AT"
 
 
 def scores_file(sweep_root: Path) -> Path:
@@ -72,8 +77,7 @@ class PBTObjective(TrainObjective):
     def run(self, params: dict[str, Any], ctx: TrialContext) -> float:
         spec, slot = ctx.spec, ctx.slot
         assert spec.pbt is not None
-        history = list(slot.pbt)
-        current = dict(history[-1]["params"]) if history else dict(params)
+        current, history = resume_point(ctx, params)
         decided = {int(e["epoch"]) for e in history}
         reported: set[int] = set()
         interval = spec.pbt.interval_epochs
@@ -107,6 +111,7 @@ class PBTObjective(TrainObjective):
                 current = dict(event["params"])
                 if ctx.note is not None:
                     ctx.note(event)
+                settled(ctx.trial_dir)
                 continue
             _requeued(result, f"trial {slot.trial}")
             return float(result[spec.metric])
@@ -137,14 +142,60 @@ class PBTObjective(TrainObjective):
                 log.warning("trial %d: trial %d's snapshot %s is not in this sweep's trials: "
                             "kept its own checkpoint", trial, chosen, better["snapshot"])  # fmt: skip
             return event
-        take_checkpoint(Path(better["snapshot"]), trial_dir)
         names = perturbed_names(spec.space, spec.pbt)
         explored = perturb(better["params"], spec.space, names, spec.pbt.factors, rng)
+        event = {**event, "action": "exploit", "from_trial": chosen, "from_value": better["value"],
+                 "checkpoint": better["snapshot"], "params_before": params, "params": explored}  # fmt: skip
+        # The decision is on disk before the checkpoint changes: a trial killed anywhere from
+        # here to its slot's write finishes this very exploit when it resumes (resume_point),
+        # instead of training the donor's weights with its old parameters.
+        atomic_write_text(pending_file(trial_dir), json.dumps(event))
+        take_checkpoint(Path(better["snapshot"]), trial_dir)
+        _test_stop("exploit")
         log.info("trial %d at epoch %d (%s=%.4f): takes trial %d's checkpoint (%.4f), "
                  "parameters %s", trial, epoch, spec.metric, value, chosen, better["value"],
                  explored)  # fmt: skip
-        return {**event, "action": "exploit", "from_trial": chosen, "from_value": better["value"],
-                "checkpoint": better["snapshot"], "params_before": params, "params": explored}  # fmt: skip
+        return event
+
+
+def resume_point(
+    ctx: TrialContext, params: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The parameters a (re)started trial trains with and its decisions so far: those of its
+    slot's last decision, else its first ones."""
+    history = list(ctx.slot.pbt)
+    pending = pending_file(ctx.trial_dir)
+    if pending.is_file():  # killed inside an exploit: finish it (copy again, then record)
+        event = json.loads(pending.read_text())
+        if not any(e.get("epoch") == event["epoch"] for e in history):
+            log.info("trial %d: finishing its exploit of trial %s's checkpoint at epoch %d "
+                     "(stopped before its slot recorded it)", ctx.slot.trial,
+                     event.get("from_trial"), event["epoch"])  # fmt: skip
+            take_checkpoint(Path(event["checkpoint"]), ctx.trial_dir)
+            (ctx.trial_dir / "config.yaml").unlink(missing_ok=True)  # the parameters changed
+            if ctx.note is not None:
+                ctx.note(event)
+            history.append(event)
+        pending.unlink()
+    return (dict(history[-1]["params"]) if history else dict(params)), history
+
+
+def pending_file(trial_dir: Path) -> Path:
+    """An exploit decided but maybe not carried out and recorded yet (:meth:`boundary`)."""
+    return trial_dir / "pbt" / "exploit.json"
+
+
+def settled(trial_dir: Path) -> None:
+    """The slot recorded the boundary's decision: nothing is left to finish on a resume."""
+    pending_file(trial_dir).unlink(missing_ok=True)
+
+
+def _test_stop(point: str) -> None:
+    """Kill this process at ``point`` when ``HPCDL_PBT_KILL_AT`` names it: the tests' way to
+    stop a trial inside a window that a real kill (a node lost, ``scancel``) only hits by
+    chance."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def own_snapshot(snapshot: Path, sweep_root: Path, trial: int) -> bool:
@@ -178,6 +229,7 @@ def take_checkpoint(snapshot: Path, trial_dir: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(snapshot, partial)
     shutil.rmtree(target, ignore_errors=True)
+    _test_stop("replace")
     partial.rename(target)
 
 

@@ -175,7 +175,7 @@ class SweepSpec(StrictModel):
             )
         check_search(self)
         r = self.resources
-        check_packing(self.trials_per_node, self.trials_per_gpu, self.trials_per_task, r.nodes,
+        check_packing(self.trials_per_node, self.trials_per_gpu, self.trials_per_task, r.node_range,
                       r.tasks_per_node, r.gpus_per_node, r.cpus_per_task)  # fmt: skip
         if self.pbt is not None:
             check_pbt(self)
@@ -234,6 +234,14 @@ def check_pbt(spec: SweepSpec) -> None:
         raise SpecProblem("final", "a PBT trial's parameters change as it trains, so there is no "
                           "one set to retrain: give final: false (the best trial's model.pt is "
                           "the result)")  # fmt: skip
+    r = spec.resources
+    if r.nodes * r.ntasks_per_node > 1:
+        # every rank would copy the boundary's checkpoint into the same folders at once; a
+        # multi-rank PBT trial was never run either
+        field = "resources.nodes" if r.nodes > 1 else "resources.tasks_per_node"
+        raise SpecProblem(field, f"{r.node_range} node(s) x {r.ntasks_per_node} task(s): a PBT "
+                          "trial runs on one rank (nodes: 1, tasks_per_node: 1; with GPUs, "
+                          "gpus_per_node: 1)")  # fmt: skip
     epochs = spec.overrides.get("epochs")
     if isinstance(epochs, int) and pbt.interval_epochs >= epochs:
         raise SpecProblem("pbt.interval_epochs", f"{pbt.interval_epochs}: must be below the "
@@ -256,19 +264,10 @@ def check_pbt(spec: SweepSpec) -> None:
 def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
     """Read and validate a sweep spec; ``train`` and a ``warm_start`` file are resolved
     relative to the spec's folder."""
-    from pydantic import ValidationError
-
     from hpcdl.config import apply_overrides
-    from hpcdl.errors import ConfigError
 
     data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as exc:
-        problem = (exc.errors()[0].get("ctx") or {}).get("error")
-        if isinstance(problem, SpecProblem):  # one line naming the field it is about
-            raise ConfigError(str(path), problem.field, problem.problem) from None
-        spec = validate(SweepSpec, data, str(path))  # raises its one line
+    spec = validate_spec(data, str(path))
     if spec.warm_start is not None and warm_start_is_file(spec.warm_start):
         warm = Path(spec.warm_start).expanduser()
         if not warm.is_absolute():
@@ -280,6 +279,22 @@ def load_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
     if not train.is_absolute() and not train.exists():
         train = path.parent / train
     return spec.model_copy(update={"train": str(train.resolve())})
+
+
+def validate_spec(data: dict[str, Any], where: str) -> SweepSpec:
+    """A spec from ``data``, or one ConfigError line naming the field a problem is about (a
+    :class:`SpecProblem` names its own, not the spec's top level)."""
+    from pydantic import ValidationError
+
+    from hpcdl.errors import ConfigError
+
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        problem = (exc.errors()[0].get("ctx") or {}).get("error")
+        if isinstance(problem, SpecProblem):
+            raise ConfigError(where, problem.field, problem.problem) from None
+        return validate(SweepSpec, data, where)  # raises its one line
 
 
 def warm_start_is_file(value: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from hpcdl.config import read_yaml, validate
+from hpcdl.config import read_yaml
 from hpcdl.containers import check_slurm_client
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.hpo import storage
@@ -20,7 +20,7 @@ from hpcdl.hpo.budget import budget_line
 from hpcdl.hpo.folder import Slot, SweepPaths
 from hpcdl.hpo.lifecycle import Lifecycle, SweepJob
 from hpcdl.hpo.pareto import best_trials
-from hpcdl.hpo.spec import SweepSpec, load_spec
+from hpcdl.hpo.spec import SweepSpec, load_spec, validate_spec
 from hpcdl.hpo.study import open_study
 from hpcdl.hpo.warm import apply as apply_warm
 from hpcdl.hpo.warm import load_warm
@@ -176,7 +176,7 @@ class Sweep:
                 )
             data = {**self.spec.model_dump(mode="json"), "trials": self.spec.trials + more}
             with _named(self.source):
-                spec = validate(SweepSpec, data, self.source)
+                spec = validate_spec(data, self.source)
                 Lifecycle(spec, self.paths, self.site).check_round(
                     list(range(self.spec.trials, spec.trials)), f"{self.source}: resources"
                 )
@@ -329,13 +329,16 @@ class Sweep:
 
 
 #: What ``sweep resume KEY=VALUE`` may change: how the rest of the sweep runs, not what it studies.
-RESUME_KEYS = ("resources", "parallelism", "max_retries", "collective_timeout_s")
+#: Packing (trials at once per worker) is fixed per round: the workers of a round already
+#: queued keep the lanes their claims name (hpcdl.hpo.worker.worker_task_main).
+RESUME_KEYS = ("resources", "parallelism", "max_retries", "collective_timeout_s",
+               "trials_per_node", "trials_per_gpu")  # fmt: skip
 
 
 def resumed_spec(spec: SweepSpec, overrides: list[str], where: str) -> SweepSpec:
     """``spec`` with ``overrides`` applied, refusing any that would change what the study
     means (space, metric, direction, sampler, trials, objective ...)."""
-    from hpcdl.config import apply_overrides, validate
+    from hpcdl.config import apply_overrides
 
     for item in overrides:
         key = item.partition("=")[0]
@@ -349,7 +352,7 @@ def resumed_spec(spec: SweepSpec, overrides: list[str], where: str) -> SweepSpec
                 + f" (start a new sweep for this: 'hpcdl sweep run SPEC name=NEW {item}')",
             )  # fmt: skip
     data = apply_overrides(spec.model_dump(mode="json"), overrides, where)
-    return validate(SweepSpec, data, where)
+    return validate_spec(data, where)
 
 
 @contextmanager

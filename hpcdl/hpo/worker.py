@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from hpcdl import preemption
-from hpcdl.hpo import packing, store_timing
+from hpcdl.hpo import decide, packing, store_timing
 from hpcdl.hpo.folder import FINISHED_SLOT, SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.study import open_study
@@ -116,8 +116,10 @@ def _any_rank(flag: bool) -> bool:
     return bool(box.item())
 
 
-def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
-    """Entry point of one Slurm array task of a warm-worker round (every rank runs it)."""
+def worker_task_main(sweep_dir: str, slots: list[int], pack: tuple[int, int] | None = None) -> str:
+    """Entry point of one Slurm array task of a warm-worker round (every rank runs it).
+    ``pack``: the round's lanes and GPUs per node when it was submitted (None: the spec's, as
+    rounds queued before it was passed)."""
     from hpcdl.train.run import finish_distributed
 
     flag = preemption.PreemptionFlag()  # first: a signal may come at any time
@@ -128,8 +130,9 @@ def worker_task_main(sweep_dir: str, slots: list[int]) -> str:
     log.info("sweep worker %s started (pid %d, rank %d)", task_id(), os.getpid(), _rank())
     note(paths, "start", restarts=preemption.restarts(), process_started=_process_started())
     worker = int(os.environ.get("HPCDL_ARRAY_TASK_ID", "0"))
-    if spec.lanes > 1:  # trial packing: several trials at once, each on its share
-        done = packed(paths, spec, slots, flag, worker)
+    lanes, gpus = round_packing(pack, spec)
+    if lanes > 1:  # trial packing: several trials at once, each on its share
+        done = packed(paths, spec, slots, flag, worker, lanes, gpus)
     else:
         done = work(paths, spec, open_study(spec, paths.root, worker=worker), slots, flag)
     finish_distributed()  # the ranks leave together
@@ -150,15 +153,29 @@ def _process_started() -> float | None:
         return None
 
 
+def round_packing(pack: tuple[int, int] | None, spec: SweepSpec) -> tuple[int, int]:
+    """The lanes and GPUs per node a worker runs: its round's, which a ``sweep resume
+    trials_per_node=N`` after the round was queued does not change (the spec's otherwise)."""
+    if pack is None:
+        return spec.lanes, spec.resources.gpus_per_node
+    return int(pack[0]), int(pack[1])
+
+
 def packed(
-    paths: SweepPaths, spec: SweepSpec, slots: list[int], flag: StopFlag, worker: int
+    paths: SweepPaths,
+    spec: SweepSpec,
+    slots: list[int],
+    flag: StopFlag,
+    worker: int,
+    lanes_n: int,
+    gpus_per_node: int,
 ) -> list[str]:
-    """Run ``spec.lanes`` warm-worker loops at once, one process each on its share of the
+    """Run ``lanes_n`` warm-worker loops at once, one process each on its share of the
     task's CPUs and GPUs (:mod:`hpcdl.hpo.packing`); what every lane's trials ended as, a
     lane's checkpointed (still running) trial last, so the caller knows a trial was requeued.
     Each lane opens the study itself: a database connection must not cross a fork."""
-    cpus, allotted, gpus = packing.allocation(spec.resources.gpus_per_node)
-    lanes = packing.plan(spec.lanes, cpus, allotted, gpus)
+    cpus, allotted, gpus = packing.allocation(gpus_per_node)
+    lanes = packing.plan(lanes_n, cpus, allotted, gpus)
 
     def lane_loop(lane: packing.Lane) -> list[str]:
         note(paths, "lane", lane=lane.index, cpus=sorted(os.sched_getaffinity(0)),
@@ -212,8 +229,10 @@ def _release_round(paths: SweepPaths, spec: SweepSpec, slots: list[int]) -> None
     array = task.array_job if task else None
     if array is None:
         return
-    if paths.missing_slots(slots):  # a sibling's slot: it may be held after a failed launch
-        _release_failed_launches(paths, spec, array)
+    missing = paths.missing_slots(slots)
+    if missing:  # a sibling's slot: it may be held after a failed launch
+        if decide.look_for_held("workers", False, len(missing), spec.parallelism):
+            _release_failed_launches(paths, spec, array)
         return
     try:
         get_scheduler(load_site(spec.resources.site)).cancel_pending(array)
@@ -253,12 +272,36 @@ def array_task_main(sweep_dir: str, slots: list[int]) -> str:
     study = open_study(spec, paths.root, worker=slot_no)
     slot = _broadcast_slot(claim(paths, spec, study, slot_no) if _rank() == 0 else None)
     if slot is None:
+        _release_held_siblings(paths, spec, slots, slot_no, stopped=False)
         return f"slot {slot_no}: nothing to do"
     claimed = time.time()
     slot = run_trial(paths, spec, study, slot)
     note(paths, "trial", slot=slot.slot, trial=slot.trial, state=slot.state,
          claimed=claimed, ended=time.time(), attempts=slot.attempts)  # fmt: skip
+    # still running: it checkpointed for a requeue, and comes back itself
+    _release_held_siblings(paths, spec, slots, slot_no, stopped=slot.state not in FINISHED_SLOT)
     return f"slot {slot_no}: trial {slot.trial} {slot.state} value={slot.value}"
+
+
+def _release_held_siblings(
+    paths: SweepPaths, spec: SweepSpec, slots: list[int], mine: int, stopped: bool
+) -> None:
+    """At the end of a one-trial task: release the round's tasks Slurm holds after a failed
+    launch, as a warm worker does at its end (:func:`_release_round`), when the rule says to
+    look (:func:`hpcdl.hpo.decide.look_for_held`)."""
+    task = preemption.slurm_task()
+    if _rank() != 0 or task is None or task.array_job is None:
+        return
+    # Slots without a file were never claimed, so are missing: more of them than the rule's
+    # tail says no at the cost of one listing, where reading every slot file of a 2,500-task
+    # array at the end of each of its tasks would not be cheap on a shared filesystem.
+    present = {name for name in os.listdir(paths.slots) if name.endswith(".json")}
+    unclaimed = sum(1 for i in slots if i != mine and f"{i}.json" not in present)
+    if not decide.look_for_held("array", stopped, unclaimed, spec.parallelism) and unclaimed:
+        return
+    others = [i for i in paths.missing_slots(slots) if i != mine]
+    if decide.look_for_held("array", stopped, len(others), spec.parallelism):
+        _release_failed_launches(paths, spec, task.array_job)
 
 
 def local_worker_main(sweep_dir: str) -> str:

@@ -91,7 +91,9 @@ class JobHandle(BaseModel):
     folder: str
     script: str | None = None
     array: int | None = None
-    tasks: int = 1
+    tasks: int = 1  # an elastic job's (nodes MIN-MAX): at MAX (hpcdl.scheduler.started)
+    # set for an elastic job only: its tasks are NNodes x this, known once Slurm starts it
+    tasks_per_node: int | None = None
     submitted_at: float
     local_ids: list[str] = []
     # An array split over several Slurm arrays (site max_array_size): every part, the first

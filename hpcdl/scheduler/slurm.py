@@ -30,7 +30,8 @@ from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
 from hpcdl.scheduler.live import check_site as compare_with_live
 from hpcdl.scheduler.registry import load_handles
-from hpcdl.scheduler.states import FINISHED, expand_array_id, normalize_state
+from hpcdl.scheduler.state_rows import ASK_SQUEUE, parse_state_rows
+from hpcdl.scheduler.states import FINISHED
 from hpcdl.scheduler.submission import (
     SubmititScheduler,
     first_error_line,
@@ -356,45 +357,22 @@ def query(job_ids: list[str]) -> dict[str, TaskStatus]:
     found: dict[str, TaskStatus] = {}
     proc = run_command(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason", "-j", ",".join(job_ids)])  # fmt: skip
     if proc is not None and proc.returncode == 0:
-        _parse_rows(proc.stdout, found, overwrite=True)
+        parse_state_rows(proc.stdout, found, overwrite=True)
     else:
         _warn_squeue(proc)
     missing = [j for j in job_ids if not any(k.split("_")[0] == j for k in found)]
     pending_arrays = [k for k in found if k.endswith("_*")]
     # sacct keeps the reason of its last update (``Dependency``); squeue has the live one
-    # (``DependencyNeverSatisfied``), so pending jobs are asked there too. A requeued task is
-    # pending again: sacct shows REQUEUED for its first seconds, and squeue whether it is held
-    # after a failed launch (what `sweep status` must say).
-    pending = sorted({k.split("_")[0] for k, s in found.items() if s.state in _ASK_SQUEUE})
+    # (``DependencyNeverSatisfied``, or held after a failed launch while sacct says REQUEUED).
+    pending = sorted({k.split("_")[0] for k, s in found.items() if s.state in ASK_SQUEUE})
     if missing or pending_arrays or pending:
         ids = ",".join(
             dict.fromkeys([*(missing or job_ids if pending_arrays else missing), *pending])
         )
         proc = run_command(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ids])
         if proc is not None and proc.returncode == 0:
-            _parse_rows(proc.stdout, found, overwrite=False)
+            parse_state_rows(proc.stdout, found, overwrite=False)
     return found
-
-
-#: States in sacct whose live form (and pending reason) squeue knows better.
-_ASK_SQUEUE = ("PENDING", "REQUEUED")
-
-
-def _parse_rows(text: str, found: dict[str, TaskStatus], overwrite: bool) -> None:
-    """``JOBID|STATE|REASON`` lines (sacct -P, squeue -o) into ``found``."""
-    for line in text.splitlines():
-        jid, _, rest = line.partition("|")
-        state, _, reason = rest.partition("|")
-        state = normalize_state(state)
-        status = TaskStatus(state, _reason(reason) if state == "PENDING" else "")
-        for tid in expand_array_id(jid):
-            if overwrite or tid not in found or found[tid].state in _ASK_SQUEUE:
-                found[tid] = status
-
-
-def _reason(raw: str) -> str:
-    raw = raw.strip()
-    return "" if raw in {"", "None", "(null)"} else raw
 
 
 def _warn_squeue(proc: subprocess.CompletedProcess[str] | None) -> None:

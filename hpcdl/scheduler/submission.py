@@ -97,6 +97,9 @@ class SubmititScheduler(Scheduler):
             script=str(script) if script else None,
             array=request.array,
             tasks=request.nodes * request.launched_tasks_per_node,
+            tasks_per_node=(
+                request.launched_tasks_per_node if request.min_nodes is not None else None
+            ),
             submitted_at=time.time(),
             local_ids=self._local_ids(first),
             parts=parts if len(parts) > 1 else [],

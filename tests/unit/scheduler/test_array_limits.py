@@ -30,7 +30,8 @@ from hpcdl.scheduler.live import (
     max_array_size,
     parse_config,
 )
-from hpcdl.scheduler.slurm import _expand, _parse_rows
+from hpcdl.scheduler.slurm import _expand
+from hpcdl.scheduler.state_rows import parse_state_rows
 from hpcdl.site import load_site
 
 
@@ -104,7 +105,9 @@ def test_statuses_are_keyed_by_the_global_index():
     handle = JobHandle(job_id="100", name="x", site="s", scheduler="slurm", folder="/nonexistent",
                        array=8, submitted_at=0, parts=PARTS)  # fmt: skip
     live: dict = {}
-    _parse_rows("100_[0-3]|PENDING|Priority\n101_1|RUNNING|None\n102|COMPLETED|None\n", live, True)
+    parse_state_rows(
+        "100_[0-3]|PENDING|Priority\n101_1|RUNNING|None\n102|COMPLETED|None\n", live, True
+    )
     states = {k: s.state for k, s in _expand(handle, live).items()}
     assert list(states) == [f"100_{i}" for i in range(8)]
     assert states["100_0"] == "PENDING" and states["100_5"] == "RUNNING"

@@ -76,10 +76,10 @@ def test_a_round_waiting_only_on_held_tasks_is_not_live(tasks, held, live):
     ],
 )  # fmt: skip
 def test_squeue_knows_a_requeued_or_pending_task_better(sacct_row, squeue_row, expected):
-    from hpcdl.scheduler.slurm import _ASK_SQUEUE, _parse_rows
+    from hpcdl.scheduler.state_rows import ASK_SQUEUE, parse_state_rows
 
     found: dict[str, TaskStatus] = {}
-    _parse_rows(sacct_row, found, overwrite=True)
-    if found["5_0"].state in _ASK_SQUEUE:
-        _parse_rows(squeue_row, found, overwrite=False)
+    parse_state_rows(sacct_row, found, overwrite=True)
+    if found["5_0"].state in ASK_SQUEUE:
+        parse_state_rows(squeue_row, found, overwrite=False)
     assert (found["5_0"].state, found["5_0"].reason) == expected
