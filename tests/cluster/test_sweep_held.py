@@ -117,3 +117,53 @@ def test_a_task_held_after_a_failed_launch_is_named_and_released_by_resume(
         assert sorted(t.number for t in trials) == sorted(s.trial for s in slots) == [0, 1, 2]
     finally:
         sweep.cancel()  # the follow-up job, and anything left on failure
+
+
+def test_one_trial_tasks_release_a_held_sibling_without_a_resume(devcluster, tmp_path, monkeypatch):
+    """``trials_per_task: 1``: task 1's launch fails (the prolog fails only that task), Slurm
+    holds it; the round's last tasks release it at their end, and the sweep ends with every
+    trial recorded once and no ``sweep resume``."""
+    if not FAIL_DIR.is_dir():
+        pytest.fail(f"{FAIL_DIR} is missing: slurm/devcluster/devcluster.sh up", pytrace=False)
+    monkeypatch.setenv("HPCDL_CHAOS_EPOCH_S", "1")  # the others still run when task 1 is held
+    monkeypatch.setenv("HPCDL_SITE_PATH", f"{tmp_path / 'site'}:{REPO / 'hpcdl/sites'}")
+    site = write_fault_site(tmp_path / "site")
+    spec = chaos.toy_spec("heldsib", 6, trials=4, parallelism=2, trials_per_task=1, site=site,
+                          partition="fault")  # fmt: skip
+    asked = [FAIL_DIR / node for node in FAULT_NODES]
+    for f in asked:
+        f.write_text("1")  # wherever task 1 lands, its first launch fails
+    sweep = Sweep(spec)
+    try:
+        try:
+            array = sweep.run()[0]
+            task1 = f"{array.job_id}_1"
+            deadline = time.monotonic() + 90
+            while (task1, "PENDING", "launch failed requeued held") not in _squeue(array.job_id):
+                assert time.monotonic() < deadline, "task 1 not held in 90 s\n" + _cluster_view(
+                    array.job_id
+                )
+                time.sleep(0.5)
+        finally:
+            for f in asked:
+                f.unlink(missing_ok=True)
+            _return_drained_nodes()
+        deadline = time.monotonic() + 240
+        while sweep.paths.finished_count() < 4:
+            for task, _state, _reason in _squeue(array.job_id):
+                release_requeued(task)  # a released task starts ~2 minutes later otherwise
+            if time.monotonic() > deadline:
+                logs = "".join(
+                    p.read_text(errors="replace")[-1500:]
+                    for p in Path(array.folder).glob("*_log.*")
+                )
+                pytest.fail(
+                    f"4 trials not finished in 240 s\n{_cluster_view(array.job_id)}\n{logs}"
+                )
+            time.sleep(1)
+        slots = sweep.slots()
+        assert [s.state for s in slots] == ["complete"] * 4
+        trials = sweep.study().get_trials(deepcopy=False)
+        assert sorted(t.number for t in trials) == sorted(s.trial for s in slots) == [0, 1, 2, 3]
+    finally:
+        sweep.cancel()
