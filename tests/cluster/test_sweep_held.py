@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import OPERATOR_SCONTROL, REPO, release_requeued
@@ -50,6 +51,27 @@ def _return_drained_nodes() -> None:
         if "drain" in state and "Prolog" in reason:
             subprocess.run([*OPERATOR_SCONTROL, "update", f"NodeName={node}", "State=RESUME"],
                            check=True, timeout=30)  # fmt: skip
+
+
+def _finishes_with_every_trial_once(sweep: Sweep, array: Any, trials: int) -> None:
+    """Wait (240 s at most, then fail with the queue, the nodes and the logs) for the sweep's
+    ``trials`` trials, starting the requeued tasks Slurm would start ~2 minutes later; then
+    every slot complete and the study's trials exactly the slots'."""
+    deadline = time.monotonic() + 240
+    while sweep.paths.finished_count() < trials:
+        for task, _state, _reason in _squeue(array.job_id):
+            release_requeued(task)
+        if time.monotonic() > deadline:
+            logs = "".join(p.read_text(errors="replace")[-1500:]
+                           for p in Path(array.folder).glob("*_log.*"))  # fmt: skip
+            pytest.fail(
+                f"{trials} trials not finished in 240 s\n{_cluster_view(array.job_id)}\n{logs}"
+            )
+        time.sleep(1)
+    slots = sweep.slots()
+    assert [s.state for s in slots] == ["complete"] * trials
+    numbers = sorted(t.number for t in sweep.study().get_trials(deepcopy=False))
+    assert numbers == sorted(s.trial for s in slots) == list(range(trials))
 
 
 def test_a_task_held_after_a_failed_launch_is_named_and_released_by_resume(
@@ -97,24 +119,8 @@ def test_a_task_held_after_a_failed_launch_is_named_and_released_by_resume(
         assert message.startswith("released 1 task(s)"), message
         print(f"{time.monotonic() - t0:.1f} s: {message}")
         assert not any(r == "launch failed requeued held" for *_, r in _squeue(workers.job_id))
-        deadline = time.monotonic() + 240
-        while sweep.paths.finished_count() < 3:
-            for task, _state, _reason in _squeue(workers.job_id):
-                release_requeued(task)  # Slurm starts a requeued task ~2 minutes later
-            if time.monotonic() > deadline:
-                logs = "".join(
-                    p.read_text(errors="replace")[-1500:]
-                    for p in Path(workers.folder).glob("*_log.*")
-                )
-                pytest.fail(
-                    f"3 trials not finished in 240 s after the release\n{_cluster_view(workers.job_id)}\n{logs}"
-                )
-            time.sleep(1)
+        _finishes_with_every_trial_once(sweep, workers, 3)
         print(f"{time.monotonic() - t0:.1f} s: 3 trials finished")
-        slots = sweep.slots()
-        assert [s.state for s in slots] == ["complete"] * 3
-        trials = sweep.study().get_trials(deepcopy=False)
-        assert sorted(t.number for t in trials) == sorted(s.trial for s in slots) == [0, 1, 2]
     finally:
         sweep.cancel()  # the follow-up job, and anything left on failure
 
@@ -148,22 +154,6 @@ def test_one_trial_tasks_release_a_held_sibling_without_a_resume(devcluster, tmp
             for f in asked:
                 f.unlink(missing_ok=True)
             _return_drained_nodes()
-        deadline = time.monotonic() + 240
-        while sweep.paths.finished_count() < 4:
-            for task, _state, _reason in _squeue(array.job_id):
-                release_requeued(task)  # a released task starts ~2 minutes later otherwise
-            if time.monotonic() > deadline:
-                logs = "".join(
-                    p.read_text(errors="replace")[-1500:]
-                    for p in Path(array.folder).glob("*_log.*")
-                )
-                pytest.fail(
-                    f"4 trials not finished in 240 s\n{_cluster_view(array.job_id)}\n{logs}"
-                )
-            time.sleep(1)
-        slots = sweep.slots()
-        assert [s.state for s in slots] == ["complete"] * 4
-        trials = sweep.study().get_trials(deepcopy=False)
-        assert sorted(t.number for t in trials) == sorted(s.trial for s in slots) == [0, 1, 2, 3]
+        _finishes_with_every_trial_once(sweep, array, 4)
     finally:
         sweep.cancel()
