@@ -16,6 +16,7 @@ import numpy as np
 from hpcdl.data.manifest import Manifest, ShardInfo
 
 Measure = Callable[[], tuple[int, float]]  # -> (samples, seconds)
+Stages = dict[str, float]  # seconds per stage of hpcdl's reader (hpcdl.data.slots.STAGES)
 
 
 def drop_caches() -> str | None:
@@ -93,6 +94,8 @@ class Row:
     mb_per_s: float
     vs_raw: float = float("nan")
     vs_naive: float = float("nan")
+    seconds: float = float("nan")  # the median run's wall time
+    stages: Stages | None = None  # where that run's time went (hpcdl's rows)
 
 
 @dataclass
@@ -156,9 +159,14 @@ def run_io_bench(
             ds = ShardedDataset(
                 path, batch_size, num_workers=w, threads=threads, block_units=block_units
             )
-            return timed(ShardLoader(ds) if w else ds, limit_seconds)
+            loader = ShardLoader(ds) if w else None
+            n, s = timed(loader or ds, limit_seconds)
+            stages[-1] = loader.read_stats() if loader else ds.stats.as_dict()
+            return n, s
 
         return run
+
+    stages: list[Stages | None] = [None]  # the last hpcdl run's, read by measure()
 
     paths = [(f"raw read, {n} stream{'s' * (n > 1)}", raw(n)) for n in sorted({1, threads})]
     raws = [name for name, _ in paths]
@@ -169,16 +177,18 @@ def run_io_bench(
     step = _Steps(on_progress, (len(paths) * repeat + 1) * (2 if cold else 1))
 
     def measure(cache: str, before: Callable[[], Any]) -> None:
-        runs: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in paths}
+        runs: dict[str, list[tuple[int, float, Stages | None]]] = {n: [] for n, _ in paths}
         for _ in range(repeat):  # interleaved, so drifts of the disk hit every path alike
             for name, fn in paths:
                 before()
-                runs[name].append(step(fn()))
+                stages[-1] = None
+                runs[name].append((*step(fn()), stages[-1]))
         before()
-        runs[naive_name] = [step(naive())]
+        runs[naive_name] = [(*step(naive()), None)]
         for name, rs in runs.items():
-            sps = statistics.median(n / s for n, s in rs)
-            res.rows.append(Row(name, cache, sps, sps * sb / 1e6))
+            _, s, st = sorted(rs, key=lambda r: r[0] / r[1])[(len(rs) - 1) // 2]  # the median
+            sps = statistics.median(n / s for n, s, _ in rs)
+            res.rows.append(Row(name, cache, sps, sps * sb / 1e6, seconds=s, stages=st))
 
     if cold:
         measure("cold", drop_caches)
@@ -240,6 +250,13 @@ def _explain(res: IoBench, repeat: int, naive_seconds: float, batch_size: int) -
         f"({res.file_bytes / 2**30:.2f} GiB); medians of {repeat} runs, naive path bounded to "
         f"{naive_seconds:g} s; batch size {batch_size}"
     )
+    res.notes.append(
+        "time per stage: read = reading threads inside preadv/h5py (all threads, all reading "
+        "processes: may exceed wall); wait = reading processes blocked on those reads; shuffle = "
+        "permutations and I/O vectors; collate = gathers (compressed data) and wrapping batches; "
+        "handoff = main process wrapping a worker's shared slot; loader = main process waiting "
+        "inside the DataLoader (workers only)"
+    )
     if res.file_bytes > 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         res.notes.append("the dataset is large against RAM: 'warm' rows are partly cold")
 
@@ -265,4 +282,21 @@ def render(res: IoBench) -> Any:
             f"{r.vs_raw:.2f}",
             f"{r.vs_naive:.1f}",
         )
+    return t
+
+
+def render_stages(res: IoBench) -> Any:
+    """Where hpcdl's median runs spent their time, per stage (seconds; None when no hpcdl row)."""
+    from rich.table import Table
+
+    rows = [r for r in res.rows if r.stages is not None]
+    if not rows:
+        return None
+    t = Table(title="where the time went (hpcdl rows, the median run; seconds)")
+    cols = ("read", "wait", "shuffle", "collate", "handoff", "loader")
+    for col in ("path", "cache", "wall", *cols):
+        t.add_column(col, justify="left" if col in ("path", "cache") else "right")
+    for r in rows:
+        assert r.stages is not None
+        t.add_row(r.path, r.cache, f"{r.seconds:.3f}", *(f"{r.stages[c]:.3f}" for c in cols))
     return t

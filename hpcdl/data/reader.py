@@ -340,7 +340,8 @@ class ShardLoader:
         ring = self._ring = shared_ring(ds, self.loader, self._ring)
         if ring is not None:  # the workers about to fork write into it
             ds._ring, ds._ring_per_worker = ring, ring.count // ds.num_workers
-        it = iter(self.loader)  # forks non-persistent workers now, with the ring
+        it = iter(self.loader)  # forks the workers (non-persistent, or the first time) now
+        ds._ring = None  # so that workers another DataLoader forks from ds yield plain tensors
         loader_stage = STAGES.index("loader")
         while True:
             t0 = time.perf_counter()

@@ -94,14 +94,19 @@ class Slots:
         self, manifest: Manifest, fields: list[str], batch_size: int, count: int, *,
         shared: bool = False, stats_rows: int = 1,
     ):  # fmt: skip
-        self.fields, self.batch_size, self.count = fields, batch_size, count
+        self.fields, self.batch_size, self.count, self.shared = fields, batch_size, count, shared
         self.specs = {f: (np.dtype(manifest.fields[f].dtype), manifest.fields[f].shape) for f in fields}  # fmt: skip
         self.offsets = slot_layout(manifest, fields, batch_size)
         self.slot_bytes = self.offsets["_bytes"]
         head = -(-(count * 4 + stats_rows * len(STAGES) * 8) // ALIGN) * ALIGN
         size = head + count * self.slot_bytes
         # MAP_SHARED | MAP_ANONYMOUS: inherited by forked workers; private: plain memory
-        self.mem: Any = mmap.mmap(-1, size) if shared else np.zeros(size, np.uint8)
+        if shared:
+            self.mem: Any = mmap.mmap(-1, size)
+        else:
+            self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):  # samples land in random rows: fewer TLB misses
+                self.mem.madvise(mmap.MADV_HUGEPAGE)
         buf = np.frombuffer(self.mem, np.uint8)
         self.state = buf[: count * 4].view(np.int32)
         stats = buf[count * 4 : count * 4 + stats_rows * len(STAGES) * 8]
@@ -138,16 +143,20 @@ class Slots:
         (and every view of them) are gone."""
         t0 = time.perf_counter()
         self.state[slot] = HANDED
-        # One fresh array per handout; every field tensor is a view of the tensor over it, so
-        # the array (and the finalizer on it) lives exactly as long as the batch does.
-        whole = self.data[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
-        t = torch.from_numpy(whole)
-        weakref.finalize(whole, self.release, slot)
-        out = {}
-        for f, (dtype, shape) in self.specs.items():
-            size = n * dtype.itemsize * int(np.prod(shape))
-            part = t[self.offsets[f] : self.offsets[f] + size]
-            out[f] = part.view(_TORCH[dtype.name]).view(n, *shape)
+        # A fresh array per field and handout, kept alive by its tensor (and every view of
+        # it); the slot is free when the last of them goes. (torch's own view ops release the
+        # GIL, which costs a thread switch per call while the reading threads run.)
+        out, left = {}, [len(self.specs)]
+
+        def gone() -> None:
+            left[0] -= 1
+            if not left[0]:
+                self.release(slot)
+
+        for f, a in self._arrays[slot].items():
+            view = a[:n]
+            weakref.finalize(view, gone)
+            out[f] = torch.from_numpy(view)
         if stats is not None:
             stats.add(STAGES.index("handoff"), time.perf_counter() - t0)
         return out
@@ -165,7 +174,7 @@ class SlotSource:
 
     def __init__(self, slots: Slots, lo: int, hi: int, stats: ReadStats, ids_key: str):
         self.slots, self.lo, self.hi, self.stats, self.ids_key = slots, lo, hi, stats, ids_key
-        self.shared = isinstance(slots.mem, mmap.mmap)
+        self.shared = slots.shared
 
     def reclaim(self) -> None:
         """Free this process's FILLING slots: at the start of an iteration every batch of the
@@ -194,19 +203,6 @@ class SlotSource:
             out[self.ids_key] = torch.from_numpy(ids)
         self.stats.add(STAGES.index("collate"), time.perf_counter() - t0)
         return out
-
-
-_TORCH = {
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "uint16": torch.uint16,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}  # fmt: skip  (every dtype of hpcdl.data.parse.DTYPES)
 
 
 def shared_ring(ds: Any, loader: Any, previous: Slots | None) -> Slots | None:
