@@ -292,11 +292,12 @@ def render_stages(res: IoBench) -> Any:
     rows = [r for r in res.rows if r.stages is not None]
     if not rows:
         return None
-    t = Table(title="where the time went (hpcdl rows, the median run; seconds)")
+    t = Table(title="where hpcdl's time went (the median run; seconds)", show_edge=False)
     cols = ("read", "wait", "shuffle", "collate", "handoff", "loader")
-    for col in ("path", "cache", "wall", *cols):
-        t.add_column(col, justify="left" if col in ("path", "cache") else "right")
+    for col in ("hpcdl path", "wall", *cols):
+        t.add_column(col, justify="left" if col == "hpcdl path" else "right", no_wrap=True)
     for r in rows:
         assert r.stages is not None
-        t.add_row(r.path, r.cache, f"{r.seconds:.3f}", *(f"{r.stages[c]:.3f}" for c in cols))
+        name = f"{r.path.removeprefix('hpcdl, ')} {r.cache}"
+        t.add_row(name, f"{r.seconds:.2f}", *(f"{r.stages[c]:.2f}" for c in cols))
     return t
