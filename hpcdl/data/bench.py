@@ -51,6 +51,38 @@ def raw_read(path: Path, m: Manifest, streams: int, limit: float) -> tuple[int, 
     return samples, time.perf_counter() - t0
 
 
+def scattered_read(path: Path, m: Manifest, streams: int, limit: float) -> tuple[int, float]:
+    """Like :func:`raw_read`, but every piece (4096 samples, at most 16 MiB) lands sample by
+    sample (``sample_bytes`` each) in random rows of a buffer of three pieces: the kernel's copy alone, as a reader that shuffles
+    samples must place them (no Python per sample: the I/O vectors are made before the clock
+    starts). The ceiling of any sample-level shuffle on this machine, beside the raw read's."""
+    from hpcdl.data.assemble import iovecs, preadv_all
+
+    item = m.sample_bytes
+    rows = max(1, min((16 << 20) // item, 4096))  # pieces of up to 16 MiB and 4096 samples
+    dest = np.zeros(3 * rows * item, np.uint8)
+    perms = [np.random.default_rng(i).permutation(3 * rows)[:rows] for i in range(8)]
+    vecs = [iovecs(dest.ctypes.data + p * item, item, np.array([0, rows]))[0] for p in perms]
+
+    def one(i: int) -> int:
+        if time.perf_counter() - t0 > limit:
+            return 0
+        info = m.shards[i]
+        fd = os.open(path / info.file, os.O_RDONLY)
+        try:
+            pos, k = 0, i
+            while preadv_all(fd, vecs[k % 8].copy(), pos, rows * item) == rows * item:
+                pos, k = pos + rows * item, k + 1
+        finally:
+            os.close(fd)
+        return info.samples
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        samples = sum(pool.map(one, range(len(m.shards))))
+    return samples, time.perf_counter() - t0
+
+
 class NaiveDataset:
     """The common user path: a map-style Dataset reading ``h5[field][i]`` per sample."""
 
@@ -194,9 +226,29 @@ def run_io_bench(
         measure("cold", drop_caches)
     raw(threads)()  # load the page cache
     measure("warm", lambda: None)
+    _scatter_note(res, path, m, threads, limit_seconds, repeat)
     _relate(res, raws, naive_name)
     _explain(res, repeat, naive_seconds, batch_size)
     return res
+
+
+def _scatter_note(
+    res: IoBench, path: Path, m: Manifest, streams: int, limit: float, repeat: int
+) -> None:
+    """The warm copy ceilings side by side: whole pieces vs. sample by sample (see
+    :func:`scattered_read`), alternated, medians."""
+    raw, scat = [], []
+    for _ in range(repeat):
+        n, s = raw_read(path, m, streams, limit)
+        raw.append(n * m.sample_bytes / s / 1e9)
+        n, s = scattered_read(path, m, streams, limit)
+        scat.append(n * m.sample_bytes / s / 1e9)
+    a, b = statistics.median(raw), statistics.median(scat)
+    res.notes.append(
+        f"warm copy ceilings, {streams} streams: raw read {a:.1f} GB/s; the same read scattered "
+        f"sample by sample ({m.sample_bytes} B) into random rows {b:.1f} GB/s = {b / a:.2f} of "
+        "raw, the most a sample-level shuffle can reach here"
+    )
 
 
 def _cold_rows(cold: bool, res: IoBench) -> bool:
