@@ -59,6 +59,10 @@ class ShardedDataset(IterableDataset):
     ``len(ds)`` is the number of batches this rank gets per epoch, the same on every rank.
     """
 
+    _local: Slots | None = None  # this process's batch buffers (made on first use)
+    _ring: Slots | None = None  # set by ShardLoader before its workers fork
+    _ring_per_worker = 0
+
     def __init__(
         self,
         path: str | Path,
@@ -139,9 +143,6 @@ class ShardedDataset(IterableDataset):
         self._resize: tuple[dict[str, Any], np.ndarray] | None = None  # (plan state, remainder)
         self.record_ids = bool(os.environ.get(RECORD_ENV))  # batches carry their samples' ids
         self.stats = ReadStats()  # seconds per stage in this process (hpcdl bench io prints them)
-        self._local: Slots | None = None  # this process's batch buffers (made on first use)
-        self._ring: Slots | None = None  # set by ShardLoader before its workers fork
-        self._ring_per_worker = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # buffers are per process; a spawned worker makes its own (and uses no ring)
