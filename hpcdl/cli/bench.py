@@ -42,7 +42,7 @@ def io_cmd(
     """Read dataset DIRECTORY: raw read vs. naive per-sample Dataset vs. hpcdl's reader."""
     from rich.console import Console
 
-    from hpcdl.data.bench import render, run_io_bench
+    from hpcdl.data.bench import render, render_stages, run_io_bench
 
     try:
         counts = tuple(int(w) for w in workers.split(","))
@@ -69,6 +69,9 @@ def io_cmd(
         )
     console = Console()
     console.print(render(res))
+    stages = render_stages(res)
+    if stages is not None:
+        console.print(stages)
     for note in res.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
 

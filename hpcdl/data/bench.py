@@ -16,6 +16,7 @@ import numpy as np
 from hpcdl.data.manifest import Manifest, ShardInfo
 
 Measure = Callable[[], tuple[int, float]]  # -> (samples, seconds)
+Stages = dict[str, float]  # seconds per stage of hpcdl's reader (hpcdl.data.slots.STAGES)
 
 
 def drop_caches() -> str | None:
@@ -47,6 +48,38 @@ def raw_read(path: Path, m: Manifest, streams: int, limit: float) -> tuple[int, 
 
     with ThreadPoolExecutor(streams) as pool:
         samples = sum(pool.map(one, m.shards))
+    return samples, time.perf_counter() - t0
+
+
+def scattered_read(path: Path, m: Manifest, streams: int, limit: float) -> tuple[int, float]:
+    """Like :func:`raw_read`, but every piece (4096 samples, at most 16 MiB) lands sample by
+    sample (``sample_bytes`` each) in random rows of a buffer of three pieces: the kernel's copy alone, as a reader that shuffles
+    samples must place them (no Python per sample: the I/O vectors are made before the clock
+    starts). The ceiling of any sample-level shuffle on this machine, beside the raw read's."""
+    from hpcdl.data.assemble import iovecs, preadv_all
+
+    item = m.sample_bytes
+    rows = max(1, min((16 << 20) // item, 4096))  # pieces of up to 16 MiB and 4096 samples
+    dest = np.zeros(3 * rows * item, np.uint8)
+    perms = [np.random.default_rng(i).permutation(3 * rows)[:rows] for i in range(8)]
+    vecs = [iovecs(dest.ctypes.data + p * item, item, np.array([0, rows]))[0] for p in perms]
+
+    def one(i: int) -> int:
+        if time.perf_counter() - t0 > limit:
+            return 0
+        info = m.shards[i]
+        fd = os.open(path / info.file, os.O_RDONLY)
+        try:
+            pos, k = 0, i
+            while preadv_all(fd, vecs[k % 8].copy(), pos, rows * item) == rows * item:
+                pos, k = pos + rows * item, k + 1
+        finally:
+            os.close(fd)
+        return info.samples
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        samples = sum(pool.map(one, range(len(m.shards))))
     return samples, time.perf_counter() - t0
 
 
@@ -93,6 +126,8 @@ class Row:
     mb_per_s: float
     vs_raw: float = float("nan")
     vs_naive: float = float("nan")
+    seconds: float = float("nan")  # the median run's wall time
+    stages: Stages | None = None  # where that run's time went (hpcdl's rows)
 
 
 @dataclass
@@ -127,8 +162,6 @@ def run_io_bench(
     import torch
     from torch.utils.data import DataLoader
 
-    from hpcdl.data.reader import ShardedDataset, ShardLoader
-
     path = Path(path)
     m = Manifest.load(path)
     sb = m.sample_bytes
@@ -151,14 +184,10 @@ def run_io_bench(
         )
         return timed(loader, naive_seconds)
 
-    def ours(w: int) -> Measure:
-        def run() -> tuple[int, float]:
-            ds = ShardedDataset(
-                path, batch_size, num_workers=w, threads=threads, block_units=block_units
-            )
-            return timed(ShardLoader(ds) if w else ds, limit_seconds)
+    stages: list[Stages | None] = [None]  # the last hpcdl run's, read by measure()
 
-        return run
+    def ours(w: int) -> Measure:
+        return lambda: _hpcdl_run(path, batch_size, w, threads, block_units, limit_seconds, stages)
 
     paths = [(f"raw read, {n} stream{'s' * (n > 1)}", raw(n)) for n in sorted({1, threads})]
     raws = [name for name, _ in paths]
@@ -169,24 +198,60 @@ def run_io_bench(
     step = _Steps(on_progress, (len(paths) * repeat + 1) * (2 if cold else 1))
 
     def measure(cache: str, before: Callable[[], Any]) -> None:
-        runs: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in paths}
+        runs: dict[str, list[tuple[int, float, Stages | None]]] = {n: [] for n, _ in paths}
         for _ in range(repeat):  # interleaved, so drifts of the disk hit every path alike
             for name, fn in paths:
                 before()
-                runs[name].append(step(fn()))
+                stages[-1] = None
+                runs[name].append((*step(fn()), stages[-1]))
         before()
-        runs[naive_name] = [step(naive())]
+        runs[naive_name] = [(*step(naive()), None)]
         for name, rs in runs.items():
-            sps = statistics.median(n / s for n, s in rs)
-            res.rows.append(Row(name, cache, sps, sps * sb / 1e6))
+            _, s, st = sorted(rs, key=lambda r: r[0] / r[1])[(len(rs) - 1) // 2]  # the median
+            sps = statistics.median(n / s for n, s, _ in rs)
+            res.rows.append(Row(name, cache, sps, sps * sb / 1e6, seconds=s, stages=st))
 
     if cold:
         measure("cold", drop_caches)
     raw(threads)()  # load the page cache
     measure("warm", lambda: None)
+    _scatter_note(res, path, m, threads, limit_seconds, repeat)
     _relate(res, raws, naive_name)
     _explain(res, repeat, naive_seconds, batch_size)
     return res
+
+
+def _scatter_note(
+    res: IoBench, path: Path, m: Manifest, streams: int, limit: float, repeat: int
+) -> None:
+    """The warm copy ceilings side by side: whole pieces vs. sample by sample (see
+    :func:`scattered_read`), alternated, medians."""
+    raw, scat = [], []
+    for _ in range(repeat):
+        n, s = raw_read(path, m, streams, limit)
+        raw.append(n * m.sample_bytes / s / 1e9)
+        n, s = scattered_read(path, m, streams, limit)
+        scat.append(n * m.sample_bytes / s / 1e9)
+    a, b = statistics.median(raw), statistics.median(scat)
+    res.notes.append(
+        f"warm copy ceilings, {streams} streams: raw read {a:.1f} GB/s; the same read scattered "
+        f"sample by sample ({m.sample_bytes} B) into random rows {b:.1f} GB/s = {b / a:.2f} of "
+        "raw, the most a sample-level shuffle can reach here"
+    )
+
+
+def _hpcdl_run(
+    path: Path, batch_size: int, workers: int, threads: int, block_units: int, limit: float,
+    stages: list[Stages | None],
+) -> tuple[int, float]:  # fmt: skip
+    """One timed pass of hpcdl's reader (ShardLoader with workers); its stages into ``stages``."""
+    from hpcdl.data.reader import ShardedDataset, ShardLoader
+
+    ds = ShardedDataset(path, batch_size, num_workers=workers, threads=threads, block_units=block_units)  # fmt: skip
+    loader = ShardLoader(ds) if workers else None
+    n, s = timed(loader or ds, limit)
+    stages[-1] = loader.read_stats() if loader else ds.stats.as_dict()
+    return n, s
 
 
 def _cold_rows(cold: bool, res: IoBench) -> bool:
@@ -240,6 +305,13 @@ def _explain(res: IoBench, repeat: int, naive_seconds: float, batch_size: int) -
         f"({res.file_bytes / 2**30:.2f} GiB); medians of {repeat} runs, naive path bounded to "
         f"{naive_seconds:g} s; batch size {batch_size}"
     )
+    res.notes.append(
+        "time per stage: read = reading threads inside preadv/h5py (all threads, all reading "
+        "processes: may exceed wall); wait = reading processes blocked on those reads; shuffle = "
+        "permutations and I/O vectors; collate = gathers (compressed data) and wrapping batches; "
+        "handoff = main process wrapping a worker's shared slot; loader = main process waiting "
+        "inside the DataLoader (workers only)"
+    )
     if res.file_bytes > 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         res.notes.append("the dataset is large against RAM: 'warm' rows are partly cold")
 
@@ -265,4 +337,22 @@ def render(res: IoBench) -> Any:
             f"{r.vs_raw:.2f}",
             f"{r.vs_naive:.1f}",
         )
+    return t
+
+
+def render_stages(res: IoBench) -> Any:
+    """Where hpcdl's median runs spent their time, per stage (seconds; None when no hpcdl row)."""
+    from rich.table import Table
+
+    rows = [r for r in res.rows if r.stages is not None]
+    if not rows:
+        return None
+    t = Table(title="where hpcdl's time went (the median run; seconds)", show_edge=False)
+    cols = ("read", "wait", "shuffle", "collate", "handoff", "loader")
+    for col in ("hpcdl path", "wall", *cols):
+        t.add_column(col, justify="left" if col == "hpcdl path" else "right", no_wrap=True)
+    for r in rows:
+        assert r.stages is not None
+        name = f"{r.path.removeprefix('hpcdl, ')} {r.cache}"
+        t.add_row(name, f"{r.seconds:.2f}", *(f"{r.stages[c]:.2f}" for c in cols))
     return t

@@ -7,19 +7,19 @@ Design, per epoch (all of it arithmetic on the manifest, identical on every rank
 * the stream is cut into ``slots = world_size * max(1, num_workers)`` equal ranges of
   ``samples // slots`` samples; slot ``rank * W + worker`` reads its range, so every slot yields
   the same number of batches (the last ``samples % slots`` samples of the stream are dropped);
-* a slot's units are grouped into blocks of ``block_units``; a block is read whole (uncompressed:
-  ``os.preadv`` at the chunk byte offsets from ``threads`` threads, bypassing h5py's global lock;
-  compressed: h5py), shuffled at the sample level (seeded by seed, epoch, slot, block) and cut
-  into consecutive batches; the next block is read while the current one is consumed, and the
-  one after it is announced to the kernel (``posix_fadvise(WILLNEED)``) for a deeper I/O queue
-  (that reading lives in :mod:`hpcdl.data.blocks`);
+* a slot's units are grouped into blocks of ``block_units``; a block is read whole, shuffled at
+  the sample level (seeded by seed, epoch, slot, block) and cut into consecutive batches; each
+  sample is read straight into its row of its batch (:mod:`hpcdl.data.blocks`,
+  :mod:`hpcdl.data.assemble`), the next blocks while the current one's batches are handed out;
+* batches are tensors over recycled buffers (:mod:`hpcdl.data.slots`); with ShardLoader's
+  workers those buffers are shared memory, so a batch crosses to the main process uncopied;
 * a resume on another world size or worker count re-splits what the interrupted epoch had left
   (:mod:`hpcdl.data.remainder`).
 
-Memory per reading process (the main one, or each DataLoader worker): two block buffers,
-``2 * block_units * chunk_samples * sample_bytes`` (32 MiB with the defaults and 1 MiB chunks),
-plus the batch being assembled and, with workers, the DataLoader's prefetch queue
-(``prefetch_factor`` batches per worker). The page cache holds one more advised block.
+Memory per reading process (the main one, or each DataLoader worker): batch buffers for three
+blocks, about ``3 * block_units * chunk_samples * sample_bytes`` (48 MiB with the defaults and
+1 MiB chunks) plus four batches; with ShardLoader's workers, ``prefetch_factor + 2`` more per
+worker, in shared memory. The page cache holds one more advised block.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hpcdl.data.blocks import Block, BlockReader
+from hpcdl.data.blocks import BlockReader
 from hpcdl.data.manifest import Manifest
 from hpcdl.data.remainder import SampleLayout, SlotPlan, remaining, resplit_batches, slot_plan
+from hpcdl.data.slots import STAGES, ReadStats, SlotRef, Slots, SlotSource, in_flight, shared_ring
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.util import append_jsonl
 
@@ -56,6 +58,10 @@ class ShardedDataset(IterableDataset):
     :class:`ShardLoader`, which passes it and counts consumed batches for exact resume.
     ``len(ds)`` is the number of batches this rank gets per epoch, the same on every rank.
     """
+
+    _local: Slots | None = None  # this process's batch buffers (made on first use)
+    _ring: Slots | None = None  # set by ShardLoader before its workers fork
+    _ring_per_worker = 0
 
     def __init__(
         self,
@@ -136,6 +142,11 @@ class ShardedDataset(IterableDataset):
         self._resumed_epoch: int | None = None  # set_epoch(this) keeps a loaded position
         self._resize: tuple[dict[str, Any], np.ndarray] | None = None  # (plan state, remainder)
         self.record_ids = bool(os.environ.get(RECORD_ENV))  # batches carry their samples' ids
+        self.stats = ReadStats()  # seconds per stage in this process (hpcdl bench io prints them)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # buffers are per process; a spawned worker makes its own (and uses no ring)
+        return {**self.__dict__, "_local": None, "_ring": None}
 
     # --- sizes ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -263,51 +274,32 @@ class ShardedDataset(IterableDataset):
         role = (info.id + skip) % w
         return epoch, self.rank * w + role, skip // w + (1 if role < skip % w else 0)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _source(self) -> SlotSource:
+        """This process's batch buffers: its share of ShardLoader's shared ring in a worker
+        forked with one, else private slots."""
+        info = get_worker_info()
+        if info is not None and self._ring is not None:
+            per = self._ring_per_worker
+            row = ReadStats(self._ring.stats[info.id])
+            src = SlotSource(self._ring, info.id * per, (info.id + 1) * per, row, SAMPLE_IDS)
+            src.reclaim()
+            return src
+        if self._local is None:
+            count = in_flight(self.block_units * self.manifest.chunk_samples, self.batch_size)
+            self._local = Slots(self.manifest, self.fields, self.batch_size, count)
+        return SlotSource(self._local, 0, self._local.count, self.stats, SAMPLE_IDS)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Batches ``{field: tensor}`` viewing recycled buffers (a worker forked by ShardLoader
+        yields :class:`~hpcdl.data.slots.SlotRef` s instead, which ShardLoader turns into them)."""
         epoch, slot, skip = self._slot_and_skip()
         plan = self._slot_plan(epoch, slot)
         if skip >= plan.batches:
             return
-        starts, bounds = plan.starts, plan.bounds
-        first = int(np.searchsorted(starts, bounds[skip], side="right")) - 1
-        blocks = self._reader.blocks(plan.blocks, starts, first, plan.seed)
-        try:
-            blk = next(blocks)
-            for k in range(skip, plan.batches):
-                lo, hi = int(bounds[k]), int(bounds[k + 1])
-                parts, ids = [], []
-                while lo < hi:
-                    while lo >= blk.start + blk.n:
-                        blk = next(blocks)
-                    top = min(hi, blk.start + blk.n)
-                    parts.append(blk.take(lo - blk.start, top - blk.start))
-                    if self.record_ids:
-                        ids.append(self._block_ids(plan, blk)[lo - blk.start : top - blk.start])
-                    lo = top
-                batch = (
-                    parts[0]
-                    if len(parts) == 1
-                    else {f: np.concatenate([p[f] for p in parts]) for f in self.fields}
-                )
-                out = {f: torch.from_numpy(a) for f, a in batch.items()}
-                if ids:
-                    out[SAMPLE_IDS] = torch.from_numpy(np.concatenate(ids))
-                yield out
-        finally:
-            blocks.close()
-
-    def _block_ids(self, plan: SlotPlan, blk: Block) -> np.ndarray:
-        """Dataset-wide sample ids of the block's rows, in the order it yields them."""
-        bi = int(np.searchsorted(plan.starts, blk.start, side="right")) - 1
-        c = self.manifest.chunk_samples
-        base = np.concatenate([[0], np.cumsum([s.samples for s in self.manifest.shards])])
-        ids = np.concatenate(
-            [
-                base[self._reader.unit_shard[u]] + self._reader.unit_chunk[u] * c + np.arange(a, b)
-                for u, a, b in plan.blocks[bi]
-            ]
-        )
-        return ids if blk.perm is None else ids[blk.perm]
+        src = self._source()
+        bounds = plan.bounds
+        for k, dest, ids in self._reader.batches(plan, skip, src, src.stats, self.record_ids):
+            yield src.deliver(dest, int(bounds[k + 1] - bounds[k]), ids)
 
 
 class ShardLoader:
@@ -336,6 +328,8 @@ class ShardLoader:
             dataset, batch_size=None, num_workers=dataset.num_workers, **loader_kwargs
         )
         self._consumed = 0
+        self.stats = ReadStats()  # this process: handoff and loader stages
+        self._ring: Slots | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -343,12 +337,34 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._consumed = self.dataset.start_batch
         record = os.environ.get(RECORD_ENV) if self.dataset.record_ids else None
-        for batch in self.loader:
-            ids = batch.pop(SAMPLE_IDS, None)
+        ds = self.dataset
+        ring = self._ring = shared_ring(ds, self.loader, self._ring)
+        if ring is not None:  # the workers about to fork write into it
+            ds._ring, ds._ring_per_worker = ring, ring.count // ds.num_workers
+        it = iter(self.loader)  # forks the workers (non-persistent, or the first time) now
+        ds._ring = None  # so that workers another DataLoader forks from ds yield plain tensors
+        loader_stage = STAGES.index("loader")
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            self.stats.add(loader_stage, time.perf_counter() - t0)
+            if item is None:
+                return
+            if isinstance(item, SlotRef):
+                assert ring is not None
+                batch, ids = ring.handout(item.slot, item.n, self.stats), item.ids
+            else:
+                batch, ids = item, item.pop(SAMPLE_IDS, None)
             if record and ids is not None:
                 self._record(Path(record), ids.tolist())
             self._consumed += 1
             yield batch
+
+    def read_stats(self) -> dict[str, float]:
+        """Seconds per stage so far (:data:`hpcdl.data.slots.STAGES`): the reading processes'
+        (the workers' rows of the ring, or the dataset's) plus this process's handoff/loader."""
+        rows = self._ring.stats.sum(axis=0) if self._ring is not None else self.dataset.stats.row
+        return {s: float(a + b) for s, a, b in zip(STAGES, rows, self.stats.row, strict=True)}
 
     def _record(self, folder: Path, ids: list[int]) -> None:
         """Append the ids of a batch handed out to ``folder/DATASET-rankNNN.jsonl`` (a test
