@@ -154,6 +154,8 @@ class Writer:
         self.root, self.tag, self.rank, self.world = root, tag, rank, world
         self.files, self.commit = files, commit  # commit: rank 0's (manifest, latest, prune)
         self.error: BaseException | None = None
+        self.lock = threading.Lock()  # abandoned and committing: one decision (wait())
+        self.abandoned = self.committing = False
         self.started = time.monotonic()
         self.ended: float | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"hpcdl-ckpt-{tag}")
@@ -166,8 +168,18 @@ class Writer:
     def done(self) -> bool:
         return not self.thread.is_alive()
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the save ended within ``timeout``. One that did not is abandoned: it commits
+        nothing afterwards (no manifest, ``latest`` or prune behind the back of whatever this
+        process does next, e.g. a warm worker's next attempt on the same run folder), unless
+        its commit had already begun: then that is waited for."""
         self.thread.join(timeout)
+        with self.lock:
+            if self.thread.is_alive() and not self.committing:
+                self.abandoned = True
+                return False
+        self.thread.join()
+        return True
 
     def _run(self) -> None:
         try:
@@ -176,7 +188,12 @@ class Writer:
             self.files = []  # the memory goes as soon as it is on disk
             self._note({"files": sums})
             if self.commit is not None:
-                self.commit(self._gather())
+                gathered = self._gather()
+                with self.lock:
+                    if self.abandoned:
+                        raise TimeoutError(f"checkpoint {self.tag} abandoned before its commit")
+                    self.committing = True
+                self.commit(gathered)
         except BaseException as exc:  # kept for wait(); a note tells rank 0 not to commit
             self.error = exc
             if self.rank != 0:
@@ -197,7 +214,7 @@ class Writer:
         for rank in range(self.world):
             note = self.notes / f"rank{rank:05d}.json"
             while not note.is_file():
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.abandoned:
                     raise TimeoutError(f"rank {rank} did not finish writing checkpoint {self.tag}")
                 time.sleep(0.02)
             body = json.loads(note.read_text())
