@@ -19,6 +19,12 @@ checkpoint, so a kill at any point of the writing leaves a folder without a mani
 resume skips it (with a warning) and takes the previous checkpoint, which the prune of this
 save never reached (it runs after the manifest). One save is in flight at a time: the next
 save, the end of the run and a preemption wait for it first.
+
+Staging holds this rank's share of the checkpoint in memory until it is written. A file that
+would take the staged total past :func:`memory_budget` (half of the node's available memory,
+shared by the node's ranks) is written directly instead, as a synchronous save writes it, and
+only fsynced and hashed in the thread: a model too large to copy in memory still saves, more of
+its save held in the training loop.
 """
 
 from __future__ import annotations
@@ -41,44 +47,91 @@ logger = get_logger(__name__)
 
 WRITES = ".writes"  # RUN/checkpoints/.writes/TAG/rankNNNNN.json: one rank's files, written
 NOTE_WAIT_S = 1800.0  # rank 0 waits this long at most for the other ranks' notes
+MEMORY_SHARE = 0.5  # of the node's available memory, for the staged checkpoints of its ranks
+
+# A staged file (its bytes), or None: written directly to its path (over the memory budget)
+Staged = tuple[Path, memoryview | None]
+
+
+def memory_budget(meminfo: str | None = None, local_ranks: int | None = None) -> int | None:
+    """The bytes this rank may stage: :data:`MEMORY_SHARE` of the node's ``MemAvailable``
+    over its ranks (``LOCAL_WORLD_SIZE``); None where /proc/meminfo does not say."""
+    if meminfo is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            return None
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(int(line.split()[1]) * 1024 * MEMORY_SHARE / max(local_ranks, 1))
+    return None
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict: what staging it will hold."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def staging_engine(engine: Any) -> StagingEngine:
-    """Put a :class:`StagingEngine` in place of ``engine``'s checkpoint engine (once)."""
+    """Put a :class:`StagingEngine` in place of ``engine``'s checkpoint engine (once); its
+    memory budget measured again for each save."""
     current = engine.checkpoint_engine
-    if isinstance(current, StagingEngine):
-        return current
-    staged = StagingEngine(current)
-    engine.checkpoint_engine = staged
-    return staged
+    if not isinstance(current, StagingEngine):
+        current = StagingEngine(current)
+        engine.checkpoint_engine = current
+    current.budget = memory_budget()
+    return current
 
 
 class StagingEngine:
     """DeepSpeed's checkpoint engine, its ``save`` kept in memory (``take`` hands the files
-    over); everything else is the engine it replaces (loads, folders, commit)."""
+    over) up to ``budget`` bytes; everything else is the engine it replaces (loads, folders,
+    commit)."""
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, budget: int | None = None):
         self.inner = inner
-        self.staged: list[tuple[Path, memoryview]] = []
+        self.budget = budget
+        self.staged: list[Staged] = []
+        self.staged_bytes = 0
 
     def save(self, state_dict: Any, path: str) -> None:
         import torch
 
+        size = tensor_bytes(state_dict)
+        if self.budget is not None and self.staged_bytes + size > self.budget:
+            self.inner.save(state_dict, path)  # too large to copy: written now
+            self.staged.append((Path(path), None))
+            return
         buf = io.BytesIO()
         zipfile = bool(getattr(self.inner, "zipfile_serialization", True))
         torch.save(state_dict, buf, _use_new_zipfile_serialization=zipfile)
         self.staged.append((Path(path), buf.getbuffer()))
+        self.staged_bytes += size
 
-    def take(self) -> list[tuple[Path, memoryview]]:
-        staged, self.staged = self.staged, []
+    def take(self) -> list[Staged]:
+        staged, self.staged, self.staged_bytes = self.staged, [], 0
         return staged
 
     def __getattr__(self, name: str) -> Any:  # load, create, commit, makedirs, ...
         return getattr(self.inner, name)
 
 
-def write_file(path: Path, data: memoryview) -> tuple[int, str]:
-    """Write ``data`` to ``path`` and fsync it; (bytes, sha256) from memory."""
+def write_file(path: Path, data: memoryview | None) -> tuple[int, str]:
+    """Write ``data`` to ``path`` and fsync it; (bytes, sha256) from memory. ``None``: the file
+    was written directly (over the memory budget): fsynced and hashed from disk."""
+    if data is None:
+        fsync_file(path)
+        return path.stat().st_size, sha256_file(path)
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -95,12 +148,14 @@ class Writer:
         tag: str,
         rank: int,
         world: int,
-        files: list[tuple[Path, memoryview]],
+        files: list[Staged],
         commit: Callable[[dict[str, tuple[int, str]]], None] | None,
     ):
         self.root, self.tag, self.rank, self.world = root, tag, rank, world
         self.files, self.commit = files, commit  # commit: rank 0's (manifest, latest, prune)
         self.error: BaseException | None = None
+        self.lock = threading.Lock()  # abandoned and committing: one decision (wait())
+        self.abandoned = self.committing = False
         self.started = time.monotonic()
         self.ended: float | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"hpcdl-ckpt-{tag}")
@@ -113,8 +168,18 @@ class Writer:
     def done(self) -> bool:
         return not self.thread.is_alive()
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the save ended within ``timeout``. One that did not is abandoned: it commits
+        nothing afterwards (no manifest, ``latest`` or prune behind the back of whatever this
+        process does next, e.g. a warm worker's next attempt on the same run folder), unless
+        its commit had already begun: then that is waited for."""
         self.thread.join(timeout)
+        with self.lock:
+            if self.thread.is_alive() and not self.committing:
+                self.abandoned = True
+                return False
+        self.thread.join()
+        return True
 
     def _run(self) -> None:
         try:
@@ -123,7 +188,12 @@ class Writer:
             self.files = []  # the memory goes as soon as it is on disk
             self._note({"files": sums})
             if self.commit is not None:
-                self.commit(self._gather())
+                gathered = self._gather()
+                with self.lock:
+                    if self.abandoned:
+                        raise TimeoutError(f"checkpoint {self.tag} abandoned before its commit")
+                    self.committing = True
+                self.commit(gathered)
         except BaseException as exc:  # kept for wait(); a note tells rank 0 not to commit
             self.error = exc
             if self.rank != 0:
@@ -144,7 +214,7 @@ class Writer:
         for rank in range(self.world):
             note = self.notes / f"rank{rank:05d}.json"
             while not note.is_file():
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.abandoned:
                     raise TimeoutError(f"rank {rank} did not finish writing checkpoint {self.tag}")
                 time.sleep(0.02)
             body = json.loads(note.read_text())

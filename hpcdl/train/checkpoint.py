@@ -214,8 +214,7 @@ class Checkpointer:
         writer = self.pending
         if writer is None:
             return
-        writer.wait(timeout)
-        if not writer.done():
+        if not writer.wait(timeout):  # abandoned: it commits nothing now
             logger.warning(f"checkpoint {self.root / writer.tag} still being written after "
                            f"{timeout:.0f} s; left without a manifest")  # fmt: skip
             return

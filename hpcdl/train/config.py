@@ -81,9 +81,10 @@ class CheckpointConfig(_Strict):
 
     every_steps: int = Field(default=200, ge=0)
     keep: int = Field(default=3, ge=1)
-    # written beside training, as safe (hpcdl.train.async_checkpoint); $HPCDL_ASYNC_CHECKPOINTS
-    # (1 or 0) overrides it
-    async_save: bool = False
+    # written beside training, as safe (hpcdl.train.async_checkpoint): the default, as it
+    # holds training 3.6x less at ZeRO-3 (docs/benchmarks.md); $HPCDL_ASYNC_CHECKPOINTS (1 or
+    # 0) overrides it
+    async_save: bool = True
 
 
 class LogConfig(_Strict):

@@ -256,6 +256,7 @@ class Trainer:
             self.save()
             self.meter.restart_clock()  # saving is not training time
         if waiting is not None:  # a checkpointing stop waited for this step (call_on_epoch)
+            self.log_committed(wait=True)  # the caller copies it: committed before the stop
             raise self.stopped(waiting)
         return False
 
@@ -308,6 +309,9 @@ class Trainer:
                     self.stop_at_step = exc  # the epoch's last micro-batches wait for a step
                     return  # that a checkpoint now would lose: saved and raised after it
                 self.save_once()
+                # PBT copies this checkpoint once the stop reaches it: an asynchronous save
+                # must be committed (or its failure raised) first, never left in flight
+                self.log_committed(wait=True)
             raise self.stopped(exc) from None
 
     def stopped(self, exc: Exception) -> Exception:

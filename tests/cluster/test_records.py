@@ -402,7 +402,15 @@ def fresh_logging() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def test_checkpoint_files_are_fsynced_before_their_manifest(world1, synth, tmp_path, monkeypatch):
+# Asynchronous saves are the default; synchronous ones (checkpoint.async_save: false) keep
+# their own path through Checkpointer.save, checked as well.
+SAVES = pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+
+
+@SAVES
+def test_checkpoint_files_are_fsynced_before_their_manifest(
+    world1, synth, tmp_path, monkeypatch, async_save
+):
     """Every file a manifest names, and its folder, is fsynced before the manifest is written;
     the manifest and ``latest`` are durable (their folder fsynced) too. Before the fix only the
     manifest and ``latest`` themselves were."""
@@ -421,7 +429,8 @@ def test_checkpoint_files_are_fsynced_before_their_manifest(world1, synth, tmp_p
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(ckpt, "atomic_write_text", write)
-    run_dir = make_run(tmp_path, synth, tmp_path / "runs", "synced", epochs=1)
+    run_dir = make_run(tmp_path, synth, tmp_path / "runs", "synced", epochs=1,
+                       checkpoint__async_save=async_save)  # fmt: skip
     assert train_run(run_dir)["status"] == "completed"
     root = run_dir / "checkpoints"
     for tag in ("step00000010", "step00000015"):
@@ -436,8 +445,9 @@ def test_checkpoint_files_are_fsynced_before_their_manifest(world1, synth, tmp_p
         assert f"fsync {root}" in after[after.index(f"write {root / ckpt.LATEST}") :]
 
 
+@SAVES
 @pytest.mark.root  # mounts a tmpfs: make test runs it as root
-def test_a_full_disk_during_a_checkpoint_loses_nothing(world1, synth, tmp_path):
+def test_a_full_disk_during_a_checkpoint_loses_nothing(world1, synth, tmp_path, async_save):
     """The run folder on a 512 kB file system: the checkpoint of step 10 fits, the one of step
     20 does not (about 300 kB each). The save fails with an error naming the checkpoint that
     stays the newest complete one; that one still verifies; with room again (the file system
@@ -448,7 +458,7 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(world1, synth, tmp_path):
     reference = make_run(tmp_path, synth, tmp_path / "ref", "ref")
     assert train_run(reference)["status"] == "completed"
     with small_disk(tmp_path / "disk", "512k") as disk:
-        run_dir = make_run(tmp_path, synth, disk, "full")
+        run_dir = make_run(tmp_path, synth, disk, "full", checkpoint__async_save=async_save)
         with pytest.raises(HpcdlError) as failed:
             train_run(run_dir)
         root = run_dir / "checkpoints"

@@ -42,6 +42,21 @@ def test_the_worker_imports_nothing_heavy_before_its_first_claim():
     assert _fresh(code) == []
 
 
+def test_the_worker_does_not_import_the_submitting_side():
+    """``hpcdl.hpo``'s package import no longer brings in ``Sweep`` and its lifecycle, jobs and
+    final job: the worker never submits (it failed before: the package imported them)."""
+    code = (
+        "import json, sys\n"
+        "import hpcdl.hpo.worker, hpcdl.hpo.objective, hpcdl.hpo.trial, hpcdl.hpo.study\n"
+        "from hpcdl.hpo import SweepSpec\n"
+        "submitting = ('hpcdl.hpo.sweep', 'hpcdl.hpo.lifecycle', 'hpcdl.hpo.final')\n"
+        "before = [m for m in submitting if m in sys.modules]\n"
+        "from hpcdl.hpo import Sweep\n"
+        "print(json.dumps([before, Sweep.__module__]))\n"
+    )
+    assert _fresh(code) == [[], "hpcdl.hpo.sweep"]
+
+
 OPTIMIZERS = """
 import json, sys
 import torch
