@@ -286,10 +286,14 @@ def register(cli: click.Group) -> None:
 @click.option("--password-file", help="Scale runs: the database password's file (0600).")
 @click.option("--pbt", default=0, show_default=True, help="Only PBT (this interval in epochs) "
               "vs random search, --seeds seeds (hpcdl.hpo.bench_pbt).")  # fmt: skip
+@click.option("--pbt-quantile", default=0.25, show_default=True,
+              help="With --pbt: the bottom quantile that exploits the top one (at most 0.5).")  # fmt: skip
+@click.option("--reuse", "reuse_stamp", metavar="STAMP", help="Read back the searches an earlier "
+              "run finished under this stamp (bench-LABEL-sSEED-STAMP), run the rest under it.")  # fmt: skip
 def hpo_cmd(
     spec: Path, trials: int, seeds: int, epochs: int, site: str | None, array_size: int,
     slots: int, storage: str | None, workers: str, sweep_trials: int, url: str | None,
-    password_file: str | None, pbt: int,
+    password_file: str | None, pbt: int, pbt_quantile: float, reuse_stamp: str | None,
 ) -> None:  # fmt: skip
     """ASHA and Hyperband vs. random search (same sampler and budget, --seeds seeds) on SPEC's
     data, in trial-epochs; then the submission and status time of a large sweep array on
@@ -303,12 +307,16 @@ def hpo_cmd(
         return
 
     if pbt:  # logic in hpcdl.hpo.bench_pbt
+        if not 0 < pbt_quantile <= 0.5:  # as the spec's pbt.quantile
+            raise ConfigError("", "--pbt-quantile", f"{pbt_quantile}: give a number in (0, 0.5]")
         from hpcdl.hpo.bench_pbt import pbt_comparison
         from hpcdl.hpo.bench_pbt import render as render_pbt
 
         with bar(f"random search and PBT, {seeds} seed(s)", lines_every_s=60) as progress:
-            r = pbt_comparison(spec, trials, epochs, datetime.now().strftime("%Y%m%d-%H%M%S"),
-                               list(range(seeds)), pbt, on_progress=progress)  # fmt: skip
+            r = pbt_comparison(spec, trials, epochs,
+                               reuse_stamp or datetime.now().strftime("%Y%m%d-%H%M%S"),
+                               list(range(seeds)), pbt, pbt_quantile, on_progress=progress,
+                               reuse=reuse_stamp is not None)  # fmt: skip
         click.echo("\n".join(render_pbt(r)))
         return
 
@@ -329,8 +337,8 @@ def hpo_cmd(
         raise ConfigError("", "--trials/--epochs", "need at least 2 trials and 2 epochs")
     if seeds < 1:
         raise ConfigError("", "--seeds", f"{seeds} must be >= 1")
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    _pruning(spec, trials, epochs, seeds, stamp)
+    stamp = reuse_stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
+    _pruning(spec, trials, epochs, seeds, stamp, reuse_stamp is not None)
     if site is None:
         click.echo("submission timing skipped (give --site for a Slurm site)")
         return
@@ -341,7 +349,7 @@ def hpo_cmd(
                "(goal < 2 s each)")  # fmt: skip
 
 
-def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str) -> None:
+def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str, reuse: bool) -> None:
     """Print the pruning comparison: one table row per seed, then each pruner's ratios to random
     search (median and spread over the seeds)."""
     from rich.console import Console
@@ -351,7 +359,7 @@ def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str) -> No
 
     label = f"random, ASHA, Hyperband: {trials} trials each, {seeds} seed(s)"
     with bar(label, lines_every_s=60) as on_progress:  # ~20 min for the defaults
-        r = pruning(spec, trials, epochs, stamp, list(range(seeds)), on_progress=on_progress)
+        r = pruning(spec, trials, epochs, stamp, list(range(seeds)), on_progress, reuse)
     table = Table(title=f"trial-epochs to reach random search's best (per seed), and in all "
                         f"({trials} trials, up to {epochs} epochs)")  # fmt: skip
     for col in ("seed", "target", *[f"{x} to target" for x in SEARCHES],

@@ -13,12 +13,16 @@ from typing import Any
 
 import optuna
 
+from hpcdl.errors import ConfigError
 from hpcdl.hpo.replay import curves_of, epochs_run, replay
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.storage import study_name
 from hpcdl.hpo.study import make_pruner
 from hpcdl.hpo.sweep import Sweep
 from hpcdl.scheduler import job_states
+from hpcdl.util import get_logger
+
+log = get_logger(__name__)
 
 #: The searches the pruning comparison runs for every seed: the same seeded random sampler
 #: without a pruner (the reference), with ASHA and with Hyperband.
@@ -39,7 +43,45 @@ def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, floa
     return reached, spent, best
 
 
-def _search(base: SweepSpec, label: str, seed: int, common: dict[str, Any], stamp: str) -> Sweep:
+#: What decides a search's trials and their curves: a sweep read back (``--reuse``) must have
+#: run with the same (its name, train path and resources may differ: not what it trained).
+SAME_SEARCH = ("objective", "space", "sampler", "pruner", "pbt", "metric", "direction",
+               "trials", "overrides")  # fmt: skip
+
+
+def differs(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The fields of :data:`SAME_SEARCH` on which a stored sweep's spec differs from the one
+    the bench would run now."""
+    return [k for k in SAME_SEARCH if stored.get(k) != wanted.get(k)]
+
+
+def run_or_reuse(spec: SweepSpec, reuse: bool) -> Sweep:
+    """Run ``spec``'s sweep and wait; with ``reuse``, a finished sweep of that name (an earlier
+    bench run with the same stamp) is read back instead, if it searched the same way. Training
+    is deterministic, so a reused search is the one the bench would run again (see
+    :mod:`hpcdl.hpo.replay`); a bench stopped halfway resumes without training twice."""
+    sweep = Sweep(spec)
+    if reuse and sweep.paths.spec.exists():
+        stored = sweep.paths.load_spec()
+        where = f"sweep {spec.name} ({sweep.paths.root})"
+        bad = differs(stored.model_dump(mode="json"), spec.model_dump(mode="json"))
+        if bad:
+            raise ConfigError("--reuse", ", ".join(bad), f"{where} ran with other settings: "
+                              "give another stamp")  # fmt: skip
+        old = Sweep(stored, source=str(sweep.paths.spec))
+        if not old.finished():
+            raise ConfigError("--reuse", "", f"{where} is not finished: give another stamp")
+        log.info("reusing %s", where)
+        return old
+    sweep.run()
+    sweep.wait(timeout=3600)
+    return sweep
+
+
+def _search(
+    base: SweepSpec, label: str, seed: int, common: dict[str, Any], stamp: str,
+    reuse: bool = False,
+) -> Sweep:  # fmt: skip
     pruner: dict[str, Any] = (
         {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
     )
@@ -49,10 +91,7 @@ def _search(base: SweepSpec, label: str, seed: int, common: dict[str, Any], stam
         {**base.model_dump(), **common, "pruner": pruner,
          "sampler": {"name": "random", "seed": seed}, "name": f"bench-{label}-s{seed}-{stamp}"}
     )  # fmt: skip
-    sweep = Sweep(spec)
-    sweep.run()
-    sweep.wait(timeout=3600)
-    return sweep
+    return run_or_reuse(spec, reuse)
 
 
 def _compare(runs: dict[str, tuple[Sweep, float]]) -> dict[str, Any]:
@@ -122,10 +161,11 @@ def pruning(
     stamp: str,
     seeds: list[int],
     on_progress: Callable[[int, int], None] | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """For every seed, the same random-sampler sweep three times (no pruner, ASHA, Hyperband)
     on the local profile, one trial at a time; the ratios per seed and their median and
-    spread over the seeds."""
+    spread over the seeds. ``reuse``: searches finished under ``stamp`` are read back."""
     base = load_spec(spec_path)
     common: dict[str, Any] = {
         "trials": trials,
@@ -139,7 +179,7 @@ def pruning(
         runs = {}
         for label in SEARCHES:
             start = time.monotonic()
-            sweep = _search(base, label, seed, common, stamp)
+            sweep = _search(base, label, seed, common, stamp, reuse)
             runs[label] = (sweep, time.monotonic() - start)
             if on_progress is not None:
                 on_progress(len(per_seed) * len(SEARCHES) + len(runs), len(seeds) * len(SEARCHES))

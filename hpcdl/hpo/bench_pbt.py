@@ -19,22 +19,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpcdl.hpo.bench import _epochs_to_reach, _search, summarize_ratios
+from hpcdl.hpo.bench import _epochs_to_reach, _search, run_or_reuse, summarize_ratios
 from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.sweep import Sweep
 
 
 def _pbt_search(base: SweepSpec, seed: int, common: dict[str, Any], stamp: str,
-                interval: int, quantile: float) -> Sweep:  # fmt: skip
+                interval: int, quantile: float, reuse: bool = False) -> Sweep:  # fmt: skip
     spec = SweepSpec.model_validate(
         {**base.model_dump(), **common, "pruner": {"name": "none"},
          "sampler": {"name": "random", "seed": seed}, "name": f"bench-pbt-s{seed}-{stamp}",
          "pbt": {"interval_epochs": interval, "quantile": quantile}}
     )  # fmt: skip
-    sweep = Sweep(spec)
-    sweep.run()
-    sweep.wait(timeout=3600)
-    return sweep
+    return run_or_reuse(spec, reuse)
 
 
 def pbt_comparison(
@@ -46,9 +43,11 @@ def pbt_comparison(
     interval: int,
     quantile: float = 0.25,
     on_progress: Callable[[int, int], None] | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Per seed: random search and PBT (same draws), each one's trial-epochs to reach random
-    search's best; the ratio PBT / random per seed and its median and spread."""
+    search's best; the ratio PBT / random per seed and its median and spread. ``reuse``:
+    searches finished under ``stamp`` are read back (:func:`hpcdl.hpo.bench.run_or_reuse`)."""
     base = load_spec(spec_path)
     common: dict[str, Any] = {
         "trials": trials,
@@ -60,12 +59,12 @@ def pbt_comparison(
     per_seed: list[dict[str, Any]] = []
     for seed in seeds:
         start = time.monotonic()
-        random = _search(base, "random", seed, common, stamp)
+        random = _search(base, "random", seed, common, stamp, reuse)
         random_s = time.monotonic() - start
         if on_progress is not None:
             on_progress(2 * len(per_seed) + 1, 2 * len(seeds))
         start = time.monotonic()
-        pbt = _pbt_search(base, seed, common, stamp, interval, quantile)
+        pbt = _pbt_search(base, seed, common, stamp, interval, quantile, reuse)
         pbt_s = time.monotonic() - start
         if on_progress is not None:
             on_progress(2 * len(per_seed) + 2, 2 * len(seeds))

@@ -1,10 +1,13 @@
-"""``hpcdl bench hpo``'s pruning comparison: the summary over seeds, and its bad input."""
+"""``hpcdl bench hpo``'s pruning comparison: the summary over seeds, reused searches, and its
+bad input."""
 
 from __future__ import annotations
 
 import math
 
-from hpcdl.hpo.bench import summarize_ratios
+import pytest
+
+from hpcdl.hpo.bench import differs, summarize_ratios
 
 
 def test_bench_hpo_bad_seed_count(capsys):
@@ -21,3 +24,44 @@ def test_a_seed_that_never_reaches_the_target_counts_as_infinite():
     assert x["median"] == 0.5 and x["min"] == 0.25 and math.isinf(x["max"])
     assert x["not_reached"] == 1 and x["seeds"] == 5
     assert (x["q1"], x["q3"]) == (0.3, 1.0)
+
+
+def test_bench_hpo_bad_pbt_quantile(capsys):
+    from hpcdl.cli import main
+
+    assert main(["bench", "hpo", "--pbt", "3", "--pbt-quantile", "0.6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --pbt-quantile: 0.6: give a number in (0, 0.5]"], err
+
+
+_SPEC = {"objective": "x", "space": {"lr": 1}, "sampler": {"name": "random", "seed": 3},
+         "pruner": {"name": "none"}, "pbt": None, "metric": "val_acc", "direction": "maximize",
+         "trials": 32, "overrides": {"epochs": 27}, "name": "bench-random-s3-S", "train": "a.yaml",
+         "resources": {"site": "local"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({}, []),
+        # what a read-back sweep may differ in: its name, its copied train config, where it ran
+        ({"name": "other", "train": "/sweeps/x/train.yaml", "resources": {"site": "dev"}}, []),
+        ({"sampler": {"name": "random", "seed": 4}}, ["sampler"]),
+        ({"overrides": {"epochs": 12}}, ["overrides"]),
+        ({"trials": 16, "pruner": {"name": "asha"}}, ["pruner", "trials"]),
+        ({"pbt": {"interval_epochs": 3}}, ["pbt"]),
+    ],
+)
+def test_a_reused_search_must_have_searched_the_same_way(change, expected):
+    assert differs(_SPEC, {**_SPEC, **change}) == expected
+
+
+@pytest.mark.parametrize("name", ["sweep_digits.yaml", "sweep_digits_wide.yaml",
+                                  "sweep_digits_long.yaml"])  # fmt: skip
+def test_the_bench_configs_are_valid_specs(name):
+    from pathlib import Path
+
+    from hpcdl.hpo.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[3] / "configs" / name)
+    assert spec.metric == "val_acc" and spec.trials >= 16
