@@ -57,6 +57,17 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         todo += [cur.__cause__, cur.__context__, orig if isinstance(orig, BaseException) else None]
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The driver's own error behind Optuna's and SQLAlchemy's wrappers (for the log: Optuna's
+    "An exception is raised during the commit" says nothing of a connect timeout)."""
+    cur = exc
+    while True:
+        nxt = getattr(cur, "orig", None) or cur.__cause__ or cur.__context__
+        if not isinstance(nxt, BaseException) or nxt is cur:
+            return cur
+        cur = nxt
+
+
 def transient(exc: BaseException) -> bool:
     """True if ``exc`` (or what caused it) is a connection failure that may pass by itself."""
     for cur in _chain(exc):

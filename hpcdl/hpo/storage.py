@@ -123,7 +123,7 @@ def _retrying(make: Any, url: str) -> optuna.storages.RDBStorage:
             if not db_retry.transient(exc) or time.monotonic() + pause > deadline:
                 raise
             log.warning("cannot connect to %s (attempt %d: %s); again in %.1f s",
-                        url, attempt, _first_line(exc), pause)  # fmt: skip
+                        url, attempt, _first_line(db_retry.root_cause(exc)), pause)  # fmt: skip
             time.sleep(pause)
     raise AssertionError("unreachable")
 

@@ -62,3 +62,9 @@ def test_waits_grow_to_the_cap_and_differ_between_workers():
     assert all(d <= db_retry.MAX_DELAY_S for _, d in a)
     assert max(d for _, d in a[8:]) > db_retry.FIRST_DELAY_S * 4  # the window grew
     assert a != b
+
+
+def test_the_log_names_the_drivers_error_not_optunas_wrapper():
+    timeout = psycopg.errors.ConnectionTimeout("connection timeout expired")
+    assert db_retry.root_cause(_as_optuna_raises(timeout)) is timeout
+    assert db_retry.root_cause(timeout) is timeout
