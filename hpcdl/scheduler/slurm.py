@@ -30,7 +30,7 @@ from hpcdl.scheduler.interface import JobHandle, Request, TaskStatus
 from hpcdl.scheduler.live import SINFO_FORMAT, LivePartition, parse_config, parse_partitions
 from hpcdl.scheduler.live import check_site as compare_with_live
 from hpcdl.scheduler.registry import load_handles
-from hpcdl.scheduler.state_rows import ASK_SQUEUE, parse_state_rows
+from hpcdl.scheduler.state_rows import ASK_SQUEUE, parse_state_rows, settle_requeued
 from hpcdl.scheduler.states import FINISHED
 from hpcdl.scheduler.submission import (
     SubmititScheduler,
@@ -370,8 +370,11 @@ def query(job_ids: list[str]) -> dict[str, TaskStatus]:
             dict.fromkeys([*(missing or job_ids if pending_arrays else missing), *pending])
         )
         proc = run_command(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ids])
-        if proc is not None and proc.returncode == 0:
-            parse_state_rows(proc.stdout, found, overwrite=False)
+        # squeue fails on ids of which none is queued any more: none is listed, then
+        if proc is not None and (proc.returncode == 0 or "Invalid job id" in proc.stderr):
+            rows = proc.stdout if proc.returncode == 0 else ""
+            parse_state_rows(rows, found, overwrite=False)
+            settle_requeued(found, rows)
     return found
 
 

@@ -24,3 +24,16 @@ def parse_state_rows(text: str, found: dict[str, TaskStatus], overwrite: bool) -
 def _reason(raw: str) -> str:
     raw = raw.strip()
     return "" if raw in {"", "None", "(null)"} else raw
+
+
+def settle_requeued(found: dict[str, TaskStatus], squeue_rows: str) -> None:
+    """A task sacct still shows REQUEUED that squeue no longer lists has left the queue without
+    starting again: it was cancelled while pending, and sacct keeps the requeue record (seen in
+    chaos seed 4: a requeued task scancelled while it waited kept a finished sweep "queued", and
+    a sweep with missing trials "live", for ever). ``squeue_rows``: squeue's answer for every job
+    of those tasks."""
+    listed = {tid for line in squeue_rows.splitlines() if line.strip()
+              for tid in expand_array_id(line.partition("|")[0])}  # fmt: skip
+    for tid, status in found.items():
+        if status.state == "REQUEUED" and tid not in listed:
+            found[tid] = TaskStatus("CANCELLED")

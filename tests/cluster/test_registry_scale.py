@@ -49,7 +49,7 @@ def generated(root: Path, n: int) -> list[dict]:
             "job_id": job_id, "name": f"train-{i % 50}", "site": "devcluster" if slurm else "local",
             "scheduler": "slurm" if slurm else "local", "folder": folder,
             "script": f"{folder}/submission.sh" if slurm else None, "array": array,
-            "tasks": 1 + i % 4 if slurm else 1, "submitted_at": at,
+            "tasks": 1 + i % 4 if slurm else 1, "tasks_per_node": None, "submitted_at": at,
             "local_ids": [] if slurm else [job_id], "parts": parts})  # fmt: skip
     return out
 

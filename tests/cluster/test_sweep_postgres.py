@@ -258,16 +258,23 @@ def test_workers_wait_out_a_server_that_does_not_answer(job_root, postgres, pass
     sweep = Sweep(spec(storage, name="pgwait", trials=6, parallelism=2, final=False))
     postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
     (workers,) = sweep.run()  # its check connects while the server answers
+
+    def logs() -> str:
+        return "".join(
+            p.read_text(errors="replace") for p in Path(workers.folder).glob("*_log.err")
+        )
+
     os.kill(postmaster, signal.SIGSTOP)
-    try:
-        time.sleep(13)  # past the workers' first connect timeout
+    try:  # until a worker's connect timed out and it said it retries (however late it started)
+        deadline = time.monotonic() + 90
+        while "cannot connect to" not in logs() and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         os.kill(postmaster, signal.SIGCONT)
+    assert "again in" in logs() and "connection timeout expired" in logs(), logs()[-3000:]
     wait_for(lambda: sweep.paths.finished_count() == 6, 120, "6 trials finished", sweep)
     trials = db_trials(postgres, sweep.spec.storage.study)
     assert sorted(t.number for t in trials) == list(range(6))
-    logs = "".join(p.read_text(errors="replace") for p in Path(workers.folder).glob("*_log.err"))
-    assert "cannot connect to" in logs and "again in" in logs, logs[-3000:]
 
 
 # -- refusals: one line, exit 2, nothing written ------------------------------------------------

@@ -83,3 +83,23 @@ def test_squeue_knows_a_requeued_or_pending_task_better(sacct_row, squeue_row, e
     if found["5_0"].state in ASK_SQUEUE:
         parse_state_rows(squeue_row, found, overwrite=False)
     assert (found["5_0"].state, found["5_0"].reason) == expected
+
+
+@pytest.mark.parametrize(
+    ("sacct_rows", "squeue_rows", "expected"),
+    [
+        # requeued, then scancelled while it waited: sacct keeps REQUEUED, squeue lists it no more
+        ("7_0|COMPLETED|\n7_1|REQUEUED|JobArrayTaskLimit", "", {"7_0": "COMPLETED", "7_1": "CANCELLED"}),
+        ("7_1|REQUEUED|", "7_1|PENDING|BeginTime", {"7_1": "PENDING"}),  # waiting to start again
+        ("7_1|REQUEUED|", "7_1|RUNNING|None", {"7_1": "RUNNING"}),
+        ("7_1|REQUEUED|\n7_2|PENDING|", "7_[2-3]|PENDING|JobArrayTaskLimit", {"7_1": "CANCELLED", "7_2": "PENDING", "7_3": "PENDING"}),
+    ],
+)  # fmt: skip
+def test_a_requeued_task_gone_from_the_queue_was_cancelled(sacct_rows, squeue_rows, expected):
+    from hpcdl.scheduler.state_rows import parse_state_rows, settle_requeued
+
+    found: dict[str, TaskStatus] = {}
+    parse_state_rows(sacct_rows, found, overwrite=True)
+    parse_state_rows(squeue_rows, found, overwrite=False)
+    settle_requeued(found, squeue_rows)
+    assert {t: s.state for t, s in found.items()} == expected
