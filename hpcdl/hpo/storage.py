@@ -115,7 +115,9 @@ def _retrying(make: Any, url: str) -> optuna.storages.RDBStorage:
     wait_s = float(os.environ.get(WORKER_CONNECT_WAIT_ENV, WORKER_CONNECT_WAIT_S))
     deadline = time.monotonic() + wait_s
     waits = db_retry.delays(random.Random())  # unseeded: workers must not wait alike
-    for attempt in range(1, 1_000_000):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return make()
         except Exception as exc:
@@ -125,7 +127,6 @@ def _retrying(make: Any, url: str) -> optuna.storages.RDBStorage:
             log.warning("cannot connect to %s (attempt %d: %s); again in %.1f s",
                         url, attempt, _first_line(db_retry.root_cause(exc)), pause)  # fmt: skip
             time.sleep(pause)
-    raise AssertionError("unreachable")
 
 
 def open_storage(
