@@ -73,14 +73,21 @@ print("not killed")
 """
 
 
-def test_a_trial_killed_after_taking_a_checkpoint_resumes_it_with_its_parameters(tmp_path):
+def _killed_at(tmp_path: Path, point: str) -> Path:
+    """A trial of a new sweep run to its boundary in a process SIGKILLed at ``point``
+    (``HPCDL_PBT_KILL_AT``); its folder."""
     trial_dir = _sweep(tmp_path / "sweep")
     code = BOUNDARY.format(tests=str(Path(__file__).parent), trial_dir=str(trial_dir),
                            params=PARAMS)  # fmt: skip
-    env = {**os.environ, KILL_AT_ENV: "exploit", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, KILL_AT_ENV: point, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    return trial_dir
+
+
+def test_a_trial_killed_after_taking_a_checkpoint_resumes_it_with_its_parameters(tmp_path):
+    trial_dir = _killed_at(tmp_path, "exploit")
     # killed inside the window: the donor's weights are in place, the slot knows nothing
     assert (trial_dir / "checkpoints" / TAG / "weights").read_text() == "donor"
 
@@ -101,13 +108,7 @@ def test_a_trial_killed_after_taking_a_checkpoint_resumes_it_with_its_parameters
 def test_a_kill_while_the_checkpoints_are_replaced_resumes_the_donors(tmp_path):
     """Killed between removing its own checkpoints and renaming the copy into place, the trial
     had no checkpoint at all and would have started again from scratch."""
-    trial_dir = _sweep(tmp_path / "sweep")
-    code = BOUNDARY.format(tests=str(Path(__file__).parent), trial_dir=str(trial_dir),
-                           params=PARAMS)  # fmt: skip
-    env = {**os.environ, KILL_AT_ENV: "replace", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    trial_dir = _killed_at(tmp_path, "replace")
     assert not (trial_dir / "checkpoints").exists()
     noted: list[dict[str, Any]] = []
     params, _ = resume_point(_ctx(trial_dir, noted, []), PARAMS)
