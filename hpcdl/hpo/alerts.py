@@ -36,9 +36,8 @@ from typing import Any
 
 from hpcdl.config import parse_time, read_yaml, validate
 from hpcdl.hpo.decide import AlertEvent, alert, alert_key, to_send
-from hpcdl.hpo.folder import SweepPaths
+from hpcdl.hpo.folder import SweepPaths, read_round
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.study import read_round
 from hpcdl.site import SiteProfile
 from hpcdl.slurm_options import Notify
 from hpcdl.util import get_logger

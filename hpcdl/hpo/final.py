@@ -10,7 +10,6 @@ from typing import Any
 from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.pareto import best_trials
 from hpcdl.hpo.protocol import TrialRequeued
-from hpcdl.hpo.study import open_study
 from hpcdl.preemption import task_id
 from hpcdl.util import append_jsonl, get_logger
 
@@ -40,6 +39,8 @@ def final_main(sweep_dir: str) -> dict[str, Any]:
         return {"skipped": why}
     if paths.has_final_result():
         return {"skipped": "the final result is there already"}
+    from hpcdl.hpo.study import open_study  # Optuna only where a final job runs
+
     study = open_study(spec, paths.root)
     found = best_trials(study.get_trials(deepcopy=False), spec.directions)
     if not found:  # (a multi-objective spec has no final job: the spec refuses one)

@@ -241,3 +241,11 @@ class SweepPaths:
 def abort_file(trial_dir: Path, attempt: int) -> Path:
     """The marker of a multi-rank trial's attempt that one rank ended for all."""
     return trial_dir / f"abort-attempt{attempt}.json"
+
+
+def read_round(sweep_dir: Path) -> int:
+    """The sweep's round (0 before any resubmission): ``SWEEP/round``."""
+    try:
+        return int(SweepPaths(sweep_dir).round.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0

@@ -26,9 +26,8 @@ from typing import Any
 from hpcdl.errors import HpcdlError
 from hpcdl.hpo.decide import Round, RoundKind, follow_up, needs_final, stopped_slots
 from hpcdl.hpo.final import final_main, log_event
-from hpcdl.hpo.folder import SweepPaths
+from hpcdl.hpo.folder import SweepPaths, read_round
 from hpcdl.hpo.spec import SweepSpec
-from hpcdl.hpo.study import read_round
 from hpcdl.job import Job
 from hpcdl.scheduler import (
     FINISHED,

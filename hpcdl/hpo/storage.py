@@ -19,9 +19,7 @@ import random
 import secrets
 import time
 from pathlib import Path
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from hpcdl.credentials import Secret, read_secret_file
 from hpcdl.database import StudyDatabase
@@ -31,6 +29,9 @@ from hpcdl.hpo.folder import SweepPaths
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.site import SiteProfile
 from hpcdl.util import get_logger
+
+if TYPE_CHECKING:
+    import optuna
 
 log = get_logger(__name__)
 
@@ -91,6 +92,8 @@ def _rdb(
             connect["password"] = pw
 
         def make() -> optuna.storages.RDBStorage:
+            import optuna
+
             return optuna.storages.RDBStorage(
                 db.sqlalchemy_url,
                 # One process needs one connection (it never writes from two threads); a small
@@ -142,12 +145,11 @@ def open_storage(
 
 def journal_storage(sweep_dir: Path) -> optuna.storages.JournalStorage:
     """Journal file storage: no database server, safe across nodes (SQLite on NFS/Lustre is not)."""
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     path = str(SweepPaths(sweep_dir).study)
-    return optuna.storages.JournalStorage(
-        JournalFileBackend(path, lock_obj=JournalFileOpenLock(path))
-    )
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
 def check(spec: SweepSpec, where: str) -> None:

@@ -12,7 +12,7 @@ import optuna
 
 from hpcdl.hpo import store_timing
 from hpcdl.hpo.conditions import active, draw_order
-from hpcdl.hpo.folder import SweepPaths
+from hpcdl.hpo.folder import read_round
 from hpcdl.hpo.space import Choice, Grid, IntRange, Uniform
 from hpcdl.hpo.spec import SweepSpec
 from hpcdl.hpo.storage import journal_storage, open_storage, study_name
@@ -67,13 +67,6 @@ def worker_seed(seed: int, worker: int, draw: tuple[int, ...] = ()) -> int:
         return seed + worker
     text = ":".join(str(x) for x in (seed, worker, *draw))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
-
-
-def read_round(sweep_dir: Path) -> int:
-    try:
-        return int(SweepPaths(sweep_dir).round.read_text())
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
