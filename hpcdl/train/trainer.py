@@ -11,6 +11,7 @@ Every method runs on every rank, in the same order: most of them contain collect
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -354,7 +355,10 @@ class Trainer:
         own = getattr(self.flag, "received", None)
         agreed = agreed_stop_signal(int(own) if own else None, self.device)
         step, sig = self.state.step, preemption.received_signal(self.flag, agreed)
-        late = preemption.grace_report(self.flag, self.policy, self.checkpoints.last_save_s)
+        ckpt, took = self.checkpoints, self.checkpoints.last_save_s
+        if ckpt.pending is not None:  # a save still being written took at least this long
+            took = max(took or 0.0, time.monotonic() - ckpt.pending.started + ckpt.last_stage_s)
+        late = preemption.grace_report(self.flag, self.policy, took)
         if late:  # this rank's own view: logged by rank 0 when it was signalled
             self.tracker.log("event", {**late, "step": step})
         tag = self.save_once()

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,45 @@ def test_grace_time_too_short_is_in_the_event_log(world1, synth, tmp_path, own_s
     assert late[0]["last_save_s"] > 0  # the periodic save at step 10 was measured
     assert "more than the 0s before SIGKILL; saving anyway" in late[0]["why"]
     assert events(cut)[-3:] == [("grace_too_short", 15), ("checkpoint", 15), ("preempted", 15)]
+
+
+def test_a_save_still_being_written_counts_in_the_grace_report(
+    world1, synth, tmp_path, own_signals, monkeypatch
+):
+    """The periodic save of step 10 is still being written when SIGTERM comes (a slow file
+    system; it once happened by chance on a loaded machine): the report counts the time it
+    has taken so far instead of saying nothing of it (it said None)."""
+    from hpcdl.train import async_checkpoint
+
+    reported, write_file, report = (
+        threading.Event(),
+        async_checkpoint.write_file,
+        preemption.grace_report,
+    )
+
+    def slow_write(path: Path, data: Any) -> Any:  # the step-10 save waits for the report
+        reported.wait(60)
+        return write_file(path, data)
+
+    def grace_report(*args: Any) -> Any:
+        try:
+            return report(*args)
+        finally:
+            reported.set()
+
+    monkeypatch.setattr(async_checkpoint, "write_file", slow_write)
+    monkeypatch.setattr(preemption, "grace_report", grace_report)
+    cut = make_run(tmp_path, synth, "cut")
+    site = {"site": "local", "preemption": {"preempt_signals": ["TERM"], "grace_time_s": 0}}
+    (cut / "site.json").write_text(json.dumps(site))
+    with pytest.raises(HpcdlError, match="stopped by SIGTERM"):
+        signalled_run(cut, 13)
+    late = [r for r in rows(cut, "event") if r["event"] == "grace_too_short"]
+    assert len(late) == 1 and late[0]["last_save_s"] is not None and late[0]["last_save_s"] > 0
+    # step 10's save commits after the report, before the stop's own
+    assert events(cut)[-4:] == [("grace_too_short", 15), ("checkpoint", 10), ("checkpoint", 15),
+                                ("preempted", 15)]  # fmt: skip
+    assert (cut / "checkpoints/latest").read_text() == "step00000015"
 
 
 def test_the_sites_signal_list_decides_what_the_flag_handles(own_signals, tmp_path):
