@@ -162,7 +162,11 @@ def test_grace_time_too_short_is_in_the_event_log(world1, synth, tmp_path, own_s
     assert len(late) == 1 and late[0]["signal"] == "SIGTERM" and late[0]["budget_s"] == 0
     assert late[0]["last_save_s"] > 0  # the periodic save at step 10 was measured
     assert "more than the 0s before SIGKILL; saving anyway" in late[0]["why"]
-    assert events(cut)[-3:] == [("grace_too_short", 15), ("checkpoint", 15), ("preempted", 15)]
+    # step 10's asynchronous save may commit after the report on a loaded machine
+    ev = events(cut)
+    assert ("checkpoint", 10) in ev, ev
+    assert [e for e in ev if e != ("checkpoint", 10)][-3:] == [
+        ("grace_too_short", 15), ("checkpoint", 15), ("preempted", 15)]  # fmt: skip
 
 
 def test_a_save_still_being_written_counts_in_the_grace_report(
