@@ -60,12 +60,16 @@ def _kind(dist: dict[str, Any]) -> tuple[Any, ...]:
 
 def external(value: float, dist: dict[str, Any]) -> Any:
     """A parameter's value as ``FrozenTrial.params`` gives it (``to_external_repr``)."""
-    name = dist["name"]
+    name = dist.get("name")
     if name == "IntDistribution":
         return int(value)
     if name == "CategoricalDistribution":
         return dist["attributes"]["choices"][int(value)]
-    return value
+    if name == "FloatDistribution":
+        return value
+    from optuna.distributions import json_to_distribution  # an older study's distributions
+
+    return json_to_distribution(json.dumps(dist)).to_external_repr(value)
 
 
 class _Replay:

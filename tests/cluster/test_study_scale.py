@@ -185,7 +185,8 @@ def _timed(root: Path, *args: str) -> tuple[float, float, str]:
 # while the machine is overloaded (load average above its cores) the wall-time limit grows with
 # the load, since it then measures the neighbours; the figures are printed either way.
 @pytest.mark.parametrize(("kind", "command", "limit"), [
-    ("postgresql", "best", 1.0), ("postgresql", "status", 2.0), ("journal", "status", 2.0),
+    ("postgresql", "best", 1.0), ("postgresql", "status", 2.0),
+    ("journal", "best", 1.0), ("journal", "status", 2.0),
 ])  # fmt: skip
 def test_best_and_status_on_10000_trials(big_sweeps, kind, command, limit):
     root, names = big_sweeps
