@@ -273,7 +273,7 @@ def register(cli: click.Group) -> None:
     "--seeds",
     default="5",
     show_default=True,
-    help="Sampler seeds compared: N (0..N-1), A-B or a,b,c.",
+    help="Sampler seeds compared: N (0..N-1), A-B or a,b,c (one seed S: S-S).",
 )
 @click.option("--epochs", default=12, show_default=True, help="Epochs of an unpruned trial.")
 @click.option("--site", help="Slurm site for the submission timing (skipped without one).")

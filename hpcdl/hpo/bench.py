@@ -43,7 +43,9 @@ def parse_seeds(text: str) -> list[int]:
         else:
             count = int(text)
             if count < 1:
-                raise ConfigError("", "--seeds", f"{count} must be >= 1")
+                raise ConfigError(
+                    "", "--seeds", f"{count} must be >= 1"
+                )  # a count; seed 0 alone: 0-0
             return list(range(count))
     except ValueError:
         seeds = []
