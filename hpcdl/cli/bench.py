@@ -269,12 +269,8 @@ def register(cli: click.Group) -> None:
     "spec", type=click.Path(dir_okay=False, path_type=Path), default="configs/sweep_digits.yaml"
 )
 @click.option("--trials", default=32, show_default=True, help="Trial budget of each search.")
-@click.option(
-    "--seeds",
-    default="5",
-    show_default=True,
-    help="Sampler seeds compared: N (0..N-1), A-B or a,b,c (one seed S: S-S).",
-)
+@click.option("--seeds", default="5", show_default=True,
+              help="Sampler seeds compared: N (0..N-1), A-B or a,b,c (one seed S: S-S).")  # fmt: skip
 @click.option("--epochs", default=12, show_default=True, help="Epochs of an unpruned trial.")
 @click.option("--site", help="Slurm site for the submission timing (skipped without one).")
 @click.option("--array-size", default=1000, show_default=True, help="Trials of the timed array.")
