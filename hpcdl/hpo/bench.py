@@ -41,11 +41,9 @@ def parse_seeds(text: str) -> list[int]:
             lo, hi = (int(x) for x in text.split("-", 1))
             seeds = list(range(lo, hi + 1)) if lo <= hi else []
         else:
-            count = int(text)
+            count = int(text)  # a count: seed 0 alone is 0-0
             if count < 1:
-                raise ConfigError(
-                    "", "--seeds", f"{count} must be >= 1"
-                )  # a count; seed 0 alone: 0-0
+                raise ConfigError("", "--seeds", f"{count} must be >= 1")
             return list(range(count))
     except ValueError:
         seeds = []
