@@ -269,7 +269,8 @@ def register(cli: click.Group) -> None:
     "spec", type=click.Path(dir_okay=False, path_type=Path), default="configs/sweep_digits.yaml"
 )
 @click.option("--trials", default=32, show_default=True, help="Trial budget of each search.")
-@click.option("--seeds", default=5, show_default=True, help="Sampler seeds (0..N-1) compared.")
+@click.option("--seeds", default="5", show_default=True,
+              help="Sampler seeds compared: N (0..N-1), A-B or a,b,c (one seed S: S-S).")  # fmt: skip
 @click.option("--epochs", default=12, show_default=True, help="Epochs of an unpruned trial.")
 @click.option("--site", help="Slurm site for the submission timing (skipped without one).")
 @click.option("--array-size", default=1000, show_default=True, help="Trials of the timed array.")
@@ -291,7 +292,7 @@ def register(cli: click.Group) -> None:
 @click.option("--reuse", "reuse_stamp", metavar="STAMP", help="Read back the searches an earlier "
               "run finished under this stamp (bench-LABEL-sSEED-STAMP), run the rest under it.")  # fmt: skip
 def hpo_cmd(
-    spec: Path, trials: int, seeds: int, epochs: int, site: str | None, array_size: int,
+    spec: Path, trials: int, seeds: str, epochs: int, site: str | None, array_size: int,
     slots: int, storage: str | None, workers: str, sweep_trials: int, url: str | None,
     password_file: str | None, pbt: int, pbt_quantile: float, reuse_stamp: str | None,
 ) -> None:  # fmt: skip
@@ -307,15 +308,18 @@ def hpo_cmd(
         return
 
     if pbt:  # logic in hpcdl.hpo.bench_pbt
+        from hpcdl.hpo.bench import parse_seeds
+
+        seed_list = parse_seeds(seeds)
         if not 0 < pbt_quantile <= 0.5:  # as the spec's pbt.quantile
             raise ConfigError("", "--pbt-quantile", f"{pbt_quantile}: give a number in (0, 0.5]")
         from hpcdl.hpo.bench_pbt import pbt_comparison
         from hpcdl.hpo.bench_pbt import render as render_pbt
 
-        with bar(f"random search and PBT, {seeds} seed(s)", lines_every_s=60) as progress:
+        with bar(f"random search and PBT, {len(seed_list)} seed(s)", lines_every_s=60) as progress:
             r = pbt_comparison(spec, trials, epochs,
                                reuse_stamp or datetime.now().strftime("%Y%m%d-%H%M%S"),
-                               list(range(seeds)), pbt, pbt_quantile, on_progress=progress,
+                               seed_list, pbt, pbt_quantile, on_progress=progress,
                                reuse=reuse_stamp is not None)  # fmt: skip
         click.echo("\n".join(render_pbt(r)))
         return
@@ -331,14 +335,13 @@ def hpo_cmd(
         click.echo("\n".join(render(result, site, slots)))
         return
 
-    from hpcdl.hpo.bench import submission
+    from hpcdl.hpo.bench import parse_seeds, submission
 
     if trials < 2 or epochs < 2:
         raise ConfigError("", "--trials/--epochs", "need at least 2 trials and 2 epochs")
-    if seeds < 1:
-        raise ConfigError("", "--seeds", f"{seeds} must be >= 1")
+    seed_list = parse_seeds(seeds)
     stamp = reuse_stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
-    _pruning(spec, trials, epochs, seeds, stamp, reuse_stamp is not None)
+    _pruning(spec, trials, epochs, seed_list, stamp, reuse_stamp is not None)
     if site is None:
         click.echo("submission timing skipped (give --site for a Slurm site)")
         return
@@ -349,7 +352,9 @@ def hpo_cmd(
                "(goal < 2 s each)")  # fmt: skip
 
 
-def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str, reuse: bool) -> None:
+def _pruning(
+    spec: Path, trials: int, epochs: int, seeds: list[int], stamp: str, reuse: bool
+) -> None:
     """Print the pruning comparison: one table row per seed, then each pruner's ratios to random
     search (median and spread over the seeds)."""
     from rich.console import Console
@@ -357,9 +362,9 @@ def _pruning(spec: Path, trials: int, epochs: int, seeds: int, stamp: str, reuse
 
     from hpcdl.hpo.bench import SEARCHES, pruning
 
-    label = f"random, ASHA, Hyperband: {trials} trials each, {seeds} seed(s)"
+    label = f"random, ASHA, Hyperband: {trials} trials each, {len(seeds)} seed(s)"
     with bar(label, lines_every_s=60) as on_progress:  # ~20 min for the defaults
-        r = pruning(spec, trials, epochs, stamp, list(range(seeds)), on_progress, reuse)
+        r = pruning(spec, trials, epochs, stamp, seeds, on_progress, reuse)
     table = Table(title=f"trial-epochs to reach random search's best (per seed), and in all "
                         f"({trials} trials, up to {epochs} epochs)")  # fmt: skip
     for col in ("seed", "target", *[f"{x} to target" for x in SEARCHES],

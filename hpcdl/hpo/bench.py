@@ -29,6 +29,30 @@ log = get_logger(__name__)
 SEARCHES = ("random", "asha", "hyperband")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1, the bench's default seeds), a range A-B or a list
+    a,b,c. Ranges and lists let a figure be taken on seeds held out from the ones its settings
+    were picked on, without training the picked ones again."""
+    text = text.strip()
+    try:
+        if "," in text:
+            seeds = [int(x) for x in text.split(",")]
+        elif "-" in text[1:]:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            seeds = list(range(lo, hi + 1)) if lo <= hi else []
+        else:
+            count = int(text)  # a count: seed 0 alone is 0-0
+            if count < 1:
+                raise ConfigError("", "--seeds", f"{count} must be >= 1")
+            return list(range(count))
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError("", "--seeds", f"{text!r}: give a count N (seeds 0..N-1), a range A-B "
+                          "or a list a,b,c of distinct seeds >= 0")  # fmt: skip
+    return seeds
+
+
 def _epochs_to_reach(sweep: Sweep, target: float) -> tuple[int | None, int, float]:
     """(trial-epochs spent, in trial order, until some epoch of some trial reached ``target``;
     trial-epochs in all; best value reported). Trials run one at a time, so trial order is
@@ -85,8 +109,8 @@ def _search(
     pruner: dict[str, Any] = (
         {"name": "none"} if label == "random" else base.pruner.model_dump() | {"name": label}
     )
-    if label == "hyperband":  # SPEC's max_rungs caps ASHA's rungs; Hyperband has brackets
-        pruner["max_rungs"] = None
+    if label == "hyperband":  # SPEC's max_rungs or rungs are ASHA's; Hyperband has brackets
+        pruner["max_rungs"] = pruner["rungs"] = None
     spec = SweepSpec.model_validate(
         {**base.model_dump(), **common, "pruner": pruner,
          "sampler": {"name": "random", "seed": seed}, "name": f"bench-{label}-s{seed}-{stamp}"}

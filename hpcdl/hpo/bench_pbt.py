@@ -24,11 +24,18 @@ from hpcdl.hpo.spec import SweepSpec, load_spec
 from hpcdl.hpo.sweep import Sweep
 
 
+def pbt_name(seed: int, stamp: str, interval: int, quantile: float) -> str:
+    """A PBT search's sweep name: its settings are in it, so that PBT with other settings can
+    run under the stamp of recorded random searches (``--reuse``) beside an earlier PBT run."""
+    return f"bench-pbt-i{interval}-q{quantile:g}-s{seed}-{stamp}"
+
+
 def _pbt_search(base: SweepSpec, seed: int, common: dict[str, Any], stamp: str,
                 interval: int, quantile: float, reuse: bool = False) -> Sweep:  # fmt: skip
     spec = SweepSpec.model_validate(
         {**base.model_dump(), **common, "pruner": {"name": "none"},
-         "sampler": {"name": "random", "seed": seed}, "name": f"bench-pbt-s{seed}-{stamp}",
+         "sampler": {"name": "random", "seed": seed},
+         "name": pbt_name(seed, stamp, interval, quantile),
          "pbt": {"interval_epochs": interval, "quantile": quantile}}
     )  # fmt: skip
     return run_or_reuse(spec, reuse)

@@ -47,12 +47,19 @@ def promotable(value: float, others: list[float], reduction_factor: int, maximiz
     return value >= bar if maximize else value <= bar
 
 
-class CappedSuccessiveHalvingPruner(optuna.pruners.BasePruner):
-    """Asynchronous successive halving judged at ``max_rungs`` rungs at most."""
+class RungPruner(optuna.pruners.BasePruner):
+    """Asynchronous successive halving at the given rungs: ``{step: reduction factor}``, a
+    trial that reaches ``step`` goes on if it is among the best ``1/reduction factor`` of the
+    trials that reached it (``pruner.rungs`` in a spec). Each rung has its own factor, so a
+    sweep can cut hard where its metric separates good from bad configurations (a bad learning
+    rate shows after one epoch) and gently where the good ones are close (docs/sweeps.md,
+    pruning)."""
 
-    def __init__(self, min_resource: int, reduction_factor: int, max_rungs: int):
-        self.steps = rung_steps(min_resource, reduction_factor, max_rungs)
-        self.reduction_factor = reduction_factor
+    def __init__(self, rungs: Mapping[int, int]):
+        if not rungs or min(rungs) < 1 or min(rungs.values()) < 2:
+            raise ValueError(f"{dict(rungs)}: give steps >= 1, each with a reduction factor >= 2")
+        self.rungs = dict(sorted(rungs.items()))
+        self.steps = list(self.rungs)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
@@ -77,6 +84,15 @@ class CappedSuccessiveHalvingPruner(optuna.pruners.BasePruner):
                 and (v := value_at(t.intermediate_values, rung)) is not None
                 and v == v  # a NaN was pruned, as in Optuna's pruner, which records no NaN
             ]
-            if not promotable(value, others, self.reduction_factor, maximize):
+            if not promotable(value, others, self.rungs[rung], maximize):
                 return True
         return False
+
+
+class CappedSuccessiveHalvingPruner(RungPruner):
+    """Asynchronous successive halving judged at ``max_rungs`` rungs at most."""
+
+    def __init__(self, min_resource: int, reduction_factor: int, max_rungs: int):
+        steps = rung_steps(min_resource, reduction_factor, max_rungs)
+        super().__init__({step: reduction_factor for step in steps})
+        self.reduction_factor = reduction_factor

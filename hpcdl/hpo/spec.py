@@ -35,6 +35,9 @@ class Pruner(StrictModel):
     # asha: judge a trial at this many rungs at most, then let it run to the end
     # (hpcdl.hpo.pruners); None: at every rung, as Optuna's SuccessiveHalvingPruner
     max_rungs: int | None = Field(default=None, ge=1)
+    # asha: {epoch: reduction factor}, a rung at each epoch with its own factor, in place of
+    # min_resource * reduction_factor**i (hpcdl.hpo.pruners.RungPruner)
+    rungs: dict[int, int] | None = None
 
 
 Direction = Literal["maximize", "minimize"]
@@ -203,6 +206,13 @@ def check_search(spec: SweepSpec) -> None:
     if spec.multi and spec.pruner.name != "none":
         raise SpecProblem("pruner.name", f"{spec.pruner.name!r}: Optuna does not prune "
                           "multi-objective studies; use pruner: {name: none} or one objective")  # fmt: skip
+    rungs = spec.pruner.rungs
+    if rungs is not None and (spec.pruner.name != "asha" or spec.pruner.max_rungs is not None):
+        raise SpecProblem("pruner.rungs", "only the asha pruner has rungs, and rungs replace "
+                          "max_rungs: give one of them")  # fmt: skip
+    if rungs is not None and (not rungs or min(rungs) < 1 or min(rungs.values()) < 2):
+        raise SpecProblem("pruner.rungs", f"{rungs}: give {{epoch: reduction factor}} with "
+                          "epochs >= 1 and factors >= 2")  # fmt: skip
     if spec.pruner.max_rungs is not None and spec.pruner.name != "asha":
         raise SpecProblem("pruner.max_rungs", f"only the asha pruner has rungs to cap, not "
                           f"{spec.pruner.name!r}: leave max_rungs out")  # fmt: skip

@@ -73,6 +73,10 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+    if p.name == "asha" and p.rungs:
+        from hpcdl.hpo.pruners import RungPruner
+
+        return RungPruner(p.rungs)
     if p.name == "asha" and p.max_rungs is not None:
         from hpcdl.hpo.pruners import CappedSuccessiveHalvingPruner
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from hpcdl.hpo.bench import differs, summarize_ratios
+from hpcdl.errors import ConfigError
+from hpcdl.hpo.bench import differs, parse_seeds, summarize_ratios
 
 
 def test_bench_hpo_bad_seed_count(capsys):
@@ -16,6 +17,43 @@ def test_bench_hpo_bad_seed_count(capsys):
     assert main(["bench", "hpo", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --seeds: 0 must be >= 1"], err
+
+
+@pytest.mark.parametrize(
+    "text, seeds",
+    [
+        ("5", [0, 1, 2, 3, 4]),  # a count: the bench's default seeds
+        ("1", [0]),
+        ("10-14", [10, 11, 12, 13, 14]),  # seeds held out from those a setting was picked on
+        ("7-7", [7]),
+        ("0,3,9", [0, 3, 9]),
+        (" 2,1 ", [2, 1]),  # the order given is the order run
+    ],
+)
+def test_seeds_are_a_count_a_range_or_a_list(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "5-3", "a", "1,1", "1,-2", "", "1-", "3,x"])
+def test_bad_seeds_are_refused(text):
+    with pytest.raises(ConfigError, match="--seeds"):
+        parse_seeds(text)
+
+
+def test_bench_hpo_bad_seed_range(capsys):
+    from hpcdl.cli import main
+
+    assert main(["bench", "hpo", "--seeds", "9-5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --seeds: '9-5': give a count N (seeds 0..N-1), a range A-B or a list "
+                   "a,b,c of distinct seeds >= 0"], err  # fmt: skip
+
+
+def test_pbt_searches_with_other_settings_have_other_names():
+    from hpcdl.hpo.bench_pbt import pbt_name
+
+    names = {pbt_name(0, "S", i, q) for i in (1, 3) for q in (0.25, 0.5)}
+    assert len(names) == 4 and pbt_name(0, "S", 3, 0.25) == "bench-pbt-i3-q0.25-s0-S"
 
 
 def test_a_seed_that_never_reaches_the_target_counts_as_infinite():
@@ -57,7 +95,7 @@ def test_a_reused_search_must_have_searched_the_same_way(change, expected):
 
 
 @pytest.mark.parametrize("name", ["sweep_digits.yaml", "sweep_digits_wide.yaml",
-                                  "sweep_digits_long.yaml"])  # fmt: skip
+                                  "sweep_digits_long.yaml", "sweep_digits_val.yaml"])  # fmt: skip
 def test_the_bench_configs_are_valid_specs(name):
     from pathlib import Path
 

@@ -11,7 +11,13 @@ import pytest
 import yaml
 
 from hpcdl.errors import ConfigError
-from hpcdl.hpo.pruners import CappedSuccessiveHalvingPruner, promotable, rung_steps, value_at
+from hpcdl.hpo.pruners import (
+    CappedSuccessiveHalvingPruner,
+    RungPruner,
+    promotable,
+    rung_steps,
+    value_at,
+)
 from hpcdl.hpo.replay import replay
 from hpcdl.hpo.spec import load_spec
 from hpcdl.hpo.study import make_pruner
@@ -137,4 +143,55 @@ def test_bad_max_rungs_is_one_line_naming_the_field(tmp_path: Path, pruner, word
     with pytest.raises(ConfigError) as exc:
         load_spec(path)
     assert exc.value.field == "pruner.max_rungs" and words in exc.value.problem, str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+# (curves, rungs, epochs each trial ran): each rung keeps 1/its own factor of the trials that
+# reached it; after the last rung a trial runs to the end
+RUNGS = [
+    # rung 1 keeps the best quarter of 4 (only the best so far), rung 3 half of those that got there
+    ([[0.5, 0.6, 0.9, 0.9], [0.4, 0.5, 0.8, 0.8], [0.6, 0.6, 0.1, 0.2]], {1: 4, 3: 2},
+     (4, 1, 3)),
+    # the same curves, one rung: trial 2 runs on
+    ([[0.5, 0.6, 0.9, 0.9], [0.4, 0.5, 0.8, 0.8], [0.6, 0.6, 0.1, 0.2]], {1: 4}, (4, 1, 4)),
+    # rf 2 at both rungs: trial 1 ties trial 0 at epoch 2 and goes on, trial 2 is below both
+    ([[0.5, 0.9, 0.9], [0.6, 0.9, 0.9], [0.7, 0.8, 0.8]], {1: 2, 2: 2}, (3, 3, 2)),
+    # rungs given out of order are sorted
+    ([[0.5, 0.6, 0.9, 0.9], [0.4, 0.5, 0.8, 0.8], [0.6, 0.6, 0.1, 0.2]], {3: 2, 1: 4},
+     (4, 1, 3)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("c,rungs,stopped", RUNGS)
+def test_each_rung_keeps_its_own_fraction(c, rungs, stopped):
+    assert replay(c, RungPruner(rungs), 2.0).stopped_at == stopped
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rungs_of_one_factor_decide_as_the_capped_pruner(seed):
+    c = curves(seed)
+    capped = replay(c, CappedSuccessiveHalvingPruner(1, 3, max_rungs=2), 2.0)
+    assert replay(c, RungPruner({1: 3, 3: 3}), 2.0) == capped
+
+
+def test_rungs_make_the_rung_pruner(tmp_path: Path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "pruner": {"name": "asha", "rungs": {1: 4, 3: 2}}}))
+    pruner = make_pruner(load_spec(path))
+    assert type(pruner) is RungPruner and pruner.rungs == {1: 4, 3: 2}
+
+
+@pytest.mark.parametrize("pruner,words", [
+    ({"name": "hyperband", "rungs": {1: 4}}, "only the asha pruner has rungs"),
+    ({"name": "asha", "rungs": {1: 4}, "max_rungs": 1}, "give one of them"),
+    ({"name": "asha", "rungs": {1: 1}}, "factors >= 2"),
+    ({"name": "asha", "rungs": {0: 4}}, "epochs >= 1"),
+    ({"name": "asha", "rungs": {}}, "epochs >= 1"),
+])  # fmt: skip
+def test_bad_rungs_are_one_line_naming_the_field(tmp_path: Path, pruner, words):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "pruner": pruner}))
+    with pytest.raises(ConfigError) as exc:
+        load_spec(path)
+    assert exc.value.field == "pruner.rungs" and words in exc.value.problem, str(exc.value)
     assert "\n" not in str(exc.value)
