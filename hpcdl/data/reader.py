@@ -341,6 +341,9 @@ class ShardLoader:
         ring = self._ring = shared_ring(ds, self.loader, self._ring)
         if ring is not None:  # the workers about to fork write into it
             ds._ring, ds._ring_per_worker = ring, ring.count // ds.num_workers
+            # The chunk index, read here once per process: workers forked for every epoch
+            # inherit it instead of each opening every shard's HDF5 index again at its start.
+            ds._reader.chunk_offsets(set(range(len(ds.manifest.shards))))
         it = iter(self.loader)  # forks the workers (non-persistent, or the first time) now
         ds._ring = None  # so that workers another DataLoader forks from ds yield plain tensors
         loader_stage = STAGES.index("loader")
