@@ -10,7 +10,8 @@ Design, per epoch (all of it arithmetic on the manifest, identical on every rank
 * a slot's units are grouped into blocks of ``block_units``; a block is read whole, shuffled at
   the sample level (seeded by seed, epoch, slot, block) and cut into consecutive batches; each
   sample is read straight into its row of its batch (:mod:`hpcdl.data.blocks`,
-  :mod:`hpcdl.data.assemble`), the next blocks while the current one's batches are handed out;
+  :mod:`hpcdl.data.assemble`; where each goes is planned 16 blocks at a time,
+  :mod:`hpcdl.data.placement`), the next blocks while the current one's batches are handed out;
 * batches are tensors over recycled buffers (:mod:`hpcdl.data.slots`); with ShardLoader's
   workers those buffers are shared memory, so a batch crosses to the main process uncopied;
 * a resume on another world size or worker count re-splits what the interrupted epoch had left
