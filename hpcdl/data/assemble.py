@@ -45,12 +45,19 @@ def destinations(
     return batch, row
 
 
-def iovecs(addr: np.ndarray, item: int, seg_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def iovecs(
+    addr: np.ndarray, item: int, seg_rows: np.ndarray, merge: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """I/O vectors ``(m, 2)`` [address, length] that put row ``i`` of the block at ``addr[i]``
-    (``item`` bytes each), merging rows whose destinations follow each other; a vector never
+    (``item`` bytes each), merging rows whose destinations follow each other unless ``merge``
+    is False (then one vector per row, a cheaper plan for shuffled rows); a vector never
     spans two segments (``seg_rows``: each segment's first row, plus the end). Returns the
     vectors and each segment's first vector (plus the end)."""
     n = len(addr)
+    if merge is False:  # a shuffled block: hardly two rows land side by side, one vector each
+        iov = np.empty((n, 2), np.uint64)
+        iov[:, 0], iov[:, 1] = addr, item
+        return iov, seg_rows
     new = np.ones(n, bool)
     if n > 1:
         new[1:] = addr[1:] != addr[:-1] + item
@@ -67,6 +74,8 @@ def addresses(
     """Destination address of each block row: ``bases[batch - first] + row * item``, or
     ``scratch`` (one item of throw-away memory) for rows of dropped batches (batch -1)."""
     keep = batch >= 0
+    if keep.all():  # the usual case (no resume inside this block): one gather and add
+        return bases[batch - first] + row * item
     addr = np.full(len(batch), scratch, np.int64)
     addr[keep] = bases[batch[keep] - first] + row[keep] * item
     return addr

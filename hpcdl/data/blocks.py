@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hpcdl.data.assemble import addresses, destinations, iovecs, preadv_all
+from hpcdl.data.assemble import addresses, iovecs, preadv_all
 from hpcdl.data.manifest import Manifest
+from hpcdl.data.placement import Placement, block_perm
 from hpcdl.data.remainder import SlotPlan
 from hpcdl.data.slots import STAGES, Dest, ReadStats
 from hpcdl.errors import HpcdlError
@@ -213,6 +214,7 @@ class _Run:
         self.pool = ThreadPoolExecutor(reader.threads, thread_name_prefix="hpcdl-read")
         self.adviser = ThreadPoolExecutor(1, thread_name_prefix="hpcdl-advise")
         self.dests: dict[int, Dest] = {}
+        self.placement = Placement(plan, skip)
         self.ids: dict[int, np.ndarray] = {}
         self.inflight: deque[tuple[int, list[Future[float]], Any]] = deque()
         # rows of batches consumed before a resume are read (they share chunks) into this
@@ -232,10 +234,7 @@ class _Run:
             advice = self.adviser.submit(r._advise, files, self.offsets, plan.blocks[bi + 1], self.advised)  # fmt: skip
             advice.add_done_callback(self._advised)
         s0, s1 = int(plan.starts[bi]), int(plan.starts[bi + 1])
-        perm = None
-        if plan.seed is not None:
-            perm = np.random.default_rng([*plan.seed, bi]).permutation(s1 - s0)
-        batch, row = destinations(s0, s1 - s0, perm, bounds, self.skip)
+        batch, row = self.placement.block(bi)  # tables made a window of blocks at a time
         k0 = max(self.skip, int(np.searchsorted(bounds, s0, side="right")) - 1)
         k1 = int(np.searchsorted(bounds, s1 - 1, side="right"))  # batches k0..k1-1 get rows
         for k in range(k0, k1):
@@ -253,14 +252,14 @@ class _Run:
             bufs = {f: np.empty((s1 - s0, *specs[f].shape), specs[f].dtype) for f in r.fields}
             futs = [self.pool.submit(r._h5_segment, files, seg, bufs, int(row0))
                     for seg, row0 in zip(block, seg_rows[:-1], strict=True)]  # fmt: skip
-            self.inflight.append((bi, futs, (bufs, perm, k0, k1)))
+            self.inflight.append((bi, futs, (bufs, block_perm(plan, bi), k0, k1)))
         else:
             jobs = []
             for f in r.fields:
                 item, off = r.item[f], self.offsets[f]
                 bases = np.array([self.dests[k].arrays[f].ctypes.data for k in range(k0, k1)], np.int64)  # fmt: skip
                 addr = addresses(batch, row, bases, k0, item, self.scratch.ctypes.data)
-                iov, seg_vec = iovecs(addr, item, seg_rows)
+                iov, seg_vec = iovecs(addr, item, seg_rows, merge=plan.seed is None)
                 for i, (unit, a, b) in enumerate(block.tolist()):
                     shard = int(r.unit_shard[unit])
                     jobs.append((shard, files.fds[shard], iov[seg_vec[i] : seg_vec[i + 1]],

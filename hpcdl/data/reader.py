@@ -10,7 +10,8 @@ Design, per epoch (all of it arithmetic on the manifest, identical on every rank
 * a slot's units are grouped into blocks of ``block_units``; a block is read whole, shuffled at
   the sample level (seeded by seed, epoch, slot, block) and cut into consecutive batches; each
   sample is read straight into its row of its batch (:mod:`hpcdl.data.blocks`,
-  :mod:`hpcdl.data.assemble`), the next blocks while the current one's batches are handed out;
+  :mod:`hpcdl.data.assemble`; where each goes is planned 16 blocks at a time,
+  :mod:`hpcdl.data.placement`), the next blocks while the current one's batches are handed out;
 * batches are tensors over recycled buffers (:mod:`hpcdl.data.slots`); with ShardLoader's
   workers those buffers are shared memory, so a batch crosses to the main process uncopied;
 * a resume on another world size or worker count re-splits what the interrupted epoch had left
@@ -341,6 +342,9 @@ class ShardLoader:
         ring = self._ring = shared_ring(ds, self.loader, self._ring)
         if ring is not None:  # the workers about to fork write into it
             ds._ring, ds._ring_per_worker = ring, ring.count // ds.num_workers
+            # The chunk index, read here once per process: workers forked for every epoch
+            # inherit it instead of each opening every shard's HDF5 index again at its start.
+            ds._reader.chunk_offsets(set(range(len(ds.manifest.shards))))
         it = iter(self.loader)  # forks the workers (non-persistent, or the first time) now
         ds._ring = None  # so that workers another DataLoader forks from ds yield plain tensors
         loader_stage = STAGES.index("loader")

@@ -114,7 +114,7 @@ def test_bench_io_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["bench", "io", str(tmp_path / "train"), "--batch-size", "64", "--repeat", "1"]
     assert main([*argv, "--naive-seconds", "0.3", "--no-cold", "--workers", "0,1"]) == 0
     out = capsys.readouterr().out
-    for row in ("raw read, 1 stream", "raw read, 2 streams", "hpcdl, 0 workers", "hpcdl, 1 workers", "naive, 2 workers"):  # fmt: skip
+    for row in ("raw read, 1 stream", "raw read, 2 streams", "shuffle ceiling", "hpcdl, 0 workers", "hpcdl, 1 workers", "naive, 2 workers"):  # fmt: skip
         assert row in out
-    assert out.count("│ warm") == 5 and "│ cold" not in out
+    assert out.count("│ warm") == 6 and "│ cold" not in out
     assert "cold rows skipped (--no-cold)" in out

@@ -107,7 +107,7 @@ def test_bench_io_counts_timed_runs(dataset: Path) -> None:
         dataset, batch_size=256, workers=(0,), threads=1, naive_workers=0, naive_seconds=0.2,
         limit_seconds=1.0, repeat=2, cold=False, on_progress=rec,
     )  # fmt: skip
-    rec.check(2 * 2 + 1)  # (raw read + hpcdl) x repeat + naive, warm only
+    rec.check(3 * 2 + 1)  # (raw read + shuffle ceiling + hpcdl) x repeat + naive, warm only
 
 
 def test_sync_bar_counts_runs(tmp_path: Path, capsys, monkeypatch) -> None:
