@@ -23,6 +23,7 @@ from hpcdl.data.reader import ShardLoader
 from hpcdl.launch import init_distributed
 from hpcdl.preemption import StopFlag
 from hpcdl.track import Tracker, rewind_jsonl
+from hpcdl.train import start_gc
 from hpcdl.train.async_checkpoint import asynchronous
 from hpcdl.train.checkpoint import Checkpointer, tag_for
 from hpcdl.train.config import preemption_settings, read_run_config, read_site_values
@@ -124,6 +125,7 @@ class Trainer:
         configure_logging()  # the job's stderr is its log: warnings (corrupt checkpoints) go there
         self.setup()
         self.start_tracking(self.resume())
+        start_gc.resume()  # set up: the collector paused for the imports runs again
         try:  # any failure tags the W&B run 'failed' (a stop from on_epoch tags it first)
             self.meter = StepMeter(self.device, self.state.step, self.timing)
             while self.epoch_open():
