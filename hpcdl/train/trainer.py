@@ -11,6 +11,7 @@ Every method runs on every rank, in the same order: most of them contain collect
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -197,6 +198,9 @@ class Trainer:
             "world_size": self.world,
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
+            # this process's CPU time so far (all threads): ``hpcdl bench start``'s set-up figure
+            # that a loaded machine's scheduling does not move
+            "cpu_s": round(sum(os.times()[:2]), 3),
         }
         if getattr(self, "retuned", None):  # what the resumed optimizer took from the config
             event["retuned"] = self.retuned

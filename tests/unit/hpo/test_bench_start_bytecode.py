@@ -44,3 +44,18 @@ def test_the_table_says_when_workers_compiled_hpcdl():
     assert render({**base, "uncompiled": [83, 90]})[-1].startswith(
         "note: 83 of hpcdl's 90 modules have no current bytecode"
     )
+
+
+def test_the_table_gives_the_cpu_times_when_measured():
+    """CPU time: a loaded machine's scheduling moves the wall-clock ratio by 2x or more
+    between rounds; the processes' CPU time much less."""
+    base = {"site": "devcluster", "import_torch_s": 1.0, "claim_s": 0.4, "setup_s": 1.5,
+            "start_s": 1.6, "ratio": 1.6, "ratio_range": [1.6, 1.6],
+            "rounds": [{"import_torch_s": 1.0, "claim_s": 0.4, "setup_s": 1.5, "start_s": 1.6,
+                        "ratio": 1.6}]}  # fmt: skip
+    assert not any(line.startswith("CPU") for line in render(base))
+    lines = render({**base, "import_torch_cpu_s": 1.0, "setup_cpu_s": 1.3})
+    assert (
+        lines[-1]
+        == "CPU time (medians): import torch 1.00 s, the worker until set up 1.30 s (1.30x)"
+    )

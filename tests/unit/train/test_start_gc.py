@@ -15,7 +15,7 @@ from hpcdl.train import start_gc
 from hpcdl.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "helpers"))
-from train_setup import make_run, train_run
+from train_setup import make_run, rows, train_run
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +87,5 @@ def test_the_trainer_resumes_the_collector_before_its_first_step(
     assert seen["setup"] == [False]
     assert seen["step"] and all(seen["step"])
     assert gc.isenabled() and not start_gc.paused()
+    (start,) = [r for r in rows(run_dir, "event") if r["event"] == "start"]
+    assert start["cpu_s"] > 0  # the process's CPU time at set-up: hpcdl bench start reads it
