@@ -302,9 +302,9 @@ def _lean_wandb(wandb: Any, mode: str) -> None:
             wandb.setup(settings=wandb.Settings(mode="offline"))
         except Exception as exc:  # an older or stubbed wandb: the telemetry stays as W&B has it
             logger.debug(f"wandb.setup(mode=offline) failed: {exc}")
-    run_class = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
+    run_class: Any = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
     applies = getattr(run_class, "_detect_and_apply_job_inputs", None)
-    if applies is None or getattr(applies, "_hpcdl_lean", False):
+    if run_class is None or applies is None or getattr(applies, "_hpcdl_lean", False):
         return
 
     @functools.wraps(applies)
