@@ -149,6 +149,7 @@ class Trainer:
         self.rank, self.world = info.rank, info.world_size
         spec = preflight(cfg, self.world, torch.cuda.is_available(), where)
         deepspeed = import_deepspeed()
+        start_gc.freeze_imports()  # imported: what the run builds from here stays collectable
         seed_everything(cfg.seed)
         model = build_model(cfg.model.name, spec.input_shape, spec.num_classes, cfg.model.options)
         train_path, val_path = staged_data(cfg, where, self.site_values.get("scratch"))

@@ -20,12 +20,21 @@ from train_setup import make_run, rows, train_run
 
 @pytest.fixture(autouse=True)
 def collector() -> Iterator[None]:
-    """Every test starts and ends with the collector on and nothing paused."""
+    """Every test starts and ends with the collector on, nothing paused and nothing frozen."""
     start_gc.resume()
     gc.enable()
     yield
     start_gc.resume()
     gc.enable()
+    gc.unfreeze()
+
+
+def test_only_a_paused_start_freezes_its_imports():
+    """Freezing is for a start's imports: a process that did not pause (a notebook, a test)
+    keeps every object collectable."""
+    assert start_gc.freeze_imports() is False and gc.get_freeze_count() == 0
+    assert start_gc.pause()
+    assert start_gc.freeze_imports() is True and gc.get_freeze_count() > 0
 
 
 @pytest.mark.parametrize(
@@ -83,7 +92,9 @@ def test_the_trainer_resumes_the_collector_before_its_first_step(
     monkeypatch.setattr(Trainer, "micro_step", recorded_step)
     run_dir = make_run(tmp_path, synth, "gc", epochs=1, max_steps=2, checkpoint__every_steps=0)
     assert start_gc.pause()
+    before = gc.get_freeze_count()
     train_run(run_dir)
+    assert gc.get_freeze_count() > before  # the imports frozen before the model was built
     assert seen["setup"] == [False]
     assert seen["step"] and all(seen["step"])
     assert gc.isenabled() and not start_gc.paused()
