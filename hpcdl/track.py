@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -252,6 +253,7 @@ def _start_wandb(
         return None
     if _INHERITED_SERVICE and os.environ.get("WANDB_SERVICE") == _INHERITED_SERVICE:
         del os.environ["WANDB_SERVICE"]  # start this process's own service
+    _lean_wandb(wandb, mode)
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
         id_file.write_text(run_id or secrets.token_hex(8))
@@ -279,6 +281,42 @@ def _start_wandb(
             f"W&B unavailable ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl only"
         )
         return None
+
+
+def _lean_wandb(wandb: Any, mode: str) -> None:
+    """Two parts of ``wandb.init`` an hpcdl run never uses, left out (issue 25: together 0.7-1.2 s
+    of interpreter time at each run's start here, in the thread that shares the interpreter with
+    the first training steps).
+
+    - W&B's own telemetry: ``mode`` is the run's, while W&B's process-wide settings stay online,
+      so an *offline* run's first ``log`` built OpenTelemetry exporters (0.2-0.5 s of imports,
+      two threads) that report to api.wandb.ai every 60 s and at exit (a probe with a 10 s
+      timeout first): a connection from the compute nodes an offline run must not make. The
+      process-wide mode set to the run's (``wandb.setup``) is what W&B checks to leave them out.
+    - ``wandb.sdk.launch.inputs.internal`` (0.5 s: it pulls in W&B's public API and artifacts),
+      imported by every ``init`` to apply the inputs a W&B Launch job staged in this process.
+      Only that module stages them, so while it is not imported there is nothing to apply.
+    Neither may fail training: what this W&B version does not have is left as it is."""
+    if mode == "offline":
+        try:
+            wandb.setup(settings=wandb.Settings(mode="offline"))
+        except Exception as exc:  # an older or stubbed wandb: the telemetry stays as W&B has it
+            logger.debug(f"wandb.setup(mode=offline) failed: {exc}")
+    run_class: Any = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
+    applies = getattr(run_class, "_detect_and_apply_job_inputs", None)
+    if run_class is None or applies is None or getattr(applies, "_hpcdl_lean", False):
+        return
+
+    @functools.wraps(applies)
+    def apply_staged(run: Any) -> None:
+        if _STAGED_INPUTS in sys.modules:  # something staged inputs: W&B applies them
+            applies(run)
+
+    apply_staged._hpcdl_lean = True  # type: ignore[attr-defined]
+    run_class._detect_and_apply_job_inputs = apply_staged
+
+
+_STAGED_INPUTS = "wandb.sdk.launch.inputs.internal"
 
 
 @functools.cache

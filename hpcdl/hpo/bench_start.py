@@ -40,6 +40,7 @@ with open("/proc/self/stat") as f:
 with open("/proc/uptime") as f:
     uptime = float(f.read().split()[0])
 print("import-torch-age", uptime - ticks / os.sysconf("SC_CLK_TCK"))
+print("import-torch-cpu", sum(os.times()[:2]))
 """
 
 #: What the benchmark's sweep changes in SPEC's training: the fewest steps that still train,
@@ -47,8 +48,9 @@ print("import-torch-age", uptime - ticks / os.sysconf("SC_CLK_TCK"))
 TRAIN_OVERRIDES = {"max_steps": 2, "epochs": 1, "log.every_steps": 1, "checkpoint.every_steps": 0}
 
 
-def import_torch_s(site: str, timeout: float, stamp: str, i: int) -> float:
-    """The age of a fresh ``python -c 'import torch'`` process when its import returns."""
+def import_torch_s(site: str, timeout: float, stamp: str, i: int) -> tuple[float, float | None]:
+    """The age and the CPU time of a fresh ``python -c 'import torch'`` process when its import
+    returns."""
     from hpcdl.job import Job
 
     job = Job(name=f"bench-start-torch-{stamp}-{i}", command=[sys.executable, "-c", IMPORT_TORCH],
@@ -57,9 +59,10 @@ def import_torch_s(site: str, timeout: float, stamp: str, i: int) -> float:
     state = handle.wait(timeout=timeout)
     out, err = handle.log_paths()
     text = out.read_text() if out.is_file() else ""
-    for line in text.splitlines():
-        if line.startswith("import-torch-age "):
-            return float(line.split()[1])
+    found = dict(line.split(None, 1) for line in text.splitlines() if line.startswith("import-"))
+    if "import-torch-age" in found:
+        cpu = found.get("import-torch-cpu")
+        return float(found["import-torch-age"]), float(cpu) if cpu else None
     log = err.read_text()[-2000:] if err.is_file() else "(no log)"
     raise RuntimeError(f"import torch job {handle.job_id} ended {state} without its age:\n{log}")
 
@@ -112,6 +115,7 @@ def measure(sweep: Sweep) -> dict[str, Any]:
         "start_s": first["time"] - start["process_started"],
         "claim_s": trial["claimed"] - start["process_started"],
         "setup_s": ready["time"] - start["process_started"] if ready else None,
+        "setup_cpu_s": ready.get("cpu_s") if ready else None,
         "trial": trial["trial"],
     }
 
@@ -123,9 +127,9 @@ def run_start_bench(
     base = load_spec(spec_path)
     per_round = []
     for i in range(rounds):
-        torch_s = import_torch_s(site, timeout, stamp, i)
+        torch_s, torch_cpu_s = import_torch_s(site, timeout, stamp, i)
         worker = worker_start_s(base, site, timeout, stamp, i)
-        per_round.append({"import_torch_s": torch_s, **worker,
+        per_round.append({"import_torch_s": torch_s, "import_torch_cpu_s": torch_cpu_s, **worker,
                           "ratio": worker["start_s"] / torch_s})  # fmt: skip
     return {
         "site": site,
@@ -136,8 +140,38 @@ def run_start_bench(
         "setup_s": _median(r.get("setup_s") for r in per_round),
         "ratio": statistics.median(r["ratio"] for r in per_round),
         "ratio_range": [min(r["ratio"] for r in per_round), max(r["ratio"] for r in per_round)],
+        "import_torch_cpu_s": _median(r.get("import_torch_cpu_s") for r in per_round),
+        "setup_cpu_s": _median(r.get("setup_cpu_s") for r in per_round),
+        "uncompiled": list(uncompiled()),  # from the submitting side: the same checkout
         "when": time.time(),
     }
+
+
+def uncompiled(root: Path | None = None) -> tuple[int, int]:
+    """``(modules without current bytecode, modules)`` of the package at ``root`` (hpcdl's):
+    what a worker compiles from source at every start, since it cannot write ``__pycache__``
+    (a checkout the job's user cannot write, or PYTHONDONTWRITEBYTECODE, as in an editable
+    install by uv). A wheel's install compiles them; a checkout needs ``python -m compileall``.
+    Current: the ``.pyc`` beside the source has this interpreter's magic number and the
+    source's mtime and size in its header (what the import system checks)."""
+    import importlib.util
+
+    root = root or Path(__file__).resolve().parents[1]
+    sources = sorted(root.rglob("*.py"))
+    stale = 0
+    for src in sources:
+        try:
+            header = Path(importlib.util.cache_from_source(str(src))).read_bytes()[:16]
+        except OSError:
+            stale += 1
+            continue
+        st = src.stat()
+        stamp = (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+        stamped = (int.from_bytes(header[8:12], "little"), int.from_bytes(header[12:16], "little"))
+        hashed = header[4:8] != bytes(4)  # a hash-based .pyc: checked by its source's hash
+        if header[:4] != importlib.util.MAGIC_NUMBER or not (hashed or stamped == stamp):
+            stale += 1
+    return stale, len(sources)
 
 
 def _median(values: Any) -> float | None:
@@ -162,6 +196,15 @@ def render(result: dict[str, Any]) -> list[str]:
     lines.append(f"{'median':>6} {_s(result['import_torch_s'], 10)} {_s(result['claim_s'], 5)} "
                  f"{_s(result.get('setup_s'), 6)} {_s(result['start_s'], 8)} "
                  f"{result['ratio']:>6.2f}  (range {low:.2f}-{high:.2f}; goal <= 1.5)")  # fmt: skip
+    torch_cpu, setup_cpu = result.get("import_torch_cpu_s"), result.get("setup_cpu_s")
+    if torch_cpu and setup_cpu:  # CPU time: what a loaded machine's scheduling does not move
+        lines.append(f"CPU time (medians): import torch {torch_cpu:.2f} s, the worker until set "
+                     f"up {setup_cpu:.2f} s ({setup_cpu / torch_cpu:.2f}x)")  # fmt: skip
+    stale, total = result.get("uncompiled") or (0, 0)
+    if stale:  # ~0.1 s of each start here for hpcdl's 83 modules a worker imports
+        lines.append(f"note: {stale} of hpcdl's {total} modules have no current bytecode: every "
+                     "worker compiled them at its start (python -m compileall on the checkout; "
+                     "a wheel's install compiles them)")  # fmt: skip
     return lines
 
 

@@ -120,9 +120,11 @@ def worker_task_main(sweep_dir: str, slots: list[int], pack: tuple[int, int] | N
     """Entry point of one Slurm array task of a warm-worker round (every rank runs it).
     ``pack``: the round's lanes and GPUs per node when it was submitted (None: the spec's, as
     rounds queued before it was passed)."""
+    from hpcdl.train import start_gc
     from hpcdl.train.run import finish_distributed
 
     flag = preemption.PreemptionFlag()  # first: a signal may come at any time
+    start_gc.pause()  # until the first trial's trainer is set up (imports make no cycles)
     configure_logging()  # the task's stderr is its log
     paths = SweepPaths(Path(sweep_dir))
     spec = paths.load_spec()

@@ -241,3 +241,12 @@ def asynchronous(configured: bool) -> bool:
     written for synchronous saves with asynchronous ones."""
     env = os.environ.get("HPCDL_ASYNC_CHECKPOINTS", "")
     return configured if env not in ("0", "1") else env == "1"
+
+
+def save_seconds(ckpt: Any) -> float | None:
+    """How long a save of ``ckpt`` (a Checkpointer) takes, as far as is known: the last one's
+    time, or while one is still being written at least its time so far (the grace-time report
+    said nothing of a periodic save still in flight when the signal came)."""
+    if ckpt.pending is None:
+        return ckpt.last_save_s
+    return max(ckpt.last_save_s or 0.0, time.monotonic() - ckpt.pending.started + ckpt.last_stage_s)

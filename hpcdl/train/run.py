@@ -105,7 +105,10 @@ def finish_distributed() -> None:
 def run_job(run_dir: str) -> dict[str, Any]:
     """What every task of a training job runs (also usable under mpiexec, srun or torchrun):
     train the run folder ``run_dir``, resuming from its newest valid checkpoint."""
+    from hpcdl.train import start_gc
+
     flag = PreemptionFlag()  # before reading the config: the signal may come at any time
+    start_gc.pause()  # until the trainer is set up (imports make no cycles)
     return Run.load(run_dir).execute(flag=flag)
 
 

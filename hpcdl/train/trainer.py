@@ -11,7 +11,7 @@ Every method runs on every rank, in the same order: most of them contain collect
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,7 +24,8 @@ from hpcdl.data.reader import ShardLoader
 from hpcdl.launch import init_distributed
 from hpcdl.preemption import StopFlag
 from hpcdl.track import Tracker, rewind_jsonl
-from hpcdl.train.async_checkpoint import asynchronous
+from hpcdl.train import start_gc
+from hpcdl.train.async_checkpoint import asynchronous, save_seconds
 from hpcdl.train.checkpoint import Checkpointer, tag_for
 from hpcdl.train.config import preemption_settings, read_run_config, read_site_values
 from hpcdl.train.engine import (
@@ -125,6 +126,7 @@ class Trainer:
         configure_logging()  # the job's stderr is its log: warnings (corrupt checkpoints) go there
         self.setup()
         self.start_tracking(self.resume())
+        start_gc.resume()  # set up: the collector paused for the imports runs again
         try:  # any failure tags the W&B run 'failed' (a stop from on_epoch tags it first)
             self.meter = StepMeter(self.device, self.state.step, self.timing)
             while self.epoch_open():
@@ -147,6 +149,7 @@ class Trainer:
         self.rank, self.world = info.rank, info.world_size
         spec = preflight(cfg, self.world, torch.cuda.is_available(), where)
         deepspeed = import_deepspeed()
+        start_gc.freeze_imports()  # imported: what the run builds from here stays collectable
         seed_everything(cfg.seed)
         model = build_model(cfg.model.name, spec.input_shape, spec.num_classes, cfg.model.options)
         train_path, val_path = staged_data(cfg, where, self.site_values.get("scratch"))
@@ -196,6 +199,9 @@ class Trainer:
             "world_size": self.world,
             "accumulation": self.accumulation,
             "total_steps": self.total_steps,
+            # this process's CPU time so far (all threads): ``hpcdl bench start``'s set-up figure
+            # that a loaded machine's scheduling does not move
+            "cpu_s": round(sum(os.times()[:2]), 3),
         }
         if getattr(self, "retuned", None):  # what the resumed optimizer took from the config
             event["retuned"] = self.retuned
@@ -355,10 +361,7 @@ class Trainer:
         own = getattr(self.flag, "received", None)
         agreed = agreed_stop_signal(int(own) if own else None, self.device)
         step, sig = self.state.step, preemption.received_signal(self.flag, agreed)
-        ckpt, took = self.checkpoints, self.checkpoints.last_save_s
-        if ckpt.pending is not None:  # a save still being written took at least this long
-            took = max(took or 0.0, time.monotonic() - ckpt.pending.started + ckpt.last_stage_s)
-        late = preemption.grace_report(self.flag, self.policy, took)
+        late = preemption.grace_report(self.flag, self.policy, save_seconds(self.checkpoints))
         if late:  # this rank's own view: logged by rank 0 when it was signalled
             self.tracker.log("event", {**late, "step": step})
         tag = self.save_once()

@@ -95,3 +95,29 @@ def test_deferred_optimizer_wrappers_step_as_torchs_own():
     exactly as with torch's own wrappers (compared in the same process once it is imported)."""
     got = _fresh(OPTIMIZERS)
     assert got == {"changed": True, "still_lean": True, "same": True, "same_state": True}, got
+
+
+WANDB_RUN = """
+import json, sys, threading, tempfile
+from pathlib import Path
+from hpcdl.track import Tracker
+run_dir = Path(tempfile.mkdtemp())
+t = Tracker(run_dir, enabled=True, config={"a": 1}, name="lean", wandb=True,
+            wandb_mode="offline", wandb_project="p")
+for step in (1, 2):
+    t.log("step", {"step": step, "loss": 1.0 / step}, echo=False)
+t.close()
+otel = sorted(m for m in sys.modules if m.startswith("opentelemetry.exporter"))
+threads = sorted({th.name.split("-")[0] for th in threading.enumerate()} - {"MainThread"})
+synced = sorted(p.name for p in run_dir.glob("wandb/offline-run-*/*.wandb"))
+print(json.dumps([otel, "wandb.sdk.launch.inputs.internal" in sys.modules, len(synced)]))
+"""
+
+
+def test_an_offline_wandb_run_builds_no_telemetry_exporter():
+    """An offline run's W&B start imports no OpenTelemetry exporter (W&B's own telemetry,
+    built at the first log while W&B's process-wide mode stayed online: it reports to
+    api.wandb.ai from the compute node, and cost 0.2-0.5 s) and not W&B Launch's inputs (0.5 s,
+    imported by every init to apply inputs nothing staged); the run is still written."""
+    otel, launch, written = _fresh(WANDB_RUN)
+    assert otel == [] and launch is False and written == 1
