@@ -135,15 +135,20 @@ def test_max_rungs_makes_the_capped_pruner(tmp_path: Path):
     assert type(make_pruner(load_spec(path))) is optuna.pruners.SuccessiveHalvingPruner
 
 
-@pytest.mark.parametrize("pruner,words", [({"name": "hyperband", "max_rungs": 1}, "only the asha"),
-                                          ({"name": "asha", "max_rungs": 0}, "greater than or equal to 1")])  # fmt: skip
-def test_bad_max_rungs_is_one_line_naming_the_field(tmp_path: Path, pruner, words):
+def assert_refused(tmp_path: Path, pruner: dict, field: str, words: str) -> None:
+    """A spec with ``pruner`` is one line naming ``field`` and saying ``words``."""
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**BASE, "pruner": pruner}))
     with pytest.raises(ConfigError) as exc:
         load_spec(path)
-    assert exc.value.field == "pruner.max_rungs" and words in exc.value.problem, str(exc.value)
+    assert exc.value.field == field and words in exc.value.problem, str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("pruner,words", [({"name": "hyperband", "max_rungs": 1}, "only the asha"),
+                                          ({"name": "asha", "max_rungs": 0}, "greater than or equal to 1")])  # fmt: skip
+def test_bad_max_rungs_is_one_line_naming_the_field(tmp_path: Path, pruner, words):
+    assert_refused(tmp_path, pruner, "pruner.max_rungs", words)
 
 
 # (curves, rungs, epochs each trial ran): each rung keeps 1/its own factor of the trials that
@@ -189,9 +194,4 @@ def test_rungs_make_the_rung_pruner(tmp_path: Path):
     ({"name": "asha", "rungs": {}}, "epochs >= 1"),
 ])  # fmt: skip
 def test_bad_rungs_are_one_line_naming_the_field(tmp_path: Path, pruner, words):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "pruner": pruner}))
-    with pytest.raises(ConfigError) as exc:
-        load_spec(path)
-    assert exc.value.field == "pruner.rungs" and words in exc.value.problem, str(exc.value)
-    assert "\n" not in str(exc.value)
+    assert_refused(tmp_path, pruner, "pruner.rungs", words)

@@ -150,15 +150,21 @@ def test_sigterm_at_a_random_step_checkpoints_there_and_resumes_exactly(
     assert {k: v for k, v in again.items() if k not in TIMING} == want_result
 
 
-def test_grace_time_too_short_is_in_the_event_log(world1, synth, tmp_path, own_signals):
-    """The site's grace time (recorded in site.json) is 0 s: the event log says so before the
-    save, which is tried anyway and here completes."""
+def no_grace_run(tmp_path: Path, synth: Any) -> tuple[Path, list[dict[str, Any]]]:
+    """A run on a site whose grace time (recorded in site.json) is 0 s, SIGTERM at step 13:
+    its folder and its ``grace_too_short`` events."""
     cut = make_run(tmp_path, synth, "cut")
     site = {"site": "local", "preemption": {"preempt_signals": ["TERM"], "grace_time_s": 0}}
     (cut / "site.json").write_text(json.dumps(site))
     with pytest.raises(HpcdlError, match="stopped by SIGTERM"):
         signalled_run(cut, 13)
-    late = [r for r in rows(cut, "event") if r["event"] == "grace_too_short"]
+    return cut, [r for r in rows(cut, "event") if r["event"] == "grace_too_short"]
+
+
+def test_grace_time_too_short_is_in_the_event_log(world1, synth, tmp_path, own_signals):
+    """The site's grace time is 0 s: the event log says so before the save, which is tried
+    anyway and here completes."""
+    cut, late = no_grace_run(tmp_path, synth)
     assert len(late) == 1 and late[0]["signal"] == "SIGTERM" and late[0]["budget_s"] == 0
     assert late[0]["last_save_s"] > 0  # the periodic save at step 10 was measured
     assert "more than the 0s before SIGKILL; saving anyway" in late[0]["why"]
@@ -195,12 +201,7 @@ def test_a_save_still_being_written_counts_in_the_grace_report(
 
     monkeypatch.setattr(async_checkpoint, "write_file", slow_write)
     monkeypatch.setattr(preemption, "grace_report", grace_report)
-    cut = make_run(tmp_path, synth, "cut")
-    site = {"site": "local", "preemption": {"preempt_signals": ["TERM"], "grace_time_s": 0}}
-    (cut / "site.json").write_text(json.dumps(site))
-    with pytest.raises(HpcdlError, match="stopped by SIGTERM"):
-        signalled_run(cut, 13)
-    late = [r for r in rows(cut, "event") if r["event"] == "grace_too_short"]
+    cut, late = no_grace_run(tmp_path, synth)
     assert len(late) == 1 and late[0]["last_save_s"] is not None and late[0]["last_save_s"] > 0
     # step 10's save commits after the report, before the stop's own
     assert events(cut)[-4:] == [("grace_too_short", 15), ("checkpoint", 10), ("checkpoint", 15),
