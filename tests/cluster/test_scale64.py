@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -59,12 +60,29 @@ max_array_size: 1001
 """
 
 
+def _controller_listens() -> bool:
+    """Whether the instance's slurmctld takes connections: a config left from an earlier run
+    would make sinfo wait out the instance's MessageTimeout (60 s) before it fails."""
+    port = next((int(ln.split("=", 1)[1]) for ln in CONF.read_text().splitlines()
+                 if ln.startswith("SlurmctldPort=")), None)  # fmt: skip
+    if port is None:
+        return False
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 def _instance_nodes() -> int:
     """Idle-or-busy nodes of the running instance (0: not up)."""
-    if not CONF.is_file():
+    if not CONF.is_file() or not _controller_listens():
         return 0
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True,
-                          timeout=30, env={**os.environ, "SLURM_CONF": str(CONF)})  # fmt: skip
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True,
+                              text=True, timeout=30, env={**os.environ, "SLURM_CONF": str(CONF)})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return 0
     if proc.returncode != 0:
         return 0
     ok = ("idle", "mixed", "allocated", "completing")
