@@ -97,7 +97,7 @@ class LocalScheduler(SubmititScheduler):
                 (Path(handle.folder) / f"{pid}.cancelled").touch()
                 if pid_alive(int(pid), handle.submitted_at):
                     roots.append(int(pid))
-        stop_trees(roots)
+        stop_trees(roots, last=_is_controller)
 
     def log_paths(
         self, handle: JobHandle, task: int = 0, array_task: int | None = None
@@ -126,6 +126,15 @@ def setup_file(folder: Path, lines: list[str]) -> list[str]:
     with os.fdopen(fd, "w") as f:
         f.write(" && ".join(groups) + "\n")
     return [f". {shlex.quote(str(path))}"]
+
+
+def _is_controller(pid: int) -> bool:
+    """Whether ``pid`` is submitit's local controller (it kills its tasks 1 s after SIGINT:
+    :func:`stop_trees` interrupts it after them)."""
+    try:
+        return b"submitit.local._local" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _local_state(h: JobHandle, pid: str) -> str:

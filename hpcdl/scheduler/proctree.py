@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -88,25 +88,40 @@ def _wait_gone(procs: list[tuple[int, str]], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def stop_trees(roots: list[int], grace_s: float = CANCEL_GRACE_S) -> None:
-    """Stop every process under ``roots`` and return once they are gone: SIGINT (submitit's
-    local controller and a Python job unwind on it), SIGKILL after ``grace_s`` for those still
-    there, and at once for those that ignore SIGINT. Returning only then matters: a worker that
-    still wrote after a cancel returned raced the next command (``sweep resume``,
-    ``sweep move-storage``)."""
-    signalled: list[tuple[int, str]] = []  # (pid, start time): a pid may be reused
-    for pid in descendants(roots) if roots else []:
-        started = _start_ticks(pid)
-        sig = signal.SIGKILL if ignores_sigint(pid) else signal.SIGINT
-        with suppress(ProcessLookupError):
-            os.kill(pid, sig)
-            signalled.append((pid, started))
+def stop_trees(roots: list[int], grace_s: float = CANCEL_GRACE_S,
+               last: Callable[[int], bool] = lambda pid: False) -> None:  # fmt: skip
+    """Stop every process under ``roots`` and return once they are gone: SIGINT (a Python job
+    unwinds on it), SIGKILL after ``grace_s`` for those still there, and at once for those that
+    ignore SIGINT. The roots and the processes ``last`` names (submitit's local controller,
+    which SIGKILLs its tasks 1 s after its own SIGINT: under load a job's unwinding was cut
+    short) get their SIGINT only once the others are gone, within the same grace. Returning
+    only then matters: a worker that still wrote after a cancel returned raced the next
+    command (``sweep resume``, ``sweep move-storage``)."""
+    tree = descendants(roots) if roots else []
+    later = [pid for pid in tree if pid in roots or last(pid)]
+    deadline = time.monotonic() + grace_s
+    signalled = _interrupt([pid for pid in tree if pid not in later])
     _wait_gone(signalled, grace_s)
+    signalled += _interrupt(later)
+    _wait_gone(signalled, max(deadline - time.monotonic(), 2.0))
     for pid, started in signalled:
         if _same_alive(pid, started):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     _wait_gone(signalled, 5.0)
+
+
+def _interrupt(pids: list[int]) -> list[tuple[int, str]]:
+    """SIGINT to each of ``pids`` (SIGKILL to one that ignores it): (pid, start time) of those
+    signalled, since a pid may be reused."""
+    signalled = []
+    for pid in pids:
+        started = _start_ticks(pid)
+        sig = signal.SIGKILL if ignores_sigint(pid) else signal.SIGINT
+        with suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            signalled.append((pid, started))
+    return signalled
 
 
 @contextmanager

@@ -123,6 +123,21 @@ def test_cancel_stops_a_job_submitted_by_a_process_that_ignores_sigint(tmp_path)
     assert handle.state() == "CANCELLED"
 
 
+def test_cancel_gives_a_slow_unwinding_job_its_grace_time(tmp_path):
+    """submitit's local controller SIGKILLs its tasks 1 s after its own SIGINT: a job that needs
+    longer to unwind (seen under load in run 23) was killed although the cancel gives 10 s. The
+    controller now gets its SIGINT only once the job is gone."""
+    from tests.helpers.slow_stop import run_until_interrupted_slowly
+
+    handle = Job(function=run_until_interrupted_slowly, args=(str(tmp_path),), time="5m").submit()
+    _wait_for_file(tmp_path / "pid", handle)
+    proc = run_cli("cancel", handle.job_id)
+    assert proc.returncode == 0, proc.stderr
+    assert _gone((tmp_path / "pid").read_text())
+    assert (tmp_path / "interrupted").exists(), "the job was killed before it unwound"
+    assert handle.state() == "CANCELLED"
+
+
 def test_python_callable_job(tmp_path):
     target = tmp_path / "called.txt"
     handle = Job(function=Path.write_text, args=(target, "from a callable"), time="5m").submit()

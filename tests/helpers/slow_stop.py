@@ -27,3 +27,16 @@ def run_until_interrupted(folder: str) -> None:
     except KeyboardInterrupt:
         Path(folder, "interrupted").write_text("")
         raise
+
+
+def run_until_interrupted_slowly(folder: str) -> None:
+    """As :func:`run_until_interrupted`, but its unwinding takes 3 s (a worker recording its
+    trial's stop on a loaded machine): longer than submitit's local controller waits after
+    its own SIGINT before it kills its tasks."""
+    Path(folder, "pid").write_text(str(os.getpid()))
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        time.sleep(3)
+        Path(folder, "interrupted").write_text("")
+        raise
