@@ -8,8 +8,8 @@ Each round, on the same site and one after the other:
   process, to 10 ms);
 - **worker**: a one-trial sweep of SPEC (no final job, no pruner, ``max_steps`` 2, a step row
   for every step) run by a warm worker; the worker's journal records its process start (the
-  same clock) and the trial's first step row its time (logged at step 1's sync: within one
-  step of the step itself).
+  same clock) and the trial's first step row its time (rows are reduced one sync behind, so
+  it is logged at step 2's sync: within one step of the step itself).
 
 The ratio is worker / import torch of the same round; the figure is the median over rounds.
 Both are processes Slurm (or the local profile) started the same way, on the same nodes: the
