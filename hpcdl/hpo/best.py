@@ -32,13 +32,13 @@ def best_of(spec: SweepSpec, paths: SweepPaths, source: str,
     sweep's Optuna study, where one is needed."""
     db = storage.database(spec)
     simple = not (spec.multi or spec.constraints or spec.warm_start)
-    found: Found | None = None
+    found: Found | None
     if simple and db is not None:
-        # one query, without opening Optuna's RDBStorage (see storage)
+        # one query, without opening Optuna's RDBStorage (see storage): its answer is final
         found = storage.best_in_database(db, storage.study_name(spec), source)
-    elif simple:
-        found = _in_journal(spec, paths)
-    if found is None and not (simple and db is not None):
+    else:
+        found = _in_journal(spec, paths) if simple else None
+    if found is None and (db is None or not simple):
         trials = best_trials(study().get_trials(deepcopy=False), spec.directions)
         if trials and spec.multi:
             return {"objectives": [{"name": m, "direction": d} for m, d in

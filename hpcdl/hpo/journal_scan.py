@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Optuna's JournalOperation codes (optuna/storages/journal/_storage.py)
-_CREATE_STUDY, _DELETE_STUDY, _CREATE_TRIAL = 0, 1, 4
+# Optuna's JournalOperation codes (optuna/storages/journal/_storage.py); any other than these
+# (a deleted study, discarded trials) is Unsupported
+_CREATE_STUDY, _CREATE_TRIAL = 0, 4
 _SET_PARAM, _SET_STATE_VALUES = 5, 6
 _IGNORED = frozenset({2, 3, 7, 8, 9})  # study and trial attributes, intermediate values
 _RUNNING, _COMPLETE, _WAITING = 0, 1, 4

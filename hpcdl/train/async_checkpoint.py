@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hpcdl.util import atomic_write_text, fsync_file, get_logger, sha256_file
 
@@ -243,7 +243,15 @@ def asynchronous(configured: bool) -> bool:
     return configured if env not in ("0", "1") else env == "1"
 
 
-def save_seconds(ckpt: Any) -> float | None:
+class SaveTimes(Protocol):
+    """What :func:`save_seconds` reads of a ``Checkpointer`` (which imports this module)."""
+
+    pending: Writer | None
+    last_save_s: float | None
+    last_stage_s: float
+
+
+def save_seconds(ckpt: SaveTimes) -> float | None:
     """How long a save of ``ckpt`` (a Checkpointer) takes, as far as is known: the last one's
     time, or while one is still being written at least its time so far (the grace-time report
     said nothing of a periodic save still in flight when the signal came)."""
