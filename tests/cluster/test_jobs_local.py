@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from conftest import REPORT, WEIRD, run_cli
 
@@ -114,27 +115,27 @@ def test_cancel_stops_a_job_submitted_by_a_process_that_ignores_sigint(tmp_path)
     # no pipe: the job's processes would hold it open, and run() would wait for them
     subprocess.run([sys.executable, "-c", submit], stdout=subprocess.DEVNULL, timeout=120,
                    check=True, cwd=Path(__file__).parents[2])  # fmt: skip
-    handle = find_handle((tmp_path / "id").read_text())
-    _wait_for_file(tmp_path / "pid", handle)
-    proc = run_cli("cancel", handle.job_id)
-    assert proc.returncode == 0, proc.stderr
-    assert _gone((tmp_path / "pid").read_text())
-    assert (tmp_path / "interrupted").exists(), "the job was killed, not interrupted"
-    assert handle.state() == "CANCELLED"
+    _cancel_and_expect_unwound(find_handle((tmp_path / "id").read_text()), tmp_path)
 
 
 def test_cancel_gives_a_slow_unwinding_job_its_grace_time(tmp_path):
     """submitit's local controller SIGKILLs its tasks 1 s after its own SIGINT: a job that needs
     longer to unwind (seen under load in run 23) was killed although the cancel gives 10 s. The
     controller now gets its SIGINT only once the job is gone."""
-    from tests.helpers.slow_stop import run_until_interrupted_slowly
+    from tests.helpers.slow_stop import run_until_interrupted
 
-    handle = Job(function=run_until_interrupted_slowly, args=(str(tmp_path),), time="5m").submit()
-    _wait_for_file(tmp_path / "pid", handle)
+    handle = Job(function=run_until_interrupted, args=(str(tmp_path), 3.0), time="5m").submit()
+    _cancel_and_expect_unwound(handle, tmp_path)
+
+
+def _cancel_and_expect_unwound(handle: Any, folder: Path) -> None:
+    """``hpcdl cancel`` of a running ``run_until_interrupted`` job: it returns once the job is
+    gone, the job unwound (it was not killed) and its state is CANCELLED."""
+    _wait_for_file(folder / "pid", handle)
     proc = run_cli("cancel", handle.job_id)
     assert proc.returncode == 0, proc.stderr
-    assert _gone((tmp_path / "pid").read_text())
-    assert (tmp_path / "interrupted").exists(), "the job was killed before it unwound"
+    assert _gone((folder / "pid").read_text())
+    assert (folder / "interrupted").exists(), "the job was killed, not interrupted"
     assert handle.state() == "CANCELLED"
 
 

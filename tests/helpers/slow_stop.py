@@ -19,24 +19,15 @@ def run_until_stopped(folder: str) -> None:
     time.sleep(120)
 
 
-def run_until_interrupted(folder: str) -> None:
-    """Sleeps until SIGINT and says so (``interrupted``): it unwound, it was not killed."""
+def run_until_interrupted(folder: str, unwind_s: float = 0.0) -> None:
+    """Sleeps until SIGINT and says so (``interrupted``): it unwound, it was not killed.
+    ``unwind_s``: how long its unwinding takes first (a worker recording its trial's stop on a
+    loaded machine; 3 s is longer than submitit's local controller waits after its own SIGINT
+    before it kills its tasks)."""
     Path(folder, "pid").write_text(str(os.getpid()))
     try:
         time.sleep(120)
     except KeyboardInterrupt:
-        Path(folder, "interrupted").write_text("")
-        raise
-
-
-def run_until_interrupted_slowly(folder: str) -> None:
-    """As :func:`run_until_interrupted`, but its unwinding takes 3 s (a worker recording its
-    trial's stop on a loaded machine): longer than submitit's local controller waits after
-    its own SIGINT before it kills its tasks."""
-    Path(folder, "pid").write_text(str(os.getpid()))
-    try:
-        time.sleep(120)
-    except KeyboardInterrupt:
-        time.sleep(3)
+        time.sleep(unwind_s)
         Path(folder, "interrupted").write_text("")
         raise
